@@ -1,0 +1,35 @@
+"""emdsl: declare latent-variable models in one line and fit them with EM over xarray data.
+
+>>> import emdsl as em
+>>> model = em.Model().latent("z", em.Categorical(2)).observe(["eruptions", "waiting"], em.MultivariateNormal)
+>>> fit = model.fit(em.datasets.load("faithful"), seed=0)
+"""
+
+from emdsl import datasets, widgets
+from emdsl.engine.events import Callback, FitInfo, IterationEvent
+from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError, MonotonicityError
+from emdsl.families import Categorical, MultivariateNormal, Normal
+from emdsl.model import Model
+from emdsl.options import set_options
+from emdsl.results import Fit, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Callback",
+    "Categorical",
+    "ConvergenceWarning",
+    "DegenerateComponentWarning",
+    "Fit",
+    "FitInfo",
+    "IterationEvent",
+    "Model",
+    "ModelError",
+    "MonotonicityError",
+    "MultivariateNormal",
+    "Normal",
+    "datasets",
+    "load",
+    "set_options",
+    "widgets",
+]

@@ -1,0 +1,124 @@
+"""Starting parameters θ⁽⁰⁾: from responsibilities (k-means++, random, given) or given values."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from scipy.cluster.vq import kmeans2, vq
+
+from emdsl import compile as compile_
+from emdsl import labels
+from emdsl.compile import Plan, blocks
+from emdsl.engine.estep import EStep, Summary
+from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
+from emdsl.errors import ModelError
+
+
+def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator) -> tuple[Theta, float | None]:
+    """θ⁽⁰⁾, and the ELBO of the responsibilities it came from (None when θ⁽⁰⁾ was given outright)."""
+    if hasattr(init, "params") and hasattr(init, "model"):  # a previous Fit; fixed values stay fixed
+        init = {name: {p: v for p, v in values.items() if p not in _held(plan, name)}
+                for name, values in labels.tree_values(init.params).items()}
+    if isinstance(init, xr.DataArray):
+        resp = compile_.responsibilities(plan, init)
+        return _from_responsibilities(plan, estep, lambda a, b: resp[a:b].T)
+    if isinstance(init, Mapping):
+        given = compile_.start_values(plan, init)
+        if _complete(plan, given):
+            return {name: {**given.get(name, {}), **_held(plan, name)} for name in _names(plan)}, None
+        hard = _nearest_given_mean(plan, given)
+        if hard is None:
+            hard = _kmeans_plusplus(plan, rng)
+        return _from_responsibilities(plan, estep, _one_hot(plan.K, hard), hold=given)
+    if isinstance(init, str) and init == "kmeans++":
+        return _from_responsibilities(plan, estep, _one_hot(plan.K, _kmeans_plusplus(plan, rng)))
+    if isinstance(init, str) and init == "random":
+        return _from_responsibilities(plan, estep, _random_responsibilities(plan.K, rng))
+    raise ModelError(f"init: expected 'kmeans++', 'random', a DataArray of responsibilities, a mapping of "
+                     f"starting values or a Fit, got {init!r}")
+
+
+def _from_responsibilities(plan: Plan, estep: EStep, resp_of: Any,
+                           hold: Mapping[str, Any] | None = None) -> tuple[Theta, float]:
+    summary: Summary = estep.statistics_from(resp_of)
+    theta, _ = maximize(plan, summary.stats, None, hold)
+    elbo = expected_complete_loglik(natural_matrix(plan, theta), summary.stats) + plan.log_base_total
+    return theta, elbo + summary.entropy
+
+
+def _held(plan: Plan, name: str) -> dict[str, np.ndarray]:
+    if plan.latent is not None and name == plan.latent.name:
+        return plan.latent.held
+    return next(node.held for node in plan.nodes if node.name == name)
+
+
+def _names(plan: Plan) -> list[str]:
+    return ([plan.latent.name] if plan.latent is not None else []) + [node.name for node in plan.nodes]
+
+
+def _complete(plan: Plan, given: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    """Whether every parameter is either given or fixed, so θ⁽⁰⁾ needs no data."""
+    families = [(node.name, node.family) for node in plan.nodes]
+    if plan.latent is not None:
+        families.append((plan.latent.name, plan.latent.family))
+    return all(set(family.param_axes()) <= set(given.get(name, {})) | set(_held(plan, name))
+               for name, family in families)
+
+
+def _continuous(plan: Plan, nodes: list | None = None) -> np.ndarray | None:
+    """Standardized data of the continuous nodes, (N × D) — for seeding only."""
+    chosen = [node for node in (nodes if nodes is not None else plan.nodes) if node.family.continuous]
+    if not chosen:
+        return None
+    z = np.empty((sum(node.D for node in chosen), plan.n_samples))
+    for start, stop in blocks(plan.n_samples, 65536):
+        row = 0
+        for node in chosen:
+            node.read(start, stop, z[row:row + node.D, start:stop])
+            row += node.D
+    return z.T
+
+
+def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
+    """Each sample's nearest k-means++ seed (scipy), on the standardized continuous data."""
+    if plan.K == 1:
+        return np.zeros(plan.n_samples, dtype=np.intp)
+    z = _continuous(plan)
+    if z is None:
+        return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
+    with warnings.catch_warnings():
+        # Duplicated points can leave a seed without members; the M-step handles empty components.
+        warnings.filterwarnings("ignore", message="One of the clusters is empty")
+        _, nearest = kmeans2(z, plan.K, iter=1, minit="++", rng=rng)
+    return np.asarray(nearest, dtype=np.intp)
+
+
+def _nearest_given_mean(plan: Plan, given: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray | None:
+    """Each sample's nearest given mean, over the continuous nodes whose means were given."""
+    nodes = [node for node in plan.nodes if node.family.continuous and "mean" in given.get(node.name, {})]
+    if not nodes or plan.K == 1:
+        return None
+    means = np.hstack([given[node.name]["mean"] for node in nodes])
+    return vq(_continuous(plan, nodes), means, check_finite=False)[0].astype(np.intp)
+
+
+def _one_hot(K: int, hard: np.ndarray) -> Any:
+    def resp_of(start: int, stop: int) -> np.ndarray:
+        resp = np.zeros((K, stop - start))
+        resp[hard[start:stop], np.arange(stop - start)] = 1.0
+        return resp
+    return resp_of
+
+
+def _random_responsibilities(K: int, rng: np.random.Generator) -> Any:
+    base = int(rng.integers(2**63))
+
+    def resp_of(start: int, stop: int) -> np.ndarray:
+        # Seeded by block position, so the result does not depend on thread scheduling.
+        resp = np.random.default_rng([base, start]).random((K, stop - start))
+        return resp / resp.sum(axis=0)
+    return resp_of

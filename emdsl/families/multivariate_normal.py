@@ -1,0 +1,329 @@
+"""Multivariate normal distribution over one event dimension."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from emdsl.errors import ModelError
+from emdsl.families import normal
+from emdsl.families._base import (
+    Axes,
+    ObservedFamily,
+    Params,
+    empty_components,
+    keep_empty,
+    safe_counts,
+)
+
+CovarianceType = Literal["full", "diag", "spherical", "tied"]
+_TYPES = ("full", "diag", "spherical", "tied")
+
+
+class MultivariateNormal(ObservedFamily):
+    r"""Multivariate normal distribution over one event dimension of size D.
+
+    .. math::
+
+        p(x \mid \mu, \Sigma) = (2\pi)^{-D/2} |\Sigma|^{-1/2}
+            \exp\!\left(-\tfrac12 (x-\mu)^\top \Sigma^{-1} (x-\mu)\right)
+
+        \phi(x) = \left(x,\ (x_i x_j)_{i \le j}\right), \quad
+        \eta = \left(\Lambda\mu,\ (-\tfrac12\Lambda_{ii},\ -\Lambda_{ij})_{i<j}\right), \quad
+        A(\eta) = \tfrac12 \mu^\top\Lambda\mu + \tfrac12\log|\Sigma|, \quad
+        \log h(x) = -\tfrac D2 \log 2\pi
+
+    with Λ = Σ⁻¹. The statistics are the upper triangle of x xᵀ (``"full"``,
+    ``"tied"``), the squares x_i² (``"diag"``, the same mathematics as
+    :class:`Normal`) or their sum Σ_i x_i² (``"spherical"``). M-step: μ_k = S_x / N_k
+    and Σ_k = S_xx / N_k − μ_k μ_kᵀ; ``"tied"`` pools the scatter over states,
+    ``"spherical"`` averages the diagonal over the D elements.
+
+    Parameters
+    ----------
+    dim : str, optional
+        The event dimension. Inferred when the variable has exactly one dimension
+        besides the sample dimension, or when several 1-D variables are stacked
+        (``observe(["a", "b"], ...)``, dimension ``"feature"``).
+    covariance : {"full", "diag", "spherical", "tied"} or array_like, default "full"
+        The covariance structure, with the parameter stored in scikit-learn's
+        ``covariances_`` layout: full (K, D, D), diag (K, D), spherical (K,),
+        tied (D, D). An array instead *fixes* the covariance; its shape selects the
+        structure as in that layout (a square 2-D array is read as tied).
+    mean : array_like, optional
+        Fixed means, broadcast to (K, D).
+    floor : float, default 1e-6
+        Lower bound on the covariance's eigenvalues, as a fraction of each
+        feature's variance in the data (the exact M-step under that constraint:
+        eigenvalues below it are raised to it). A collapsing component is held at
+        the floor and named in a :class:`~emdsl.DegenerateComponentWarning`.
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> em.MultivariateNormal(covariance="diag")
+    MultivariateNormal(covariance='diag')
+    """
+
+    param_names = ("mean", "covariance")
+    standardize = True
+    continuous = True
+    multivariate = True
+
+    def __init__(
+        self,
+        dim: Hashable | None = None,
+        covariance: CovarianceType | ArrayLike = "full",
+        *,
+        mean: ArrayLike | None = None,
+        floor: float = 1e-6,
+    ) -> None:
+        if isinstance(covariance, str):
+            if covariance not in _TYPES:
+                raise ModelError(f"MultivariateNormal(covariance=...): expected one of {_TYPES}, "
+                                 f"got {covariance!r}")
+            self.covariance_type: CovarianceType = covariance
+            self._covariance = None
+        else:
+            self.covariance_type = _type_of_fixed(covariance)
+            self._covariance = covariance
+            self.check_params({"covariance": np.asarray(covariance, dtype=float)},
+                              "MultivariateNormal(covariance=<array>)")
+        if not (np.isfinite(floor) and floor >= 0):
+            raise ModelError(f"MultivariateNormal(floor=...): must be a finite number >= 0, got {floor!r}")
+        self.dim = dim
+        self._mean = mean
+        self.floor = float(floor)
+        self.pool_scale = self.covariance_type == "spherical"
+
+    def arguments(self) -> dict[str, Any]:
+        covariance = self.covariance_type if self._covariance is None else self._covariance
+        return {"dim": self.dim, "covariance": covariance, "mean": self._mean, "floor": self.floor}
+
+    def __repr__(self) -> str:
+        parts = [] if self.dim is None else [f"dim={self.dim!r}"]
+        if self._covariance is None:
+            if self.covariance_type != "full":
+                parts.append(f"covariance={self.covariance_type!r}")
+        else:
+            parts.append(f"covariance=<fixed {self.covariance_type} {np.shape(self._covariance)}>")
+        if self._mean is not None:
+            parts.append(f"mean=<{np.shape(self._mean)} array>")
+        if self.floor != 1e-6:
+            parts.append(f"floor={self.floor!r}")
+        return f"MultivariateNormal({', '.join(parts)})"
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        held = {"mean": self._mean, "covariance": self._covariance}
+        return {name: value for name, value in held.items() if value is not None}
+
+    def param_axes(self) -> dict[str, Axes]:
+        covariance: Axes = {
+            "full": ("latent", "event", "event_"),
+            "diag": ("latent", "event"),
+            "spherical": ("latent",),
+            "tied": ("event", "event_"),
+        }[self.covariance_type]
+        return {"mean": ("latent", "event"), "covariance": covariance}
+
+    # -- statistics and natural parameters ---------------------------------------
+    def n_stats(self, D: int) -> int:
+        return {"diag": 2 * D, "spherical": D + 1}.get(self.covariance_type, D + D * (D + 1) // 2)
+
+    def statistics(self, out: np.ndarray, D: int) -> None:
+        x = out[:D]
+        if self.covariance_type == "diag":
+            np.multiply(x, x, out=out[D:])
+        elif self.covariance_type == "spherical":
+            np.einsum("ij,ij->j", x, x, out=out[D])
+        else:
+            # Row i of the upper triangle, x_i * x_{i..D-1}, is one broadcast multiply.
+            row = D
+            for i in range(D):
+                np.multiply(x[i:], x[i], out=out[row:row + D - i])
+                row += D - i
+
+    def log_base_measure(self, x: np.ndarray) -> np.ndarray:
+        return np.full(x.shape[1], -0.5 * normal.LOG_2PI * x.shape[0])
+
+    def natural(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        mean, cov = params["mean"], params["covariance"]
+        K, D = mean.shape
+        if self.covariance_type in ("diag", "spherical"):
+            variance = np.broadcast_to(cov if cov.ndim == 2 else cov[:, None], (K, D))
+            eta_x, eta_xx, log_partition = normal.natural_parameters(mean, variance)
+            if self.covariance_type == "spherical":
+                eta_xx = eta_xx[:, :1]
+            return np.hstack([eta_x, eta_xx]), log_partition.sum(axis=1)
+        cov = np.broadcast_to(cov, (K, D, D))
+        chol = np.linalg.cholesky(cov)
+        eye = np.broadcast_to(np.eye(D), (K, D, D))
+        precision = np.linalg.solve(cov, eye)
+        precision = 0.5 * (precision + np.swapaxes(precision, 1, 2))
+        eta_x = np.einsum("kij,kj->ki", precision, mean)
+        # −½ xᵀΛx = Σ_i −½Λ_ii x_i² + Σ_{i<j} −Λ_ij x_i x_j
+        upper = np.triu_indices(D)
+        eta_xx = np.where(upper[0] == upper[1], -0.5, -1.0) * precision[:, upper[0], upper[1]]
+        log_det = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+        log_partition = 0.5 * np.einsum("ki,ki->k", eta_x, mean) + 0.5 * log_det
+        return np.hstack([eta_x, eta_xx]), log_partition
+
+    # -- M-step ---------------------------------------------------------------
+    def m_step(self, stats: np.ndarray, nk: np.ndarray, hold: Params,
+               previous: Params | None) -> tuple[Params, list[tuple[int, float]]]:
+        K = stats.shape[0]
+        D = _event_size(stats.shape[1], self.covariance_type)
+        s_x, s_xx = stats[:, :D], stats[:, D:]
+        empty = empty_components(nk)
+        counts = safe_counts(nk)
+        fallback = self.default_params(K, D)
+        before = previous or {}
+        if "mean" in hold:
+            mean = np.broadcast_to(hold["mean"], (K, D)).astype(float)
+        else:
+            mean = keep_empty(s_x / counts[:, None], before.get("mean"), fallback["mean"], empty)
+        if "covariance" in hold:
+            return {"mean": mean, "covariance": np.asarray(hold["covariance"], dtype=float)}, []
+
+        if self.covariance_type in ("diag", "spherical"):
+            if self.covariance_type == "spherical":
+                spread = s_xx[:, 0] - 2.0 * np.einsum("kd,kd->k", mean, s_x) + nk * np.einsum("kd,kd->k", mean, mean)
+                raw = spread / (counts * D)
+            else:
+                raw = normal.scatter(s_x, s_xx, nk, mean) / counts[:, None]
+            raw = keep_empty(raw, before.get("covariance"), fallback["covariance"], empty)
+            cov, low = normal.apply_floor(raw, self.floor)
+            low_any = low if low.ndim == 1 else low.any(axis=1)
+            smallest = raw if raw.ndim == 1 else raw.min(axis=1)
+            return {"mean": mean, "covariance": cov}, [(int(k), float(smallest[k])) for k in np.flatnonzero(low_any)]
+
+        second = _unpack_upper(s_xx, D)
+        cross = np.einsum("ki,kj->kij", s_x, mean)
+        spread = second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
+        if self.covariance_type == "tied":
+            cov, smallest = _floor_eigenvalues(spread.sum(axis=0) / nk.sum(), self.floor)
+            return {"mean": mean, "covariance": cov}, [] if smallest is None else [(-1, smallest)]
+        raw = keep_empty(spread / counts[:, None, None], before.get("covariance"), fallback["covariance"], empty)
+        floored, cov = [], np.empty_like(raw)
+        for k in range(K):
+            cov[k], smallest = _floor_eigenvalues(raw[k], self.floor)
+            if smallest is not None:
+                floored.append((k, smallest))
+        return {"mean": mean, "covariance": cov}, floored
+
+    def default_params(self, K: int, D: int) -> Params:
+        cov = {"full": np.broadcast_to(np.eye(D), (K, D, D)).copy(), "diag": np.ones((K, D)),
+               "spherical": np.ones(K), "tied": np.eye(D)}[self.covariance_type]
+        return {"mean": np.zeros((K, D)), "covariance": cov}
+
+    def n_free_params(self, K: int, D: int) -> int:
+        n_mean = 0 if self._mean is not None else K * D
+        n_cov = 0 if self._covariance is not None else {
+            "full": K * D * (D + 1) // 2, "diag": K * D, "spherical": K, "tied": D * (D + 1) // 2,
+        }[self.covariance_type]
+        return n_mean + n_cov
+
+    # -- units ------------------------------------------------------------------
+    def to_original(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
+        return {"mean": center + scale * params["mean"],
+                "covariance": _scale_covariance(params["covariance"], scale, self.covariance_type)}
+
+    def to_standard(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
+        out = {}
+        if "mean" in params:
+            out["mean"] = (params["mean"] - center) / scale
+        if "covariance" in params:
+            out["covariance"] = _scale_covariance(params["covariance"], 1.0 / scale, self.covariance_type)
+        return out
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
+        if "mean" in params and not np.all(np.isfinite(params["mean"])):
+            raise ModelError(f"{where}: mean must be finite")
+        cov = params.get("covariance")
+        if cov is None:
+            return
+        if not np.all(np.isfinite(cov)):
+            raise ModelError(f"{where}: covariance must be finite")
+        if self.covariance_type in ("diag", "spherical"):
+            if np.any(cov <= 0):
+                raise ModelError(f"{where}: {self.covariance_type} covariance must be positive, "
+                                 f"got smallest value {cov.min():.6g}")
+            return
+        matrices = cov.reshape((-1,) + cov.shape[-2:])
+        if cov.shape[-1] != cov.shape[-2] or not np.allclose(matrices, np.swapaxes(matrices, 1, 2),
+                                                               rtol=1e-10, atol=0):
+            raise ModelError(f"{where}: covariance must be symmetric (D × D), got shape {cov.shape}")
+        for k, matrix in enumerate(matrices):
+            smallest = np.linalg.eigvalsh(matrix)[0]
+            if smallest <= 0:
+                which = f" for state {k}" if cov.ndim == 3 else ""
+                raise ModelError(f"{where}: covariance{which} is not positive definite "
+                                 f"(smallest eigenvalue {smallest:.6g})")
+
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        mean = params["mean"]
+        K, D = mean.shape
+        cov = params["covariance"]
+        if self.covariance_type in ("diag", "spherical"):
+            sd = np.sqrt(np.broadcast_to(cov if cov.ndim == 2 else cov[:, None], (K, D)))
+            return mean[labels] + sd[labels] * rng.standard_normal((len(labels), D))
+        chol = np.linalg.cholesky(np.broadcast_to(cov, (K, D, D)))
+        noise = rng.standard_normal((len(labels), D))
+        return mean[labels] + np.einsum("nij,nj->ni", chol[labels], noise)
+
+
+def _type_of_fixed(covariance: ArrayLike) -> CovarianceType:
+    """Covariance structure from a fixed value's shape (scikit-learn's layout)."""
+    dims = getattr(covariance, "dims", None)
+    ndim = np.ndim(covariance)
+    if ndim == 3:
+        return "full"
+    if ndim == 1:
+        return "spherical"
+    if ndim == 2:
+        shape = np.shape(covariance)
+        if dims is not None:
+            return "tied" if str(dims[1]) == f"{dims[0]}_" else "diag"
+        return "tied" if shape[0] == shape[1] else "diag"
+    raise ModelError("MultivariateNormal(covariance=<array>): a fixed covariance must have shape "
+                     f"(K, D, D), (D, D), (K, D) or (K,), got {np.shape(covariance)}")
+
+
+def _event_size(n_stats: int, covariance_type: str) -> int:
+    if covariance_type == "diag":
+        return n_stats // 2
+    if covariance_type == "spherical":
+        return n_stats - 1
+    return int(round((-3 + np.sqrt(9 + 8 * n_stats)) / 2))  # n = D + D(D+1)/2
+
+
+def _unpack_upper(packed: np.ndarray, D: int) -> np.ndarray:
+    """Symmetric (K, D, D) matrices from their packed upper triangles (K, D(D+1)/2)."""
+    full = np.zeros((packed.shape[0], D, D))
+    rows, cols = np.triu_indices(D)
+    full[:, rows, cols] = packed
+    full[:, cols, rows] = packed
+    return full
+
+
+def _floor_eigenvalues(cov: np.ndarray, floor: float) -> tuple[np.ndarray, float | None]:
+    """Raise eigenvalues below ``floor`` to it: the maximiser of the Gaussian Q over Σ ⪰ floor·I."""
+    values, vectors = np.linalg.eigh(cov)
+    if values[0] >= floor and values[0] > 0:
+        return cov, None
+    if floor <= 0:
+        raise ModelError("a covariance became singular and floor=0 allows no correction; "
+                         "use floor > 0 (the default is 1e-6)")
+    return (vectors * np.maximum(values, floor)) @ vectors.T, float(values[0])
+
+
+def _scale_covariance(cov: np.ndarray, scale: np.ndarray, covariance_type: str) -> np.ndarray:
+    if covariance_type == "diag":
+        return cov * scale**2
+    if covariance_type == "spherical":
+        return cov * float(scale[0]) ** 2
+    return cov * np.multiply.outer(scale, scale)

@@ -1,0 +1,190 @@
+"""Normal distribution, independent for each element of a variable."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from emdsl.errors import ModelError
+from emdsl.families._base import (
+    Axes,
+    ObservedFamily,
+    Params,
+    empty_components,
+    keep_empty,
+    safe_counts,
+)
+
+LOG_2PI = float(np.log(2 * np.pi))
+
+
+def natural_parameters(mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """η₁ = μ/σ², η₂ = −1/(2σ²) and A = μ²/(2σ²) + ½ log σ², elementwise."""
+    precision = 1.0 / variance
+    return mean * precision, -0.5 * precision, 0.5 * mean * mean * precision + 0.5 * np.log(variance)
+
+
+def scatter(s_x: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Σ_n r_nk (x_n − μ_k)² from the sums S_x, S_xx (K × D), for any μ (learned or held)."""
+    return s_xx - 2.0 * mean * s_x + nk[:, None] * mean * mean
+
+
+def apply_floor(variance: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """max(σ², floor): the exact M-step under the constraint σ² ≥ floor; also which were floored."""
+    low = variance < floor
+    return (np.maximum(variance, floor) if low.any() else variance), low
+
+
+class Normal(ObservedFamily):
+    r"""Normal distribution, independent for each element of a variable.
+
+    Every element of the variable (each combination of its dims other than the
+    sample dim) gets its own mean and variance per latent state.
+
+    .. math::
+
+        p(x \mid \mu, \sigma^2) = (2\pi\sigma^2)^{-1/2}
+            \exp\!\left(-\frac{(x-\mu)^2}{2\sigma^2}\right)
+
+        \phi(x) = (x,\ x^2), \quad
+        \eta = \left(\frac{\mu}{\sigma^2},\ -\frac{1}{2\sigma^2}\right), \quad
+        A(\eta) = \frac{\mu^2}{2\sigma^2} + \tfrac12\log\sigma^2, \quad
+        \log h(x) = -\tfrac12 \log 2\pi
+
+    M-step (moment matching): μ_k = S_x / N_k and σ²_k = S_xx / N_k − μ_k², where
+    S are responsibility-weighted sums; with ``tied="variance"`` the scatter is
+    pooled over the states: σ² = Σ_k Σ_n r_nk (x_n − μ_k)² / N.
+
+    Parameters
+    ----------
+    tied : {"variance"}, optional
+        Share the variance across the latent states.
+    mean, variance : array_like, optional
+        Fixed values (broadcast over states and elements); held, not learned.
+    floor : float, default 1e-6
+        Lower bound on each variance, as a fraction of that element's variance in
+        the data. A component that collapses onto a point is held at the floor
+        (the exact M-step under that constraint) and a
+        :class:`~emdsl.DegenerateComponentWarning` names it.
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> em.Normal()
+    Normal()
+    >>> em.Normal(tied="variance")
+    Normal(tied='variance')
+    """
+
+    param_names = ("mean", "variance")
+    standardize = True
+    continuous = True
+
+    def __init__(
+        self,
+        tied: Literal["variance"] | None = None,
+        *,
+        mean: ArrayLike | None = None,
+        variance: ArrayLike | None = None,
+        floor: float = 1e-6,
+    ) -> None:
+        if tied not in (None, "variance"):
+            raise ModelError(f"Normal(tied=...): only 'variance' can be tied, got {tied!r}")
+        if not (np.isfinite(floor) and floor >= 0):
+            raise ModelError(f"Normal(floor=...): must be a finite number >= 0, got {floor!r}")
+        self.tied = tied
+        self.floor = float(floor)
+        self._mean, self._variance = mean, variance
+        if variance is not None:
+            self.check_params({"variance": np.asarray(variance, dtype=float)}, "Normal(variance=...)")
+
+    def arguments(self) -> dict[str, Any]:
+        return {"tied": self.tied, "mean": self._mean, "variance": self._variance,
+                "floor": self.floor}
+
+    def __repr__(self) -> str:
+        shown = {"tied": self.tied, "mean": self._mean, "variance": self._variance}
+        if self.floor != 1e-6:
+            shown["floor"] = self.floor
+        parts = [f"{k}={v!r}" if np.ndim(v) == 0 else f"{k}=<{np.shape(v)} array>"
+                 for k, v in shown.items() if v is not None]
+        return f"Normal({', '.join(parts)})"
+
+    def param_axes(self) -> dict[str, Axes]:
+        variance: Axes = ("event",) if self.tied == "variance" else ("latent", "event")
+        return {"mean": ("latent", "event"), "variance": variance}
+
+    def n_stats(self, D: int) -> int:
+        return 2 * D
+
+    def statistics(self, out: np.ndarray, D: int) -> None:
+        np.multiply(out[:D], out[:D], out=out[D:])
+
+    def log_base_measure(self, x: np.ndarray) -> np.ndarray:
+        return np.full(x.shape[1], -0.5 * LOG_2PI * x.shape[0])
+
+    def natural(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        mean = params["mean"]
+        variance = np.broadcast_to(params["variance"], mean.shape)
+        eta_x, eta_xx, log_partition = natural_parameters(mean, variance)
+        return np.hstack([eta_x, eta_xx]), log_partition.sum(axis=1)
+
+    def m_step(self, stats: np.ndarray, nk: np.ndarray, hold: Params,
+               previous: Params | None) -> tuple[Params, list[tuple[int, float]]]:
+        K, D = stats.shape[0], stats.shape[1] // 2
+        s_x, s_xx = stats[:, :D], stats[:, D:]
+        empty = empty_components(nk)
+        fallback = self.default_params(K, D)
+        before = previous or {}
+        if "mean" in hold:
+            mean = np.broadcast_to(hold["mean"], (K, D)).astype(float)
+        else:
+            mean = keep_empty(s_x / safe_counts(nk)[:, None], before.get("mean"), fallback["mean"], empty)
+        if "variance" in hold:
+            return {"mean": mean, "variance": np.asarray(hold["variance"], dtype=float)}, []
+        spread = scatter(s_x, s_xx, nk, mean)
+        if self.tied == "variance":
+            variance, low = apply_floor(spread.sum(axis=0) / nk.sum(), self.floor)
+            floored = [(-1, float(spread.sum(axis=0).min() / nk.sum()))] if low.any() else []
+            return {"mean": mean, "variance": variance}, floored
+        raw = keep_empty(spread / safe_counts(nk)[:, None], before.get("variance"),
+                         fallback["variance"], empty)
+        variance, low = apply_floor(raw, self.floor)
+        floored = [(int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
+        return {"mean": mean, "variance": variance}, floored
+
+    def default_params(self, K: int, D: int) -> Params:
+        variance = np.ones(D) if self.tied == "variance" else np.ones((K, D))
+        return {"mean": np.zeros((K, D)), "variance": variance}
+
+    def n_free_params(self, K: int, D: int) -> int:
+        n_mean = 0 if self._mean is not None else K * D
+        n_var = 0 if self._variance is not None else (D if self.tied == "variance" else K * D)
+        return n_mean + n_var
+
+    def to_original(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
+        return {"mean": center + scale * params["mean"], "variance": scale**2 * params["variance"]}
+
+    def to_standard(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
+        out = {}
+        if "mean" in params:
+            out["mean"] = (params["mean"] - center) / scale
+        if "variance" in params:
+            out["variance"] = params["variance"] / scale**2
+        return out
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
+        if "mean" in params and not np.all(np.isfinite(params["mean"])):
+            raise ModelError(f"{where}: mean must be finite, got {np.asarray(params['mean']).tolist()}")
+        variance = params.get("variance")
+        if variance is not None and not (np.all(np.isfinite(variance)) and np.all(variance > 0)):
+            raise ModelError(f"{where}: variance must be finite and positive, got "
+                             f"{np.asarray(variance).tolist()}")
+
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        mean = params["mean"][labels]
+        sd = np.sqrt(np.broadcast_to(params["variance"], params["mean"].shape)[labels])
+        return mean + sd * rng.standard_normal(mean.shape)

@@ -1,0 +1,334 @@
+"""The immutable declaration of a latent-variable model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from emdsl.errors import ModelError
+from emdsl.families._base import Family, LatentFamily, ObservedFamily, family_class
+
+if TYPE_CHECKING:
+    from emdsl.results import Fit
+
+Init = Literal["kmeans++", "random"] | Mapping[str, Mapping[str, Any]] | Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Latent:
+    """A declared latent variable: ``name`` with a latent family (its K states)."""
+
+    name: str
+    family: LatentFamily
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """A declared observed node: one or more data variables under one family.
+
+    ``stacked`` is True when the variables were given as a list: they form one
+    event dimension whose coordinates are the variable names.
+    """
+
+    name: str
+    variables: tuple[str, ...]
+    family: ObservedFamily
+    stacked: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A latent-variable model, declared one call at a time.
+
+    A ``Model`` is an immutable description: :meth:`latent` and :meth:`observe`
+    return new models, and :meth:`fit` compiles the declaration against data and
+    runs EM. Observed variables are conditionally independent given the latent.
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> model = (em.Model()
+    ...          .latent("z", em.Categorical(2))
+    ...          .observe(["eruptions", "waiting"], em.MultivariateNormal, name="x"))
+    >>> model.names
+    ('z', 'x')
+    >>> fit = model.fit(em.datasets.load("faithful"), seed=0)
+    >>> fit.params["z"]["probs"].round(3).values.tolist()
+    [0.356, 0.644]
+    """
+
+    latents: tuple[Latent, ...] = ()
+    observed: tuple[Observed, ...] = ()
+
+    # -- declaring ------------------------------------------------------------
+    def latent(self, name: str, family: LatentFamily | type[LatentFamily]) -> Model:
+        """Declare a latent variable.
+
+        Parameters
+        ----------
+        name : str
+            Name of the latent variable; it becomes the dimension of its states in
+            every parameter and in the posterior.
+        family : LatentFamily or class
+            E.g. ``em.Categorical(3)``.
+
+        Returns
+        -------
+        Model
+            A new model with the latent added.
+
+        Examples
+        --------
+        >>> import emdsl as em
+        >>> em.Model().latent("z", em.Categorical(3)).names
+        ('z',)
+        """
+        where = f"latent({name!r}, ...)"
+        _check_name(name, where)
+        family = _instantiate(family, where)
+        if family.role != "latent":
+            raise ModelError(f"{where}: {type(family).__name__} is a family for observed data; "
+                             "a latent needs a latent family such as em.Categorical(k)")
+        self._check_free(name, where)
+        if self.latents:
+            raise ModelError(f"{where}: this model already has the latent {self.latents[0].name!r}; "
+                             "models with several latent variables are not supported yet")
+        return dataclasses.replace(self, latents=self.latents + (Latent(name, family),))
+
+    def observe(
+        self,
+        names: str | Sequence[str],
+        family: ObservedFamily | type[ObservedFamily],
+        *,
+        name: str | None = None,
+    ) -> Model:
+        """Declare observed data variables and their family.
+
+        Parameters
+        ----------
+        names : str or list of str
+            A data variable, or several 1-D variables to stack into one event
+            dimension (``"feature"`` unless the family names another ``dim``),
+            whose coordinates are the variable names.
+        family : ObservedFamily or class
+            E.g. ``em.Normal`` or ``em.MultivariateNormal(covariance="diag")``.
+        name : str, optional
+            Name of this node in the parameters (default: the variable name, or
+            the names joined with ``+``).
+
+        Returns
+        -------
+        Model
+            A new model with the node added.
+
+        Examples
+        --------
+        >>> import emdsl as em
+        >>> m = em.Model().observe(["eruptions", "waiting"], em.MultivariateNormal, name="x")
+        >>> m.observed[0].variables
+        ('eruptions', 'waiting')
+        """
+        stacked = not isinstance(names, str)
+        variables = (names,) if isinstance(names, str) else tuple(names)
+        node = name if name is not None else "+".join(map(str, variables))
+        where = f"observe({names!r}, ...)"
+        if not variables:
+            raise ModelError(f"{where}: give at least one variable name")
+        for variable in variables:
+            _check_name(variable, where)
+        if len(set(variables)) != len(variables):
+            raise ModelError(f"{where}: a variable is listed twice")
+        _check_name(node, where)
+        family = _instantiate(family, where)
+        if family.role != "observed":
+            raise ModelError(f"{where}: {type(family).__name__} is a latent family; "
+                             "observe data with a family such as em.Normal")
+        self._check_free(node, where)
+        for variable in variables:
+            for other in self.observed:
+                if variable in other.variables:
+                    raise ModelError(f"{where}: variable {variable!r} is already observed in node {other.name!r}")
+            if variable != node and variable in self.names:
+                raise ModelError(f"{where}: {variable!r} is already declared as a node name")
+        return dataclasses.replace(self, observed=self.observed + (Observed(node, variables, family, stacked),))
+
+    def _check_free(self, name: str, where: str) -> None:
+        if name in self.names or any(name in node.variables for node in self.observed):
+            raise ModelError(f"{where}: the name {name!r} is already declared in this model")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the latent variables, then of the observed nodes."""
+        return tuple(x.name for x in self.latents) + tuple(x.name for x in self.observed)
+
+    @property
+    def latent_var(self) -> Latent | None:
+        """The latent variable, or None for a model with a single component."""
+        return self.latents[0] if self.latents else None
+
+    # -- fitting ----------------------------------------------------------------
+    def fit(
+        self,
+        data: Any,
+        *,
+        init: Init = "kmeans++",
+        n_init: int = 1,
+        max_iter: int = 1000,
+        tol: float = 1e-8,
+        seed: int | None = None,
+        sample_dim: Hashable | None = None,
+        callbacks: Sequence[Callable[..., Any]] = (),
+        monitor: bool = False,
+    ) -> Fit:
+        """Fit the model to data with EM.
+
+        Parameters
+        ----------
+        data : xarray.Dataset, DataArray, pandas.DataFrame or numpy array
+            The observed variables. A DataFrame's columns become variables over
+            the sample dimension; an unnamed array becomes the variable ``"x"``
+            with dims ``("sample",)`` or ``("sample", "feature")``.
+        init : {"kmeans++", "random"}, DataArray, mapping or Fit, default "kmeans++"
+            Starting point. ``"kmeans++"``: k-means++ seeding (scipy) on the
+            continuous variables, each point assigned to its nearest seed, then an
+            M-step. ``"random"``: random responsibilities. A DataArray of
+            responsibilities with dims (sample, latent). A mapping of starting values
+            ``{"z": {"probs": ...}, "x": {"mean": ..., "covariance": ...}}``; a
+            parameter left out is estimated from the data (points are assigned to
+            the nearest given mean when means are given). A previous ``Fit``.
+        n_init : int, default 1
+            Number of restarts; the one with the highest final log-likelihood wins.
+        max_iter : int, default 1000
+            Number of M-steps at most: the trace holds ℓ(θ⁽⁰⁾) … ℓ(θ⁽ⁿ⁾).
+        tol : float, default 1e-8
+            Stop when ℓ(θ⁽ᵗ⁾) − ℓ(θ⁽ᵗ⁻¹⁾) ≤ tol · |ℓ(θ⁽ᵗ⁾)|. ``tol=0`` turns the test
+            off and runs exactly ``max_iter`` iterations.
+        seed : int, optional
+            Seed of every random choice (initialisation, restarts). When None, a
+            fresh seed is drawn and recorded on the fit, so it can be reproduced.
+        sample_dim : hashable, optional
+            The sample dimension, when it cannot be inferred.
+        callbacks : sequence of callables
+            Each receives an :class:`~emdsl.IterationEvent` per iteration; objects
+            may also define ``on_fit_start(info)`` and ``on_fit_end(fit)``.
+        monitor : bool, default False
+            Show a live convergence monitor (a widget in Jupyter, a text line
+            elsewhere).
+
+        Returns
+        -------
+        Fit
+            Labelled parameters, posterior, trace and predictions.
+
+        Examples
+        --------
+        >>> import emdsl as em
+        >>> ds = em.datasets.load("faithful")
+        >>> fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(ds, seed=0)
+        >>> fit.converged
+        True
+        """
+        from emdsl.results import fit_model
+
+        return fit_model(self, data, init=init, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
+                         sample_dim=sample_dim, callbacks=callbacks, monitor=monitor)
+
+    # -- serialisation and display ------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible description that :meth:`from_dict` turns back into this model."""
+        return {
+            "latents": [{"name": x.name, **_family_to_dict(x.family)} for x in self.latents],
+            "observed": [{"name": x.name, "variables": list(x.variables), "stacked": x.stacked,
+                          **_family_to_dict(x.family)} for x in self.observed],
+        }
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> Model:
+        """Recreate a model from :meth:`to_dict`'s output."""
+        model = cls()
+        for item in spec.get("latents", ()):
+            model = model.latent(item["name"], _family_from_dict(item))
+        for item in spec.get("observed", ()):
+            names = list(item["variables"]) if item["stacked"] else item["variables"][0]
+            model = model.observe(names, _family_from_dict(item), name=item["name"])
+        return model
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Model:
+        """Recreate a model from :meth:`to_json`'s output."""
+        return cls.from_dict(json.loads(text))
+
+    def __repr__(self) -> str:
+        if not self.latents and not self.observed:
+            return "Model()  # empty: declare .latent(...) and .observe(...)"
+        lines = ["Model"]
+        for x in self.latents:
+            lines.append(f"  latent   {x.name} ~ {x.family!r}")
+        for x in self.observed:
+            lhs = x.name if not x.stacked and x.variables == (x.name,) else f"{x.name} = [{', '.join(x.variables)}]"
+            given = f" | {self.latents[0].name}" if self.latents else ""
+            lines.append(f"  observe  {lhs} ~ {x.family!r}{given}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from emdsl._html import model_card
+
+        return model_card(self)
+
+
+def _instantiate(family: Family | type[Family], where: str) -> Family:
+    if isinstance(family, type):
+        if not issubclass(family, Family):
+            raise ModelError(f"{where}: expected an emdsl family such as em.Normal, got {family!r}")
+        try:
+            return family()
+        except TypeError as error:
+            raise ModelError(f"{where}: {family.__name__} needs arguments ({error}); "
+                             f"e.g. em.Categorical(3)") from None
+    if not isinstance(family, Family):
+        raise ModelError(f"{where}: expected an emdsl family such as em.Normal, got {family!r}")
+    return family
+
+
+def _check_name(name: object, where: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ModelError(f"{where}: names must be non-empty strings without '/', got {name!r}")
+
+
+def _family_to_dict(family: Family) -> dict[str, Any]:
+    return {"family": type(family).__name__,
+            "arguments": {key: _encode(value) for key, value in family.arguments().items()}}
+
+
+def _family_from_dict(spec: Mapping[str, Any]) -> Family:
+    arguments = {key: _decode(value) for key, value in spec["arguments"].items()}
+    return family_class(spec["family"])(**arguments)
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if hasattr(value, "dims") and hasattr(value, "to_dict"):
+        return {"dataarray": value.to_dict(data="list", encoding=False)}
+    if isinstance(value, list | tuple) and all(isinstance(v, str | int | float | bool) for v in value):
+        return list(value)
+    return {"array": np.asarray(value).tolist()}
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "dataarray" in value:
+        import xarray as xr
+
+        return xr.DataArray.from_dict(value["dataarray"])
+    if isinstance(value, dict) and "array" in value:
+        return np.asarray(value["array"], dtype=float)
+    return value
+
