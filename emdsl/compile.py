@@ -190,7 +190,7 @@ def compile_plan(
         offset += node.n_stats
         _check_values(node, ds, sample_dim)
         if standardization is not None:
-            node.center, node.scale = _given_units(node, standardization)
+            node.center, node.scale = _given_units(plan, node, standardization)
         else:
             node.center, node.scale = _units(node, fitting)
         plan.nodes.append(node)
@@ -322,12 +322,11 @@ def _element_label(node: Node, element: int) -> str:
     return f"variable {node.variables[0]!r} at {where}"
 
 
-def _given_units(node: Node, standardization: Mapping[str, tuple[np.ndarray, np.ndarray]]
+def _given_units(plan: Plan, node: Node, standardization: Mapping[str, tuple[Any, Any]]
                  ) -> tuple[np.ndarray, np.ndarray]:
-    center, scale = (np.asarray(a, dtype=float) for a in standardization[node.name])
-    if center.shape != (node.D,):
-        raise ModelError(f"{node.where()}: the data give {node.D} elements {node.event_shape} but the fit "
-                         f"was made with {center.shape[0]}; new data must have the training data's dims")
+    """The fit's units for this node, aligned to the new data's coordinates."""
+    where = f"{node.where()}: new data"
+    center, scale = (labels.internal(plan, node, ("event",), value, where) for value in standardization[node.name])
     return center, scale
 
 

@@ -109,6 +109,9 @@ def internal(plan: Plan, node: Node | None, axes: Sequence[str], value: Any, whe
                 if sorted(map(str, have)) != sorted(map(str, wanted)):
                     raise ModelError(f"{where}: coordinate {dim!r} has {have}, expected {list(wanted)}")
                 value = value.sel({dim: wanted})
+        for dim, size in zip(dims, shape, strict=True):
+            if dim in value.dims and value.sizes[dim] != size:
+                raise ModelError(f"{where}: dimension {dim!r} has size {value.sizes[dim]}, expected {size}")
         value = value.transpose(*[d for d in dims if d in value.dims])
         array = value.values.astype(float)
         array = array.reshape([s if d in value.dims else 1 for d, s in zip(dims, shape, strict=True)])

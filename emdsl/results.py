@@ -350,7 +350,7 @@ def fit_model(
               converged=chosen.converged, loglik=chosen.final, n_params=plan.n_free_params(),
               n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed,
               stopped=any(run.stopped for run in runs), data=ds)
-    if tol > 0 and not chosen.converged and not fit.stopped:
+    if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
         change = chosen.loglik[-1] - chosen.loglik[-2] if chosen.n_iter else float("nan")
         warnings.warn(f"EM did not converge in max_iter={max_iter} iterations: the last change of the "
                       f"log-likelihood, {change:.3g}, is above tol·|ℓ| = {tol * abs(chosen.final):.3g}; "

@@ -254,8 +254,9 @@ class MultivariateNormal(ObservedFamily):
                                  f"got smallest value {cov.min():.6g}")
             return
         matrices = cov.reshape((-1,) + cov.shape[-2:])
+        scale = np.abs(np.diagonal(matrices, axis1=1, axis2=2)).max() if cov.shape[-1] == cov.shape[-2] else 0
         if cov.shape[-1] != cov.shape[-2] or not np.allclose(matrices, np.swapaxes(matrices, 1, 2),
-                                                               rtol=1e-10, atol=0):
+                                                               rtol=1e-10, atol=1e-12 * scale):
             raise ModelError(f"{where}: covariance must be symmetric (D × D), got shape {cov.shape}")
         for k, matrix in enumerate(matrices):
             smallest = np.linalg.eigvalsh(matrix)[0]
@@ -318,7 +319,8 @@ def _floor_eigenvalues(cov: np.ndarray, floor: float) -> tuple[np.ndarray, float
     if floor <= 0:
         raise ModelError("a covariance became singular and floor=0 allows no correction; "
                          "use floor > 0 (the default is 1e-6)")
-    return (vectors * np.maximum(values, floor)) @ vectors.T, float(values[0])
+    floored = (vectors * np.maximum(values, floor)) @ vectors.T
+    return 0.5 * (floored + floored.T), float(values[0])
 
 
 def _scale_covariance(cov: np.ndarray, scale: np.ndarray, covariance_type: str) -> np.ndarray:
