@@ -29,7 +29,7 @@ test: $(VENV)/.test-deps
 	$(MAKE) --no-print-directory test-python test-notebooks docs
 
 test-python: $(VENV)/.test-deps
-	$(PY) -m pytest tests
+	$(PY) -m pytest --doctest-modules emdsl tests
 
 test-notebooks: $(VENV)/.test-deps
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks

@@ -133,18 +133,22 @@ class Fit:
 
         Examples
         --------
+        Two components describe Old Faithful's waiting times better than one:
+
         >>> import emdsl as em
-        >>> fit = em.Model().observe("waiting", em.Normal).fit(em.datasets.load("faithful"))
-        >>> round(fit.bic(), 2)
-        2086.22
+        >>> ds = em.datasets.load("faithful")
+        >>> one = em.Model().observe("waiting", em.Normal).fit(ds)
+        >>> two = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(ds, seed=0)
+        >>> two.bic() < one.bic()
+        True
         """
         loglik, n = self._loglik_and_size(data)
-        return -2.0 * loglik + self.n_params * np.log(n)
+        return float(-2.0 * loglik + self.n_params * np.log(n))
 
     def aic(self, data: Any = None) -> float:
         """Akaike information criterion, −2 ℓ + 2p (lower is better)."""
         loglik, _ = self._loglik_and_size(data)
-        return -2.0 * loglik + 2.0 * self.n_params
+        return float(-2.0 * loglik + 2.0 * self.n_params)
 
     def _loglik_and_size(self, data: Any) -> tuple[float, int]:
         if data is None:
