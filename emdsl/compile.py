@@ -286,10 +286,8 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
     if not node.family.standardize:
         return np.zeros(node.D), np.ones(node.D)
     n = len(node.sources[0])
-    columns = np.concatenate
-    total = columns([sum(s[a:b].sum(axis=0, dtype=float) for a, b in blocks(n, _SCAN_ROWS))
-                     for s in node.sources])
-    center = total / n
+    center = np.concatenate([sum(s[a:b].sum(axis=0, dtype=float) for a, b in blocks(n, _SCAN_ROWS))
+                             for s in node.sources]) / n
     spread = np.zeros(node.D)
     row = 0
     for source in node.sources:

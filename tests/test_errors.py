@@ -164,3 +164,10 @@ def test_empty_component_keeps_its_parameters():
         fit = model.fit(ds, init=start, max_iter=5, tol=0)
     assert fit.params["x"]["mean"].values[1] == pytest.approx(100.0)
     assert np.isfinite(fit.loglik)
+
+
+def test_fewer_distinct_points_than_states_is_explained():
+    ds = xr.Dataset({"x": ("sample", np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0]))})
+    with pytest.warns(em.DegenerateComponentWarning, match="fewer distinct points than the 3 states of 'z'"):
+        fit = em.Model().latent("z", em.Categorical(3)).observe("x", em.Normal).fit(ds, seed=0)
+    assert np.isfinite(fit.loglik) and np.isfinite(fit.posterior.values).all()

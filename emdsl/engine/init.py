@@ -15,7 +15,7 @@ from emdsl import labels
 from emdsl.compile import Plan, blocks
 from emdsl.engine.estep import EStep, Summary
 from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
-from emdsl.errors import ModelError
+from emdsl.errors import DegenerateComponentWarning, ModelError
 
 
 def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator) -> tuple[Theta, float | None]:
@@ -90,10 +90,14 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
     z = _continuous(plan)
     if z is None:
         return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
-    with warnings.catch_warnings():
-        # Duplicated points can leave a seed without members; the M-step handles empty components.
-        warnings.filterwarnings("ignore", message="One of the clusters is empty")
+    with warnings.catch_warnings(record=True) as caught:
+        # Duplicated points can leave a seed without members (the M-step handles empty
+        # components); with fewer distinct points than states, k-means++ divides 0 by 0.
+        warnings.simplefilter("always")
         _, nearest = kmeans2(z, plan.K, iter=1, minit="++", rng=rng)
+    if any(issubclass(w.category, RuntimeWarning) for w in caught):
+        warnings.warn(f"init='kmeans++': the data have fewer distinct points than the {plan.K} states of "
+                      f"{plan.latent.name!r}; some states start empty", DegenerateComponentWarning, stacklevel=5)
     return np.asarray(nearest, dtype=np.intp)
 
 
