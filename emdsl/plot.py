@@ -1,0 +1,659 @@
+"""Matplotlib figures of a fit: convergence, components and responsibilities.
+
+``fit.plot`` returns a :class:`FitPlotter`. Every method takes ``ax=``: given an
+Axes it draws there and returns that Axes; without one it draws a new figure and
+returns it.
+
+A new figure is a :class:`matplotlib.figure.Figure` made without pyplot, so no
+global figure list is touched and the notebook's inline backend never shows it a
+second time at the end of the cell. A bare matplotlib ``Figure`` has no rich
+display of its own, so the figures returned here are a small subclass whose
+``_repr_png_`` renders the figure: the value of a cell then shows as one PNG in
+JupyterLab, in nbconvert's static HTML, in the Sphinx docs (myst-nb) and under
+nbval (which compares the ``text/plain`` part, ``<Figure size ... with N Axes>``,
+and skips images).
+
+matplotlib is imported inside the functions, so ``import emdsl`` never imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+from collections.abc import Callable, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import xarray as xr
+
+from emdsl.errors import ModelError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from emdsl.results import Fit
+
+__all__ = ["FitPlotter", "figure_png", "new_figure"]
+
+# Above this many samples the stacked responsibilities are drawn from an even
+# subsample of the sorted order: the picture is the same and drawing stays fast.
+_MAX_STACKED_POINTS = 2000
+
+
+# -- figures that display themselves ---------------------------------------------------
+@functools.cache
+def _figure_class() -> type[Figure]:
+    from matplotlib.figure import Figure as MplFigure
+
+    class Figure(MplFigure):
+        """A matplotlib Figure that shows itself as a PNG in Jupyter, without pyplot."""
+
+        def _repr_png_(self) -> bytes:
+            return figure_png(self)
+
+    Figure.__module__ = __name__
+    return Figure
+
+
+def new_figure(figsize: tuple[float, float] = (6.4, 4.8), **kwargs: Any) -> Figure:
+    """A new constrained-layout figure that displays as a PNG in notebooks.
+
+    Examples
+    --------
+    >>> from emdsl.plot import new_figure
+    >>> fig = new_figure((3, 2))
+    >>> fig._repr_png_()[:4]
+    b'\\x89PNG'
+    """
+    return _figure_class()(figsize=figsize, layout="constrained", **kwargs)
+
+
+def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
+    """The figure rendered to PNG bytes (Agg), trimmed to its content.
+
+    Examples
+    --------
+    >>> from emdsl.plot import new_figure, figure_png
+    >>> figure_png(new_figure((2, 2)), dpi=50)[:4]
+    b'\\x89PNG'
+    """
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def state_colors(k: int) -> np.ndarray:
+    """One RGB colour per latent state (k × 3), the same in every emdsl plot."""
+    from matplotlib import colormaps
+
+    if k <= 10:
+        return np.asarray(colormaps["tab10"].colors)[:k, :3]
+    if k <= 20:
+        return np.asarray(colormaps["tab20"].colors)[:k, :3]
+    return colormaps["viridis"](np.linspace(0, 1, k))[:, :3]
+
+
+# -- one scalar element of the observed data ------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Element:
+    """One scalar coordinate of the observed data: a 1-D variable, or one entry of a variable.
+
+    ``data_index`` selects it from the data variable (positional, over the event
+    dims), ``param_index`` from the node's labelled parameters.
+    """
+
+    label: str
+    node: str
+    variable: str
+    family: Any
+    data_index: Mapping[Hashable, int]
+    param_index: Mapping[Hashable, int]
+    aliases: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Marginal:
+    """The distribution of one element given each latent state.
+
+    ``density(grid)`` returns p(x = grid | z = k) as (K, len(grid)); a discrete
+    family sets ``discrete=True`` and is drawn with bars and markers at its support.
+    ``variance`` is set for Gaussian marginals, which also get covariance ellipses.
+    """
+
+    mean: np.ndarray
+    density: Callable[[np.ndarray], np.ndarray]
+    discrete: bool = False
+    variance: np.ndarray | None = None
+
+
+def _per_state(da: xr.DataArray, latent: str | None, k: int) -> np.ndarray:
+    """A parameter reduced to the latent dim, as (K,) (broadcast when it is shared by the states)."""
+    if latent is not None and latent in da.dims:
+        da = da.transpose(latent)
+    return np.broadcast_to(np.asarray(da.values, dtype=float), (k,)).copy()
+
+
+def _gaussian(mean: np.ndarray, variance: np.ndarray) -> Marginal:
+    def density(grid: np.ndarray) -> np.ndarray:
+        grid = np.asarray(grid, dtype=float)[None, :]
+        return np.exp(-0.5 * (grid - mean[:, None]) ** 2 / variance[:, None]) / np.sqrt(
+            2 * np.pi * variance[:, None])
+
+    return Marginal(mean=mean, density=density, variance=variance)
+
+
+def _normal_marginal(params: xr.Dataset, element: Element, latent: str | None, k: int) -> Marginal:
+    mean = _per_state(params["mean"].isel(element.param_index), latent, k)
+    variance = _per_state(params["variance"].isel(element.param_index), latent, k)
+    return _gaussian(mean, variance)
+
+
+def _covariance_entry(cov: xr.DataArray, i: Mapping[Hashable, int], j: Mapping[Hashable, int]) -> xr.DataArray:
+    """Σ_ij from a covariance in any of the layouts full, tied, diag or spherical."""
+    ((dim, a),) = i.items()
+    ((_, b),) = j.items()
+    if f"{dim}_" in cov.dims:
+        return cov.isel({dim: a, f"{dim}_": b})
+    if a != b:
+        return xr.zeros_like(cov.isel({dim: a}) if dim in cov.dims else cov)
+    return cov.isel({dim: a}) if dim in cov.dims else cov
+
+
+def _mvn_marginal(params: xr.Dataset, element: Element, latent: str | None, k: int) -> Marginal:
+    mean = _per_state(params["mean"].isel(element.param_index), latent, k)
+    cov = params["covariance"]
+    variance = _per_state(_covariance_entry(cov, element.param_index, element.param_index), latent, k)
+    return _gaussian(mean, variance)
+
+
+#: family class name -> marginal of one element per latent state; a new family
+#: (a discrete one draws bars) becomes plottable by adding an entry here
+MARGINALS: dict[str, Callable[[xr.Dataset, Element, str | None, int], Marginal]] = {
+    "Normal": _normal_marginal,
+    "MultivariateNormal": _mvn_marginal,
+}
+
+
+def _event_reference(params: xr.Dataset, family: Any) -> xr.DataArray:
+    """A parameter that carries the node's event dims (and not the second covariance axis)."""
+    axes = family.param_axes()
+    keys = [key for key, ax in axes.items() if "event" in ax and "event_" not in ax]
+    keys = keys or [key for key, ax in axes.items() if "event" in ax]
+    return params[keys[0]]
+
+
+def elements(fit: Fit) -> list[Element]:
+    """Every plottable scalar element of the model's observed nodes, in declaration order."""
+    latent = fit.model.latent_var.name if fit.model.latent_var is not None else None
+    out: list[Element] = []
+    for decl in fit.model.observed:
+        if type(decl.family).__name__ not in MARGINALS:
+            continue
+        params = fit.params[decl.name].to_dataset()
+        reference = _event_reference(params, decl.family)
+        dims = [d for d in reference.dims if d != latent]
+        if decl.stacked:
+            (dim,) = dims
+            out.extend(Element(v, decl.name, v, decl.family, {}, {dim: i}) for i, v in enumerate(decl.variables))
+            continue
+        variable = decl.variables[0]
+        shape = [reference.sizes[d] for d in dims]
+        for index in np.ndindex(*shape):
+            where = dict(zip(dims, index, strict=True))
+            names = [str(reference[d].values[i]) if d in reference.coords else str(i)
+                     for d, i in where.items()]
+            label = f"{variable}[{', '.join(names)}]" if names else variable
+            aliases = tuple(names) if len(names) == 1 and dims[0] in reference.coords else ()
+            out.append(Element(label, decl.name, variable, decl.family, where, where, aliases))
+    return out
+
+
+def find_element(fit: Fit, name: str) -> Element:
+    """The element called ``name`` (a label such as ``"waiting"`` or ``"x[waiting]"``, or a coordinate)."""
+    found = elements(fit)
+    for element in found:
+        if element.label == name:
+            return element
+    matches = [e for e in found if name in e.aliases]
+    if len(matches) == 1:
+        return matches[0]
+    listing = ", ".join(repr(e.label) for e in found[:12]) + (", ..." if len(found) > 12 else "")
+    if matches:
+        raise ModelError(f"plot: {name!r} is ambiguous, it names {[e.label for e in matches]}; use one of those")
+    raise ModelError(f"plot: no plottable element {name!r} in this model; choose from {listing}")
+
+
+# -- the plotter ------------------------------------------------------------------------
+class FitPlotter:
+    """Plots of a :class:`~emdsl.Fit`, reached as ``fit.plot``.
+
+    Each method draws on ``ax`` when given (and returns it), or on a new
+    :class:`matplotlib.figure.Figure` (returned; it displays as a PNG in Jupyter
+    and is not registered with pyplot).
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> fit = em.Model().latent("z", em.Categorical(2)).observe(
+    ...     ["eruptions", "waiting"], em.MultivariateNormal, name="x").fit(em.datasets.load("faithful"), seed=0)
+    >>> fig = fit.plot.components()
+    >>> len(fig.axes)
+    1
+    """
+
+    def __init__(self, fit: Fit) -> None:
+        self._fit = fit
+
+    def __repr__(self) -> str:
+        return "FitPlotter: .convergence(), .components(x, y), .posterior()"
+
+    # -- helpers --------------------------------------------------------------------
+    @property
+    def _latent(self) -> str | None:
+        latent = self._fit.model.latent_var
+        return latent.name if latent is not None else None
+
+    @property
+    def _states(self) -> list[Any]:
+        latent = self._fit.model.latent_var
+        return list(latent.family.states) if latent is not None else [None]
+
+    def _weights(self) -> np.ndarray:
+        if self._latent is None:
+            return np.ones(1)
+        return np.asarray(self._fit.params[self._latent]["probs"].values, dtype=float)
+
+    def _state_label(self, k: int) -> str:
+        return f"{self._latent}={self._states[k]}" if self._latent is not None else "model"
+
+    def _data(self, data: Any, what: str) -> xr.Dataset:
+        if data is not None:
+            from emdsl.labels import as_dataset
+
+            return as_dataset(data)
+        # The fit keeps its training data privately; plots read it (results own it).
+        held = getattr(self._fit, "_data", None)
+        if held is None:
+            raise ModelError(f"plot.{what}: this fit holds no training data (it was loaded from a file); "
+                             f"pass the data to plot: fit.plot.{what}(data=ds)")
+        return held
+
+    def _responsibilities(self, data: Any, what: str) -> tuple[xr.Dataset, np.ndarray]:
+        """The data and p(z | x) for each sample, (N, K) ((N, 1) of ones without a latent)."""
+        ds = self._data(data, what)
+        if self._latent is None:
+            n = ds.sizes[self._fit.sample_dim]
+            return ds, np.ones((n, 1))
+        proba = self._fit.posterior if data is None else self._fit.predict_proba(ds)
+        return ds, np.asarray(proba.transpose(self._fit.sample_dim, self._latent).values)
+
+    # -- convergence --------------------------------------------------------------------
+    def convergence(self, ax: Axes | None = None, *, kl: bool | None = None,
+                    figsize: tuple[float, float] | None = None) -> Figure | Axes:
+        """Log-likelihood per iteration for every restart, and the ELBO staircase.
+
+        For the chosen restart the ELBO is drawn under the log-likelihood as a
+        staircase: at iteration t the M-step has raised the bound to
+        ELBO(q⁽ᵗ⁻¹⁾, θ⁽ᵗ⁾) = ``elbo[t]``, and the E-step then closes the gap up to
+        ℓ(θ⁽ᵗ⁾) = ``loglik[t]`` (a vertical step of height KL). The KL gap itself
+        is shown on a log axis.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Where to draw the log-likelihood and ELBO.
+        kl : bool, optional
+            Draw the KL gap. Default: in a second panel when this method makes the
+            figure, not at all when ``ax`` is given; ``kl=True`` with ``ax`` uses a
+            twin axis on the right.
+        figsize : (width, height), optional
+            Size of a new figure.
+
+        Returns
+        -------
+        Figure or Axes
+            The new figure, or ``ax``.
+
+        Examples
+        --------
+        >>> import emdsl as em
+        >>> fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(
+        ...     em.datasets.load("faithful"), seed=0, n_init=2)
+        >>> fig = fit.plot.convergence()
+        >>> len(fig.axes[0].get_lines())   # one log-likelihood line per restart + the ELBO
+        3
+        """
+        fig, main, kl_ax = self._convergence_axes(ax, kl, figsize)
+        self._draw_logliks(main)
+        self._draw_elbo(main)
+        if kl_ax is not None:
+            self._draw_kl(kl_ax)
+        self._zoom(main)
+        main.legend(loc="lower right", fontsize="small")
+        return fig if fig is not None else main
+
+    def _convergence_axes(self, ax: Axes | None, kl: bool | None,
+                          figsize: tuple[float, float] | None) -> tuple[Figure | None, Axes, Axes | None]:
+        from matplotlib.ticker import MaxNLocator
+
+        if ax is not None:
+            main, fig = ax, None
+            kl_ax = ax.twinx() if kl else None
+        elif kl is False:
+            fig = new_figure(figsize or (6.4, 4.0))
+            main, kl_ax = fig.add_subplot(), None
+        else:
+            fig = new_figure(figsize or (6.4, 5.6))
+            main, kl_ax = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+            kl_ax.set_xlabel("iteration")
+        main.xaxis.set_major_locator(MaxNLocator(integer=True))
+        status = "converged" if self._fit.converged else ("stopped" if self._fit.stopped else "not converged")
+        main.set_title(f"EM: {status} after {self._fit.n_iter} iterations")
+        main.set_ylabel("log-likelihood")
+        if kl_ax is None or ax is not None:
+            main.set_xlabel("iteration")  # else the KL panel below carries it
+        return fig, main, kl_ax
+
+    def _zoom(self, ax: Axes) -> None:
+        """Fit the y range to the log-likelihoods and the later ELBO steps.
+
+        The first ELBO (of the starting responsibilities, often hard assignments)
+        can lie far below everything else and would flatten the picture, so the
+        range leaves it out; its step is cut at the bottom edge.
+        """
+        values = np.concatenate([self._fit.traces["loglik"].values, self._fit.trace["elbo"].values[1:]])
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return
+        low, high = float(values.min()), float(values.max())
+        pad = 0.06 * (high - low) if high > low else max(1.0, 1e-3 * abs(high))
+        ax.set_ylim(low - pad, high + pad)
+
+    def _draw_logliks(self, ax: Axes) -> None:
+        traces = self._fit.traces
+        restarts = np.unique(traces["restart"].values)
+        others = 0
+        # The chosen restart first, so that it leads the legend.
+        for r in sorted(restarts, key=lambda r: int(r) != self._fit.restart):
+            step = traces.isel(step=np.flatnonzero(traces["restart"].values == r))
+            chosen = int(r) == self._fit.restart
+            if chosen:
+                label = f"log-likelihood ℓ(θ), restart {r + 1}" + (" (best)" if len(restarts) > 1 else "")
+            else:
+                label = "other restarts" if others == 0 else "_nolegend_"
+                others += 1
+            ax.plot(step["iteration"].values, step["loglik"].values, color="C0" if chosen else "0.6",
+                    lw=2 if chosen else 1, alpha=1 if chosen else 0.7, zorder=3 if chosen else 2,
+                    marker="o" if chosen else None, ms=3, label=label, gid=f"loglik-restart-{int(r)}")
+
+    def _draw_elbo(self, ax: Axes) -> None:
+        trace = self._fit.trace
+        iteration = trace["iteration"].values
+        # (t, elbo_t) -> (t, loglik_t): the E-step closes the gap; -> (t+1, elbo_t+1): the M-step
+        x = np.repeat(iteration, 2)
+        y = np.column_stack([trace["elbo"].values, trace["loglik"].values]).ravel()
+        ax.plot(x, y, color="C1", lw=1, drawstyle="default", gid="elbo",
+                label="ELBO(q, θ): M-step raises it, E-step closes the gap")
+
+    def _draw_kl(self, ax: Axes) -> None:
+        trace = self._fit.trace
+        gap = np.asarray(trace["kl"].values, dtype=float)
+        shown = np.where(gap > 0, gap, np.nan)  # a log axis cannot show a closed (zero) gap
+        ax.plot(trace["iteration"].values, shown, color="C3", marker=".", lw=1, gid="kl",
+                label="KL gap = ℓ − ELBO")
+        ax.set_yscale("log")
+        ax.set_ylabel("KL gap (log)")
+        if not np.isfinite(shown).any():
+            ax.text(0.5, 0.5, "KL gap is 0 at every iteration", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4")
+
+    # -- components -----------------------------------------------------------------------
+    def components(self, x: str | None = None, y: str | None = None, ax: Axes | None = None, *,
+                   data: Any = None, bins: int | str = "auto",
+                   figsize: tuple[float, float] | None = None) -> Figure | Axes:
+        """The data coloured by responsibility, with each component's fitted density.
+
+        Two elements: a scatter plot whose colours blend the states' colours by
+        p(z | x), with each Gaussian component's mean and its 1σ and 2σ
+        covariance ellipses. One element: a histogram split by responsibility
+        (stacked, as a density) with the weighted component densities π_k p(x | z=k)
+        and their sum; a discrete family is drawn with bars at its support.
+
+        Parameters
+        ----------
+        x, y : str, optional
+            Elements to plot: a 1-D variable (``"waiting"``), an entry of a
+            variable (``"x[waiting]"``, or the coordinate ``"waiting"`` when
+            unambiguous). Default: the first two continuous elements, or the only
+            one. ``x`` alone draws the histogram of ``x``.
+        ax : matplotlib Axes, optional
+            Where to draw.
+        data : Dataset or what ``Model.fit`` accepts, optional
+            Data to show; default the training data. A loaded fit holds none, so
+            it needs ``data``.
+        bins : int or str, default "auto"
+            Histogram bins (1-D), as for :func:`numpy.histogram_bin_edges`.
+        figsize : (width, height), optional
+            Size of a new figure.
+
+        Returns
+        -------
+        Figure or Axes
+            The new figure, or ``ax``.
+
+        Examples
+        --------
+        >>> import emdsl as em
+        >>> fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(
+        ...     em.datasets.load("faithful"), seed=0)
+        >>> ax = fit.plot.components().axes[0]
+        >>> len(ax.get_lines())   # two weighted components and the mixture
+        3
+        """
+        first, second = self._chosen_elements(x, y)
+        ds, resp = self._responsibilities(data, "components")
+        fig = new_figure(figsize or (6.0, 4.8)) if ax is None else None
+        if ax is None:
+            assert fig is not None
+            ax = fig.add_subplot()
+        if second is None:
+            self._draw_1d(ax, first, ds, resp, bins)
+        else:
+            self._draw_2d(ax, first, second, ds, resp)
+        return fig if fig is not None else ax
+
+    def _chosen_elements(self, x: str | None, y: str | None) -> tuple[Element, Element | None]:
+        if x is None and y is not None:
+            raise ModelError("plot.components: give x when giving y")
+        if x is not None:
+            first = find_element(self._fit, x)
+            second = find_element(self._fit, y) if y is not None else None
+            if second is not None and second == first:
+                raise ModelError(f"plot.components: x and y are the same element {first.label!r}")
+            return first, second
+        found = elements(self._fit)
+        continuous = [e for e in found if getattr(e.family, "continuous", False)] or found
+        if not continuous:
+            raise ModelError("plot.components: the model observes no variable of a family that can be plotted "
+                             f"(plottable families: {', '.join(MARGINALS)})")
+        return continuous[0], (continuous[1] if len(continuous) > 1 else None)
+
+    def _marginal(self, element: Element) -> Marginal:
+        params = self._fit.params[element.node].to_dataset()
+        make = MARGINALS[type(element.family).__name__]
+        return make(params, element, self._latent, len(self._states))
+
+    def _values(self, ds: xr.Dataset, element: Element) -> np.ndarray:
+        if element.variable not in ds.data_vars:
+            raise ModelError(f"plot.components: the data have no variable {element.variable!r}")
+        da = ds[element.variable].isel(element.data_index)
+        return np.asarray(da.transpose(self._fit.sample_dim).values, dtype=float)
+
+    def _axis_label(self, ds: xr.Dataset, element: Element) -> str:
+        units = ds[element.variable].attrs.get("units") if element.variable in ds.data_vars else None
+        return f"{element.label} [{units}]" if units else element.label
+
+    def _draw_2d(self, ax: Axes, a: Element, b: Element, ds: xr.Dataset, resp: np.ndarray) -> None:
+        colors = state_colors(resp.shape[1])
+        xv, yv = self._values(ds, a), self._values(ds, b)
+        ax.scatter(xv, yv, c=np.clip(resp @ colors, 0, 1), s=12, alpha=0.75, linewidths=0, gid="data")
+        ma, mb = self._marginal(a), self._marginal(b)
+        cov = self._pair_covariance(a, b, ma, mb)
+        weights = self._weights()
+        for k in range(resp.shape[1]):
+            label = self._state_label(k) + (f" (π={weights[k]:.2f})" if self._latent else "")
+            ax.plot([ma.mean[k]], [mb.mean[k]], marker="X", ms=9, color=colors[k], mec="white", mew=1,
+                    linestyle="none", label=label, gid=f"mean-{k}")
+            if cov is not None:
+                for n_sigma, style in ((1, "-"), (2, "--")):
+                    ax.add_patch(_ellipse((ma.mean[k], mb.mean[k]), cov[k], n_sigma, colors[k], style))
+        ax.set_xlabel(self._axis_label(ds, a))
+        ax.set_ylabel(self._axis_label(ds, b))
+        what = f"coloured by p({self._latent} | x)" if self._latent else "one component"
+        ax.set_title(f"{a.node}: data {what}" + ("; ellipses 1σ, 2σ" if cov is not None else ""))
+        ax.legend(fontsize="small", loc="best")
+
+    def _pair_covariance(self, a: Element, b: Element, ma: Marginal, mb: Marginal) -> np.ndarray | None:
+        """The (K, 2, 2) covariance of two Gaussian elements per state, or None if either is not Gaussian."""
+        if ma.variance is None or mb.variance is None:
+            return None
+        k = len(ma.mean)
+        cross = np.zeros(k)
+        # Nodes are independent given z; within a MultivariateNormal node the covariance couples them.
+        if a.node == b.node and "covariance" in self._fit.params[a.node].data_vars:
+            cov = self._fit.params[a.node]["covariance"]
+            cross = _per_state(_covariance_entry(cov, a.param_index, b.param_index), self._latent, k)
+        return np.stack([np.column_stack([ma.variance, cross]), np.column_stack([cross, mb.variance])], axis=1)
+
+    def _draw_1d(self, ax: Axes, element: Element, ds: xr.Dataset, resp: np.ndarray, bins: int | str) -> None:
+        values = self._values(ds, element)
+        keep = np.isfinite(values)
+        values, resp = values[keep], resp[keep]
+        marginal = self._marginal(element)
+        colors = state_colors(resp.shape[1])
+        weights = self._weights()
+        labels = [self._state_label(k) for k in range(resp.shape[1])]
+        if marginal.discrete:
+            support = np.arange(np.floor(values.min()), np.ceil(values.max()) + 1)
+            edges = np.append(support, support[-1] + 1) - 0.5
+            grid = support
+        else:
+            edges = np.histogram_bin_edges(values, bins=bins)
+            pad = 0.05 * (values.max() - values.min() or 1.0)
+            grid = np.linspace(values.min() - pad, values.max() + pad, 400)
+        ax.hist([values] * resp.shape[1], bins=edges, weights=list(resp.T), stacked=True, density=True,
+                color=list(colors), alpha=0.45)
+        parts = weights[:, None] * marginal.density(grid)
+        style = {"marker": "o", "linestyle": ":"} if marginal.discrete else {}
+        for k in range(resp.shape[1]):
+            ax.plot(grid, parts[k], color=colors[k], lw=2, label=f"π·p(x | {labels[k]})" if self._latent
+                    else "p(x)", gid=f"density-{k}", **style)
+        if self._latent is not None:
+            ax.plot(grid, parts.sum(axis=0), color="k", lw=1.2, label="mixture p(x)", gid="mixture", **style)
+        ax.set_xlabel(self._axis_label(ds, element))
+        ax.set_ylabel("probability" if marginal.discrete else "density")
+        split = f", histogram split by p({self._latent} | x)" if self._latent else ""
+        ax.set_title(f"{element.node}: fitted components{split}")
+        ax.legend(fontsize="small", loc="best")
+
+    # -- posterior --------------------------------------------------------------------------
+    def posterior(self, ax: Axes | None = None, *, kind: Literal["stacked", "certainty"] | None = None,
+                  data: Any = None, threshold: float = 0.9,
+                  figsize: tuple[float, float] | None = None) -> Figure | Axes:
+        """The responsibilities p(z | x): who belongs where, and how surely.
+
+        ``"stacked"``: each sample is a column of height 1 split into its
+        responsibilities, samples sorted by their most probable state and then by
+        certainty, so the width of each colour is that state's share of the data
+        and the ragged edges are the uncertain samples. ``"certainty"``: a
+        histogram of max_k p(z=k | x), split by the most probable state.
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Where to draw.
+        kind : {"stacked", "certainty"}, optional
+            Default: both side by side in a new figure, ``"stacked"`` when ``ax`` is given.
+        data : optional
+            New data (default: the training data; needed for a loaded fit).
+        threshold : float, default 0.9
+            The titles count samples whose largest responsibility is below it.
+        figsize : (width, height), optional
+            Size of a new figure.
+
+        Returns
+        -------
+        Figure or Axes
+            The new figure, or ``ax``.
+
+        Examples
+        --------
+        >>> import emdsl as em
+        >>> fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(
+        ...     em.datasets.load("faithful"), seed=0)
+        >>> len(fit.plot.posterior().axes)
+        2
+        """
+        if kind not in (None, "stacked", "certainty"):
+            raise ModelError(f"plot.posterior(kind=...): expected 'stacked' or 'certainty', got {kind!r}")
+        if self._latent is None:
+            raise ModelError("plot.posterior: the model declares no latent variable, so there are no "
+                             "responsibilities to show")
+        _, resp = self._responsibilities(data, "posterior")
+        if ax is not None:
+            (self._draw_certainty if kind == "certainty" else self._draw_stacked)(ax, resp, threshold)
+            return ax
+        if kind is None:
+            fig = new_figure(figsize or (9.0, 3.6))
+            left, right = fig.subplots(1, 2, width_ratios=[2.2, 1])
+            self._draw_stacked(left, resp, threshold)
+            self._draw_certainty(right, resp, threshold)
+        else:
+            fig = new_figure(figsize or (6.4, 3.6))
+            (self._draw_certainty if kind == "certainty" else self._draw_stacked)(fig.add_subplot(), resp, threshold)
+        return fig
+
+    def _draw_stacked(self, ax: Axes, resp: np.ndarray, threshold: float) -> None:
+        n, k = resp.shape
+        best = resp.argmax(axis=1)
+        order = np.lexsort((-resp.max(axis=1), best))
+        shown = order[np.unique(np.linspace(0, n - 1, min(n, _MAX_STACKED_POINTS)).round().astype(int))]
+        position = np.linspace(0, n - 1, len(shown)) if len(shown) < n else np.arange(n)
+        colors = state_colors(k)
+        ax.stackplot(position, resp[shown].T, colors=list(colors), alpha=0.85, step="mid",
+                     labels=[f"{self._state_label(j)}: {np.sum(best == j)} samples" for j in range(k)])
+        for boundary in np.cumsum(np.bincount(best, minlength=k))[:-1]:
+            ax.axvline(boundary - 0.5, color="white", lw=1)
+        ax.set_xlim(0, max(n - 1, 1))
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"samples, sorted by most probable {self._latent}")
+        ax.set_ylabel(f"p({self._latent} | x)")
+        uncertain = int(np.sum(resp.max(axis=1) < threshold))
+        ax.set_title(f"responsibilities: {uncertain} of {n} samples below {threshold:g}")
+        ax.legend(fontsize="small", loc="lower left", framealpha=0.8)
+
+    def _draw_certainty(self, ax: Axes, resp: np.ndarray, threshold: float) -> None:
+        n, k = resp.shape
+        best, top = resp.argmax(axis=1), resp.max(axis=1)
+        edges = np.linspace(1.0 / k, 1.0, 21)
+        colors = state_colors(k)
+        ax.hist([top[best == j] for j in range(k)], bins=edges, stacked=True, color=list(colors), alpha=0.85,
+                label=[self._state_label(j) for j in range(k)])
+        ax.axvline(threshold, color="0.3", lw=1, ls="--")
+        ax.set_xlabel(f"max p({self._latent} | x)")
+        ax.set_ylabel("samples")
+        ax.set_title("certainty of the assignments")
+
+
+def _ellipse(center: tuple[float, float], cov: np.ndarray, n_sigma: float, color: Any, style: str) -> Any:
+    """The Mahalanobis contour at ``n_sigma`` of a 2-D Gaussian."""
+    from matplotlib.patches import Ellipse
+
+    values, vectors = np.linalg.eigh(cov)
+    values = np.maximum(values, 0.0)
+    angle = float(np.degrees(np.arctan2(vectors[1, 1], vectors[0, 1])))
+    width, height = 2 * n_sigma * np.sqrt(values[1]), 2 * n_sigma * np.sqrt(values[0])
+    return Ellipse(center, width, height, angle=angle, fill=False, edgecolor=color, linestyle=style, lw=1.5,
+                   gid=f"ellipse-{n_sigma}sigma")
