@@ -1,0 +1,126 @@
+"""Sphinx configuration for the emdsl documentation.
+
+Build with ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
+
+* The tutorials are the notebooks in ``../notebooks``, the one copy kept in git.
+  Each build mirrors them into ``docs/tutorials/`` (git-ignored; a symlink would not
+  do, because Sphinx resolves symlinks when it follows a link between notebooks, and
+  the links then point outside the docs). myst-nb renders them from their committed
+  outputs (``nb_execution_mode = "off"``): nbval already runs them in ``make test``,
+  and the saved widget state renders without a kernel.
+* The JavaScript those pages need (require.js and the ipywidgets html-manager's
+  ``embed-amd.js`` for widgets, MathJax for mathematics) is served from ``_static``:
+  ``tools/fetch-docs-js.sh`` packs it from npm into ``.cache/docs-js`` (once; it
+  returns at once when the files are there), and that directory is a static path.
+  No page asks a CDN, at build time or when read.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import emdsl
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+JS_DIR = ROOT / ".cache" / "docs-js"
+
+
+def _fetch_js() -> None:
+    """Run tools/fetch-docs-js.sh (idempotent) so that the static JavaScript is in place."""
+    script = ROOT / "tools" / "fetch-docs-js.sh"
+    try:
+        subprocess.run(["bash", str(script)], check=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        sys.exit(f"docs/conf.py: {script.relative_to(ROOT)} failed ({error}); it needs npm and the npm "
+                 "registry once, to fetch the widget and MathJax JavaScript into .cache/docs-js")
+
+
+def _mirror_notebooks() -> None:
+    """Copy ../notebooks/*.ipynb into docs/tutorials/; unchanged copies are left alone (and not rebuilt)."""
+    source, target = ROOT / "notebooks", HERE / "tutorials"
+    if target.is_symlink():
+        target.unlink()
+    target.mkdir(exist_ok=True)
+    wanted = {path.name for path in source.glob("*.ipynb")}
+    for stale in target.iterdir():
+        if stale.name not in wanted:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for name in sorted(wanted):
+        src, dst = source / name, target / name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copy2(src, dst)
+
+
+_fetch_js()
+_mirror_notebooks()
+
+# -- project ---------------------------------------------------------------------------
+project = "emdsl"
+author = "the emdsl developers"
+copyright = "the emdsl developers"
+release = version = emdsl.__version__
+
+# -- general ---------------------------------------------------------------------------
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "numpydoc",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
+templates_path = ["_templates"]
+default_role = "py:obj"
+
+# -- API reference -------------------------------------------------------------------------
+autosummary_generate = True
+autosummary_imported_members = True
+autodoc_typehints = "none"  # numpydoc sections carry the types
+autodoc_member_order = "bysource"
+numpydoc_show_class_members = False  # the class template documents members in place
+numpydoc_xref_param_type = False
+
+# -- MyST and notebooks -----------------------------------------------------------------
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+nb_execution_mode = "off"  # render the committed outputs; nbval executes the notebooks in `make test`
+nb_ipywidgets_js = {
+    "widgets/require.js": {},
+    "widgets/embed-amd.js": {},  # bundles the standard widgets: nothing is fetched from a CDN
+}
+mathjax_path = "mathjax/tex-chtml.js"
+
+# -- HTML --------------------------------------------------------------------------------
+html_theme = "pydata_sphinx_theme"
+html_title = "emdsl"
+html_static_path = ["_static", str(JS_DIR)]
+html_css_files = ["emdsl.css"]
+html_theme_options = {
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "footer_start": ["copyright"],
+    "footer_end": ["sphinx-version", "theme-version"],
+}
+html_sidebars = {"index": [], "maths": []}
+html_context = {"default_mode": "auto"}  # light or dark, as the reader's system prefers
+html_show_sourcelink = False
+
+
+# -- docstrings --------------------------------------------------------------------------
+# emdsl's docstrings write absolute values as |x| (e.g. "tol · |ℓ(θ⁽ᵗ⁾)|") and use no
+# reStructuredText substitutions, which share that syntax; escape the bars so docutils
+# shows them instead of reporting an undefined substitution.
+_ABSOLUTE_VALUE = re.compile(r"(?<![\\|`])\|(?=\S)([^|`\n]*?\S)\|(?![|_`])")
+
+
+def _escape_absolute_values(app, what, name, obj, options, lines):
+    lines[:] = [_ABSOLUTE_VALUE.sub(r"\\|\1\\|", line) for line in lines]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _escape_absolute_values)
