@@ -29,7 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     print(fit, end="\n\n")
     for name, node in fit.params.children.items():
         for key, value in node.to_dataset().data_vars.items():
-            print(f"{name}.{key}:\n{value.round(4).to_pandas()}\n")
+            if value.ndim <= 2:
+                print(f"{name}.{key}:\n{value.round(4).to_pandas()}\n")
+                continue
+            state_dim = value.dims[0]  # a covariance per state: one table each
+            for state in value[state_dim].values:
+                table = value.sel({state_dim: state}).round(4).to_pandas()
+                print(f"{name}.{key} ({state_dim}={state}):\n{table}\n")
     print(f"log-likelihood: {fit.loglik:.6f}  (converged: {fit.converged}, {fit.n_iter} iterations, "
           f"BIC {fit.bic():.3f})")
 
