@@ -4,7 +4,8 @@ Serves ``docs/_build/html`` on 127.0.0.1, opens every page in headless Chromium
 with every request to another host refused, and checks that
 
 * no page asks for anything outside the site (a CDN, fonts, analytics);
-* mathematics is typeset by the local MathJax (``mjx-container`` elements appear);
+* mathematics is typeset by the local MathJax (``mjx-container`` elements appear),
+  without TeX errors;
 * on tutorial pages with saved widget state, the widgets render from the local
   html-manager: widget elements appear, and every widget image has a real size;
 * no page logs a JavaScript error.
@@ -53,7 +54,10 @@ def check_page(page, url: str, name: str, problems: list[str], screenshots: Path
     if page.locator(".math").count():
         try:
             page.wait_for_selector("mjx-container", timeout=20_000)
+            page.wait_for_timeout(300)
             notes.append(f"{page.locator('mjx-container').count()} formulas typeset")
+            for formula in page.locator("mjx-merror").all():
+                problems.append(f"{name}: a TeX error in a formula: {formula.get_attribute('data-mjx-error')}")
         except Exception:
             problems.append(f"{name}: mathematics was not typeset by the local MathJax")
     if page.locator(WIDGET_STATE).count():

@@ -106,7 +106,7 @@ html_theme_options = {
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version", "theme-version"],
 }
-html_sidebars = {"index": [], "maths": []}
+html_sidebars = {"index": [], "maths": [], "tutorials/*": []}  # room for code and maths
 html_context = {"default_mode": "auto"}  # light or dark, as the reader's system prefers
 html_show_sourcelink = False
 
