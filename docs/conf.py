@@ -122,5 +122,22 @@ def _escape_absolute_values(app, what, name, obj, options, lines):
     lines[:] = [_ABSOLUTE_VALUE.sub(r"\\|\1\\|", line) for line in lines]
 
 
+def _check_executed(app):
+    """Warn (an error under -W) about a tutorial committed without its outputs."""
+    import nbformat
+    from sphinx.util import logging
+
+    logger = logging.getLogger("emdsl.docs")
+    for path in sorted((HERE / "tutorials").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        missing = [i for i, cell in enumerate(notebook.cells)
+                   if cell.cell_type == "code" and cell.source.strip() and cell.execution_count is None]
+        if missing:
+            logger.warning(f"notebooks/{path.name} is not executed (code cells {missing} have no output); "
+                           f"run `jupyter nbconvert --to notebook --execute --inplace notebooks/{path.name}` "
+                           "and commit it: the docs show the committed outputs")
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _escape_absolute_values)
+    app.connect("builder-inited", _check_executed)
