@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
 
 from emdsl.engine.events import Callback, FitInfo, IterationEvent
+
+if TYPE_CHECKING:
+    from emdsl.results import Fit
 
 
 class TextMonitor(Callback):
     """Prints one updating line per restart: iteration, log-likelihood, change, KL gap, speed.
 
-    Redraws at most every ``mininterval`` seconds (and always at a restart's last
-    iteration), so it costs nothing measurable in a fit.
+    The line is rewritten in place (``\\r``) at most every ``mininterval`` seconds,
+    and always at a restart's first and last iteration; a summary line follows
+    the fit. It costs nothing measurable in a fit.
+
+    Parameters
+    ----------
+    file : text stream, optional
+        Where to write (default: ``sys.stderr`` at the time of writing).
+    mininterval : float, default 0.25
+        Least number of seconds between two rewrites of the line.
 
     Examples
     --------
@@ -21,39 +33,57 @@ class TextMonitor(Callback):
     >>> out = io.StringIO()
     >>> fit = em.Model().observe("waiting", em.Normal).fit(
     ...     em.datasets.load("faithful"), callbacks=[em.widgets.TextMonitor(file=out)])
-    >>> "loglik" in out.getvalue()
-    True
+    >>> print(out.getvalue().splitlines()[-1])
+    converged after 1 iteration: log-likelihood -1095.2888 (restart 1 of 1)
     """
 
     def __init__(self, file: IO[str] | None = None, mininterval: float = 0.25) -> None:
         self.file = file
         self.mininterval = mininterval
-        self._last = 0.0
+        self._clock: Callable[[], float] = time.perf_counter
+        self._last = -float("inf")
+        self._line_open = False
         self._info: FitInfo | None = None
 
     def on_fit_start(self, info: FitInfo) -> None:
         self._info = info
+        self._last = -float("inf")
+        self._line_open = False
 
     def on_iteration(self, event: IterationEvent) -> None:
-        now = time.perf_counter()
+        now = self._clock()
         last_of_restart = event.converged or event.iteration == event.max_iter
-        if not last_of_restart and event.iteration and now - self._last < self.mininterval:
+        if not (last_of_restart or event.iteration == 0 or now - self._last >= self.mininterval):
             return
         self._last = now
-        out = self.file or sys.stderr
-        delta = "" if event.delta is None else f"  Δ {event.delta:+.3g}"
-        speed = event.elapsed / event.iteration if event.iteration else 0.0
-        line = (f"restart {event.restart + 1}/{event.n_init}  iteration {event.iteration}/{event.max_iter}  "
-                f"loglik {event.loglik:.8g}{delta}  KL {event.kl:.2g}  {speed * 1e3:.1f} ms/it")
-        end = "\n" if last_of_restart else ""
-        out.write("\r" + line + end)
-        out.flush()
+        if event.iteration == 0 and self._line_open:  # a new restart begins on a new line
+            self._write("\n")
+        self._write("\r" + _line(event) + ("\n" if last_of_restart else ""))
+        self._line_open = not last_of_restart
 
-    def on_fit_end(self, fit: Any) -> None:
+    def on_fit_end(self, fit: Fit) -> None:
+        status = "converged" if fit.converged else ("stopped" if fit.stopped else "not converged")
+        self._write(("\n" if self._line_open else "") + f"{status} after {iterations(fit.n_iter)}: "
+                    f"log-likelihood {fit.loglik:.8g} (restart {fit.restart + 1} of {fit.n_init})\n")
+        self._line_open = False
+
+    def _write(self, text: str) -> None:
         out = self.file or sys.stderr
-        out.write(("\n" if not fit.converged else "") + f"{'converged' if fit.converged else 'stopped'}: "
-                  f"loglik {fit.loglik:.8g} after {fit.n_iter} iterations\n")
+        out.write(text)
         out.flush()
 
     def __repr__(self) -> str:
         return "TextMonitor()"
+
+
+def _line(event: IterationEvent) -> str:
+    delta = "" if event.delta is None else f"  Δ {event.delta:+.3g}"
+    speed = event.elapsed / event.iteration if event.iteration else 0.0
+    return (f"restart {event.restart + 1}/{event.n_init}  iteration {event.iteration}/{event.max_iter}  "
+            f"loglik {event.loglik:.8g}{delta}  ELBO {event.elbo:.8g}  KL {event.kl:.2g}  "
+            f"{speed * 1e3:.1f} ms/it")
+
+
+def iterations(n: int) -> str:
+    """``"1 iteration"``, ``"6 iterations"``."""
+    return f"{n} iteration" if n == 1 else f"{n} iterations"

@@ -1,0 +1,414 @@
+"""The live convergence widget: progress, numbers, and the ELBO staircase under ℓ(θ).
+
+Imported on first use of ``emdsl.widgets.ConvergenceMonitor`` (it needs ipywidgets
+and matplotlib, which ``import emdsl`` must not load).
+
+Why this shape (see /work/shared/ECOSYSTEM.md): a ``VBox`` of ``IntProgress``,
+``HTML`` and an ``Image`` holding a PNG drawn with ``matplotlib.figure.Figure``
+(no pyplot state, no inline auto-display) is what works under strict nbval and in
+static HTML; every update is a comm message, which nbval ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from emdsl.engine.events import Callback, FitInfo, IterationEvent
+from emdsl.widgets._poll import CommPoller
+from emdsl.widgets.text import iterations
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from emdsl.results import Fit
+
+#: most lines drawn in the parameter panel
+MAX_PARAMETER_LINES = 8
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one restart reported: ℓ and ELBO every iteration, parameters when sampled."""
+
+    restart: int
+    loglik: list[float] = dataclasses.field(default_factory=list)
+    elbo: list[float] = dataclasses.field(default_factory=list)
+    param_iteration: list[int] = dataclasses.field(default_factory=list)
+    param_values: list[np.ndarray] = dataclasses.field(default_factory=list)
+    last: IterationEvent | None = None
+
+    def record(self, event: IterationEvent) -> None:
+        self.loglik.append(event.loglik)
+        self.elbo.append(event.elbo)
+        self.last = event
+
+    def staircase(self) -> tuple[np.ndarray, np.ndarray]:
+        """(t, ELBO_t) → (t, ℓ_t) → (t+1, ELBO_{t+1}) → …: M-steps slant up, E-steps close the gap."""
+        t = np.arange(len(self.loglik))
+        return np.repeat(t, 2), np.column_stack([self.elbo, self.loglik]).ravel()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tracked:
+    """Which parameter the second panel follows, and how to read it off a params tree."""
+
+    title: str
+    node: str
+    key: str
+    labels: tuple[str, ...]
+
+    def read(self, tree: xr.DataTree) -> np.ndarray:
+        return np.ravel(tree[self.node][self.key].values)[:MAX_PARAMETER_LINES]
+
+
+def _tracked_parameter(info: FitInfo, tree: xr.DataTree) -> _Tracked | None:
+    """The mixture weights π when there is a latent; else the first observed node's first parameter."""
+    latent = info.model.latent_var
+    if latent is not None:
+        states = tree[latent.name]["probs"][latent.name].values
+        return _Tracked(f"mixture weights π({latent.name})", latent.name, "probs",
+                        tuple(f"{latent.name}={s}" for s in states[:MAX_PARAMETER_LINES]))
+    if not info.model.observed:
+        return None
+    node = info.model.observed[0].name
+    node_ds = tree[node].to_dataset()
+    key = "mean" if "mean" in node_ds.data_vars else next(iter(node_ds.data_vars))
+    da = node_ds[key]
+    labels = []
+    for index in np.ndindex(da.shape):
+        parts = [str(da[d].values[i]) if d in da.coords else str(i) for d, i in zip(da.dims, index)]
+        labels.append(f"{key}[{', '.join(parts)}]" if parts else key)
+    return _Tracked(f"{node}.{key}", node, key, tuple(labels[:MAX_PARAMETER_LINES]))
+
+
+class ConvergenceMonitor(widgets.VBox, Callback):
+    """A live view of an EM fit: progress, ℓ(θ) and its change, ELBO, KL gap, speed, plots.
+
+    Pass it as a callback (``model.fit(ds, callbacks=[monitor])``), or let
+    ``model.fit(ds, monitor=True)`` create and display one. It shows a progress
+    bar (iteration of ``max_iter``, restart r of n), the current log-likelihood,
+    its change, the ELBO and the KL gap, seconds per iteration, and two plots:
+    the log-likelihood per iteration of every restart with the ELBO as a
+    staircase under it (each E-step closes the KL gap, each M-step raises the
+    ELBO), and the mixture weights (or the first parameter) over iterations.
+
+    The Stop button ends the fit after the current iteration; the fit then
+    returns the best parameters so far, marked ``stopped`` and not converged.
+
+    Drawing is throttled: the numbers at most every ``mininterval`` seconds; the
+    plot (about 50 ms a drawing) only when the monitor's time so far, this
+    drawing and the final one stay within ``max_overhead`` of the fit's time —
+    so a fit of a few seconds gets its plot at the end, a long one every few
+    seconds — and always once at the end.
+
+    Parameters
+    ----------
+    mininterval : float, default 0.25
+        Least number of seconds between two updates of the display.
+    max_overhead : float, default 0.03
+        Largest share of the fit's wall time the monitor may take (a fit too
+        short to afford even the final drawing still gets it).
+    poll_interval : float, default 0.1
+        Seconds between two looks for a click on Stop while the fit runs.
+    figsize : (float, float), default (8.5, 3)
+        Size of the plot in inches, drawn at ``dpi`` pixels per inch.
+    dpi : int, default 96
+
+    Attributes
+    ----------
+    progress : ipywidgets.IntProgress
+    stop_button : ipywidgets.Button
+    label : ipywidgets.HTML
+    image : ipywidgets.Image
+        PNG of the plots.
+    n_redraws : int
+        Number of times the plot was drawn.
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> monitor = em.widgets.ConvergenceMonitor()
+    >>> model = em.Model().latent("z", em.Categorical(2)).observe(
+    ...     ["eruptions", "waiting"], em.MultivariateNormal, name="x")
+    >>> fit = model.fit(em.datasets.load("faithful"), seed=0, callbacks=[monitor])
+    >>> monitor
+    ConvergenceMonitor(converged after 6 iterations, log-likelihood -1130.26)
+    >>> monitor.progress.value == monitor.progress.max
+    True
+    """
+
+    def __init__(
+        self,
+        *,
+        mininterval: float = 0.25,
+        max_overhead: float = 0.03,
+        poll_interval: float = 0.1,
+        figsize: tuple[float, float] = (8.5, 3.0),
+        dpi: int = 96,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.mininterval = mininterval
+        self.max_overhead = max_overhead
+        self.figsize = figsize
+        self.dpi = dpi
+        self.n_redraws = 0
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="EM",
+                                            layout=widgets.Layout(flex="1 1 auto"))
+        self.stop_button = widgets.Button(
+            description="Stop", disabled=True, layout=widgets.Layout(width="auto"),
+            tooltip="End the fit after the current iteration; it keeps the best parameters so far")
+        self.stop_button.on_click(self._on_stop_click)
+        self.label = widgets.HTML(value=_html_line("waiting for the fit to start"))
+        # natural size, shrinking with a narrow page (a flex column would otherwise stretch it, blurred)
+        self.image = widgets.Image(format="png", layout=widgets.Layout(
+            display="none", width=f"{round(figsize[0] * dpi)}px", max_width="100%", height="auto"))
+        self.children = [widgets.HBox([self.progress, self.stop_button]), self.label, self.image]
+        self._clock: Callable[[], float] = time.perf_counter
+        self._poller = CommPoller(poll_interval)
+        self._plots: _Plots | None = None
+        self._reset(None)
+
+    # -- the callback protocol ---------------------------------------------------------------
+    def on_fit_start(self, info: FitInfo) -> None:
+        """Clear the display for a new fit and start listening for Stop."""
+        self._reset(info)
+        if self._plots is not None:
+            self._plots.clear()
+        self.progress.max = max(info.max_iter, 1)
+        self.progress.value = 0
+        self.progress.bar_style = ""
+        self.stop_button.disabled = False
+        self.stop_button.description = "Stop"
+        self._poller.start()
+
+    def on_iteration(self, event: IterationEvent) -> None:
+        """Record the iteration; redraw if the throttle allows; honour a click on Stop."""
+        self._poller.poll()
+        if self._stop_clicked and not self._stop_sent:
+            event.request_stop()
+            self._stop_sent = True
+        run = self._run_for(event)
+        run.record(event)
+        now = self._clock()
+        # each restart's first iteration always shows: it is where its staircase and weights begin
+        if event.iteration == 0 or now - self._last_update >= self.mininterval:
+            self._last_update = now
+            self._update_numbers(event)
+            self._sample_params(run, event)
+            if self._plot_affordable(now):
+                self._draw_plot(chosen=None)
+            self._spent += self._clock() - now
+
+    def on_fit_end(self, fit: Fit) -> None:
+        """Show the result: final numbers and one last plot."""
+        start = self._clock()
+        self._poller.stop()
+        self._fit = fit
+        for run in self._runs:
+            if run.last is not None:
+                self._sample_params(run, run.last)
+        self._show_result(fit)
+        self._draw_plot(chosen=fit.restart)
+        self._spent += self._clock() - start
+
+    # -- state -----------------------------------------------------------------------------
+    def _reset(self, info: FitInfo | None) -> None:
+        self._info = info
+        self._runs: list[_Run] = []
+        self._tracked: _Tracked | None = None
+        self._fit: Fit | None = None
+        self._stop_clicked = False
+        self._stop_sent = False
+        self._start = self._clock()
+        self._last_update = -float("inf")
+        self._spent = 0.0
+        self._plot_cost = 0.05  # a guess until the first drawing is timed
+
+    def _run_for(self, event: IterationEvent) -> _Run:
+        if not self._runs or self._runs[-1].restart != event.restart:
+            if self._runs and self._runs[-1].last is not None:
+                self._sample_params(self._runs[-1], self._runs[-1].last)
+            self._runs.append(_Run(event.restart))
+        return self._runs[-1]
+
+    def _on_stop_click(self, _: widgets.Button) -> None:
+        if self._info is None or self._fit is not None:
+            return
+        self._stop_clicked = True
+        self.stop_button.disabled = True
+        self.stop_button.description = "Stopping…"
+
+    # -- drawing ---------------------------------------------------------------------------
+    def _plot_affordable(self, now: float) -> bool:
+        """Whether this drawing, and the final one it commits to, keep the monitor within its budget."""
+        return self._spent + 2 * self._plot_cost <= self.max_overhead * (now - self._start)
+
+    def _update_numbers(self, event: IterationEvent) -> None:
+        self.progress.value = min(event.iteration, self.progress.max)
+        self.progress.description = f"restart {event.restart + 1}/{event.n_init}"
+        self.label.value = _html_line(_iteration_text(event))
+
+    def _sample_params(self, run: _Run, event: IterationEvent) -> None:
+        """Keep the followed parameters at this iteration (``event.params`` builds a tree: not every iteration)."""
+        if run.param_iteration and run.param_iteration[-1] == event.iteration:
+            return
+        tree = event.params
+        if self._tracked is None and self._info is not None:
+            self._tracked = _tracked_parameter(self._info, tree)
+        if self._tracked is not None:
+            run.param_iteration.append(event.iteration)
+            run.param_values.append(self._tracked.read(tree))
+
+    def _draw_plot(self, chosen: int | None) -> None:
+        start = self._clock()
+        self.image.value = self._render(chosen)
+        self.image.layout.display = None
+        self.n_redraws += 1
+        self._plot_cost = self._clock() - start
+
+    def _render(self, chosen: int | None) -> bytes:
+        """The plots as PNG; ``chosen`` (the restart the fit kept) is drawn emphasised."""
+        if self._plots is None:
+            self._plots = _Plots(self.figsize, self.dpi)
+        return self._plots.render(self._runs, self._tracked, chosen)
+
+    def _show_result(self, fit: Fit) -> None:
+        if fit.converged:
+            self.progress.value = self.progress.max
+            self.progress.bar_style = "success"
+        else:
+            self.progress.value = min(fit.n_iter, self.progress.max)
+            self.progress.bar_style = "warning"
+        self.progress.description = f"restart {fit.restart + 1}/{fit.n_init}"
+        self.stop_button.disabled = True
+        self.stop_button.description = "Stopped" if fit.stopped else "Stop"
+        self.label.value = _html_line(_result_text(fit))
+
+    def __repr__(self) -> str:
+        # Only counts and a rounded ℓ: the same fit gives the same text (nbval compares it).
+        if self._fit is not None:
+            return f"ConvergenceMonitor({_status(self._fit)}, log-likelihood {self._fit.loglik:.6g})"
+        if self._runs and self._runs[-1].last is not None:
+            event = self._runs[-1].last
+            return (f"ConvergenceMonitor(restart {event.restart + 1}/{event.n_init}, iteration "
+                    f"{event.iteration}/{event.max_iter}, log-likelihood {event.loglik:.6g})")
+        return "ConvergenceMonitor(not started)"
+
+
+# -- text ------------------------------------------------------------------------------------
+def _html_line(text: str) -> str:
+    return f"<span style='font-family: monospace; white-space: pre-wrap'>{html.escape(text)}</span>"
+
+
+def _speed(elapsed: float, iterations: int) -> str:
+    return f"{elapsed / iterations:.3g} s/iteration" if iterations else "– s/iteration"
+
+
+def _iteration_text(event: IterationEvent) -> str:
+    delta = "–" if event.delta is None else f"{event.delta:+.3g}"
+    return (f"iteration {event.iteration}/{event.max_iter} · log-likelihood {event.loglik:.4f} "
+            f"(Δ {delta}) · ELBO {event.elbo:.4f} · KL gap {event.kl:.3g} · "
+            f"{_speed(event.elapsed, event.iteration)}")
+
+
+def _status(fit: Fit) -> str:
+    if fit.converged:
+        return f"converged after {iterations(fit.n_iter)}"
+    if fit.stopped:
+        return f"stopped after {iterations(fit.n_iter)}"
+    return f"not converged after {iterations(fit.n_iter)}"
+
+
+def _result_text(fit: Fit) -> str:
+    trace = fit.trace
+    elbo, kl, elapsed = (float(trace[key].values[-1]) for key in ("elbo", "kl", "time"))
+    delta = float(trace["loglik"].values[-1] - trace["loglik"].values[-2]) if fit.n_iter else None
+    change = "–" if delta is None else f"{delta:+.3g}"
+    restart = f" (restart {fit.restart + 1} of {fit.n_init})" if fit.n_init > 1 else ""
+    return (f"{_status(fit)}{restart} · log-likelihood {fit.loglik:.4f} (Δ {change}) · "
+            f"ELBO {elbo:.4f} · KL gap {kl:.3g} · {_speed(elapsed, fit.n_iter)}")
+
+
+# -- plots -----------------------------------------------------------------------------------
+class _Plots:
+    """The two panels, kept between drawings: lines get new data rather than being redrawn from scratch.
+
+    Drawing cost is mostly matplotlib's per-artist Python work, so the figure
+    holds few artists: no legend on the likelihood panel (the title explains
+    the lines), fixed title and label positions (no layout search per drawing).
+    """
+
+    def __init__(self, figsize: tuple[float, float], dpi: int) -> None:
+        self.figure = Figure(figsize=figsize, dpi=dpi)
+        self.likelihood, self.parameters = self.figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+        # the right margin holds the parameter legend, which would hide lines inside the axes
+        self.figure.subplots_adjust(left=0.09, right=0.86, bottom=0.17, top=0.88, wspace=0.25)
+        self.clear()
+
+    def clear(self) -> None:
+        self._restarts: dict[int, tuple[Any, Any]] = {}  # restart -> (staircase, ℓ) lines
+        self._parameter_lines: list[Any] = []
+        for ax in (self.likelihood, self.parameters):
+            ax.cla()
+            # tick labels are most of a drawing's cost: a few suffice
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(4))
+            ax.tick_params(labelsize=8)
+            ax.set_xlabel("iteration", fontsize=9)
+            ax.xaxis.set_label_coords(0.5, -0.12)
+        self.likelihood.set_title("log-likelihood ℓ(θ) (dots), ELBO staircase under it", fontsize=9, y=1.0, pad=4)
+        self.parameters.set_title("parameters", fontsize=9, y=1.0, pad=4)
+
+    def render(self, runs: list[_Run], tracked: _Tracked | None, chosen: int | None) -> bytes:
+        self._draw_likelihood(runs, chosen)
+        shown = next((run for run in runs if run.restart == chosen), runs[-1] if runs else None)
+        self._draw_parameters(tracked, shown)
+        buffer = io.BytesIO()
+        # compress_level 1: faster than the default and hardly bigger for line plots
+        self.figure.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})
+        return buffer.getvalue()
+
+    def _draw_likelihood(self, runs: list[_Run], chosen: int | None) -> None:
+        ax = self.likelihood
+        for run in runs:
+            if run.restart not in self._restarts:
+                color = f"C{run.restart % 10}"
+                steps, = ax.plot([], [], color=color, lw=0.8)
+                loglik, = ax.plot([], [], color=color, marker=".", ms=3)
+                self._restarts[run.restart] = (steps, loglik)
+            steps, loglik = self._restarts[run.restart]
+            steps.set_data(*run.staircase())
+            loglik.set_data(np.arange(len(run.loglik)), run.loglik)
+            emphasis = chosen is None or run.restart == chosen
+            steps.set_alpha(0.7 if emphasis else 0.25)
+            loglik.set_alpha(1.0 if emphasis else 0.35)
+            loglik.set_linewidth(1.8 if emphasis else 1.0)
+            loglik.set_marker("." if len(run.loglik) <= 60 else "")
+        ax.relim()
+        ax.autoscale_view()
+
+    def _draw_parameters(self, tracked: _Tracked | None, run: _Run | None) -> None:
+        ax = self.parameters
+        if tracked is None or run is None or not run.param_iteration:
+            return
+        if not self._parameter_lines:
+            self._parameter_lines = [ax.plot([], [], marker=".", ms=4, lw=1.2, label=label)[0]
+                                     for label in tracked.labels]
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+        values = np.asarray(run.param_values)
+        for column, line in enumerate(self._parameter_lines):
+            line.set_data(run.param_iteration, values[:, column])
+        ax.set_title(f"{tracked.title}, restart {run.restart + 1}", fontsize=9, y=1.0, pad=4)
+        ax.relim()
+        ax.autoscale_view()
