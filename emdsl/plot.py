@@ -70,8 +70,11 @@ def new_figure(figsize: tuple[float, float] = (6.4, 4.8), **kwargs: Any) -> Figu
     return _figure_class()(figsize=figsize, layout="constrained", **kwargs)
 
 
-def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
-    """The figure rendered to PNG bytes (Agg), trimmed to its content.
+def figure_png(fig: Figure, dpi: float | None = None, *, tight: bool = True) -> bytes:
+    """The figure rendered to PNG bytes (Agg), trimmed to its content when ``tight``.
+
+    ``tight=False`` skips the trimming, which draws the figure a second time; a
+    constrained-layout figure already fills its canvas.
 
     Examples
     --------
@@ -80,7 +83,7 @@ def figure_png(fig: Figure, dpi: float | None = None) -> bytes:
     b'\\x89PNG'
     """
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, bbox_inches="tight" if tight else None)
     return buffer.getvalue()
 
 
@@ -551,7 +554,9 @@ class FitPlotter:
             ax.plot(grid, parts[k], color=colors[k], lw=2, label=f"π·p(x | {labels[k]})" if self._latent
                     else "p(x)", gid=f"density-{k}", **style)
         if self._latent is not None:
-            ax.plot(grid, parts.sum(axis=0), color="k", lw=1.2, label="mixture p(x)", gid="mixture", **style)
+            # Dashed, so that a component it coincides with stays visible beneath it.
+            ax.plot(grid, parts.sum(axis=0), color="k", lw=1.2, ls=(0, (4, 3)), label="mixture p(x)",
+                    gid="mixture", **({"marker": "."} if marginal.discrete else {}))
         ax.set_xlabel(self._axis_label(ds, element))
         ax.set_ylabel("probability" if marginal.discrete else "density")
         split = f", histogram split by p({self._latent} | x)" if self._latent else ""
