@@ -1,0 +1,189 @@
+"""explore(): candidates fitted once, the slider selects a fit, BIC values, and static-HTML behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import xarray as xr  # noqa: E402
+
+import emdsl as em  # noqa: E402
+from emdsl.widgets.explore import criteria, explore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EMBED_JS = ROOT / ".cache" / "npm" / "html-manager" / "dist" / "embed.js"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def mixture(k: int) -> em.Model:
+    return em.Model().latent("z", em.Categorical(k)).observe(["eruptions", "waiting"], em.MultivariateNormal,
+                                                             name="x")
+
+
+@pytest.fixture(scope="module")
+def faithful() -> xr.Dataset:
+    return em.datasets.load("faithful")
+
+
+@pytest.fixture(scope="module")
+def explorer(faithful: xr.Dataset):
+    return explore(mixture, faithful, ks=range(1, 4), aic=True)
+
+
+def test_starts_at_the_lowest_bic_and_reports_fit_bic(explorer) -> None:
+    assert isinstance(explorer, ipywidgets.VBox)
+    fits = explorer.fits
+    assert list(fits) == [1, 2, 3]
+    bic = {k: fit.bic() for k, fit in fits.items()}
+    np.testing.assert_array_equal(explorer.criteria["bic"].values, [bic[1], bic[2], bic[3]])
+    np.testing.assert_array_equal(explorer.criteria["aic"].values, [fits[k].aic() for k in (1, 2, 3)])
+    assert explorer.best == min(bic, key=bic.get) == 2
+    assert explorer.label == 2 and explorer.fit is fits[2]
+    assert explorer.stack.selected_index == 1
+    assert all(fit.seed == 0 for fit in fits.values())  # seeded: the same widget every run
+
+
+def test_slider_changes_the_selected_fit(explorer) -> None:
+    try:
+        explorer.slider.value = 3
+        assert explorer.label == 3 and explorer.fit is explorer.fits[3]
+        assert explorer.fit.model.latent_var.family.k == 3
+        assert explorer.stack.selected_index == 2  # the picture follows in the kernel too
+        assert "K=3 selected" in repr(explorer) and f"BIC {explorer.fits[3].bic():.2f}" in repr(explorer)
+        assert explorer.select(1) is explorer.fits[1] and explorer.slider.index == 0
+        with pytest.raises(em.ModelError, match=r"no candidate 7; the candidates are \[1, 2, 3\]"):
+            explorer.select(7)
+    finally:
+        explorer.select(explorer.best)
+
+
+def test_pictures_are_linked_to_the_slider_in_the_browser(explorer) -> None:
+    assert len(explorer.images) == len(explorer.stack.children) == 3
+    pngs = [image.value for image in explorer.images]
+    assert all(png[:4] == b"\x89PNG" for png in pngs) and len(set(pngs)) == 3
+    from ipywidgets.widgets.widget_link import Link
+
+    link = explorer._link
+    assert isinstance(link, Link)  # a jslink: the browser moves the Stack itself
+    assert link.source == (explorer.slider, "index") and link.target == (explorer.stack, "selected_index")
+    assert explorer.stack.selected_index == explorer.slider.index
+
+
+def test_repr_is_deterministic_and_used_for_text_plain(explorer, faithful: xr.Dataset) -> None:
+    text = repr(explorer)
+    assert text == "explore: K=2 selected among ['K=1', 'K=2', 'K=3'], BIC 2322.19; lowest BIC: K=2"
+    assert explorer._repr_mimebundle_()["text/plain"] == text
+    again = explore({k: mixture(k) for k in (1, 2, 3)}, faithful)
+    assert repr(again) == text
+
+
+def test_fits_are_computed_once(faithful: xr.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = em.Model.fit
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.latent_var.family.k)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(em.Model, "fit", counting)
+    widget = explore([mixture(1), mixture(2)], faithful)
+    assert sorted(calls) == [1, 2]
+    widget.slider.value = 1
+    widget.slider.value = 2
+    _ = widget.fit, widget.fits, repr(widget)
+    assert sorted(calls) == [1, 2]
+
+
+def test_fits_are_used_as_given(faithful: xr.Dataset) -> None:
+    fits = [mixture(k).fit(faithful, seed=1) for k in (1, 2)]
+    widget = explore(fits)
+    assert widget.fits[1] is fits[0] and widget.fits[2] is fits[1]
+    assert widget.criteria["bic"].values.tolist() == [fits[0].bic(), fits[1].bic()]
+
+
+def test_named_candidates_and_fit_kwargs(faithful: xr.Dataset) -> None:
+    models = {"full": mixture(2), "diag": em.Model().latent("z", em.Categorical(2)).observe(
+        ["eruptions", "waiting"], em.MultivariateNormal(covariance="diag"), name="x")}
+    widget = explore(models, faithful, criterion="aic", fit_kwargs={"seed": 3, "n_init": 2})
+    assert widget.slider.description == "model"
+    assert [label for label, _ in widget.slider.options] == ["full", "diag"]
+    assert all(fit.seed == 3 and fit.n_init == 2 for fit in widget.fits.values())
+    aic = {name: fit.aic() for name, fit in widget.fits.items()}
+    assert widget.label == min(aic, key=aic.get)
+    assert "lowest AIC" in repr(widget)
+
+
+def test_criteria_dataset(faithful: xr.Dataset) -> None:
+    fit = mixture(2).fit(faithful, seed=0)
+    table = criteria({2: fit})
+    assert table["model"].values.tolist() == [2]
+    assert table["loglik"].item() == fit.loglik and table["n_params"].item() == 11
+    assert bool(table["converged"].item()) is fit.converged
+
+
+def test_loaded_fits_need_data(faithful: xr.Dataset, tmp_path: Path) -> None:
+    mixture(2).fit(faithful, seed=0).save(tmp_path / "two.nc")
+    loaded = em.load(tmp_path / "two.nc")
+    with pytest.raises(em.ModelError, match=r"holds no training data.*explore\(fits, data\)"):
+        explore([loaded])
+    widget = explore([loaded], faithful)
+    assert widget.fit is loaded
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ((mixture,), {"ks": None}, r"needs ks=\.\.\."),
+    (({1: None},), {"ks": range(2)}, "only for a function"),
+    (([mixture(2), mixture(2)],), {}, r"same number of states \[2, 2\]; pass a mapping"),
+    (([],), {}, "no candidates"),
+    (({1: "model"},), {}, "the candidate 1 is a str"),
+    ((42,), {}, "got int"),
+    (([mixture(2)],), {}, r"pass the data to fit the models to"),
+    (([mixture(2)],), {"criterion": "waic"}, "'bic' or 'aic'"),
+])
+def test_errors(args: tuple, kwargs: dict, message: str) -> None:
+    with pytest.raises(em.ModelError, match=message):
+        explore(*args, **kwargs)
+
+
+@pytest.mark.browser
+def test_static_html_switches_pictures_without_a_kernel(explorer, tmp_path: Path) -> None:
+    """Saved as a standalone page, moving the slider shows another picture (jslink, no kernel)."""
+    if not (CHROMIUM.exists() and EMBED_JS.is_file()):
+        pytest.fail(f"needs {CHROMIUM} and {EMBED_JS}; run `tools/install-test-deps.sh .venv/bin/python`",
+                    pytrace=False)
+    from ipywidgets.embed import embed_minimal_html
+    from playwright.sync_api import sync_playwright
+
+    page_path = tmp_path / "explore.html"
+    embed_minimal_html(page_path, views=[explorer], requirejs=False, embed_url=EMBED_JS.as_uri(), cors=False)
+    shown = "() => [...document.querySelectorAll('img')].filter(i => i.offsetParent !== null).map(i => i.src)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(page_path.as_uri())
+            page.wait_for_selector(".widget-readout", timeout=30_000)
+            page.wait_for_function("() => [...document.querySelectorAll('img')].some(i => i.naturalWidth > 0)")
+            before = page.evaluate(shown)
+            assert page.inner_text(".widget-readout") == "K=2" and len(before) == 1
+            page.focus(".noUi-handle")
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function(f"() => ({shown})()[0] !== {before[0]!r}".replace("'", '"'))
+            after = page.evaluate(shown)
+            assert page.inner_text(".widget-readout") == "K=3"
+            assert len(after) == 1 and after != before
+            size = page.evaluate("() => [...document.querySelectorAll('img')].filter(i => i.offsetParent)"
+                                 ".map(i => [i.naturalWidth, i.naturalHeight])[0]")
+            assert size == [800, 320]
+            assert errors == []
+        finally:
+            browser.close()
