@@ -50,8 +50,10 @@ def embed_js() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser(chromium_path: Path) -> Iterator[object]:
+    # Per test, not per session: a running sync Playwright holds an asyncio loop in the main
+    # thread, which breaks later tests that use asyncio.run or start their own Playwright.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
