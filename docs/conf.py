@@ -111,17 +111,6 @@ html_context = {"default_mode": "auto"}  # light or dark, as the reader's system
 html_show_sourcelink = False
 
 
-# -- docstrings --------------------------------------------------------------------------
-# emdsl's docstrings write absolute values as |x| (e.g. "tol · |ℓ(θ⁽ᵗ⁾)|") and use no
-# reStructuredText substitutions, which share that syntax; escape the bars so docutils
-# shows them instead of reporting an undefined substitution.
-_ABSOLUTE_VALUE = re.compile(r"(?<![\\|`])\|(?=\S)([^|`\n]*?\S)\|(?![|_`])")
-
-
-def _escape_absolute_values(app, what, name, obj, options, lines):
-    lines[:] = [_ABSOLUTE_VALUE.sub(r"\\|\1\\|", line) for line in lines]
-
-
 def _check_executed(app):
     """Warn (an error under -W) about a tutorial committed without its outputs."""
     import nbformat
@@ -139,5 +128,4 @@ def _check_executed(app):
 
 
 def setup(app):
-    app.connect("autodoc-process-docstring", _escape_absolute_values)
     app.connect("builder-inited", _check_executed)

@@ -205,7 +205,7 @@ class Model:
         max_iter : int, default 1000
             Number of M-steps at most: the trace holds ℓ(θ⁽⁰⁾) … ℓ(θ⁽ⁿ⁾).
         tol : float, default 1e-8
-            Stop when ℓ(θ⁽ᵗ⁾) − ℓ(θ⁽ᵗ⁻¹⁾) ≤ tol · |ℓ(θ⁽ᵗ⁾)|. ``tol=0`` turns the test
+            Stop when ``ℓ(θ⁽ᵗ⁾) − ℓ(θ⁽ᵗ⁻¹⁾) ≤ tol · abs(ℓ(θ⁽ᵗ⁾))``. ``tol=0`` turns the test
             off and runs exactly ``max_iter`` iterations.
         seed : int, optional
             Seed of every random choice (initialisation, restarts). When None, a

@@ -16,6 +16,7 @@ location-scale family (``standardize = True``) sees centred and scaled data, and
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -53,12 +54,14 @@ class Family:
         raise NotImplementedError
 
     def __repr__(self) -> str:
+        signature = inspect.signature(type(self).__init__).parameters
         shown = []
         for key, value in self.arguments().items():
-            if value is None:
+            default = signature[key].default
+            if default is not inspect.Parameter.empty and _same_value(value, default):
                 continue
-            text = repr(value) if np.ndim(value) == 0 else f"<{np.shape(value)} array>"
-            shown.append(f"{key}={text}" if key != "k" else text)
+            text = _short(value)
+            shown.append(text if default is inspect.Parameter.empty else f"{key}={text}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
     def __eq__(self, other: object) -> bool:
@@ -195,11 +198,20 @@ def safe_counts(nk: np.ndarray) -> np.ndarray:
     return np.where(empty_components(nk), 1.0, nk)
 
 
+def _short(value: Any) -> str:
+    """A constructor argument as shown in a repr: scalars and short lists in full, arrays by shape."""
+    if isinstance(value, str) or np.ndim(value) == 0:
+        return repr(value)
+    if isinstance(value, list | tuple) and len(value) <= 8 and all(np.ndim(v) == 0 for v in value):
+        return repr(list(value))
+    return f"<{np.shape(value)} array>"
+
+
 def _same_value(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is b
     if isinstance(a, str) or isinstance(b, str):
-        return a == b
+        return isinstance(a, str) and isinstance(b, str) and a == b
     try:
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))
     except (TypeError, ValueError):

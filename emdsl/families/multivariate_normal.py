@@ -103,19 +103,6 @@ class MultivariateNormal(ObservedFamily):
         covariance = self.covariance_type if self._covariance is None else self._covariance
         return {"dim": self.dim, "covariance": covariance, "mean": self._mean, "floor": self.floor}
 
-    def __repr__(self) -> str:
-        parts = [] if self.dim is None else [f"dim={self.dim!r}"]
-        if self._covariance is None:
-            if self.covariance_type != "full":
-                parts.append(f"covariance={self.covariance_type!r}")
-        else:
-            parts.append(f"covariance=<fixed {self.covariance_type} {np.shape(self._covariance)}>")
-        if self._mean is not None:
-            parts.append(f"mean=<{np.shape(self._mean)} array>")
-        if self.floor != 1e-6:
-            parts.append(f"floor={self.floor!r}")
-        return f"MultivariateNormal({', '.join(parts)})"
-
     @property
     def fixed(self) -> dict[str, Any]:
         held = {"mean": self._mean, "covariance": self._covariance}

@@ -105,14 +105,6 @@ class Normal(ObservedFamily):
         return {"tied": self.tied, "mean": self._mean, "variance": self._variance,
                 "floor": self.floor}
 
-    def __repr__(self) -> str:
-        shown = {"tied": self.tied, "mean": self._mean, "variance": self._variance}
-        if self.floor != 1e-6:
-            shown["floor"] = self.floor
-        parts = [f"{k}={v!r}" if np.ndim(v) == 0 else f"{k}=<{np.shape(v)} array>"
-                 for k, v in shown.items() if v is not None]
-        return f"Normal({', '.join(parts)})"
-
     def param_axes(self) -> dict[str, Axes]:
         variance: Axes = ("event",) if self.tied == "variance" else ("latent", "event")
         return {"mean": ("latent", "event"), "variance": variance}

@@ -41,3 +41,11 @@ def test_zero_weight_gives_finite_log_weight():
 def test_bad_arguments(args, match):
     with pytest.raises(ModelError, match=match):
         em.Categorical(*args)
+
+
+def test_repr_shows_what_was_declared():
+    assert repr(em.Categorical(3)) == "Categorical(3)"
+    assert repr(em.Categorical(["calm", "storm"])) == "Categorical(['calm', 'storm'])"
+    assert repr(em.Categorical(2, probs=[0.5, 0.5])) == "Categorical(2, probs=[0.5, 0.5])"
+    assert repr(em.Normal(tied="variance")) == "Normal(tied='variance')"
+    assert repr(em.MultivariateNormal(covariance="diag")) == "MultivariateNormal(covariance='diag')"
