@@ -17,7 +17,6 @@ Build with ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
