@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -151,6 +154,38 @@ def test_errors(args: tuple, kwargs: dict, message: str) -> None:
         explore(*args, **kwargs)
 
 
+# Run in a child process: Playwright's sync API refuses to start while another sync
+# session (the session-wide browser of tests/browser) is open in this process.
+_DRIVE_PAGE = """
+import json, sys
+from playwright.sync_api import sync_playwright
+page_uri, chromium = sys.argv[1], sys.argv[2]
+shown = "() => [...document.querySelectorAll('img')].filter(i => i.offsetParent !== null).map(i => i.src)"
+size = ("() => [...document.querySelectorAll('img')].filter(i => i.offsetParent !== null)"
+        ".map(i => [i.naturalWidth, i.naturalHeight])")
+out = {}
+with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(page_uri)
+    page.wait_for_selector(".widget-readout", timeout=30000)
+    page.wait_for_function("() => [...document.querySelectorAll('img')].some(i => i.naturalWidth > 0)")
+    out["before"], out["readout_before"] = page.evaluate(shown), page.inner_text(".widget-readout")
+    page.focus(".noUi-handle")
+    page.keyboard.press("ArrowRight")
+    try:
+        page.wait_for_function("old => (" + shown + ")()[0] !== old", arg=out["before"][0], timeout=10000)
+    except Exception as error:
+        out["timeout"] = str(error).splitlines()[0]
+    out["after"], out["readout_after"] = page.evaluate(shown), page.inner_text(".widget-readout")
+    out["size"], out["errors"] = page.evaluate(size), errors
+    browser.close()
+print(json.dumps(out))
+"""
+
+
 @pytest.mark.browser
 def test_static_html_switches_pictures_without_a_kernel(explorer, tmp_path: Path) -> None:
     """Saved as a standalone page, moving the slider shows another picture (jslink, no kernel)."""
@@ -158,32 +193,18 @@ def test_static_html_switches_pictures_without_a_kernel(explorer, tmp_path: Path
         pytest.fail(f"needs {CHROMIUM} and {EMBED_JS}; run `tools/install-test-deps.sh .venv/bin/python`",
                     pytrace=False)
     from ipywidgets.embed import embed_minimal_html
-    from playwright.sync_api import sync_playwright
 
     page_path = tmp_path / "explore.html"
     embed_minimal_html(page_path, views=[explorer], requirejs=False, embed_url=EMBED_JS.as_uri(), cors=False)
-    shown = "() => [...document.querySelectorAll('img')].filter(i => i.offsetParent !== null).map(i => i.src)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(page_path.as_uri())
-            page.wait_for_selector(".widget-readout", timeout=30_000)
-            page.wait_for_function("() => [...document.querySelectorAll('img')].some(i => i.naturalWidth > 0)")
-            before = page.evaluate(shown)
-            assert page.inner_text(".widget-readout") == "K=2" and len(before) == 1
-            page.focus(".noUi-handle")
-            page.keyboard.press("ArrowRight")
-            page.wait_for_function(f"() => ({shown})()[0] !== {before[0]!r}".replace("'", '"'))
-            after = page.evaluate(shown)
-            assert page.inner_text(".widget-readout") == "K=3"
-            assert len(after) == 1 and after != before
-            size = page.evaluate("() => [...document.querySelectorAll('img')].filter(i => i.offsetParent)"
-                                 ".map(i => [i.naturalWidth, i.naturalHeight])[0]")
-            assert size == [800, 320]
-            assert errors == []
-        finally:
-            browser.close()
+    script = tmp_path / "drive.py"
+    script.write_text(_DRIVE_PAGE)
+    done = subprocess.run([sys.executable, str(script), page_path.as_uri(), str(CHROMIUM)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["readout_before"] == "K=2" and len(seen["before"]) == 1
+    assert "timeout" not in seen, seen["timeout"]
+    assert seen["readout_after"] == "K=3"
+    assert len(seen["after"]) == 1 and seen["after"] != seen["before"]
+    assert seen["size"] == [[800, 320]]
+    assert seen["errors"] == []
