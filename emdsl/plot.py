@@ -276,8 +276,7 @@ class FitPlotter:
             from emdsl.labels import as_dataset
 
             return as_dataset(data)
-        # The fit keeps its training data privately; plots read it (results own it).
-        held = getattr(self._fit, "_data", None)
+        held = self._fit.data
         if held is None:
             raise ModelError(f"plot.{what}: this fit holds no training data (it was loaded from a file); "
                              f"pass the data to plot: fit.plot.{what}(data=ds)")

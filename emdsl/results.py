@@ -119,6 +119,11 @@ class Fit:
         """Number of restarts that ran."""
         return int(np.unique(self.traces["restart"].values).size)
 
+    @property
+    def data(self) -> xr.Dataset | None:
+        """The training data (a reference, not a copy); None for a fit loaded from a file."""
+        return self._data
+
     @cached_property
     def posterior(self) -> xr.DataArray:
         """p(latent | x) for each training sample: DataArray (sample, latent)."""

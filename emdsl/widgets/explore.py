@@ -146,7 +146,7 @@ def _fit_all(candidates: list[tuple[Hashable, Model | Fit]], data: Any,
     fits: dict[Hashable, Fit] = {}
     for label, candidate in candidates:
         if isinstance(candidate, Fit):
-            if data is None and getattr(candidate, "_data", None) is None:
+            if data is None and candidate.data is None:
                 raise ModelError(f"explore: the fit {label!r} holds no training data (it was loaded from a "
                                  "file); pass the data to plot: explore(fits, data)")
             fits[label] = candidate
