@@ -105,11 +105,13 @@ class ConvergenceMonitor(widgets.VBox, Callback):
     The Stop button ends the fit after the current iteration; the fit then
     returns the best parameters so far, marked ``stopped`` and not converged.
 
-    Drawing is throttled: the numbers at most every ``mininterval`` seconds; the
-    plot (about 50 ms a drawing) only when the monitor's time so far, this
-    drawing and the final one stay within ``max_overhead`` of the fit's time —
-    so a fit of a few seconds gets its plot at the end, a long one every few
-    seconds — and always once at the end.
+    Drawing is throttled: the numbers (and the parameters, which
+    ``event.params`` labels at some cost) at most every ``mininterval``
+    seconds, so a fit of a fraction of a second shows its parameters at the
+    first and last iteration only; the plot (40–80 ms a drawing) only when the
+    monitor's time so far, this drawing and the final one stay within
+    ``max_overhead`` of the fit's time — a fit of a few seconds gets its plot at
+    the end, a long one every few seconds — and always once at the end.
 
     Parameters
     ----------
@@ -367,7 +369,7 @@ class _Plots:
             ax.tick_params(labelsize=8)
             ax.set_xlabel("iteration", fontsize=9)
             ax.xaxis.set_label_coords(0.5, -0.12)
-        self.likelihood.set_title("log-likelihood ℓ(θ) (dots), ELBO staircase under it", fontsize=9, y=1.0, pad=4)
+        self.likelihood.set_title("log-likelihood ℓ(θ) (thick), ELBO staircase under it", fontsize=9, y=1.0, pad=4)
         self.parameters.set_title("parameters", fontsize=9, y=1.0, pad=4)
 
     def render(self, runs: list[_Run], tracked: _Tracked | None, chosen: int | None) -> bytes:
