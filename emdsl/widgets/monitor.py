@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from emdsl.engine.events import Callback, FitInfo, IterationEvent
 from emdsl.widgets._poll import CommPoller
-from emdsl.widgets.text import iterations
+from emdsl.widgets.text import status
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -286,7 +286,7 @@ class ConvergenceMonitor(widgets.VBox, Callback):
         return self._plots.render(self._runs, self._tracked, chosen)
 
     def _show_result(self, fit: Fit) -> None:
-        if fit.converged:
+        if fit.converged and not fit.stopped:
             self.progress.value = self.progress.max
             self.progress.bar_style = "success"
         else:
@@ -300,7 +300,7 @@ class ConvergenceMonitor(widgets.VBox, Callback):
     def __repr__(self) -> str:
         # Only counts and a rounded ℓ: the same fit gives the same text (nbval compares it).
         if self._fit is not None:
-            return f"ConvergenceMonitor({_status(self._fit)}, log-likelihood {self._fit.loglik:.6g})"
+            return f"ConvergenceMonitor({status(self._fit)}, log-likelihood {self._fit.loglik:.6g})"
         if self._runs and self._runs[-1].last is not None:
             event = self._runs[-1].last
             return (f"ConvergenceMonitor(restart {event.restart + 1}/{event.n_init}, iteration "
@@ -324,21 +324,13 @@ def _iteration_text(event: IterationEvent) -> str:
             f"{_speed(event.elapsed, event.iteration)}")
 
 
-def _status(fit: Fit) -> str:
-    if fit.converged:
-        return f"converged after {iterations(fit.n_iter)}"
-    if fit.stopped:
-        return f"stopped after {iterations(fit.n_iter)}"
-    return f"not converged after {iterations(fit.n_iter)}"
-
-
 def _result_text(fit: Fit) -> str:
     trace = fit.trace
     elbo, kl, elapsed = (float(trace[key].values[-1]) for key in ("elbo", "kl", "time"))
     delta = float(trace["loglik"].values[-1] - trace["loglik"].values[-2]) if fit.n_iter else None
     change = "–" if delta is None else f"{delta:+.3g}"
     restart = f" (restart {fit.restart + 1} of {fit.n_init})" if fit.n_init > 1 else ""
-    return (f"{_status(fit)}{restart} · log-likelihood {fit.loglik:.4f} (Δ {change}) · "
+    return (f"{status(fit)}{restart} · log-likelihood {fit.loglik:.4f} (Δ {change}) · "
             f"ELBO {elbo:.4f} · KL gap {kl:.3g} · {_speed(elapsed, fit.n_iter)}")
 
 

@@ -62,8 +62,7 @@ class TextMonitor(Callback):
         self._line_open = not last_of_restart
 
     def on_fit_end(self, fit: Fit) -> None:
-        status = "converged" if fit.converged else ("stopped" if fit.stopped else "not converged")
-        self._write(("\n" if self._line_open else "") + f"{status} after {iterations(fit.n_iter)}: "
+        self._write(("\n" if self._line_open else "") + f"{status(fit)}: "
                     f"log-likelihood {fit.loglik:.8g} (restart {fit.restart + 1} of {fit.n_init})\n")
         self._line_open = False
 
@@ -87,3 +86,15 @@ def _line(event: IterationEvent) -> str:
 def iterations(n: int) -> str:
     """``"1 iteration"``, ``"6 iterations"``."""
     return f"{n} iteration" if n == 1 else f"{n} iterations"
+
+
+def status(fit: Fit) -> str:
+    """How the fit ended, e.g. ``"converged after 6 iterations"`` or ``"stopped after 3 iterations"``."""
+    n = iterations(fit.n_iter)
+    if fit.stopped and fit.converged:  # Stop came in a later restart; the kept one had converged
+        return f"stopped; the kept restart converged after {n}"
+    if fit.converged:
+        return f"converged after {n}"
+    if fit.stopped:
+        return f"stopped after {n}"
+    return f"not converged after {n}"
