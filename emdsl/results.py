@@ -355,10 +355,12 @@ def fit_model(
                                tol=tol, callbacks=callbacks, stop=stop, label_params=label_params))
     best = int(np.argmax([run.final for run in runs]))
     chosen = runs[best]
+    # A stopped fit did not finish what was asked (DESIGN.md §3), even when the restart it
+    # keeps had converged: it is marked not converged; traces.attrs keep each restart's state.
+    stopped = any(run.stopped for run in runs)
     fit = Fit(model, label_params(chosen.theta), _units_tree(plan), _traces(runs), restart=best,
-              converged=chosen.converged, loglik=chosen.final, n_params=plan.n_free_params(),
-              n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed,
-              stopped=any(run.stopped for run in runs), data=ds)
+              converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
+              n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds)
     if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
         change = chosen.loglik[-1] - chosen.loglik[-2] if chosen.n_iter else float("nan")
         warnings.warn(f"EM did not converge in max_iter={max_iter} iterations: the last change of the "

@@ -291,3 +291,14 @@ def test_reprs(faithful, faithful_model):
     fit = faithful_model.fit(faithful, seed=0)
     assert "converged" in repr(fit) and f"{fit.loglik:.6g}" in repr(fit)
     assert "<table" in fit._repr_html_()
+
+
+def test_a_stop_in_a_later_restart_marks_the_fit_not_converged(faithful, faithful_model):
+    def stop_in_second_restart(event):
+        if event.restart == 1 and event.iteration == 2:
+            event.request_stop()
+
+    fit = faithful_model.fit(faithful, callbacks=[stop_in_second_restart], n_init=3, seed=0)
+    assert fit.stopped and not fit.converged
+    assert fit.n_init == 2
+    assert fit.traces.attrs["converged"].split(",")[0] == "1"

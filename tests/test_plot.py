@@ -66,7 +66,7 @@ def mahalanobis_on_boundary(ellipse: Ellipse, mean: np.ndarray, cov: np.ndarray)
 
 # -- import cost and display ---------------------------------------------------------------
 def test_import_emdsl_loads_neither_matplotlib_nor_ipywidgets() -> None:
-    code = ("import sys, emdsl, emdsl.plot, emdsl._html, emdsl.widgets.explore; "
+    code = ("import sys, emdsl, emdsl.plot, emdsl._html, emdsl.widgets._explore; "
             "print('matplotlib' in sys.modules, 'ipywidgets' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

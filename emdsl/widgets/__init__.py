@@ -14,13 +14,13 @@ from emdsl.engine.events import Callback
 from emdsl.widgets.text import TextMonitor
 
 if TYPE_CHECKING:
-    from emdsl.widgets.explore import explore
+    from emdsl.widgets._explore import explore
     from emdsl.widgets.monitor import ConvergenceMonitor
 
 __all__ = ["ConvergenceMonitor", "TextMonitor", "auto_monitor", "explore"]
 
 #: public names whose modules need ipywidgets or matplotlib, loaded on first access
-_LAZY = {"ConvergenceMonitor": "emdsl.widgets.monitor", "explore": "emdsl.widgets.explore"}
+_LAZY = {"ConvergenceMonitor": "emdsl.widgets.monitor", "explore": "emdsl.widgets._explore"}
 
 
 def __getattr__(name: str) -> Any:

@@ -286,7 +286,7 @@ class ConvergenceMonitor(widgets.VBox, Callback):
         return self._plots.render(self._runs, self._tracked, chosen)
 
     def _show_result(self, fit: Fit) -> None:
-        if fit.converged and not fit.stopped:
+        if fit.converged:
             self.progress.value = self.progress.max
             self.progress.bar_style = "success"
         else:

@@ -91,8 +91,6 @@ def iterations(n: int) -> str:
 def status(fit: Fit) -> str:
     """How the fit ended, e.g. ``"converged after 6 iterations"`` or ``"stopped after 3 iterations"``."""
     n = iterations(fit.n_iter)
-    if fit.stopped and fit.converged:  # Stop came in a later restart; the kept one had converged
-        return f"stopped; the kept restart converged after {n}"
     if fit.converged:
         return f"converged after {n}"
     if fit.stopped:

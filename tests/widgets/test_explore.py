@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import xarray as xr  # noqa: E402
 
 import emdsl as em  # noqa: E402
-from emdsl.widgets.explore import criteria, explore  # noqa: E402
+from emdsl.widgets._explore import criteria, explore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBED_JS = ROOT / ".cache" / "npm" / "html-manager" / "dist" / "embed.js"

@@ -39,3 +39,11 @@ def test_convergence_monitor_imports_them_on_first_use() -> None:
         print(all(m in sys.modules for m in ('ipywidgets', 'matplotlib')), 'matplotlib.pyplot' in sys.modules)
     """)
     assert out.split() == ["True", "False"]  # and never pyplot (global state, inline display)
+
+
+def test_explore_stays_the_function_after_its_module_loads():
+    import emdsl as em
+
+    first = em.widgets.explore
+    second = em.widgets.explore
+    assert callable(first) and first is second and first.__name__ == "explore"

@@ -89,7 +89,7 @@ def explore(
     Examples
     --------
     >>> import emdsl as em
-    >>> from emdsl.widgets.explore import explore
+    >>> from emdsl.widgets import explore
     >>> ds = em.datasets.load("faithful")
     >>> widget = explore(lambda k: em.Model().latent("z", em.Categorical(k)).observe(
     ...     ["eruptions", "waiting"], em.MultivariateNormal, name="x"), ds, ks=range(1, 4))
@@ -163,7 +163,7 @@ def criteria(fits: Mapping[Hashable, Fit]) -> xr.Dataset:
     Examples
     --------
     >>> import emdsl as em
-    >>> from emdsl.widgets.explore import criteria
+    >>> from emdsl.widgets._explore import criteria
     >>> fit = em.Model().observe("waiting", em.Normal).fit(em.datasets.load("faithful"))
     >>> criteria({1: fit})["bic"].round(2).values.tolist()
     [2201.79]
@@ -315,7 +315,7 @@ def _explorer_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    # The widget class exists once ipywidgets is imported; reach it as emdsl.widgets.explore.Explorer.
+    # The widget class exists once ipywidgets is imported; reach it as emdsl.widgets._explore.Explorer.
     if name == "Explorer":
         return _explorer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
