@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 OPTIONS: dict[str, Any] = {
-    "n_threads": None,  # worker threads over blocks; None: one per CPU
+    "n_threads": None,  # worker threads over blocks; None: one per CPU when the work per row pays for it
     "block_rows": None,  # rows per block; None: chosen from the number of statistics
 }
 
@@ -16,10 +16,12 @@ class set_options:  # noqa: N801 (used like a function, as in xarray)
     Parameters
     ----------
     n_threads : int, optional
-        Worker threads that share the blocks of an E-step (default: one per CPU).
+        Worker threads that share the blocks of an E-step (default: one per CPU,
+        or one when each row carries little work, S·K < 64, where threads cost more
+        than they save).
     block_rows : int, optional
         Samples per block; memory added by a fit grows with it (default: chosen so
-        a block's statistics stay around 1 MB).
+        that one worker's block of statistics fits in 16 MB).
 
     Examples
     --------

@@ -381,13 +381,10 @@ def _check_settings(n_init: int, max_iter: int, tol: float) -> None:
 
 @contextlib.contextmanager
 def _engine(plan: Plan) -> Iterator[EStep]:
-    """An E-step runner with BLAS held to one thread while worker threads share the blocks."""
-    with EStep(plan) as estep:
-        if estep.n_workers > 1:
-            with threadpool_limits(limits=1, user_api="blas"):
-                yield estep
-        else:
-            yield estep
+    """An E-step runner with BLAS held to one thread: our own workers share the blocks, and
+    the products are too small (K × S per block) for BLAS's threads to pay for themselves."""
+    with EStep(plan) as estep, threadpool_limits(limits=1, user_api="blas"):
+        yield estep
 
 
 def _labeller(plan: Plan) -> Callable[[Theta], xr.DataTree]:
