@@ -58,11 +58,6 @@ def checked(markup: str) -> TagChecker:
 
 
 @pytest.fixture(scope="module")
-def faithful() -> xr.Dataset:
-    return em.datasets.load("faithful")
-
-
-@pytest.fixture(scope="module")
 def fit(faithful: xr.Dataset) -> em.Fit:
     model = em.Model().latent("z", em.Categorical(2)).observe(
         ["eruptions", "waiting"], em.MultivariateNormal, name="x")

@@ -22,11 +22,6 @@ from emdsl.plot import Marginal  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def faithful() -> xr.Dataset:
-    return em.datasets.load("faithful")
-
-
-@pytest.fixture(scope="module")
 def fit2d(faithful: xr.Dataset) -> em.Fit:
     model = em.Model().latent("z", em.Categorical(2)).observe(
         ["eruptions", "waiting"], em.MultivariateNormal, name="x")

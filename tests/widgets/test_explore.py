@@ -30,11 +30,6 @@ def mixture(k: int) -> em.Model:
 
 
 @pytest.fixture(scope="module")
-def faithful() -> xr.Dataset:
-    return em.datasets.load("faithful")
-
-
-@pytest.fixture(scope="module")
 def explorer(faithful: xr.Dataset):
     return explore(mixture, faithful, ks=range(1, 4), aic=True)
 
