@@ -361,7 +361,9 @@ class _Plots:
             ax.tick_params(labelsize=8)
             ax.set_xlabel("iteration", fontsize=9)
             ax.xaxis.set_label_coords(0.5, -0.12)
-        self.likelihood.set_title("log-likelihood ℓ(θ) (thick), ELBO staircase under it", fontsize=9, y=1.0, pad=4)
+        # right-aligned: the y offset text (e.g. "1e6" for large ℓ) sits top-left
+        self.likelihood.set_title("log-likelihood ℓ(θ) (thick), ELBO staircase under it", fontsize=9, y=1.0,
+                                  pad=4, loc="right")
         self.parameters.set_title("parameters", fontsize=9, y=1.0, pad=4)
 
     def render(self, runs: list[_Run], tracked: _Tracked | None, chosen: int | None) -> bytes:
