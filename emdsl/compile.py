@@ -103,11 +103,6 @@ class Plan:
         """Rows of Φ: the constant row plus every node's statistics."""
         return 1 + sum(node.n_stats for node in self.nodes)
 
-    @property
-    def standardization(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{node: (center, scale)}``: the units the engine works in."""
-        return {node.name: (node.center, node.scale) for node in self.nodes}
-
     def read(self, start: int, stop: int, out: np.ndarray) -> None:
         """Fill Φ (n_stats × n) for samples [start, stop)."""
         out[0] = 1.0

@@ -168,22 +168,3 @@ def states_array(plan: Plan, values: np.ndarray, name: str) -> xr.DataArray:
 def samples_array(plan: Plan, values: np.ndarray, name: str) -> xr.DataArray:
     """(sample,) array of per-sample values, labelled."""
     return xr.DataArray(values, dims=(plan.sample_dim,), coords=plan.sample_coords, name=name)
-
-
-def sample_dataset(plan: Plan, draws: Mapping[str, np.ndarray], states: np.ndarray | None) -> xr.Dataset:
-    """Simulated data shaped like the data the plan was compiled from (n samples)."""
-    n = len(states) if states is not None else len(next(iter(draws.values())))
-    out = xr.Dataset()
-    for node in plan.nodes:
-        values = draws[node.name]
-        if node.stacked:
-            for d, variable in enumerate(node.variables):
-                out[variable] = ((plan.sample_dim,), values[:, d])
-        else:
-            out[node.variables[0]] = xr.DataArray(
-                values.reshape((n, *node.event_shape)), dims=(plan.sample_dim, *node.event_dims),
-                coords=node.event_coords)
-    if states is not None and plan.latent is not None:
-        labels = np.asarray(plan.latent.family.states, dtype=object)[states]
-        out = out.assign_coords({plan.latent.name: ((plan.sample_dim,), labels.tolist())})
-    return out

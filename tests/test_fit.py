@@ -189,7 +189,7 @@ def test_save_load_round_trip(tmp_path, faithful):
     xr.testing.assert_identical(back.score_samples(faithful), fit.score_samples(faithful))
     xr.testing.assert_identical(back.sample(50, seed=2), fit.sample(50, seed=2))
     with pytest.raises(em.ModelError, match="predict_proba"):
-        back.posterior
+        _ = back.posterior
 
 
 def test_model_with_fixed_arrays_round_trips_through_json(tmp_path, faithful):

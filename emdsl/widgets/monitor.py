@@ -86,7 +86,7 @@ def _tracked_parameter(info: FitInfo, tree: xr.DataTree) -> _Tracked | None:
     da = node_ds[key]
     labels = []
     for index in np.ndindex(da.shape):
-        parts = [str(da[d].values[i]) if d in da.coords else str(i) for d, i in zip(da.dims, index)]
+        parts = [str(da[d].values[i]) if d in da.coords else str(i) for d, i in zip(da.dims, index, strict=True)]
         labels.append(f"{key}[{', '.join(parts)}]" if parts else key)
     return _Tracked(f"{node}.{key}", node, key, tuple(labels[:MAX_PARAMETER_LINES]))
 
