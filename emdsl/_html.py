@@ -142,10 +142,6 @@ def model_card(model: Model) -> str:
 
 
 # -- Fit --------------------------------------------------------------------------------
-def _status(fit: Fit) -> str:
-    return "converged" if fit.converged else ("stopped" if fit.stopped else "not converged")
-
-
 def sparkline(values: Sequence[float] | np.ndarray, width: int = 180, height: int = 36,
               label: str = "log-likelihood per iteration") -> str:
     """An inline SVG line of ``values`` (no matplotlib); empty when there is nothing to draw.
@@ -182,7 +178,7 @@ def _stat(value: float) -> str:
 
 
 def _summary(fit: Fit) -> str:
-    status = _status(fit)
+    status = fit.status
     badge = f"<span style='{_BADGE}{_STATUS_COLOURS[status]}'>{_e(status)}</span>"
     restarts = f", restart {fit.restart + 1} of {fit.n_init} (best)" if fit.n_init > 1 else ""
     items = [

@@ -24,8 +24,8 @@ from emdsl.errors import ModelError
 from emdsl.families._base import LatentFamily, ObservedFamily, Params
 from emdsl.model import Model, Observed
 
-#: rows per block when scanning data for validation
-_SCAN_ROWS = 65536
+#: rows per block when scanning data outside EM iterations (validation, units, log h, seeding)
+SCAN_ROWS = 65536
 
 
 @dataclasses.dataclass(eq=False)
@@ -123,7 +123,7 @@ class Plan:
     @cached_property
     def log_base_total(self) -> float:
         """Σ_n Σ_v log h_v(x_n): constant over iterations, so computed once."""
-        return float(sum(self.log_base_measure(a, b).sum() for a, b in blocks(self.n_samples, _SCAN_ROWS)))
+        return float(sum(self.log_base_measure(a, b).sum() for a, b in blocks(self.n_samples, SCAN_ROWS)))
 
     def n_free_params(self) -> int:
         """Number of learned scalars, for BIC and AIC."""
@@ -256,7 +256,7 @@ def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable) -> None:
     """Reject NaN, ±inf and values outside the family's support, naming where they are."""
     for variable, source in zip(node.variables if node.stacked else node.variables[:1], node.sources,
                                 strict=True):
-        for start, stop in blocks(len(source), _SCAN_ROWS):
+        for start, stop in blocks(len(source), SCAN_ROWS):
             block = source[start:stop]
             if source.dtype.kind == "f" and not np.isfinite(block).all():
                 _report_non_finite(node, ds[variable], sample_dim)
@@ -281,14 +281,14 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
     if not node.family.standardize:
         return np.zeros(node.D), np.ones(node.D)
     n = len(node.sources[0])
-    center = np.concatenate([sum(s[a:b].sum(axis=0, dtype=float) for a, b in blocks(n, _SCAN_ROWS))
+    center = np.concatenate([sum(s[a:b].sum(axis=0, dtype=float) for a, b in blocks(n, SCAN_ROWS))
                              for s in node.sources]) / n
     spread = np.zeros(node.D)
     row = 0
     for source in node.sources:
         width = source.shape[1]
         mean = center[row:row + width]
-        for a, b in blocks(n, _SCAN_ROWS):
+        for a, b in blocks(n, SCAN_ROWS):
             spread[row:row + width] += ((source[a:b] - mean) ** 2).sum(axis=0)
         row += width
     variance = spread / n

@@ -351,7 +351,7 @@ class FitPlotter:
             main, kl_ax = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
             kl_ax.set_xlabel("iteration")
         main.xaxis.set_major_locator(MaxNLocator(integer=True))
-        status = "converged" if self._fit.converged else ("stopped" if self._fit.stopped else "not converged")
+        status = self._fit.status
         main.set_title(f"EM: {status} after {self._fit.n_iter} iterations")
         main.set_ylabel("log-likelihood")
         if kl_ax is None or ax is not None:

@@ -15,7 +15,7 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from emdsl import labels
-from emdsl.compile import Plan, blocks, compile_plan, start_values
+from emdsl.compile import SCAN_ROWS, Plan, blocks, compile_plan, start_values
 from emdsl.engine.estep import EStep
 from emdsl.engine.events import FitInfo, dispatch
 from emdsl.engine.init import initial_theta
@@ -115,6 +115,11 @@ class Fit:
         return int(self.trace.sizes["iteration"] - 1)
 
     @property
+    def status(self) -> str:
+        """How the fit ended: ``"converged"``, ``"stopped"`` (by a callback or an interrupt) or ``"not converged"``."""
+        return "converged" if self.converged else ("stopped" if self.stopped else "not converged")
+
+    @property
     def n_init(self) -> int:
         """Number of restarts that ran."""
         return int(np.unique(self.traces["restart"].values).size)
@@ -184,7 +189,7 @@ class Fit:
         out = np.empty(plan.n_samples)
         with _engine(plan) as estep:
             estep.evaluate(H, loglik_out=out)
-        for start, stop in blocks(plan.n_samples, 65536):
+        for start, stop in blocks(plan.n_samples, SCAN_ROWS):
             out[start:stop] += plan.log_base_measure(start, stop)
         return labels.samples_array(plan, out, "log_likelihood")
 
@@ -292,8 +297,7 @@ class Fit:
         return FitPlotter(self)
 
     def __repr__(self) -> str:
-        status = "converged" if self.converged else ("stopped" if self.stopped else "not converged")
-        lines = [f"Fit: {status} after {self.n_iter} iterations (restart {self.restart + 1} of {self.n_init}), "
+        lines = [f"Fit: {self.status} after {self.n_iter} iterations (restart {self.restart + 1} of {self.n_init}), "
                  f"log-likelihood {self.loglik:.6g}, BIC {self.bic():.6g}, {self.n_samples} samples"]
         for name, node in self.params.children.items():
             for key, da in node.to_dataset().data_vars.items():

@@ -12,7 +12,7 @@ from scipy.cluster.vq import kmeans2, vq
 
 from emdsl import compile as compile_
 from emdsl import labels
-from emdsl.compile import Plan, blocks
+from emdsl.compile import SCAN_ROWS, Plan, blocks
 from emdsl.engine.estep import EStep, Summary
 from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
 from emdsl.errors import DegenerateComponentWarning, ModelError
@@ -75,7 +75,7 @@ def _continuous(plan: Plan, nodes: list | None = None) -> np.ndarray | None:
     if not chosen:
         return None
     z = np.empty((sum(node.D for node in chosen), plan.n_samples))
-    for start, stop in blocks(plan.n_samples, 65536):
+    for start, stop in blocks(plan.n_samples, SCAN_ROWS):
         row = 0
         for node in chosen:
             node.read(start, stop, z[row:row + node.D, start:stop])

@@ -90,9 +90,4 @@ def iterations(n: int) -> str:
 
 def status(fit: Fit) -> str:
     """How the fit ended, e.g. ``"converged after 6 iterations"`` or ``"stopped after 3 iterations"``."""
-    n = iterations(fit.n_iter)
-    if fit.converged:
-        return f"converged after {n}"
-    if fit.stopped:
-        return f"stopped after {n}"
-    return f"not converged after {n}"
+    return f"{fit.status} after {iterations(fit.n_iter)}"
