@@ -5,10 +5,11 @@ import itertools
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as hs
 
 import emdsl as em
+from emdsl.engine.loop import MONOTONE_RTOL
 from tests.conftest import blobs
 
 FAMILIES = {
@@ -22,16 +23,18 @@ FAMILIES = {
 
 
 def check_trace(fit):
+    """EM's guarantee, with the slack the engine's own run-time check allows (rounding near ℓ = 0)."""
     loglik, elbo, kl = (fit.traces[v].values for v in ("loglik", "elbo", "kl"))
-    for restart in np.unique(fit.traces["restart"].values):
-        mine = fit.traces["restart"].values == restart
-        steps = np.diff(loglik[mine])
-        assert np.all(steps >= -1e-9 * np.abs(loglik[mine][1:])), steps.min()
+    slack = MONOTONE_RTOL * np.maximum(np.abs(loglik), 1.0)
+    restart, iteration = fit.traces["restart"].values, fit.traces["iteration"].values
+    for r in np.unique(restart):
+        mine = restart == r
+        assert np.all(np.diff(loglik[mine]) >= -slack[mine][1:]), np.diff(loglik[mine]).min()
     np.testing.assert_allclose(loglik, elbo + kl, rtol=1e-12)
-    assert np.all(kl >= -1e-9 * np.abs(loglik))
+    assert np.all(kl >= -slack), kl.min()
     # the M-step raises the ELBO above the previous log-likelihood (the staircase)
-    assert np.all(elbo[1:][fit.traces["iteration"].values[1:] > 0] >= loglik[:-1][fit.traces["iteration"].values[1:] > 0]
-                  - 1e-9 * np.abs(loglik[:-1][fit.traces["iteration"].values[1:] > 0]))
+    after_m_step = iteration[1:] > 0
+    assert np.all(elbo[1:][after_m_step] >= loglik[:-1][after_m_step] - slack[:-1][after_m_step])
     assert all(np.isfinite(fit.traces[v].values).all() for v in fit.traces.data_vars)
 
 
@@ -63,6 +66,7 @@ def test_two_observed_nodes_and_no_latent():
     seed=hs.integers(0, 2**32 - 1),
     scale=hs.floats(1e-3, 1e3),
 )
+@example(n=8, D=2, K=4, covariance="full", seed=6066, scale=2.0)  # |ℓ| ≈ 0.1: slack must not shrink with ℓ
 def test_monotone_on_random_data(n, D, K, covariance, seed, scale):
     rng = np.random.default_rng(seed)
     X = rng.standard_t(3, size=(n, D)) * scale + rng.normal(0, 10 * scale, D)
