@@ -12,7 +12,7 @@ product), then each observed node's rows, at ``node.offset``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -30,7 +30,7 @@ SCAN_ROWS = 65536
 
 @dataclasses.dataclass(eq=False)
 class Node:
-    """An observed node bound to data: where its statistics sit in Φ, and its units."""
+    """An observed node bound to data: where its rows sit in Φ, its units and its holes."""
 
     name: str
     family: ObservedFamily
@@ -39,20 +39,31 @@ class Node:
     event_dims: tuple[Hashable, ...]
     event_shape: tuple[int, ...]
     event_coords: dict[Hashable, list]
-    #: (N, d) arrays (views of the data where possible), in event order
+    #: (N, d) arrays (views of the data where possible), in event order; NaN where missing
     sources: list[np.ndarray]
     center: np.ndarray
     scale: np.ndarray
     offset: int = 0
     held: Params = dataclasses.field(default_factory=dict)
+    #: extra data the family reads (e.g. Binomial's trials), each (N, D)
+    aux: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: level labels of a categorical node (the codes in ``sources`` index them)
+    levels: tuple[Any, ...] | None = None
+    #: whether some element is missing somewhere (set by the compiler)
+    has_missing: bool = False
+    #: samples whose event is partly observed (sorted), their pattern's index, and the
+    #: patterns (D booleans, True = observed): the conditional-Gaussian rows of an event family
+    partial_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.intp))
+    partial_pattern: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.intp))
+    patterns: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     @property
     def D(self) -> int:
         return int(np.prod(self.event_shape, dtype=int))
 
     @property
-    def n_stats(self) -> int:
-        return self.family.n_stats(self.D)
+    def n_rows(self) -> int:
+        return self.family.n_rows(self.D)
 
     @cached_property
     def inverse_scale(self) -> np.ndarray:
@@ -60,17 +71,43 @@ class Node:
 
     def where(self) -> str:
         names = self.variables[0] if not self.stacked else list(self.variables)
-        return f"observe({names!r}, {type(self.family).__name__})"
+        return f"observe({names!r}, {self.family.kind})"
 
     def read(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Write the node's data for samples [start, stop) into ``out`` (D × n), standardized."""
+        """Write the node's data for samples [start, stop) into ``out`` (D × n), standardized; NaN = missing."""
         row = 0
         for source in self.sources:
             width = source.shape[1]
             rows = out[row:row + width]
-            np.subtract(source[start:stop].T, self.center[row:row + width, None], out=rows)
-            rows *= self.inverse_scale[row:row + width, None]
+            if self.family.standardize:
+                np.subtract(source[start:stop].T, self.center[row:row + width, None], out=rows)
+                rows *= self.inverse_scale[row:row + width, None]
+            else:
+                rows[...] = source[start:stop].T
             row += width
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The node's data for the given samples (D × len(rows)), standardized."""
+        x = np.hstack([source[rows] for source in self.sources]).T.astype(float)
+        if self.family.standardize:
+            x = (x - self.center[:, None]) * self.inverse_scale[:, None]
+        return x
+
+    def find_patterns(self) -> None:
+        """Group the samples whose event is partly observed by their pattern of holes."""
+        if not (self.family.multivariate and hasattr(self.family, "patterns")):
+            return
+        missing = np.hstack([np.isnan(np.asarray(s, dtype=float)) for s in self.sources])
+        partial = missing.any(axis=1) & ~missing.all(axis=1)
+        self.partial_rows = np.flatnonzero(partial)
+        if len(self.partial_rows):
+            keys, inverse = np.unique(~missing[self.partial_rows], axis=0, return_inverse=True)
+            self.patterns = list(keys)
+            self.partial_pattern = inverse.ravel().astype(np.intp)
+
+    def read_aux(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The family's extra data for samples [start, stop), each (D × n)."""
+        return {key: value[start:stop].T for key, value in self.aux.items()}
 
 
 @dataclasses.dataclass(eq=False)
@@ -92,6 +129,8 @@ class Plan:
     sample_coords: dict[Hashable, np.ndarray]
     latent: LatentNode | None
     nodes: list[Node]
+    #: per-sample weights (N,), or None when every sample counts once
+    weights: np.ndarray | None = None
 
     @property
     def K(self) -> int:
@@ -100,30 +139,58 @@ class Plan:
 
     @property
     def n_stats(self) -> int:
-        """Rows of Φ: the constant row plus every node's statistics."""
-        return 1 + sum(node.n_stats for node in self.nodes)
+        """Rows of Φ: the constant row plus every node's rows."""
+        return 1 + sum(node.n_rows for node in self.nodes)
 
-    def read(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Fill Φ (n_stats × n) for samples [start, stop)."""
+    @property
+    def max_D(self) -> int:
+        """The widest node: the scratch rows a block needs to read one node's data."""
+        return max(node.D for node in self.nodes)
+
+    @property
+    def total_weight(self) -> float:
+        """Σ_n w_n: the effective number of samples (N when unweighted), as BIC counts them."""
+        return float(self.n_samples if self.weights is None else self.weights.sum())
+
+    def read(self, start: int, stop: int, out: np.ndarray, scratch: np.ndarray) -> None:
+        """Fill Φ (n_stats × n) for samples [start, stop); ``scratch`` holds ≥ max_D × n floats."""
         out[0] = 1.0
+        n = stop - start
         for node in self.nodes:
-            stats = out[node.offset:node.offset + node.n_stats]
-            node.read(start, stop, stats[:node.D])
-            node.family.statistics(stats, node.D)
+            x = scratch[:node.D * n].reshape(node.D, n)
+            node.read(start, stop, x)
+            node.family.statistics(x, out[node.offset:node.offset + node.n_rows], node.read_aux(start, stop))
 
     def log_base_measure(self, start: int, stop: int) -> np.ndarray:
-        """Σ_v log h_v(x_n) for samples [start, stop), in the data's units (with the Jacobian)."""
+        """Σ_v log h_v(x_n) over present elements for samples [start, stop), in the data's units."""
         total = np.zeros(stop - start)
         for node in self.nodes:
             x = np.empty((node.D, stop - start))
             node.read(start, stop, x)
-            total += node.family.log_base_measure(x) - np.log(node.scale).sum()
+            total += node.family.log_base_measure(x, node.read_aux(start, stop))
+            if node.family.standardize:  # the Jacobian of the internal units
+                total -= (~np.isnan(x) * np.log(node.scale)[:, None]).sum(axis=0)
         return total
 
     @cached_property
     def log_base_total(self) -> float:
-        """Σ_n Σ_v log h_v(x_n): constant over iterations, so computed once."""
-        return float(sum(self.log_base_measure(a, b).sum() for a, b in blocks(self.n_samples, SCAN_ROWS)))
+        """Σ_n w_n Σ_v log h_v(x_n): constant over iterations, so computed once."""
+        total = 0.0
+        for a, b in blocks(self.n_samples, SCAN_ROWS):
+            part = self.log_base_measure(a, b)
+            total += float(part.sum() if self.weights is None else part @ self.weights[a:b])
+        return total
+
+    @cached_property
+    def phi_magnitude(self) -> np.ndarray:
+        """Σ_n w_n |Φ_sn| (S,): the size of the sums the E-step adds, for the rounding slack."""
+        out = np.zeros(self.n_stats)
+        for a, b in blocks(self.n_samples, SCAN_ROWS):
+            phi = np.empty((self.n_stats, b - a))
+            self.read(a, b, phi, np.empty(self.max_D * (b - a)))
+            np.abs(phi, out=phi)
+            out += phi.sum(axis=1) if self.weights is None else phi @ self.weights[a:b]
+        return out
 
     def n_free_params(self) -> int:
         """Number of learned scalars, for BIC and AIC."""
@@ -142,7 +209,9 @@ def compile_plan(
     data: Any,
     *,
     sample_dim: Hashable | None = None,
-    standardization: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    standardization: Mapping[str, tuple[Any, Any]] | None = None,
+    levels: Mapping[str, Sequence[Any]] | None = None,
+    weights: Any = None,
     fitting: bool = True,
 ) -> Plan:
     """Validate ``model`` against ``data`` and lay out the statistics.
@@ -152,6 +221,12 @@ def compile_plan(
     standardization : mapping, optional
         ``{node: (center, scale)}`` to reuse (from a fit) instead of computing it
         from ``data``; predictions on new data must use the fit's units.
+    levels : mapping, optional
+        ``{node: level labels}`` of categorical nodes, from a fit: new data must use
+        the same levels, in the same order.
+    weights : str or DataArray, optional
+        A weight per sample: the name of a data variable, or a DataArray over the
+        sample dimension.
     fitting : bool
         Whether the plan is for fitting (checks that there are at least as many
         samples as states, and that no Gaussian variable is constant).
@@ -160,10 +235,10 @@ def compile_plan(
         raise ModelError("model: nothing is observed; declare data with .observe(name, family)")
     ds = labels.as_dataset(data)
     for decl in model.observed:
-        for variable in decl.variables:
+        for variable in decl.variables + tuple(decl.family.data_arguments().values()):
             if variable not in ds.data_vars:
                 available = ", ".join(map(repr, ds.data_vars)) or "none"
-                raise ModelError(f"observe({variable!r}, {type(decl.family).__name__}): the data have no "
+                raise ModelError(f"observe({variable!r}, {decl.family.kind}): the data have no "
                                  f"variable {variable!r}; available: {available}")
     sample_dim = _infer_sample_dim(model, ds, sample_dim)
     n_samples = int(ds.sizes[sample_dim])
@@ -177,20 +252,54 @@ def compile_plan(
             raise ModelError(f"latent({decl.name!r}, {decl.family!r}): {decl.family.k} states but the data "
                              f"have only {n_samples} samples along {sample_dim!r}; use fewer states")
     sample_coords = {sample_dim: ds[sample_dim].values} if sample_dim in ds.coords else {}
-    plan = Plan(model, sample_dim, n_samples, sample_coords, latent, [])
+    plan = Plan(model, sample_dim, n_samples, sample_coords, latent, [],
+                _weights(ds, weights, sample_dim) if weights is not None else None)
     offset = 1
     for decl in model.observed:
-        node = _bind(decl, ds, sample_dim)
+        node = _bind(decl, ds, sample_dim, (levels or {}).get(decl.name))
         node.offset = offset
-        offset += node.n_stats
+        offset += node.n_rows
         _check_values(node, ds, sample_dim)
-        if standardization is not None:
+        if standardization is not None and node.name in standardization:
             node.center, node.scale = _given_units(plan, node, standardization)
         else:
             node.center, node.scale = _units(node, fitting)
         plan.nodes.append(node)
     _bind_fixed(plan)
     return plan
+
+
+def _weights(ds: xr.Dataset, weights: Any, sample_dim: Hashable) -> np.ndarray:
+    """Validated per-sample weights: finite, non-negative, not all zero."""
+    if isinstance(weights, str):
+        if weights not in ds.data_vars:
+            raise ModelError(f"fit(weights={weights!r}): the data have no variable {weights!r}; "
+                             f"available: {', '.join(map(repr, ds.data_vars))}")
+        da, where = ds[weights], f"fit(weights={weights!r})"
+    elif isinstance(weights, xr.DataArray):
+        da, where = weights, "fit(weights=<DataArray>)"
+    else:
+        raise ModelError("fit(weights=...): expected the name of a data variable or a DataArray over "
+                         f"{sample_dim!r}, got {type(weights).__name__}")
+    if da.dims != (sample_dim,):
+        raise ModelError(f"{where}: weights must be 1-D over the sample dimension {sample_dim!r}, "
+                         f"got dims {da.dims}")
+    if sample_dim in da.coords and sample_dim in ds.coords and not da.indexes[sample_dim].equals(
+            ds.indexes[sample_dim]):
+        da = da.reindex({sample_dim: ds[sample_dim].values})
+    if da.sizes[sample_dim] != ds.sizes[sample_dim]:
+        raise ModelError(f"{where}: {da.sizes[sample_dim]} weights for {ds.sizes[sample_dim]} samples")
+    if da.dtype.kind not in "iufb":
+        raise ModelError(f"{where}: weights must be numbers, got dtype {da.dtype}")
+    values = np.asarray(da.values, dtype=float)
+    for bad, what in ((~np.isfinite(values), "missing or infinite (NaN, ±inf)"), (values < 0, "negative")):
+        if bad.any():
+            first = labels.describe_position(da, int(np.flatnonzero(bad)[0]))
+            raise ModelError(f"{where}: {int(bad.sum())} weight{'s are' if bad.sum() > 1 else ' is'} {what}, "
+                             f"first at {first}; weights must be finite and >= 0")
+    if not values.any():
+        raise ModelError(f"{where}: every weight is 0; there is nothing to fit")
+    return values
 
 
 def _infer_sample_dim(model: Model, ds: xr.Dataset, sample_dim: Hashable | None) -> Hashable:
@@ -216,82 +325,197 @@ def _infer_sample_dim(model: Model, ds: xr.Dataset, sample_dim: Hashable | None)
                      "pass sample_dim=... to fit")
 
 
-def _bind(decl: Observed, ds: xr.Dataset, sample_dim: Hashable) -> Node:
+def _bind(decl: Observed, ds: xr.Dataset, sample_dim: Hashable, levels: Sequence[Any] | None) -> Node:
     family = decl.family
-    where = f"observe({list(decl.variables) if decl.stacked else decl.variables[0]!r}, {type(family).__name__})"
-    for variable in decl.variables:
-        dtype = ds[variable].dtype
-        if dtype.kind not in "iuf":
-            raise ModelError(f"{where}: variable {variable!r} is not numeric (dtype {dtype}); "
-                             f"{type(family).__name__} needs real numbers")
+    where = f"observe({list(decl.variables) if decl.stacked else decl.variables[0]!r}, {family.kind})"
+    if not family.categorical:
+        for variable in decl.variables:
+            dtype = ds[variable].dtype
+            if dtype.kind not in "iufb":
+                raise ModelError(f"{where}: variable {variable!r} is not numeric (dtype {dtype}); "
+                                 f"{family.kind} needs numbers" + (
+                                     "; for labels use em.Categorical" if dtype.kind in "OUSM" else ""))
     if decl.stacked:
         dim = getattr(family, "dim", None) or "feature"
         for variable in decl.variables:
             if ds[variable].dims != (sample_dim,):
                 raise ModelError(f"{where}: stacked variables must each be 1-D over {sample_dim!r}; "
                                  f"{variable!r} has dims {ds[variable].dims}")
-        sources = [np.asarray(ds[v].values)[:, None] for v in decl.variables]
-        return Node(decl.name, family, decl.variables, True, (dim,), (len(decl.variables),),
-                    {dim: list(decl.variables)}, sources, np.zeros(0), np.ones(0))
-    variable = decl.variables[0]
-    da = ds[variable]
-    others = tuple(d for d in da.dims if d != sample_dim)
-    if family.multivariate:
-        dim = getattr(family, "dim", None)
-        if dim is not None and dim not in others:
-            raise ModelError(f"{where}: variable {variable!r} has dims {da.dims}, without the event dim {dim!r}")
-        if len(others) != 1:
-            raise ModelError(f"{where}: {type(family).__name__} needs exactly one dimension besides "
-                             f"{sample_dim!r} (the event); {variable!r} has dims {da.dims}"
-                             + ("; for independent elements use em.Normal" if not others else ""))
-    values = np.asarray(da.transpose(sample_dim, *others).values)
-    values = values.reshape(values.shape[0], -1)
-    coords = {d: list(da[d].values) for d in others if d in da.coords}
-    shape = tuple(int(da.sizes[d]) for d in others)
-    return Node(decl.name, family, decl.variables, False, others, shape, coords, [values],
+        arrays = [ds[v] for v in decl.variables]
+        event_dims, shape, coords = (dim,), (len(decl.variables),), {dim: list(decl.variables)}
+        columns = [np.asarray(da.values)[:, None] for da in arrays]
+    else:
+        variable = decl.variables[0]
+        da = ds[variable]
+        others = tuple(d for d in da.dims if d != sample_dim)
+        if family.multivariate:
+            dim = getattr(family, "dim", None)
+            if dim is not None and dim not in others:
+                raise ModelError(f"{where}: variable {variable!r} has dims {da.dims}, without the event dim {dim!r}")
+            if len(others) != 1:
+                raise ModelError(f"{where}: {family.kind} needs exactly one dimension besides "
+                                 f"{sample_dim!r} (the event); {variable!r} has dims {da.dims}"
+                                 + ("; for independent elements use em.Normal" if not others else ""))
+        for d in others:
+            if da.sizes[d] == 0:
+                raise ModelError(f"{where}: variable {variable!r} has an empty dimension {d!r} (size 0); "
+                                 "there is nothing to observe")
+        values = np.asarray(da.transpose(sample_dim, *others).values)
+        columns = [values.reshape(values.shape[0], -1)]
+        event_dims = others
+        coords = {d: list(da[d].values) for d in others if d in da.coords}
+        shape = tuple(int(da.sizes[d]) for d in others)
+    node = Node(decl.name, family, decl.variables, decl.stacked, event_dims, shape, coords, columns,
                 np.zeros(0), np.ones(0))
+    if family.categorical:
+        _encode_levels(node, ds, sample_dim, levels)
+    for key, variable in family.data_arguments().items():
+        node.aux[key] = _aux_values(node, ds, sample_dim, key, variable)
+    return node
+
+
+def _encode_levels(node: Node, ds: xr.Dataset, sample_dim: Hashable, given: Sequence[Any] | None) -> None:
+    """Replace a categorical node's labels by float level codes (NaN = missing), and bind its levels."""
+    family = node.family
+    declared = given if given is not None else getattr(family, "levels", None)
+    arrays = [ds[v] for v in node.variables]
+    raw = [_missing_as_none(column) for column in node.sources]
+    if declared is None:
+        categories = next((c for c in map(_categories, arrays) if c is not None), None)
+        found: list[Any] = list(categories) if categories is not None else sorted(
+            {v for column in raw for v in column[column != None].ravel().tolist()},  # noqa: E711
+            key=_sort_key)
+        declared = [_tidy_label(v) for v in found]
+        if not declared:
+            raise ModelError(f"{node.where()}: every value is missing; there are no levels to learn")
+    lookup = {_tidy_label(level): code for code, level in enumerate(declared)}
+    codes = []
+    for column, variable in zip(raw, node.variables if node.stacked else node.variables * len(raw), strict=False):
+        out = np.full(column.shape, np.nan)
+        present = column != None  # noqa: E711
+        flat = column[present].ravel().tolist()
+        mapped = [lookup.get(_tidy_label(v)) for v in flat]
+        unknown = [v for v, m in zip(flat, mapped, strict=True) if m is None]
+        if unknown:
+            first_index = int(np.flatnonzero(present.ravel())[[m is None for m in mapped].index(True)])
+            position = labels.describe_position(ds[variable].transpose(sample_dim, ...), first_index)
+            raise ModelError(f"{node.where()}: variable {variable!r} has {len(unknown)} value"
+                             f"{'s' if len(unknown) > 1 else ''} that {'are' if len(unknown) > 1 else 'is'} "
+                             f"not a known level (first {_tidy_label(unknown[0])!r} at {position}); "
+                             f"levels: {list(declared)[:20]}")
+        out[present] = np.asarray(mapped, dtype=float)
+        codes.append(out)
+    node.sources = codes
+    node.levels = tuple(declared)
+    node.family = family.bound(node.levels)  # type: ignore[attr-defined]
+
+
+def _categories(da: xr.DataArray) -> list[Any] | None:
+    """A pandas categorical's categories (in their order; xarray keeps the dtype), or None."""
+    categories = getattr(da.dtype, "categories", None)
+    return [_tidy_label(v) for v in categories] if categories is not None else None
+
+
+def _missing_as_none(column: np.ndarray) -> np.ndarray:
+    """An object array of labels with every kind of missing value (NaN, None, pd.NA, NaT) as None."""
+    out = np.asarray(column, dtype=object).copy()
+    flat = out.ravel()
+    for i, v in enumerate(flat):
+        if v is None or (isinstance(v, float | np.floating) and np.isnan(v)) or type(v).__name__ in ("NAType", "NaTType"):
+            flat[i] = None
+    return out
+
+
+def _tidy_label(value: Any) -> Any:
+    """Labels as plain Python values; integral floats (pandas' integer codes with holes) as ints."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    value = _tidy_label(value)
+    return (0, value) if isinstance(value, int | float) else (1, str(value))
+
+
+def _aux_values(node: Node, ds: xr.Dataset, sample_dim: Hashable, key: str, variable: str) -> np.ndarray:
+    """A data variable the family reads besides x (e.g. trials), broadcast to the node's (N, D)."""
+    where = f"{node.where()}: {key}={variable!r}"
+    da = ds[variable]
+    if da.dtype.kind not in "iuf":
+        raise ModelError(f"{where} is not numeric (dtype {da.dtype})")
+    extra = [d for d in da.dims if d != sample_dim and d not in node.event_dims]
+    if sample_dim not in da.dims or extra:
+        raise ModelError(f"{where} must be over {sample_dim!r} and the node's dims {node.event_dims}, "
+                         f"got dims {da.dims}")
+    if node.stacked:
+        da = da.expand_dims({node.event_dims[0]: len(node.variables)}) if node.event_dims[0] not in da.dims else da
+    else:
+        template = ds[node.variables[0]]
+        da = da.broadcast_like(template).transpose(*template.dims)
+    values = np.asarray(da.transpose(sample_dim, ...).values, dtype=float).reshape(ds.sizes[sample_dim], -1)
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    if bad.any():
+        first = labels.describe_position(da.transpose(sample_dim, ...), int(np.flatnonzero(bad.ravel())[0]))
+        raise ModelError(f"{where}: {int(bad.sum())} value(s) are not non-negative integers (first at {first})")
+    return values
 
 
 def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable) -> None:
-    """Reject NaN, ±inf and values outside the family's support, naming where they are."""
-    for variable, source in zip(node.variables if node.stacked else node.variables[:1], node.sources,
-                                strict=True):
-        for start, stop in blocks(len(source), SCAN_ROWS):
-            block = source[start:stop]
-            if source.dtype.kind == "f" and not np.isfinite(block).all():
-                _report_non_finite(node, ds[variable], sample_dim)
-            node.family.check_data(block, f"{node.where()}: variable {variable!r}")
+    """Reject ±inf and values outside the family's support, naming where they are; NaN is missing."""
+    arrays = ([ds[v] for v in node.variables] if node.stacked else [ds[node.variables[0]]])
+    row = 0
+    for da, source in zip(arrays, node.sources, strict=True):
+        width = source.shape[1]
+        if source.dtype.kind == "f":
+            infinite = np.isinf(source)
+            if infinite.any():
+                _report(node, da, sample_dim, infinite, "infinite ", " (±inf)",
+                        "remove them, or replace them by NaN to mark them missing")
+        aux = {key: value[:, row:row + width] for key, value in node.aux.items()}
+        found = node.family.outside_support(np.asarray(source, dtype=float), aux)
+        if found is not None and found[0].any():
+            _report(node, da, sample_dim, found[0], "", " outside the support", found[1])
+        if source.dtype.kind == "f" and np.isnan(source).any():
+            node.has_missing = True
+        row += width
+    if node.has_missing:
+        node.find_patterns()
 
 
-def _report_non_finite(node: Node, da: xr.DataArray, sample_dim: Hashable) -> None:
-    da = da.transpose(sample_dim, ...)
-    values = np.asarray(da.values)
-    for kind, mask, what in (("missing", np.isnan(values), "NaN"), ("infinite", np.isinf(values), "±inf")):
-        count = int(mask.sum())
-        if count:
-            first = labels.describe_position(da, int(np.flatnonzero(mask.ravel())[0]))
-            advice = ("missing values are not supported yet: drop them first, e.g. "
-                      f"ds.dropna({sample_dim!r})") if kind == "missing" else "remove or replace them"
-            raise ModelError(f"{node.where()}: variable {da.name!r} has {count} {kind} value"
-                             f"{'s' if count > 1 else ''} ({what}), first at {first}; {advice}")
+def _report(node: Node, da: xr.DataArray, sample_dim: Hashable, mask: np.ndarray, kind: str, detail: str,
+            advice: str) -> None:
+    count = int(mask.sum())
+    first = labels.describe_position(da.transpose(sample_dim, ...), int(np.flatnonzero(mask.ravel())[0]))
+    raise ModelError(f"{node.where()}: variable {da.name!r} has {count} {kind}value{'s' if count > 1 else ''}"
+                     f"{detail}, first at {first}; {advice}")
 
 
 def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-element mean and standard deviation (pooled for families that share one scale)."""
+    """Per-element mean and standard deviation over observed values (pooled where one scale is shared)."""
     if not node.family.standardize:
         return np.zeros(node.D), np.ones(node.D)
     n = len(node.sources[0])
-    center = np.concatenate([sum(s[a:b].sum(axis=0, dtype=float) for a, b in blocks(n, SCAN_ROWS))
-                             for s in node.sources]) / n
+    count = np.concatenate([sum((~np.isnan(s[a:b])).sum(axis=0) for a, b in blocks(n, SCAN_ROWS))
+                            for s in node.sources]).astype(float)
+    empty = count == 0
+    if empty.any():
+        label = _element_label(node, int(np.flatnonzero(empty)[0]))
+        raise ModelError(f"{node.where()}: {label} has no observed value (every value is NaN); "
+                         "drop it from the model")
+    center = np.concatenate([sum(np.nansum(s[a:b], axis=0, dtype=float) for a, b in blocks(n, SCAN_ROWS))
+                             for s in node.sources]) / count
     spread = np.zeros(node.D)
     row = 0
     for source in node.sources:
         width = source.shape[1]
         mean = center[row:row + width]
         for a, b in blocks(n, SCAN_ROWS):
-            spread[row:row + width] += ((source[a:b] - mean) ** 2).sum(axis=0)
+            spread[row:row + width] += np.nansum((source[a:b] - mean) ** 2, axis=0)
         row += width
-    variance = spread / n
+    variance = spread / count
     if node.family.pool_scale:
         variance = np.full(node.D, variance.mean())
     constant = variance <= (1e-14 * np.maximum(np.abs(center), 1e-300)) ** 2
@@ -299,7 +523,7 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
         element = int(np.flatnonzero(constant)[0])
         label = _element_label(node, element)
         raise ModelError(f"{node.where()}: {label} is constant (every value is {center[element]:.6g}); "
-                         f"a {type(node.family).__name__} fitted to it would have zero variance. "
+                         f"a {node.family.kind} fitted to it would have zero variance. "
                          "Drop it from the model")
     return center, np.where(constant, 1.0, np.sqrt(variance))
 

@@ -72,6 +72,11 @@ def axis_labels(plan: Plan, node: Node | None, axes: Sequence[str]) -> tuple[lis
             dims.extend(node.event_dims)
             shape.extend(node.event_shape)
             coords.update(node.event_coords)
+        elif axis == "level":
+            assert node is not None and node.levels is not None
+            dims.append("level")
+            shape.append(len(node.levels))
+            coords["level"] = list(node.levels)
         elif axis == "event_":
             assert node is not None
             (dim,) = node.event_dims
@@ -116,7 +121,15 @@ def internal(plan: Plan, node: Node | None, axes: Sequence[str], value: Any, whe
         array = value.values.astype(float)
         array = array.reshape([s if d in value.dims else 1 for d, s in zip(dims, shape, strict=True)])
     else:
-        array = np.asarray(value, dtype=float)
+        try:
+            array = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            raise ModelError(f"{where}: expected numbers, got {value!r}") from None
+        event_positions = [i for i, d in enumerate(dims) if node is not None and d in node.event_dims]
+        if event_positions and array.ndim == len(shape) - len(event_positions) and array.ndim > 0:
+            # Per-state values without the event dims (e.g. a categorical's (states × levels)
+            # probabilities) hold for every element.
+            array = np.expand_dims(array, event_positions)
     try:
         array = np.broadcast_to(array, shape)
     except ValueError:
@@ -127,6 +140,9 @@ def internal(plan: Plan, node: Node | None, axes: Sequence[str], value: Any, whe
         if axis in ("event", "event_"):
             assert node is not None
             flat.append(node.D)
+        elif axis == "level":
+            assert node is not None and node.levels is not None
+            flat.append(len(node.levels))
     return np.array(array, dtype=float).reshape(flat)
 
 
@@ -136,16 +152,15 @@ def params_tree(plan: Plan, params: Mapping[str, Mapping[str, np.ndarray]]) -> x
     if plan.latent is not None:
         family = plan.latent.family
         ds = xr.Dataset({"probs": labelled(plan, None, ("latent",), params[plan.latent.name]["probs"], "probs")})
-        ds.attrs = {"family": type(family).__name__, "role": "latent",
-                    "fixed": ",".join(family.fixed)}
+        ds.attrs = {"family": family.kind, "role": "latent", "fixed": ",".join(family.fixed)}
         children[plan.latent.name] = ds
     for node in plan.nodes:
         axes = node.family.param_axes()
         ds = xr.Dataset({key: labelled(plan, node, axes[key], params[node.name][key], key) for key in axes})
-        ds.attrs = {"family": type(node.family).__name__, "role": "observed",
+        ds.attrs = {"family": node.family.kind, "role": "observed",
                     "variables": ",".join(node.variables), "fixed": ",".join(node.family.fixed)}
-        if node.family.multivariate:
-            ds.attrs["covariance_type"] = getattr(node.family, "covariance_type", "")
+        if node.family.multivariate and hasattr(node.family, "covariance_type"):
+            ds.attrs["covariance_type"] = node.family.covariance_type
         children[node.name] = ds
     return xr.DataTree.from_dict(children)
 

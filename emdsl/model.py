@@ -91,8 +91,9 @@ class Model:
         _check_name(name, where)
         family = _instantiate(family, where)
         if family.role != "latent":
-            raise ModelError(f"{where}: {type(family).__name__} is a family for observed data; "
+            raise ModelError(f"{where}: {family.kind} is a family for observed data; "
                              "a latent needs a latent family such as em.Categorical(k)")
+        family.check_latent(where)  # type: ignore[attr-defined]
         self._check_free(name, where)
         if self.latents:
             raise ModelError(f"{where}: this model already has the latent {self.latents[0].name!r}; "
@@ -144,8 +145,10 @@ class Model:
             raise ModelError(f"{where}: a variable is listed twice")
         _check_name(node, where)
         family = _instantiate(family, where)
+        if family.role != "observed" and hasattr(family, "observed_form"):
+            family = family.observed_form()  # em.Categorical serves both roles
         if family.role != "observed":
-            raise ModelError(f"{where}: {type(family).__name__} is a latent family; "
+            raise ModelError(f"{where}: {family.kind} is a latent family; "
                              "observe data with a family such as em.Normal")
         self._check_free(node, where)
         for variable in variables:
@@ -179,9 +182,10 @@ class Model:
         n_init: int = 1,
         max_iter: int = 1000,
         tol: float = 1e-8,
-        seed: int | None = None,
+        seed: int | np.random.Generator | None = None,
         sample_dim: Hashable | None = None,
-        callbacks: Sequence[Callable[..., Any]] = (),
+        weights: str | Any | None = None,
+        callbacks: Sequence[Callable[..., Any]] | None = (),
         monitor: bool = False,
     ) -> Fit:
         """Fit the model to data with EM.
@@ -203,15 +207,22 @@ class Model:
         n_init : int, default 1
             Number of restarts; the one with the highest final log-likelihood wins.
         max_iter : int, default 1000
-            Number of M-steps at most: the trace holds ℓ(θ⁽⁰⁾) … ℓ(θ⁽ⁿ⁾).
+            Number of M-steps at most: the trace holds ℓ(θ⁽⁰⁾) … ℓ(θ⁽ⁿ⁾). ``max_iter=0``
+            evaluates the model at the given (or fixed) parameters without an M-step.
         tol : float, default 1e-8
             Stop when ``ℓ(θ⁽ᵗ⁾) − ℓ(θ⁽ᵗ⁻¹⁾) ≤ tol · abs(ℓ(θ⁽ᵗ⁾))``. ``tol=0`` turns the test
             off and runs exactly ``max_iter`` iterations.
-        seed : int, optional
+        seed : int or numpy.random.Generator, optional
             Seed of every random choice (initialisation, restarts). When None, a
-            fresh seed is drawn and recorded on the fit, so it can be reproduced.
+            fresh 32-bit seed is drawn and recorded on the fit, so it can be reproduced;
+            a Generator gives the seed as its next draw.
         sample_dim : hashable, optional
             The sample dimension, when it cannot be inferred.
+        weights : str or DataArray, optional
+            A non-negative weight per sample: the name of a data variable, or a
+            DataArray over the sample dimension. Every sufficient statistic, the
+            log-likelihood, BIC/AIC and the trace are weighted; fitting distinct rows
+            with their counts as weights is exactly the fit of the expanded table.
         callbacks : sequence of callables
             Each receives an :class:`~emdsl.IterationEvent` per iteration; objects
             may also define ``on_fit_start(info)`` and ``on_fit_end(fit)``.
@@ -232,10 +243,10 @@ class Model:
         >>> fit.converged
         True
         """
-        from emdsl.results import fit_model
+        from emdsl.engine.orchestrate import fit_model
 
         return fit_model(self, data, init=init, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
-                         sample_dim=sample_dim, callbacks=callbacks, monitor=monitor)
+                         sample_dim=sample_dim, weights=weights, callbacks=callbacks, monitor=monitor)
 
     # -- serialisation and display ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -304,7 +315,7 @@ def _check_name(name: object, where: str) -> None:
 
 
 def _family_to_dict(family: Family) -> dict[str, Any]:
-    return {"family": type(family).__name__,
+    return {"family": family.kind,
             "arguments": {key: _encode(value) for key, value in family.arguments().items()}}
 
 

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import warnings
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
-from threadpoolctl import threadpool_limits
 
 from emdsl import labels
 from emdsl.compile import SCAN_ROWS, Plan, blocks, compile_plan, start_values
-from emdsl.engine.estep import EStep
-from emdsl.engine.events import FitInfo, dispatch
-from emdsl.engine.init import initial_theta
-from emdsl.engine.loop import RestartResult, StopFlag, restart_seeds, run_em
+from emdsl.engine.estep import engine
 from emdsl.engine.mstep import Theta, natural_matrix
-from emdsl.errors import ConvergenceWarning, ModelError
+from emdsl.errors import ModelError
 from emdsl.model import Model
 
 if TYPE_CHECKING:
     from emdsl.plot import FitPlotter
-
-#: version of the file layout written by Fit.save
-FORMAT_VERSION = 1
-
 
 class Fit:
     """The result of :meth:`Model.fit`: parameters, posterior, trace and predictions.
@@ -85,6 +74,8 @@ class Fit:
         seed: int,
         stopped: bool = False,
         data: xr.Dataset | None = None,
+        weights: xr.DataArray | None = None,
+        weight_total: float | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -99,6 +90,9 @@ class Fit:
         self.seed = seed
         self.stopped = stopped
         self._data = data
+        self.weights = weights
+        self.weight_total = float(weight_total if weight_total is not None else
+                                  (n_samples if weights is None else weights.sum()))
 
     # -- what the fit found ------------------------------------------------------
     @cached_property
@@ -141,6 +135,8 @@ class Fit:
     def bic(self, data: Any = None) -> float:
         """Bayesian information criterion, −2 ℓ + p log N (lower is better).
 
+        With weights, N is the sum of the weights: a weight is that many copies of a row.
+
         Examples
         --------
         Two components describe Old Faithful's waiting times better than one:
@@ -160,42 +156,53 @@ class Fit:
         loglik, _ = self._loglik_and_size(data)
         return float(-2.0 * loglik + 2.0 * self.n_params)
 
-    def _loglik_and_size(self, data: Any) -> tuple[float, int]:
+    def _loglik_and_size(self, data: Any) -> tuple[float, float]:
         if data is None:
-            return self.loglik, self.n_samples
+            return self.loglik, self.weight_total
         scores = self.score_samples(data)
         return float(scores.sum()), scores.size
 
     # -- predictions ----------------------------------------------------------------
     def predict_proba(self, data: Any) -> xr.DataArray:
         """p(latent | x) for each sample of ``data``: DataArray (sample, latent)."""
-        plan, H = self._compiled(data)
+        plan, theta, H = self._compiled(data)
         self._need_latent("predict_proba")
         out = np.empty((plan.n_samples, plan.K))
-        with _engine(plan) as estep:
-            estep.evaluate(H, resp_out=out)
+        with engine(plan) as estep:
+            estep.evaluate(H, theta, resp_out=out)
         return labels.states_array(plan, out, "predict_proba")
 
     def predict(self, data: Any) -> xr.DataArray:
-        """The most probable latent state of each sample: DataArray (sample,)."""
+        """The most probable latent state of each sample: DataArray (sample,) of the latent's states."""
         proba = self.predict_proba(data)
         latent = self.model.latent_var
         assert latent is not None
-        return proba.idxmax(latent.name).rename(latent.name)
+        states = np.asarray(latent.family.states)
+        best = states[np.asarray(proba.argmax(latent.name).values)]
+        return xr.DataArray(best, dims=proba.dims[:1], coords={d: c for d, c in proba.coords.items()
+                                                               if d != latent.name}, name=latent.name)
 
     def score_samples(self, data: Any) -> xr.DataArray:
         """log p(x_n | θ̂) for each sample of ``data``: DataArray (sample,)."""
-        plan, H = self._compiled(data)
+        plan, theta, H = self._compiled(data)
         out = np.empty(plan.n_samples)
-        with _engine(plan) as estep:
-            estep.evaluate(H, loglik_out=out)
+        with engine(plan) as estep:
+            estep.evaluate(H, theta, loglik_out=out)
         for start, stop in blocks(plan.n_samples, SCAN_ROWS):
             out[start:stop] += plan.log_base_measure(start, stop)
         return labels.samples_array(plan, out, "log_likelihood")
 
-    def score(self, data: Any) -> float:
-        """Mean log-likelihood per sample of ``data`` (scikit-learn's ``score``)."""
-        return float(self.score_samples(data).mean())
+    def score(self, data: Any, weights: Any = None) -> float:
+        """Mean log-likelihood per sample of ``data`` (scikit-learn's ``score``), weighted if ``weights`` given.
+
+        ``weights`` is what :meth:`Model.fit` accepts: a data variable's name or a DataArray.
+        """
+        scores = self.score_samples(data)
+        if weights is None:
+            return float(scores.mean())
+        plan = self._compiled(data, weights=weights)[0]
+        assert plan.weights is not None
+        return float(scores.values @ plan.weights / plan.weights.sum())
 
     def sample(self, n: int, seed: int | None = None) -> xr.Dataset:
         """Draw ``n`` samples, shaped like the training data; the latent states are a coordinate.
@@ -215,14 +222,19 @@ class Fit:
         values = labels.tree_values(self.params)
         latent = self.model.latent_var
         if latent is not None:
-            states = latent.family.sample({"probs": values[latent.name]["probs"].values}, int(n), rng)
+            states = latent.family.draw({"probs": values[latent.name]["probs"].values}, int(n), rng)
         else:
             states = np.zeros(int(n), dtype=np.intp)
         out = xr.Dataset()
         for decl in self.model.observed:
             layout = _Layout(self, decl.name)
             flat = {key: layout.flatten(key, da) for key, da in values[decl.name].items()}
-            draws = decl.family.sample(flat, states, rng)
+            family = layout.family
+            if family.data_arguments():
+                raise ModelError(f"sample: {decl.family!r} reads {sorted(family.data_arguments().values())} from the "
+                                 "data, which a simulation does not have; fix them in the declaration "
+                                 "(e.g. em.Binomial(trials=10)) to sample")
+            draws = family.sample(flat, states, rng, {})
             out.update(layout.dataset(decl, draws))
         if latent is not None:
             state_labels = np.asarray(latent.family.states, dtype=object)[states].tolist()
@@ -234,59 +246,72 @@ class Fit:
             raise ModelError(f"{what}: the model declares no latent variable, so there is no posterior; "
                              "use score_samples for the density")
 
-    def _compiled(self, data: Any) -> tuple[Plan, np.ndarray]:
+    def _compiled(self, data: Any, weights: Any = None) -> tuple[Plan, Theta, np.ndarray]:
         ds = labels.as_dataset(data)
         variables = [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
-        plan = compile_plan(self.model, ds, sample_dim=use_dim, fitting=False,
+        plan = compile_plan(self.model, ds, sample_dim=use_dim, fitting=False, weights=weights,
                             standardization={name: (units["center"], units["scale"])
-                                             for name, units in self.standardization.items()})
+                                             for name, units in self.standardization.items()},
+                            levels=self.levels)
         theta = start_values(plan, labels.tree_values(self.params), "fit parameters")
-        return plan, natural_matrix(plan, theta)
+        return plan, theta, natural_matrix(plan, theta)
+
+    @property
+    def levels(self) -> dict[str, list[Any]]:
+        """The level labels of each categorical node, as learned from the training data."""
+        return {name: list(node["level"].values) for name, node in self.params.children.items()
+                if "level" in node.dims}
+
+    def impute(self, data: Any = None) -> xr.Dataset:
+        """The data with every missing value replaced by its posterior expectation.
+
+        A hole in element d of sample n becomes E[x_nd | observed part of x_n] =
+        Σ_k p(z=k | x_n) E[x_nd | z=k, observed part] (the conditional Gaussian mean for a
+        MultivariateNormal); a categorical hole becomes its most probable level under the
+        same mixture. Observed values are returned unchanged.
+
+        Parameters
+        ----------
+        data : Dataset or what :meth:`Model.fit` accepts, optional
+            Default: the training data.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr, emdsl as em
+        >>> ds = em.datasets.load("faithful")
+        >>> holes = ds.assign(waiting=ds.waiting.where(ds.sample != 3))
+        >>> fit = em.Model().latent("z", em.Categorical(2)).observe(["eruptions", "waiting"],
+        ...     em.MultivariateNormal, name="x").fit(holes, seed=0)
+        >>> bool(np.isnan(fit.impute()["waiting"]).any())
+        False
+        """
+        from emdsl.engine.impute import impute
+
+        if data is None:
+            if self._data is None:
+                raise ModelError("impute: this fit was loaded from a file and holds no data; pass the data")
+            data = self._data
+        plan, theta, _ = self._compiled(data)
+        return impute(plan, theta, labels.as_dataset(data))
 
     # -- saving ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the fit to a netCDF file (no pickle); read it back with :func:`emdsl.load`.
 
         Parameters, every restart's trace and the model declaration round-trip
-        exactly. The training data are not stored.
+        exactly. The training data are not stored. See :func:`emdsl.io.save`.
         """
-        tree = xr.DataTree.from_dict({
-            **{f"params/{name}": node.to_dataset() for name, node in self.params.children.items()},
-            **{f"standardization/{name}": units for name, units in self.standardization.items()},
-            "traces": self.traces,
-        })
-        tree.attrs = {
-            "emdsl_format": FORMAT_VERSION,
-            "model": self.model.to_json(),
-            "sample_dim": json.dumps(self.sample_dim),
-            "restart": self.restart,
-            "converged": int(self.converged),
-            "stopped": int(self.stopped),
-            "loglik": self.loglik,
-            "n_params": self.n_params,
-            "n_samples": self.n_samples,
-            "seed": str(self.seed),
-        }
-        tree.to_netcdf(path, engine="netcdf4")
+        from emdsl.io import save
+
+        save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Fit:
-        """Read a fit written by :meth:`save`."""
-        with xr.open_datatree(path, engine="netcdf4") as opened:
-            tree = opened.load()
-        attrs = tree.attrs
-        if int(attrs.get("emdsl_format", -1)) != FORMAT_VERSION:
-            raise ModelError(f"{os.fspath(path)!r} is not an emdsl fit (format {FORMAT_VERSION})")
-        params = xr.DataTree.from_dict({name: _decoded(child.to_dataset())
-                                        for name, child in tree["params"].children.items()})
-        standardization = {name: _decoded(child.to_dataset())
-                           for name, child in tree["standardization"].children.items()}
-        return cls(Model.from_json(attrs["model"]), params, standardization, tree["traces"].to_dataset(),
-                   restart=int(attrs["restart"]), converged=bool(attrs["converged"]),
-                   loglik=float(attrs["loglik"]), n_params=int(attrs["n_params"]),
-                   n_samples=int(attrs["n_samples"]), sample_dim=json.loads(attrs["sample_dim"]),
-                   seed=int(attrs["seed"]), stopped=bool(attrs["stopped"]))
+        """Read a fit written by :meth:`save`, validating every field; see :func:`emdsl.io.load`."""
+        from emdsl.io import load
+
+        return load(path)
 
     # -- display --------------------------------------------------------------------
     @property
@@ -317,122 +342,9 @@ class Fit:
 load = Fit.load
 
 
-def fit_model(
-    model: Model,
-    data: Any,
-    *,
-    init: Any,
-    n_init: int,
-    max_iter: int,
-    tol: float,
-    seed: int | None,
-    sample_dim: Hashable | None,
-    callbacks: Sequence[Callable[..., Any]],
-    monitor: bool,
-) -> Fit:
-    """Compile, initialise, run every restart, keep the best: :meth:`Model.fit`'s body."""
-    _check_settings(n_init, max_iter, tol)
-    ds = labels.as_dataset(data)
-    plan = compile_plan(model, ds, sample_dim=sample_dim)
-    seed = int(np.random.SeedSequence().entropy) if seed is None else int(seed)
-    callbacks = list(callbacks)
-    if monitor:
-        from emdsl.widgets import auto_monitor
-
-        callbacks.append(auto_monitor())
-    dispatch(callbacks, "on_fit_start",
-             FitInfo(model, n_init, max_iter, tol, plan.n_samples, plan.sample_dim, seed))
-    stop = StopFlag()
-    runs: list[RestartResult] = []
-    label_params = _labeller(plan)
-    with _engine(plan) as estep:
-        for restart, rng in enumerate(restart_seeds(seed, n_init)):
-            if stop.requested:
-                break
-            try:
-                theta, elbo0 = initial_theta(plan, estep, init, rng)
-            except KeyboardInterrupt:
-                if not runs:
-                    raise
-                break
-            runs.append(run_em(plan, estep, theta, elbo0, restart=restart, n_init=n_init, max_iter=max_iter,
-                               tol=tol, callbacks=callbacks, stop=stop, label_params=label_params))
-    best = int(np.argmax([run.final for run in runs]))
-    chosen = runs[best]
-    # A stopped fit did not finish what was asked (DESIGN.md §3), even when the restart it
-    # keeps had converged: it is marked not converged; traces.attrs keep each restart's state.
-    stopped = any(run.stopped for run in runs)
-    fit = Fit(model, label_params(chosen.theta), _units_tree(plan), _traces(runs), restart=best,
-              converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
-              n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds)
-    if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
-        change = chosen.loglik[-1] - chosen.loglik[-2] if chosen.n_iter else float("nan")
-        warnings.warn(f"EM did not converge in max_iter={max_iter} iterations: the last change of the "
-                      f"log-likelihood, {change:.3g}, is above tol·|ℓ| = {tol * abs(chosen.final):.3g}; "
-                      "raise max_iter (or tol)", ConvergenceWarning, stacklevel=3)
-    dispatch(callbacks, "on_fit_end", fit)
-    return fit
-
-
-def _check_settings(n_init: int, max_iter: int, tol: float) -> None:
-    if not isinstance(n_init, int | np.integer) or n_init < 1:
-        raise ModelError(f"fit(n_init=...): must be a positive integer, got {n_init!r}")
-    if not isinstance(max_iter, int | np.integer) or max_iter < 0:
-        raise ModelError(f"fit(max_iter=...): must be a non-negative integer, got {max_iter!r}")
-    if not (isinstance(tol, int | float | np.floating) and np.isfinite(tol) and tol >= 0):
-        raise ModelError(f"fit(tol=...): must be a finite number >= 0, got {tol!r}")
-
-
-@contextlib.contextmanager
-def _engine(plan: Plan) -> Iterator[EStep]:
-    """An E-step runner with BLAS held to one thread: our own workers share the blocks, and
-    the products are too small (K × S per block) for BLAS's threads to pay for themselves."""
-    with EStep(plan) as estep, threadpool_limits(limits=1, user_api="blas"):
-        yield estep
-
-
-def _labeller(plan: Plan) -> Callable[[Theta], xr.DataTree]:
-    def label(theta: Theta) -> xr.DataTree:
-        original = dict(theta)
-        for node in plan.nodes:
-            original[node.name] = node.family.to_original(theta[node.name], node.center, node.scale)
-        return labels.params_tree(plan, original)
-    return label
-
-
-def _units_tree(plan: Plan) -> dict[str, xr.Dataset]:
-    return {node.name: xr.Dataset({
-        "center": labels.labelled(plan, node, ("event",), node.center, "center"),
-        "scale": labels.labelled(plan, node, ("event",), node.scale, "scale"),
-    }, attrs={"description": "internal units: (x - center) / scale"}) for node in plan.nodes}
-
-
-def _traces(runs: Sequence[RestartResult]) -> xr.Dataset:
-    def stacked(key: str) -> np.ndarray:
-        return np.concatenate([np.asarray(getattr(run, key), dtype=float) for run in runs])
-
-    restart = np.concatenate([np.full(run.n_iter + 1, r) for r, run in enumerate(runs)])
-    iteration = np.concatenate([np.arange(run.n_iter + 1) for run in runs])
-    return xr.Dataset(
-        {
-            "loglik": ("step", stacked("loglik"), {"long_name": "log-likelihood log p(x | θ⁽ᵗ⁾)"}),
-            "elbo": ("step", stacked("elbo"), {"long_name": "ELBO(q⁽ᵗ⁻¹⁾, θ⁽ᵗ⁾) after the M-step"}),
-            "kl": ("step", stacked("kl"), {"long_name": "KL(q⁽ᵗ⁻¹⁾ ‖ p(z | x, θ⁽ᵗ⁾)) = loglik − elbo"}),
-            "time": ("step", stacked("time"), {"long_name": "seconds since the restart began", "units": "s"}),
-        },
-        coords={"restart": ("step", restart), "iteration": ("step", iteration)},
-        attrs={"converged": ",".join(str(int(run.converged)) for run in runs)},
-    )
-
-
-def _decoded(ds: xr.Dataset) -> xr.Dataset:
-    """Undo netCDF's object dtype on string coordinates, so labels compare as they did."""
-    return ds.assign_coords({name: coord.values.astype(str) for name, coord in ds.coords.items()
-                             if coord.dtype == object})
-
 
 class _Layout:
-    """A node's event dims and coordinates, read off its labelled parameters (works for loaded fits)."""
+    """A node's event dims, coordinates and levels, read off its labelled parameters (works for loaded fits)."""
 
     def __init__(self, fit: Fit, name: str) -> None:
         decl = next(x for x in fit.model.observed if x.name == name)
@@ -443,18 +355,26 @@ class _Layout:
         self.sample_dim = fit.sample_dim
         key = next(k for k, axes in self.axes.items() if "event" in axes)
         reference = fit.params[name][key]
-        self.dims = [d for d in reference.dims if d != self.latent]
+        self.dims = [d for d in reference.dims if d not in (self.latent, "level")]
         self.shape = [reference.sizes[d] for d in self.dims]
         self.coords = {d: reference[d].values for d in self.dims if d in reference.coords}
         self.D = int(np.prod(self.shape, dtype=int))
+        self.levels = list(reference["level"].values) if "level" in reference.dims else None
+        self.family = decl.family.bound(self.levels) if self.levels is not None else decl.family
 
     def flatten(self, key: str, da: xr.DataArray) -> np.ndarray:
         """The internal array: latent axis first (K = 1 without a latent), each event axis flattened to D."""
-        shape = [self.K if axis == "latent" else self.D for axis in self.axes[key]]
-        return da.values.reshape(shape)
+        sizes = {"latent": self.K, "level": len(self.levels or ())}
+        return da.values.reshape([sizes.get(axis, self.D) for axis in self.axes[key]])
 
     def dataset(self, decl: Any, draws: np.ndarray) -> xr.Dataset:
         n = draws.shape[0]
+        if self.levels is not None:  # level codes back to the level labels
+            draws = np.asarray(self.levels, dtype=object)[draws.astype(np.intp)]
+            if all(isinstance(v, str) for v in self.levels):
+                draws = draws.astype(str)
+            elif all(isinstance(v, int | np.integer) for v in self.levels):
+                draws = draws.astype(int)
         if decl.stacked:
             return xr.Dataset({v: ((self.sample_dim,), draws[:, d]) for d, v in enumerate(decl.variables)})
         return xr.Dataset({decl.variables[0]: xr.DataArray(

@@ -5,7 +5,10 @@ parameters (column 0 holding the constants c_k):
 
     L = H Φ                          (K × n)
     log p(x_n) = logsumexp_k L_kn,   R = softmax_k L   (responsibilities)
-    stats += R Φᵀ                     (K × S; column 0 is N_k)
+    stats += (R w) Φᵀ                 (K × S; column 0 is N_k)
+
+with w the per-sample weights (1 when none are given): every sum the M-step and the
+objective see is weighted, so a weight of 3 is exactly three copies of the row.
 
 L is laid out K × n so that the max and sum over components run along rows,
 and Φ is statistics × rows so that each statistic is one contiguous row.
@@ -17,13 +20,15 @@ BLAS threads. Sums from blocks and threads simply add up.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from emdsl.compile import Plan, blocks
 from emdsl.options import OPTIONS
@@ -33,21 +38,25 @@ from emdsl.options import OPTIONS
 class Summary:
     """What an E-step pass adds up: weighted statistics, log-likelihood, entropy."""
 
-    stats: np.ndarray  # (K, S): R Φᵀ; column 0 holds N_k
-    loglik: float  # Σ_n logsumexp_k L_kn (log h(x) not included)
-    entropy: float  # −Σ_nk r_nk log r_nk
+    stats: np.ndarray  # (K, S): (R w) Φᵀ; column 0 holds N_k
+    loglik: float  # Σ_n w_n logsumexp_k L_kn (log h(x) not included)
+    entropy: float  # −Σ_nk w_n r_nk log r_nk
+    #: Σ_n w_n (|max_k L_kn| + |log Σ_k exp(L_kn − max)|): the size of what was added, for rounding slack
+    magnitude: float = 0.0
 
     def __add__(self, other: Summary) -> Summary:
-        return Summary(self.stats + other.stats, self.loglik + other.loglik, self.entropy + other.entropy)
+        return Summary(self.stats + other.stats, self.loglik + other.loglik, self.entropy + other.entropy,
+                       self.magnitude + other.magnitude)
 
 
 class _Buffers:
     """One worker's scratch space, reused block after block."""
 
-    def __init__(self, n_stats: int, K: int, rows: int) -> None:
+    def __init__(self, n_stats: int, K: int, rows: int, width: int) -> None:
         self.phi = np.empty(n_stats * rows)
         self.log_joint = np.empty(K * rows)
         self.resp = np.empty(K * rows)
+        self.scratch = np.empty(width * rows)  # one node's data (D × n) while its rows of Φ are written
 
     def views(self, n_stats: int, K: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # Contiguous views of the leading part of each flat buffer, for any n ≤ rows.
@@ -69,7 +78,10 @@ class EStep:
         threads = n_threads or OPTIONS["n_threads"] or default_threads(self.S, self.K)
         self.n_workers = max(1, min(threads, len(self.ranges)))
         self.chunks = [self.ranges[i::self.n_workers] for i in range(self.n_workers)]
-        self.buffers = [_Buffers(self.S, self.K, min(self.rows, self.N)) for _ in range(self.n_workers)]
+        self.buffers = [_Buffers(self.S, self.K, min(self.rows, self.N), plan.max_D) for _ in range(self.n_workers)]
+        self.weights = plan.weights
+        #: nodes with partly observed events, whose rows take the conditional-Gaussian path
+        self.partial = [node for node in plan.nodes if len(node.partial_rows)]
         self.pool = ThreadPoolExecutor(self.n_workers) if self.n_workers > 1 else None
 
     def __enter__(self) -> EStep:
@@ -89,32 +101,76 @@ class EStep:
         futures = [self.pool.submit(work, chunk, buf) for chunk, buf in zip(self.chunks, self.buffers, strict=True)]
         return [future.result() for future in futures]
 
-    def _log_joint(self, H: np.ndarray, start: int, stop: int, buf: _Buffers) -> tuple[np.ndarray, ...]:
+    def _patterns(self, theta: Mapping[str, Any] | None) -> dict[str, list[Any]]:
+        """Each partly observed node's conditional Gaussians, one per pattern of holes, at θ."""
+        if not self.partial:
+            return {}
+        if theta is None:
+            raise ValueError("an E-step over partly observed events needs the parameters θ")
+        return {node.name: [node.family.patterns(theta[node.name], observed) for observed in node.patterns]
+                for node in self.partial}
+
+    def _partial_rows(self, start: int, stop: int) -> list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]]:
+        """(node, pattern ids, block-local columns, x) of the partly observed rows in [start, stop)."""
+        found = []
+        for node in self.partial:
+            a, b = np.searchsorted(node.partial_rows, [start, stop])
+            if a < b:
+                rows = node.partial_rows[a:b]
+                found.append((node, node.partial_pattern[a:b], rows - start, node.read_rows(rows)))
+        return found
+
+    def _log_joint(self, H: np.ndarray, start: int, stop: int, buf: _Buffers,
+                   patterns: Mapping[str, list[Any]]) -> tuple[Any, ...]:
         """Φ and L − max_k L, exp of it, its column sums and the max, for one block."""
         phi, log_joint, resp = buf.views(self.S, self.K, stop - start)
-        self.plan.read(start, stop, phi)
+        self.plan.read(start, stop, phi, buf.scratch)
         np.matmul(H, phi, out=log_joint)
+        partial = self._partial_rows(start, stop) if patterns else []
+        for node, pattern, columns, x in partial:
+            # These rows' presence row in Φ is 0: their observed block enters here instead.
+            for g in np.unique(pattern):
+                chosen = pattern == g
+                terms = patterns[node.name][g]
+                log_joint[:, columns[chosen]] += terms.log_density(x[terms.o][:, chosen])
         peak = log_joint.max(axis=0)
         log_joint -= peak
         np.exp(log_joint, out=resp)
         total = resp.sum(axis=0)
-        return phi, log_joint, resp, total, peak
+        return phi, log_joint, resp, total, peak, partial
 
-    def summarize(self, H: np.ndarray) -> Summary:
-        """One E-step pass: R Φᵀ, Σ log p(x_n) (without log h) and the entropy of R."""
+    def summarize(self, H: np.ndarray, theta: Mapping[str, Any] | None = None) -> Summary:
+        """One E-step pass: R Φᵀ, Σ log p(x_n) (without log h) and the entropy of R (θ: for holes in events)."""
+        patterns = self._patterns(theta)
+
         def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> Summary:
             stats = np.zeros((self.K, self.S))
-            loglik = entropy = 0.0
+            loglik = entropy = magnitude = 0.0
             for start, stop in chunk:
-                phi, shifted, resp, total, peak = self._log_joint(H, start, stop, buf)
+                phi, shifted, resp, total, peak, partial = self._log_joint(H, start, stop, buf, patterns)
                 log_total = np.log(total)
-                resp /= total
+                if self.weights is None:
+                    resp /= total
+                    sum_log_total, sum_peak = float(log_total.sum()), float(peak.sum())
+                    magnitude += float(np.abs(peak).sum() + np.abs(log_total).sum())
+                else:
+                    w = self.weights[start:stop]
+                    resp *= w / total  # weighted responsibilities: R w
+                    sum_log_total, sum_peak = float(log_total @ w), float(peak @ w)
+                    magnitude += float((np.abs(peak) + np.abs(log_total)) @ w)
                 stats += resp @ phi.T
-                sum_log_total = float(log_total.sum())
-                loglik += float(peak.sum()) + sum_log_total
-                # −Σ r log r with log r = (L − max) − log Σ exp(L − max), and Σ_k r = 1
+                for node, pattern, columns, x in partial:
+                    block = slice(node.offset, node.offset + node.n_rows)
+                    for g in np.unique(pattern):
+                        chosen = pattern == g
+                        terms = patterns[node.name][g]
+                        extra, gained = terms.expected_statistics(x[terms.o][:, chosen], resp[:, columns[chosen]])
+                        stats[:, block] += extra
+                        entropy += gained
+                loglik += sum_peak + sum_log_total
+                # −Σ w r log r with log r = (L − max) − log Σ exp(L − max), and Σ_k r = 1
                 entropy += sum_log_total - float(np.vdot(resp, shifted))
-            return Summary(stats, loglik, entropy)
+            return Summary(stats, loglik, entropy, magnitude)
 
         return _total(self._map(work), self.K, self.S)
 
@@ -125,21 +181,35 @@ class EStep:
             entropy = 0.0
             for start, stop in chunk:
                 phi = buf.views(self.S, self.K, stop - start)[0]
-                self.plan.read(start, stop, phi)
+                self.plan.read(start, stop, phi, buf.scratch)
                 resp = resp_of(start, stop)
-                stats += resp @ phi.T
                 positive = resp > 0
-                entropy -= float(np.sum(resp[positive] * np.log(resp[positive])))
+                terms = np.where(positive, resp * np.log(np.where(positive, resp, 1.0)), 0.0).sum(axis=0)
+                if self.weights is not None:
+                    resp = resp * self.weights[start:stop]
+                    terms = terms * self.weights[start:stop]
+                stats += resp @ phi.T
+                entropy -= float(terms.sum())
+                for node, _, columns, x in self._partial_rows(start, stop):
+                    # No θ yet to fill holes with: they start at the element's mean (0 in
+                    # internal units), as for k-means++ seeding; the trace's ELBO at t = 0 is ℓ.
+                    filled = np.empty((node.n_rows, len(columns)))
+                    filled[0] = 1.0
+                    filled[1:1 + node.D] = np.nan_to_num(x, nan=0.0)
+                    node.family.second_moments(filled[1:], node.D)
+                    stats[:, node.offset:node.offset + node.n_rows] += resp[:, columns] @ filled.T
             return Summary(stats, 0.0, entropy)
 
         return _total(self._map(work), self.K, self.S)
 
-    def evaluate(self, H: np.ndarray, *, resp_out: np.ndarray | None = None,
-                 loglik_out: np.ndarray | None = None) -> None:
+    def evaluate(self, H: np.ndarray, theta: Mapping[str, Any] | None = None, *,
+                 resp_out: np.ndarray | None = None, loglik_out: np.ndarray | None = None) -> None:
         """Per-sample results: responsibilities (N × K) and/or log p(x_n) without log h (N,)."""
+        patterns = self._patterns(theta)
+
         def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> None:
             for start, stop in chunk:
-                _, _, resp, total, peak = self._log_joint(H, start, stop, buf)
+                _, _, resp, total, peak, _ = self._log_joint(H, start, stop, buf, patterns)
                 if resp_out is not None:
                     resp_out[start:stop] = (resp / total).T
                 if loglik_out is not None:
@@ -176,3 +246,11 @@ def _total(parts: list[Summary], K: int, S: int) -> Summary:
     for part in parts:
         out = out + part
     return out
+
+
+@contextlib.contextmanager
+def engine(plan: Plan) -> Iterator[EStep]:
+    """An E-step runner with BLAS held to one thread: our own workers share the blocks, and
+    the products are too small (K × S per block) for BLAS's threads to pay for themselves."""
+    with EStep(plan) as estep, threadpool_limits(limits=1, user_api="blas"):
+        yield estep

@@ -43,9 +43,11 @@ def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator)
 
 
 def _from_responsibilities(plan: Plan, estep: EStep, resp_of: Any,
-                           hold: Mapping[str, Any] | None = None) -> tuple[Theta, float]:
+                           hold: Mapping[str, Any] | None = None) -> tuple[Theta, float | None]:
     summary: Summary = estep.statistics_from(resp_of)
     theta, _ = maximize(plan, summary.stats, None, hold)
+    if any(len(node.partial_rows) for node in plan.nodes):
+        return theta, None  # holes were filled without θ: those statistics make no ELBO
     elbo = expected_complete_loglik(natural_matrix(plan, theta), summary.stats) + plan.log_base_total
     return theta, elbo + summary.entropy
 
@@ -80,6 +82,9 @@ def _continuous(plan: Plan, nodes: list | None = None) -> np.ndarray | None:
         for node in chosen:
             node.read(start, stop, z[row:row + node.D, start:stop])
             row += node.D
+    # A hole sits at the element's mean (0 in standardized units): seeding needs a point
+    # for every sample, and the mean moves no seed towards or away from it.
+    np.nan_to_num(z, copy=False, nan=0.0)
     return z.T
 
 

@@ -16,8 +16,8 @@ from emdsl.engine.events import IterationEvent, dispatch
 from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
 from emdsl.errors import DegenerateComponentWarning, MonotonicityError
 
-#: relative slack for the run-time checks of EM's guarantees (floating-point noise)
-MONOTONE_RTOL = 1e-9
+#: ulps of rounding allowed per unit of magnitude summed, times the depth of the sums
+_ULPS = 16.0
 
 
 @dataclasses.dataclass
@@ -25,9 +25,14 @@ class StopFlag:
     """Set by a callback (``event.request_stop()``) or an interrupt; read between iterations."""
 
     requested: bool = False
+    #: the stop came from Ctrl-C (KeyboardInterrupt), not from a callback
+    interrupted: bool = False
 
     def request(self) -> None:
         self.requested = True
+
+    def interrupt(self) -> None:
+        self.requested = self.interrupted = True
 
 
 @dataclasses.dataclass
@@ -39,6 +44,8 @@ class RestartResult:
     elbo: list[float]
     kl: list[float]
     time: list[float]
+    #: the rounding bound of each iteration's check (DESIGN.md §3, "Objective")
+    slack: list[float]
     converged: bool = False
     stopped: bool = False
 
@@ -64,19 +71,24 @@ def run_em(
     callbacks: Sequence[Any],
     stop: StopFlag,
     label_params: Callable[[Theta], Any],
-) -> RestartResult:
-    """Run EM from θ⁽⁰⁾ for at most ``max_iter`` M-steps.
+) -> RestartResult | None:
+    """Run EM from θ⁽⁰⁾ for at most ``max_iter`` M-steps (None if interrupted before ℓ(θ⁽⁰⁾) was known).
 
     Every iteration checks the two halves of EM's guarantee (DESIGN.md §1): the
     M-step does not lower the ELBO below ℓ(θ⁽ᵗ⁻¹⁾), and the new log-likelihood is
     not below the ELBO (KL ≥ 0); together, ℓ never decreases.
     """
     start = time.perf_counter()
-    H = natural_matrix(plan, theta)
-    summary = estep.summarize(H)
+    previous_H = natural_matrix(plan, theta)
+    try:
+        summary = estep.summarize(previous_H, theta)
+    except KeyboardInterrupt:
+        stop.interrupt()  # nothing of this restart is evaluated yet: the caller keeps the earlier ones
+        return None
     loglik = summary.loglik + plan.log_base_total
     elbo = loglik if elbo0 is None else elbo0
-    result = RestartResult(theta, [loglik], [elbo], [loglik - elbo], [time.perf_counter() - start])
+    result = RestartResult(theta, [loglik], [elbo], [loglik - elbo], [time.perf_counter() - start],
+                           [rounding_slack(plan, previous_H, summary.magnitude)])
     collapsed: set[tuple[str, int]] = set()
 
     def report(delta: float | None) -> None:
@@ -96,10 +108,13 @@ def run_em(
             _warn_collapsed(plan, floored, iteration, collapsed)
             H = natural_matrix(plan, theta)
             elbo = expected_complete_loglik(H, summary.stats) + plan.log_base_total + summary.entropy
-            new_summary = estep.summarize(H)
+            new_summary = estep.summarize(H, theta)
             new_loglik = new_summary.loglik + plan.log_base_total
-            _check_guarantee(iteration, loglik, elbo, new_loglik)
-            delta, loglik, summary = new_loglik - loglik, new_loglik, new_summary
+            slack = max(rounding_slack(plan, H, new_summary.magnitude),
+                        rounding_slack(plan, previous_H, summary.magnitude))
+            _check_guarantee(iteration, loglik, elbo, new_loglik, slack)
+            result.slack.append(slack)
+            delta, loglik, summary, previous_H = new_loglik - loglik, new_loglik, new_summary, H
             result.theta = theta
             result.loglik.append(loglik)
             result.elbo.append(elbo)
@@ -110,24 +125,40 @@ def run_em(
             if result.converged:
                 break
     except KeyboardInterrupt:
-        stop.request()
+        stop.interrupt()
         result.stopped = True
-        warnings.warn(f"fit interrupted in restart {restart} after {result.n_iter} iterations; "
-                      "returning the best parameters so far (not converged)", stacklevel=4)
     return result
 
 
-def _check_guarantee(iteration: int, previous: float, elbo: float, loglik: float) -> None:
-    slack = MONOTONE_RTOL * max(abs(previous), 1.0)
+def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:
+    """How far the computed ℓ and ELBO may stray from their exact values through rounding alone.
+
+    Both are sums of many terms: H Φ over the S statistics of every sample (bounded by
+    Σ_s max_k |H_ks| Σ_n w_n |Φ_sn|, however they cancel), the log-sum-exp of each sample
+    (``magnitude``) and log h. Each term carries a relative error of order ε, so the slack
+    is ε times the magnitudes actually summed, not a fraction of |ℓ|, which can be small
+    while the sums that produce it are large (a component collapsing onto a point).
+    """
+    eps = np.finfo(float).eps
+    terms = float(np.abs(H).max(axis=0) @ plan.phi_magnitude) + magnitude + abs(plan.log_base_total)
+    # Sums inside a block run over up to 16k rows in BLAS (no pairwise summation): √(S·n)
+    # is the typical growth of their error; blocks then add up in a short tree.
+    depth = np.sqrt(plan.n_stats * min(plan.n_samples, 16384.0)) + np.log2(plan.n_samples + 2)
+    return float(_ULPS * eps * depth * terms)
+
+
+def _check_guarantee(iteration: int, previous: float, elbo: float, loglik: float, slack: float) -> None:
     if loglik < previous - slack:
         raise MonotonicityError(f"iteration {iteration}: the log-likelihood decreased from {previous!r} to "
-                                f"{loglik!r} (by {previous - loglik:.3g}); EM cannot do this, so this is a bug")
+                                f"{loglik!r} (by {previous - loglik:.3g}, beyond the rounding bound "
+                                f"{slack:.3g}); EM cannot do this, so this is a bug")
     if elbo < previous - slack:
         raise MonotonicityError(f"iteration {iteration}: the M-step lowered the ELBO from {previous!r} to "
-                                f"{elbo!r}; this is a bug in an M-step")
+                                f"{elbo!r} (beyond the rounding bound {slack:.3g}); this is a bug in an M-step")
     if loglik < elbo - slack:
         raise MonotonicityError(f"iteration {iteration}: the ELBO {elbo!r} exceeds the log-likelihood "
-                                f"{loglik!r} (KL < 0); this is a bug in the E-step")
+                                f"{loglik!r} (KL < 0 beyond the rounding bound {slack:.3g}); this is a bug "
+                                "in the E-step")
 
 
 def _warn_collapsed(plan: Plan, floored: list[tuple[str, int, float]], iteration: int,

@@ -1,29 +1,38 @@
 """The interface every family implements, and what they share.
 
 A family is both a *declaration* (immutable, with its options and any fixed
-parameter values) and the home of its own mathematics (DESIGN.md §1–2):
+parameter values) and the home of its own mathematics (DESIGN.md §1–2).
 
-* ``statistics``: the sufficient statistics φ(x), written as rows of Φ;
-* ``natural``: the natural parameters η and log-partition A(η) per component,
-  written as rows of H and the constant column;
-* ``log_base_measure``: log h(x), which never depends on the component;
-* ``m_step``: moment matching, responsibility-weighted sums of φ → parameters.
+An observed family owns a block of rows of Φ and the matching columns of H. The
+block starts with *presence rows* and continues with the sufficient statistics:
 
-Arrays here are plain numpy and always in the family's *internal* units: a
-location-scale family (``standardize = True``) sees centred and scaled data, and
-``to_original`` / ``to_standard`` map its parameters across.
+* ``statistics(x, out)``: writes the block for a batch of samples; ``x`` (D × b) holds
+  NaN where an element is missing, and a missing element writes 0 in every row, so it
+  adds nothing to L and nothing to the node's sums (EM for data missing at random);
+* ``natural(params)``: the H block (K × rows): −A(η) in the presence columns, η in
+  the statistics columns, so that ``H Φ`` is Σ_v [ηᵀφ(x) − A(η)] over present elements;
+* ``log_base_measure(x)``: Σ log h(x) over the present elements (never depends on k);
+* ``m_step(stats, hold, previous)``: moment matching from the block's responsibility-
+  weighted sums; the presence rows' sums are the node's own counts N_vk.
+
+Arrays here are plain numpy, in the family's *internal* units (``to_original`` and
+``to_standard`` map location-scale parameters across).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from emdsl.errors import ModelError
+
 Params = dict[str, np.ndarray]
-Axes = tuple[Literal["latent", "event", "event_"], ...]
+Axes = tuple[Literal["latent", "event", "event_", "level"], ...]
+Floored = list[tuple[int, float]]
 
 _FAMILIES: dict[str, type[Family]] = {}
 
@@ -33,11 +42,18 @@ class Family:
 
     role: ClassVar[Literal["latent", "observed"]]
     param_names: ClassVar[tuple[str, ...]] = ()
+    #: arguments shown without their name in the repr, as users write them
+    positional: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__name__.startswith("_") and "role" not in cls.__dict__:
             _FAMILIES[cls.__name__] = cls
+
+    @property
+    def kind(self) -> str:
+        """The family's public name (its class name, as the user writes it)."""
+        return type(self).__name__
 
     def arguments(self) -> dict[str, Any]:
         """The constructor arguments that recreate this family (values as given)."""
@@ -57,12 +73,13 @@ class Family:
         signature = inspect.signature(type(self).__init__).parameters
         shown = []
         for key, value in self.arguments().items():
-            default = signature[key].default
+            default = signature[key].default if key in signature else None
             if default is not inspect.Parameter.empty and _same_value(value, default):
                 continue
             text = _short(value)
-            shown.append(text if default is inspect.Parameter.empty else f"{key}={text}")
-        return f"{type(self).__name__}({', '.join(shown)})"
+            bare = default is inspect.Parameter.empty or key in self.positional
+            shown.append(text if bare else f"{key}={text}")
+        return f"{self.kind}({', '.join(shown)})"
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -84,54 +101,77 @@ class LatentFamily(Family):
     states: tuple[Any, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class Marginal:
+    """The distribution of one element given each latent state, for plots.
+
+    ``density(grid)`` returns p(x = grid | z = k) as (K, len(grid)); a discrete
+    family sets ``discrete=True`` (drawn with bars at its support, or at its
+    ``levels`` when it has labelled levels). ``variance`` is set for Gaussian
+    marginals, which also get covariance ellipses.
+    """
+
+    mean: np.ndarray
+    density: Callable[[np.ndarray], np.ndarray]
+    discrete: bool = False
+    variance: np.ndarray | None = None
+    levels: Sequence[Any] | None = None
+
+
 class ObservedFamily(Family):
-    """An exponential family for observed data, with statistics stacked into Φ.
+    """An exponential family for observed data, owning a block of rows of Φ.
 
     ``D`` below is the number of elements the family sees per sample (the size of
     the event dimension, or the product of a variable's non-sample dims).
     """
 
     role = "observed"
-    #: fitted on centred and scaled data; ``to_original`` maps parameters back
+    #: location-scale family fitted on centred and scaled data; ``to_original`` maps back
     standardize: ClassVar[bool] = False
     #: elements form one event over a single dimension (False: independent elements)
     multivariate: ClassVar[bool] = False
     #: usable for k-means++ seeding (continuous, Euclidean geometry)
     continuous: ClassVar[bool] = False
+    #: the data are category labels, encoded as level codes 0..L-1 by the compiler
+    categorical: ClassVar[bool] = False
     #: one common scale for all elements (needed where a parameter pools elements)
     pool_scale: bool = False
     floor: float = 0.0
 
-    def n_stats(self, D: int) -> int:
-        """Number of sufficient statistics (rows of Φ) for D elements."""
+    # -- layout ---------------------------------------------------------------------
+    def n_rows(self, D: int) -> int:
+        """Rows of Φ this node owns: presence rows and sufficient statistics."""
         raise NotImplementedError
 
-    def statistics(self, out: np.ndarray, D: int) -> None:
-        """Fill ``out`` (n_stats × b) with φ(x); on entry ``out[:D]`` holds x (D × b)."""
+    def statistics(self, x: np.ndarray, out: np.ndarray, aux: Mapping[str, np.ndarray]) -> None:
+        """Fill ``out`` (rows × b) from ``x`` (D × b, NaN where missing)."""
         raise NotImplementedError
 
-    def log_base_measure(self, x: np.ndarray) -> np.ndarray:
-        """log h(x) for each column of ``x`` (D × b); it never depends on the component."""
+    def natural(self, params: Params) -> np.ndarray:
+        """The H block (K × rows): −A(η) in the presence columns, η in the others."""
         raise NotImplementedError
 
-    def natural(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
-        """Natural parameters η (K × n_stats) and log-partition A(η) (K,)."""
+    def log_base_measure(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Σ log h(x) over the present elements of each column of ``x`` (D × b)."""
         raise NotImplementedError
 
-    def m_step(
-        self, stats: np.ndarray, nk: np.ndarray, hold: Params, previous: Params | None
-    ) -> tuple[Params, list[tuple[int, float]]]:
-        """Moment matching from weighted sums of φ (K × n_stats) and counts N_k (K,).
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None) -> tuple[Params, Floored]:
+        """Moment matching from the node's block of R Φᵀ (K × rows).
 
-        ``hold`` are parameters not to learn (fixed ones, or starting values given
-        by the user); ``previous`` the last parameters, kept for components with no
+        ``hold`` are parameters not to learn (fixed ones, or starting values given by
+        the user); ``previous`` the last parameters, kept for components with no
         responsibility left (a generalized-EM step). Returns the parameters and the
-        ``(component, smallest variance)`` pairs where the variance floor was applied.
+        ``(component, smallest variance)`` pairs where a variance floor was applied.
         """
         raise NotImplementedError
 
+    # -- declaration and data -----------------------------------------------------------
+    def data_arguments(self) -> dict[str, str]:
+        """Arguments that name data variables read alongside x (e.g. Binomial's trials)."""
+        return {}
+
     def default_params(self, K: int, D: int) -> Params:
-        """Standard-normal-like parameters in internal units, for empty components."""
+        """Parameters for components that never had responsibility."""
         raise NotImplementedError
 
     def n_free_params(self, K: int, D: int) -> int:
@@ -149,26 +189,108 @@ class ObservedFamily(Family):
     def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
         """Raise ``ModelError`` naming ``where`` if a parameter value is invalid."""
 
-    def check_data(self, x: np.ndarray, where: str) -> None:
-        """Raise ``ModelError`` if a block of data (b × D) is outside the support."""
+    def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
+        """Elements of ``x`` (b × D, NaN = missing) outside the support, and what the support is."""
+        return None
 
-    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
         """Draw one sample (n × D) per entry of ``labels`` (component indices)."""
         raise NotImplementedError
 
-    def log_prob(self, x: np.ndarray, params: Params) -> np.ndarray:
-        """log p(x | component k) for x (n × D): (n × K), through η·φ(x) − A(η) + log h(x).
+    def expected_value(self, params: Params) -> np.ndarray:
+        """E[x | z = k] per component (K × D), used to impute missing values."""
+        raise NotImplementedError
+
+    def marginal(self, values: Mapping[str, np.ndarray]) -> Marginal:
+        """One element's distribution per state; ``values[p]`` is parameter p for that element (K, ...)."""
+        raise NotImplementedError
+
+    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray) -> np.ndarray:
+        """``x`` (D × n, NaN = missing) with each hole set to Σ_k r_nk E[x_d | z=k] (elements independent given z)."""
+        filled = (resp @ self.expected_value(params)).T
+        return np.where(np.isnan(x), filled, x)
+
+    def bound(self, levels: Sequence[Any]) -> ObservedFamily:
+        """This family with the data's levels bound (only categorical families have levels)."""
+        return self
+
+    def log_prob(self, x: np.ndarray, params: Params, aux: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """log p(x | component k) for x (n × D): (n × K), through H Φ + log h.
 
         Computed from the same pieces the engine uses, so testing it against an
         independent density tests the exponential-family decomposition itself.
         """
         x = np.asarray(x, dtype=float)
-        D = x.shape[1]
-        phi = np.empty((self.n_stats(D), x.shape[0]))
-        phi[:D] = x.T
-        self.statistics(phi, D)
-        eta, log_partition = self.natural(params)
-        return (eta @ phi).T - log_partition + self.log_base_measure(x.T)[:, None]
+        aux = {key: np.asarray(value, dtype=float).T for key, value in (aux or {}).items()}
+        phi = np.empty((self.n_rows(x.shape[1]), x.shape[0]))
+        self.statistics(x.T, phi, aux)
+        return (self.natural(params) @ phi).T + self.log_base_measure(x.T, aux)[:, None]
+
+
+class ElementwiseFamily(ObservedFamily):
+    """A family whose elements are independent given z, each with ``n_suff`` statistics.
+
+    Rows of Φ: one presence row per element (1 where observed; Binomial's is the
+    number of trials), then statistic j of element d at row ``D·(1+j) + d``. Parameters
+    are (K, D) arrays unless a family says otherwise.
+    """
+
+    n_suff: ClassVar[int] = 1
+    #: a value inside the support, written where x is missing before φ is computed
+    fill: ClassVar[float] = 0.0
+
+    def n_rows(self, D: int) -> int:
+        return D * (1 + self.n_suff)
+
+    def suff(self, x: np.ndarray) -> list[np.ndarray]:
+        """φ_j(x) for j < n_suff, each shaped like x (D × b)."""
+        raise NotImplementedError
+
+    def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
+        """Natural parameters η_j (each K × D) and the log-partition A (K × D)."""
+        raise NotImplementedError
+
+    def log_h(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        """log h(x) elementwise (D × b), for x inside the support."""
+        return np.zeros_like(x)
+
+    def presence(self, observed: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The presence rows (D × b): what multiplies −A(η) for each element."""
+        return observed.astype(float)
+
+    def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
+            previous: Params | None) -> tuple[Params, Floored]:
+        """Parameters from counts N_kd and sums S_jkd = Σ_n r_nk φ_j(x_nd) (each K × D)."""
+        raise NotImplementedError
+
+    def statistics(self, x: np.ndarray, out: np.ndarray, aux: Mapping[str, np.ndarray]) -> None:
+        D = x.shape[0]
+        observed = ~np.isnan(x)
+        complete = bool(observed.all())
+        safe = x if complete else np.where(observed, x, self.fill)
+        out[:D] = self.presence(observed, aux)
+        for j, phi in enumerate(self.suff(safe)):
+            rows = out[D * (1 + j):D * (2 + j)]
+            if complete:
+                rows[...] = phi
+            else:
+                np.multiply(phi, observed, out=rows)
+
+    def natural(self, params: Params) -> np.ndarray:
+        etas, log_partition = self.eta(params)
+        return np.hstack([-log_partition, *etas])
+
+    def log_base_measure(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        observed = ~np.isnan(x)
+        safe = np.where(observed, x, self.fill)
+        return np.where(observed, self.log_h(safe, aux), 0.0).sum(axis=0)
+
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None) -> tuple[Params, Floored]:
+        D = stats.shape[1] // (1 + self.n_suff)
+        nk = stats[:, :D]
+        sums = [stats[:, D * (1 + j):D * (2 + j)] for j in range(self.n_suff)]
+        return self.mle(nk, sums, hold, previous)
 
 
 def family_class(name: str) -> type[Family]:
@@ -180,30 +302,75 @@ def family_class(name: str) -> type[Family]:
 
 def keep_empty(new: np.ndarray, previous: np.ndarray | None, fallback: np.ndarray,
                empty: np.ndarray) -> np.ndarray:
-    """Per-component parameter ``new`` with empty components taken from ``previous``."""
+    """Per-component parameter ``new`` with empty entries taken from ``previous``.
+
+    ``empty`` has the leading shape of ``new`` (K, or K × D for per-element counts).
+    """
     if not empty.any():
         return new
-    source = fallback if previous is None else previous
-    shape = (-1,) + (1,) * (new.ndim - 1)
+    source = fallback if previous is None else np.broadcast_to(previous, new.shape)
+    shape = empty.shape + (1,) * (new.ndim - empty.ndim)
     return np.where(empty.reshape(shape), source, new)
 
 
 def empty_components(nk: np.ndarray) -> np.ndarray:
-    """Components whose responsibility is too small to estimate anything from."""
-    return nk <= 1e-12 * max(float(nk.sum()), 1.0)
+    """Entries (components, or component × element) with too little responsibility to estimate from."""
+    total = float(nk.sum(axis=0).max()) if nk.ndim > 1 else float(nk.sum())
+    return nk <= 1e-12 * max(total, 1.0)
 
 
 def safe_counts(nk: np.ndarray) -> np.ndarray:
-    """N_k with empty components set to 1, so that divisions stay finite."""
+    """N_k with empty entries set to 1, so that divisions stay finite."""
     return np.where(empty_components(nk), 1.0, nk)
+
+
+def held_or(hold: Params, name: str, shape: tuple[int, ...], estimate: Callable[[], np.ndarray]) -> np.ndarray:
+    """A held parameter broadcast to ``shape``, or the estimate."""
+    if name in hold:
+        return np.broadcast_to(np.asarray(hold[name], dtype=float), shape).copy()
+    return estimate()
+
+
+def check_range(params: Mapping[str, np.ndarray], name: str, where: str, *, low: float = -np.inf,
+                high: float = np.inf, low_open: bool = True, high_open: bool = True) -> None:
+    """Raise ``ModelError`` unless every value of ``params[name]`` is finite and inside the interval."""
+    if name not in params:
+        return
+    value = np.asarray(params[name], dtype=float)
+    ok = np.isfinite(value)
+    ok &= (value > low) if low_open else (value >= low)
+    ok &= (value < high) if high_open else (value <= high)
+    if not ok.all():
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        bad = value[~ok].ravel()[0]
+        raise ModelError(f"{where}: {name} must be finite and in {interval}, got {bad!r}"
+                         f"{f' (and {int((~ok).sum()) - 1} more)' if (~ok).sum() > 1 else ''}")
+
+
+def as_float(value: Any, where: str) -> np.ndarray:
+    """An array-valued argument as floats, or a ``ModelError`` saying what arrived."""
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ModelError(f"{where}: expected numbers, got {value!r}") from None
+
+
+def check_number(value: Any, where: str, *, low: float = -np.inf, low_open: bool = False) -> float:
+    """A finite real argument (not bool, not str), at least ``low``; else ``ModelError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ModelError(f"{where}: must be a number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < low or (low_open and value == low):
+        raise ModelError(f"{where}: must be a finite number {'>' if low_open else '>='} {low:g}, got {value!r}")
+    return value
 
 
 def _short(value: Any) -> str:
     """A constructor argument as shown in a repr: scalars and short lists in full, arrays by shape."""
     if isinstance(value, str) or np.ndim(value) == 0:
-        return repr(value)
+        return repr(value.item() if isinstance(value, np.generic) else value)
     if isinstance(value, list | tuple) and len(value) <= 8 and all(np.ndim(v) == 0 for v in value):
-        return repr(list(value))
+        return repr([v.item() if isinstance(v, np.generic) else v for v in value])
     return f"<{np.shape(value)} array>"
 
 

@@ -12,8 +12,12 @@ from emdsl.errors import ModelError
 from emdsl.families import normal
 from emdsl.families._base import (
     Axes,
+    Floored,
+    Marginal,
     ObservedFamily,
     Params,
+    as_float,
+    check_number,
     empty_components,
     keep_empty,
     safe_counts,
@@ -90,13 +94,14 @@ class MultivariateNormal(ObservedFamily):
         else:
             self.covariance_type = _type_of_fixed(covariance)
             self._covariance = covariance
-            self.check_params({"covariance": np.asarray(covariance, dtype=float)},
+            self.check_params({"covariance": as_float(covariance, "MultivariateNormal(covariance=...)")},
                               "MultivariateNormal(covariance=<array>)")
-        if not (np.isfinite(floor) and floor >= 0):
-            raise ModelError(f"MultivariateNormal(floor=...): must be a finite number >= 0, got {floor!r}")
+        self.floor = check_number(floor, "MultivariateNormal(floor=...)", low=0.0)
+        if mean is not None:
+            self.check_params({"mean": as_float(mean, "MultivariateNormal(mean=...)")},
+                              "MultivariateNormal(mean=...)")
         self.dim = dim
         self._mean = mean
-        self.floor = float(floor)
         self.pool_scale = self.covariance_type == "spherical"
 
     def arguments(self) -> dict[str, Any]:
@@ -118,10 +123,27 @@ class MultivariateNormal(ObservedFamily):
         return {"mean": ("latent", "event"), "covariance": covariance}
 
     # -- statistics and natural parameters ---------------------------------------
+    # Rows of Φ: one presence row (1 where the whole event is observed), then the
+    # statistics. An event with holes writes zeros here; its observed block enters
+    # through the conditional Gaussian of ``missing.py``.
     def n_stats(self, D: int) -> int:
+        """Sufficient statistics of one complete event."""
         return {"diag": 2 * D, "spherical": D + 1}.get(self.covariance_type, D + D * (D + 1) // 2)
 
-    def statistics(self, out: np.ndarray, D: int) -> None:
+    def n_rows(self, D: int) -> int:
+        return 1 + self.n_stats(D)
+
+    def statistics(self, x: np.ndarray, out: np.ndarray, aux: Mapping[str, np.ndarray]) -> None:
+        D = x.shape[0]
+        complete = ~np.isnan(x).any(axis=0)
+        out[0] = complete
+        out[1:1 + D] = x
+        if not complete.all():
+            out[1:1 + D, ~complete] = 0.0
+        self.second_moments(out[1:], D)
+
+    def second_moments(self, out: np.ndarray, D: int) -> None:
+        """Fill ``out[D:]`` with the second-moment statistics of ``out[:D]`` (x)."""
         x = out[:D]
         if self.covariance_type == "diag":
             np.multiply(x, x, out=out[D:])
@@ -134,10 +156,15 @@ class MultivariateNormal(ObservedFamily):
                 np.multiply(x[i:], x[i], out=out[row:row + D - i])
                 row += D - i
 
-    def log_base_measure(self, x: np.ndarray) -> np.ndarray:
-        return np.full(x.shape[1], -0.5 * normal.LOG_2PI * x.shape[0])
+    def log_base_measure(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        return -0.5 * normal.LOG_2PI * (~np.isnan(x)).sum(axis=0)
 
-    def natural(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    def natural(self, params: Params) -> np.ndarray:
+        eta, log_partition = self.eta(params)
+        return np.hstack([-log_partition[:, None], eta])
+
+    def eta(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        """η (K × n_stats) and A(η) (K,) of the complete event."""
         mean, cov = params["mean"], params["covariance"]
         K, D = mean.shape
         if self.covariance_type in ("diag", "spherical"):
@@ -160,9 +187,9 @@ class MultivariateNormal(ObservedFamily):
         return np.hstack([eta_x, eta_xx]), log_partition
 
     # -- M-step ---------------------------------------------------------------
-    def m_step(self, stats: np.ndarray, nk: np.ndarray, hold: Params,
-               previous: Params | None) -> tuple[Params, list[tuple[int, float]]]:
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None) -> tuple[Params, Floored]:
         K = stats.shape[0]
+        nk, stats = stats[:, 0], stats[:, 1:]
         D = _event_size(stats.shape[1], self.covariance_type)
         s_x, s_xx = stats[:, :D], stats[:, D:]
         empty = empty_components(nk)
@@ -252,7 +279,49 @@ class MultivariateNormal(ObservedFamily):
                 raise ModelError(f"{where}: covariance{which} is not positive definite "
                                  f"(smallest eigenvalue {smallest:.6g})")
 
-    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def expected_value(self, params: Params) -> np.ndarray:
+        return params["mean"]
+
+    def patterns(self, params: Params, observed: np.ndarray) -> PatternTerms:
+        """The conditional Gaussian of the holes of one pattern (``observed``: D booleans)."""
+        return PatternTerms(self, params, observed)
+
+    def second_moment_correction(self, missing: np.ndarray, C: np.ndarray, D: int) -> np.ndarray:
+        """What E[x xᵀ] adds to φ(E[x]) when x_m has covariance C: the statistics rows after x."""
+        out = np.zeros(self.n_stats(D))
+        if self.covariance_type == "diag":
+            out[D + missing] = np.diagonal(C)
+        elif self.covariance_type == "spherical":
+            out[D] = np.trace(C)
+        else:
+            full = np.zeros((D, D))
+            full[np.ix_(missing, missing)] = C
+            out[D:] = full[np.triu_indices(D)]
+        return out
+
+    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray) -> np.ndarray:
+        """Each hole becomes Σ_k r_nk E[x_m | x_o, z=k], the conditional Gaussian mean."""
+        out = x.copy()
+        holes = np.isnan(x)
+        if not holes.any():
+            return out
+        keys, inverse = np.unique(holes.T, axis=0, return_inverse=True)
+        for g, pattern in enumerate(keys):
+            cols = np.flatnonzero(inverse.ravel() == g)
+            if not pattern.any():
+                continue
+            if pattern.all():
+                out[:, cols] = (resp[cols] @ params["mean"]).T
+                continue
+            terms = self.patterns(params, ~pattern)
+            out[np.ix_(pattern, cols)] = terms.conditional_mean(x[~pattern][:, cols], resp[cols])
+        return out
+
+    def marginal(self, values: Mapping[str, np.ndarray]) -> Marginal:
+        return normal.gaussian_marginal(values["mean"], values["covariance"])
+
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
         mean = params["mean"]
         K, D = mean.shape
         cov = params["covariance"]
@@ -316,3 +385,74 @@ def _scale_covariance(cov: np.ndarray, scale: np.ndarray, covariance_type: str) 
     if covariance_type == "spherical":
         return cov * float(scale[0]) ** 2
     return cov * np.multiply.outer(scale, scale)
+
+
+class PatternTerms:
+    """The conditional Gaussian of one pattern of holes, per component (DESIGN.md §2).
+
+    For observed block o and missing block m of x under component k:
+    x_o ~ N(μ_o, Σ_oo), and x_m | x_o ~ N(μ_m + B (x_o − μ_o), C) with B = Σ_mo Σ_oo⁻¹
+    and C = Σ_mm − B Σ_om. The E-step then needs log N(x_o) for L, and the expected
+    statistics E[φ(x) | x_o, k], which are φ(x̂) (x̂ the data with the holes filled by
+    their conditional mean) plus C in the second moments of the missing block.
+    """
+
+    def __init__(self, family: MultivariateNormal, params: Params, observed: np.ndarray) -> None:
+        mean = params["mean"]
+        K, D = mean.shape
+        cov = _full_covariance(params["covariance"], family.covariance_type, K, D)
+        o, m = np.flatnonzero(observed), np.flatnonzero(~observed)
+        self.family, self.D, self.o, self.m, self.mean = family, D, o, m, mean
+        s_oo = cov[:, o[:, None], o[None, :]]
+        self.chol = np.linalg.cholesky(s_oo)
+        self.log_det_oo = 2.0 * np.log(np.diagonal(self.chol, axis1=1, axis2=2)).sum(axis=1)
+        s_mo = cov[:, m[:, None], o[None, :]]
+        self.B = np.linalg.solve(s_oo, np.swapaxes(s_mo, 1, 2)).swapaxes(1, 2)
+        C = cov[:, m[:, None], m[None, :]] - self.B @ np.swapaxes(s_mo, 1, 2)
+        self.C = 0.5 * (C + np.swapaxes(C, 1, 2))
+        self.log_det_c = np.linalg.slogdet(self.C)[1]
+
+    def log_density(self, x_o: np.ndarray) -> np.ndarray:
+        """log N(x_o | μ_o, Σ_oo) + ½|o| log 2π for each column of x_o (|o| × n): K × n (log h is apart)."""
+        out = np.empty((len(self.chol), x_o.shape[1]))
+        for k, chol in enumerate(self.chol):
+            white = np.linalg.solve(chol, x_o - self.mean[k, self.o, None])
+            out[k] = -0.5 * np.einsum("in,in->n", white, white) - 0.5 * self.log_det_oo[k]
+        return out
+
+    def expected_statistics(self, x_o: np.ndarray, resp: np.ndarray) -> tuple[np.ndarray, float]:
+        """Σ_n r_nk E[(1, φ(x_n)) | x_o, k] (K × rows of the node) and Σ_nk r_nk ℍ[x_m | x_o, k] − ½|m| log 2π·Σr.
+
+        The second term is what the ELBO gains from the holes: the entropy of their
+        conditional Gaussian, less the part of log h that the missing elements would carry.
+        """
+        family, D = self.family, self.D
+        K, n = resp.shape
+        stats = np.empty((K, family.n_rows(D)))
+        phi = np.empty((family.n_rows(D), n))
+        phi[0] = 1.0
+        mass = resp.sum(axis=1)
+        for k in range(K):
+            phi[1 + self.o] = x_o
+            phi[1 + self.m] = self.mean[k, self.m, None] + self.B[k] @ (x_o - self.mean[k, self.o, None])
+            family.second_moments(phi[1:], D)
+            stats[k] = phi @ resp[k]
+            stats[k, 1:] += mass[k] * family.second_moment_correction(self.m, self.C[k], D)
+        entropy = float(mass @ (0.5 * len(self.m) + 0.5 * self.log_det_c))
+        return stats, entropy
+
+    def conditional_mean(self, x_o: np.ndarray, resp: np.ndarray) -> np.ndarray:
+        """Σ_k r_nk E[x_m | x_o, k] for each column: |m| × n."""
+        filled = np.zeros((len(self.m), x_o.shape[1]))
+        for k in range(len(self.chol)):
+            filled += resp[:, k] * (self.mean[k, self.m, None] + self.B[k] @ (x_o - self.mean[k, self.o, None]))
+        return filled
+
+
+def _full_covariance(cov: np.ndarray, covariance_type: str, K: int, D: int) -> np.ndarray:
+    """Any covariance layout as (K, D, D) matrices."""
+    if covariance_type == "diag":
+        return np.einsum("kd,de->kde", cov, np.eye(D))
+    if covariance_type == "spherical":
+        return cov[:, None, None] * np.eye(D)
+    return np.broadcast_to(cov, (K, D, D))

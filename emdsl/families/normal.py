@@ -11,9 +11,14 @@ from numpy.typing import ArrayLike
 from emdsl.errors import ModelError
 from emdsl.families._base import (
     Axes,
-    ObservedFamily,
+    ElementwiseFamily,
+    Floored,
+    Marginal,
     Params,
+    as_float,
+    check_number,
     empty_components,
+    held_or,
     keep_empty,
     safe_counts,
 )
@@ -28,8 +33,21 @@ def natural_parameters(mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarr
 
 
 def scatter(s_x: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Σ_n r_nk (x_n − μ_k)² from the sums S_x, S_xx (K × D), for any μ (learned or held)."""
-    return s_xx - 2.0 * mean * s_x + nk[:, None] * mean * mean
+    """Σ_n r_nk (x_n − μ_k)² from the sums S_x, S_xx and counts N (K × D, or N of shape K), for any μ."""
+    counts = nk if nk.ndim == mean.ndim else nk[:, None]
+    return s_xx - 2.0 * mean * s_x + counts * mean * mean
+
+
+def gaussian_marginal(mean: np.ndarray, variance: np.ndarray) -> Marginal:
+    """Per-state normal densities, for plots."""
+    mean, variance = np.asarray(mean, dtype=float), np.asarray(variance, dtype=float)
+
+    def density(grid: np.ndarray) -> np.ndarray:
+        grid = np.asarray(grid, dtype=float)[None, :]
+        return np.exp(-0.5 * (grid - mean[:, None]) ** 2 / variance[:, None]) / np.sqrt(
+            2 * np.pi * variance[:, None])
+
+    return Marginal(mean=mean, density=density, variance=variance)
 
 
 def apply_floor(variance: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +56,7 @@ def apply_floor(variance: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndar
     return (np.maximum(variance, floor) if low.any() else variance), low
 
 
-class Normal(ObservedFamily):
+class Normal(ElementwiseFamily):
     r"""Normal distribution, independent for each element of a variable.
 
     Every element of the variable (each combination of its dims other than the
@@ -55,8 +73,9 @@ class Normal(ObservedFamily):
         \log h(x) = -\tfrac12 \log 2\pi
 
     M-step (moment matching): μ_k = S_x / N_k and σ²_k = S_xx / N_k − μ_k², where
-    S are responsibility-weighted sums; with ``tied="variance"`` the scatter is
-    pooled over the states: σ² = Σ_k Σ_n r_nk (x_n − μ_k)² / N.
+    S are responsibility-weighted sums over the samples where the element is
+    observed; with ``tied="variance"`` the scatter is pooled over the states:
+    σ² = Σ_k Σ_n r_nk (x_n − μ_k)² / Σ_k N_k.
 
     Parameters
     ----------
@@ -82,6 +101,7 @@ class Normal(ObservedFamily):
     param_names = ("mean", "variance")
     standardize = True
     continuous = True
+    n_suff = 2
 
     def __init__(
         self,
@@ -93,13 +113,13 @@ class Normal(ObservedFamily):
     ) -> None:
         if tied not in (None, "variance"):
             raise ModelError(f"Normal(tied=...): only 'variance' can be tied, got {tied!r}")
-        if not (np.isfinite(floor) and floor >= 0):
-            raise ModelError(f"Normal(floor=...): must be a finite number >= 0, got {floor!r}")
         self.tied = tied
-        self.floor = float(floor)
+        self.floor = check_number(floor, "Normal(floor=...)", low=0.0)
         self._mean, self._variance = mean, variance
+        if mean is not None:
+            self.check_params({"mean": as_float(mean, "Normal(mean=...)")}, "Normal(mean=...)")
         if variance is not None:
-            self.check_params({"variance": np.asarray(variance, dtype=float)}, "Normal(variance=...)")
+            self.check_params({"variance": as_float(variance, "Normal(variance=...)")}, "Normal(variance=...)")
 
     def arguments(self) -> dict[str, Any]:
         return {"tied": self.tied, "mean": self._mean, "variance": self._variance,
@@ -109,41 +129,35 @@ class Normal(ObservedFamily):
         variance: Axes = ("event",) if self.tied == "variance" else ("latent", "event")
         return {"mean": ("latent", "event"), "variance": variance}
 
-    def n_stats(self, D: int) -> int:
-        return 2 * D
+    def suff(self, x: np.ndarray) -> list[np.ndarray]:
+        return [x, x * x]
 
-    def statistics(self, out: np.ndarray, D: int) -> None:
-        np.multiply(out[:D], out[:D], out=out[D:])
+    def log_h(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.full_like(x, -0.5 * LOG_2PI)
 
-    def log_base_measure(self, x: np.ndarray) -> np.ndarray:
-        return np.full(x.shape[1], -0.5 * LOG_2PI * x.shape[0])
-
-    def natural(self, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
         mean = params["mean"]
         variance = np.broadcast_to(params["variance"], mean.shape)
         eta_x, eta_xx, log_partition = natural_parameters(mean, variance)
-        return np.hstack([eta_x, eta_xx]), log_partition.sum(axis=1)
+        return [eta_x, eta_xx], log_partition
 
-    def m_step(self, stats: np.ndarray, nk: np.ndarray, hold: Params,
-               previous: Params | None) -> tuple[Params, list[tuple[int, float]]]:
-        K, D = stats.shape[0], stats.shape[1] // 2
-        s_x, s_xx = stats[:, :D], stats[:, D:]
+    def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
+            previous: Params | None) -> tuple[Params, Floored]:
+        s_x, s_xx = sums
+        K, D = nk.shape
         empty = empty_components(nk)
         fallback = self.default_params(K, D)
         before = previous or {}
-        if "mean" in hold:
-            mean = np.broadcast_to(hold["mean"], (K, D)).astype(float)
-        else:
-            mean = keep_empty(s_x / safe_counts(nk)[:, None], before.get("mean"), fallback["mean"], empty)
+        mean = held_or(hold, "mean", (K, D), lambda: keep_empty(
+            s_x / safe_counts(nk), before.get("mean"), fallback["mean"], empty))
         if "variance" in hold:
             return {"mean": mean, "variance": np.asarray(hold["variance"], dtype=float)}, []
         spread = scatter(s_x, s_xx, nk, mean)
         if self.tied == "variance":
-            variance, low = apply_floor(spread.sum(axis=0) / nk.sum(), self.floor)
-            floored = [(-1, float(spread.sum(axis=0).min() / nk.sum()))] if low.any() else []
-            return {"mean": mean, "variance": variance}, floored
-        raw = keep_empty(spread / safe_counts(nk)[:, None], before.get("variance"),
-                         fallback["variance"], empty)
+            pooled = spread.sum(axis=0) / np.maximum(nk.sum(axis=0), 1e-300)
+            variance, low = apply_floor(pooled, self.floor)
+            return {"mean": mean, "variance": variance}, [(-1, float(pooled.min()))] if low.any() else []
+        raw = keep_empty(spread / safe_counts(nk), before.get("variance"), fallback["variance"], empty)
         variance, low = apply_floor(raw, self.floor)
         floored = [(int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
         return {"mean": mean, "variance": variance}, floored
@@ -176,7 +190,15 @@ class Normal(ObservedFamily):
             raise ModelError(f"{where}: variance must be finite and positive, got "
                              f"{np.asarray(variance).tolist()}")
 
-    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
         mean = params["mean"][labels]
         sd = np.sqrt(np.broadcast_to(params["variance"], params["mean"].shape)[labels])
         return mean + sd * rng.standard_normal(mean.shape)
+
+    def expected_value(self, params: Params) -> np.ndarray:
+        return params["mean"]
+
+    def marginal(self, values: Mapping[str, np.ndarray]) -> Marginal:
+        return gaussian_marginal(values["mean"], values["variance"])
+

@@ -10,12 +10,12 @@ from emdsl.errors import ModelError
 def test_m_step_is_normalised_counts():
     family = em.Categorical(3)
     nk = np.array([2.0, 5.0, 3.0])
-    np.testing.assert_allclose(family.m_step(nk, {})["probs"], nk / 10)
+    np.testing.assert_allclose(family.weights_m_step(nk, {})["probs"], nk / 10)
 
 
 def test_fixed_probs_are_held():
     family = em.Categorical(2, probs=[0.25, 0.75])
-    np.testing.assert_array_equal(family.m_step(np.array([9.0, 1.0]), {"probs": np.array([0.25, 0.75])})["probs"],
+    np.testing.assert_array_equal(family.weights_m_step(np.array([9.0, 1.0]), {"probs": np.array([0.25, 0.75])})["probs"],
                                   [0.25, 0.75])
     assert family.n_free_params() == 0
     assert em.Categorical(4).n_free_params() == 3

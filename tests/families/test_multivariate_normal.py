@@ -49,10 +49,9 @@ def test_m_step_equals_weighted_moments(covariance_type):
     x = rng.normal(size=(n, D)) @ rng.normal(size=(D, D))
     resp = rng.dirichlet([1] * K, size=n)
     family = em.MultivariateNormal(covariance=covariance_type)
-    phi = np.empty((family.n_stats(D), n))
-    phi[:D] = x.T
-    family.statistics(phi, D)
-    params, _ = family.m_step(resp.T @ phi.T, resp.sum(0), {}, None)
+    phi = np.empty((family.n_rows(D), n))
+    family.statistics(x.T, phi, {})
+    params, _ = family.m_step(resp.T @ phi.T, {}, None)
     nk = resp.sum(0)
     mean = resp.T @ x / nk[:, None]
     scatter = np.stack([(resp[:, k, None] * (x - mean[k])).T @ (x - mean[k]) for k in range(K)])
@@ -68,10 +67,9 @@ def test_eigenvalue_floor_keeps_covariance_positive_definite():
     family = em.MultivariateNormal(floor=1e-4)
     D = 2
     x = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])  # on a line: singular scatter
-    phi = np.empty((family.n_stats(D), 3))
-    phi[:D] = x.T
-    family.statistics(phi, D)
-    params, floored = family.m_step(phi.sum(1)[None, :], np.array([3.0]), {}, None)
+    phi = np.empty((family.n_rows(D), 3))
+    family.statistics(x.T, phi, {})
+    params, floored = family.m_step(phi.sum(1)[None, :], {}, None)
     values = np.linalg.eigvalsh(params["covariance"][0])
     assert values.min() == pytest.approx(1e-4, rel=1e-8)
     assert floored and floored[0][0] == 0
@@ -83,7 +81,7 @@ def test_sampling_matches_moments(covariance_type):
     K, D = 2, 3
     params = random_params(covariance_type, K, D, rng)
     family = em.MultivariateNormal(covariance=covariance_type)
-    draws = family.sample(params, np.ones(200_000, dtype=int), rng)
+    draws = family.sample(params, np.ones(200_000, dtype=int), rng, {})
     cov = dense(covariance_type, params["covariance"], K, D)[1]
     np.testing.assert_allclose(draws.mean(0), params["mean"][1], atol=0.05 * np.sqrt(cov.diagonal().max()))
     np.testing.assert_allclose(np.cov(draws.T), cov, atol=0.05 * cov.diagonal().max())

@@ -32,10 +32,9 @@ def test_m_step_is_weighted_moment_matching():
     x = rng.normal(2, 3, (200, 2))
     resp = rng.dirichlet([1, 1, 1], size=200)
     family = em.Normal()
-    phi = np.empty((4, 200))
-    phi[:2] = x.T
-    family.statistics(phi, 2)
-    params, floored = family.m_step(resp.T @ phi.T, resp.sum(0), {}, None)
+    phi = np.empty((family.n_rows(2), 200))
+    family.statistics(x.T, phi, {})
+    params, floored = family.m_step(resp.T @ phi.T, {}, None)
     mean = (resp.T @ x) / resp.sum(0)[:, None]
     var = np.stack([np.average((x - mean[k]) ** 2, axis=0, weights=resp[:, k]) for k in range(3)])
     np.testing.assert_allclose(params["mean"], mean, rtol=1e-12)
@@ -45,8 +44,8 @@ def test_m_step_is_weighted_moment_matching():
 
 def test_variance_floor_is_applied_and_reported():
     family = em.Normal(floor=1e-3)
-    stats = np.array([[2.0, 2.0 * 1.0 + 1e-9]])  # N_k = 2, both points at x = 1
-    params, floored = family.m_step(stats, np.array([2.0]), {}, None)
+    stats = np.array([[2.0, 2.0, 2.0 * 1.0 + 1e-9]])  # N_k = 2, both points at x = 1
+    params, floored = family.m_step(stats, {}, None)
     assert params["variance"][0, 0] == 1e-3
     assert floored and floored[0][0] == 0
 

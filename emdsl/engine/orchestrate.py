@@ -1,0 +1,193 @@
+"""The fit, orchestrated once: compile, seed, run every restart, keep the best, warn, report.
+
+``Model.fit`` calls :func:`fit_model`; restarts, best-of, the warnings, the monitor and
+the stop request (a callback's or Ctrl-C) live here and nowhere else (DESIGN.md §3).
+The result is a :class:`~emdsl.Fit`, which only holds what was found: results sit below
+the engine in the layers, so the class is imported when a fit ends, not at import time.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+from emdsl import labels
+from emdsl.compile import Plan, compile_plan
+from emdsl.engine.estep import engine
+from emdsl.engine.events import FitInfo, dispatch
+from emdsl.engine.init import initial_theta
+from emdsl.engine.loop import RestartResult, StopFlag, restart_seeds, run_em
+from emdsl.engine.mstep import Theta
+from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError
+
+if TYPE_CHECKING:
+    from emdsl.model import Model
+    from emdsl.results import Fit
+
+#: a component with less responsibility than this many samples has lost all of it
+_LOST = 1e-3
+
+
+def fit_model(
+    model: Model,
+    data: Any,
+    *,
+    init: Any,
+    n_init: int,
+    max_iter: int,
+    tol: float,
+    seed: Any,
+    sample_dim: Hashable | None,
+    weights: Any,
+    callbacks: Sequence[Callable[..., Any]] | None,
+    monitor: bool,
+) -> Fit:
+    """Compile, initialise, run every restart, keep the best: :meth:`Model.fit`'s body."""
+    from emdsl.results import Fit
+
+    check_settings(n_init, max_iter, tol)
+    seed = normalize_seed(seed)
+    callbacks = _callbacks(callbacks, monitor)
+    ds = labels.as_dataset(data)
+    plan = compile_plan(model, ds, sample_dim=sample_dim, weights=weights)
+    dispatch(callbacks, "on_fit_start", FitInfo(model, n_init, max_iter, tol, plan.n_samples, plan.sample_dim, seed))
+    stop = StopFlag()
+    runs: list[RestartResult] = []
+    label_params = labeller(plan)
+    with engine(plan) as estep:
+        for restart, rng in enumerate(restart_seeds(seed, n_init)):
+            if stop.requested:
+                break
+            try:
+                theta, elbo0 = initial_theta(plan, estep, init, rng)
+            except KeyboardInterrupt:
+                stop.interrupt()
+                break
+            run = run_em(plan, estep, theta, elbo0, restart=restart, n_init=n_init, max_iter=max_iter,
+                         tol=tol, callbacks=callbacks, stop=stop, label_params=label_params)
+            if run is not None:
+                runs.append(run)
+    if not runs:
+        raise KeyboardInterrupt("fit interrupted before the first restart had a log-likelihood")
+    best = int(np.argmax([run.final for run in runs]))
+    chosen = runs[best]
+    # A stopped fit did not finish what was asked (DESIGN.md §3), even when the restart it
+    # keeps had converged: it is marked not converged; traces.attrs keep each restart's state.
+    stopped = stop.requested or any(run.stopped for run in runs)
+    if stop.interrupted:
+        warnings.warn(f"fit interrupted after {len(runs)} of {n_init} restart(s); returning the best finished or "
+                      f"partial restart ({best + 1}), marked stopped (not converged)", stacklevel=3)
+    fit = Fit(model, label_params(chosen.theta), units_tree(plan), traces(runs), restart=best,
+              converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
+              n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds,
+              weights=None if plan.weights is None else labels.samples_array(plan, plan.weights, "weights"))
+    _warn_lost_components(plan, chosen.theta)
+    if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
+        change = chosen.loglik[-1] - chosen.loglik[-2] if chosen.n_iter else float("nan")
+        warnings.warn(f"EM did not converge in max_iter={max_iter} iterations: the last change of the "
+                      f"log-likelihood, {change:.3g}, is above tol·|ℓ| = {tol * abs(chosen.final):.3g}; "
+                      "raise max_iter (or tol)", ConvergenceWarning, stacklevel=3)
+    dispatch(callbacks, "on_fit_end", fit)
+    return fit
+
+
+def check_settings(n_init: Any, max_iter: Any, tol: Any) -> None:
+    """Raise ``ModelError`` for restarts, iterations or a tolerance that cannot be used."""
+    if isinstance(n_init, bool) or not isinstance(n_init, int | np.integer) or n_init < 1:
+        raise ModelError(f"fit(n_init=...): must be a positive integer, got {n_init!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 0:
+        raise ModelError(f"fit(max_iter=...): must be a non-negative integer, got {max_iter!r}")
+    if isinstance(tol, bool) or not (isinstance(tol, int | float | np.integer | np.floating)
+                                     and np.isfinite(tol) and tol >= 0):
+        raise ModelError(f"fit(tol=...): must be a finite number >= 0, got {tol!r}")
+
+
+def normalize_seed(seed: Any) -> int:
+    """The fit's seed as a readable non-negative int: given, drawn from a Generator, or fresh."""
+    if seed is None:
+        return secrets.randbits(32)  # recorded on the fit, so a fresh fit can still be reproduced
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(2**32))
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ModelError(f"fit(seed=...): must be a non-negative integer, a numpy Generator or None, got {seed!r}")
+    return int(seed)
+
+
+def _callbacks(callbacks: Any, monitor: bool) -> list[Any]:
+    if callbacks is None:
+        callbacks = []
+    elif callable(callbacks) and not isinstance(callbacks, list | tuple):
+        callbacks = [callbacks]
+    elif not isinstance(callbacks, list | tuple):
+        raise ModelError(f"fit(callbacks=...): expected a list of callables, got {type(callbacks).__name__}")
+    bad = [c for c in callbacks if not callable(c)]
+    if bad:
+        raise ModelError(f"fit(callbacks=...): {bad[0]!r} is not callable")
+    callbacks = list(callbacks)
+    if monitor:
+        from emdsl.widgets import auto_monitor
+
+        callbacks.append(auto_monitor())
+    return callbacks
+
+
+def _warn_lost_components(plan: Plan, theta: Theta) -> None:
+    """Name every component whose weight corresponds to (almost) no sample."""
+    if plan.latent is None:
+        return
+    probs = np.asarray(theta[plan.latent.name]["probs"], dtype=float)
+    held = "probs" in plan.latent.held
+    lost = np.flatnonzero(probs * plan.total_weight < _LOST)
+    if len(lost) and not held:
+        states = [plan.latent.family.states[k] for k in lost]
+        warnings.warn(f"latent({plan.latent.name!r}): component(s) {states} lost all responsibility (weight "
+                      f"{probs[lost].max():.3g}); their parameters are left where they were. Use fewer "
+                      "components, or another initialisation (init='random', n_init > 1)",
+                      DegenerateComponentWarning, stacklevel=3)
+
+
+def labeller(plan: Plan) -> Callable[[Theta], xr.DataTree]:
+    """θ in internal units → labelled parameters in the data's units."""
+    def label(theta: Theta) -> xr.DataTree:
+        original = dict(theta)
+        for node in plan.nodes:
+            original[node.name] = node.family.to_original(theta[node.name], node.center, node.scale)
+        return labels.params_tree(plan, original)
+    return label
+
+
+def units_tree(plan: Plan) -> dict[str, xr.Dataset]:
+    """Each node's internal units (centre and scale), labelled; categorical nodes keep their levels."""
+    out = {}
+    for node in plan.nodes:
+        units = xr.Dataset({
+            "center": labels.labelled(plan, node, ("event",), node.center, "center"),
+            "scale": labels.labelled(plan, node, ("event",), node.scale, "scale"),
+        }, attrs={"description": "internal units: (x - center) / scale"})
+        out[node.name] = units
+    return out
+
+
+def traces(runs: Sequence[RestartResult]) -> xr.Dataset:
+    """Every restart's trace, one after the other over ``step``."""
+    def stacked(key: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(run, key), dtype=float) for run in runs])
+
+    restart = np.concatenate([np.full(run.n_iter + 1, r) for r, run in enumerate(runs)])
+    iteration = np.concatenate([np.arange(run.n_iter + 1) for run in runs])
+    return xr.Dataset(
+        {
+            "loglik": ("step", stacked("loglik"), {"long_name": "log-likelihood log p(x | θ⁽ᵗ⁾)"}),
+            "elbo": ("step", stacked("elbo"), {"long_name": "ELBO(q⁽ᵗ⁻¹⁾, θ⁽ᵗ⁾) after the M-step"}),
+            "kl": ("step", stacked("kl"), {"long_name": "KL(q⁽ᵗ⁻¹⁾ ‖ p(z | x, θ⁽ᵗ⁾)) = loglik − elbo"}),
+            "time": ("step", stacked("time"), {"long_name": "seconds since the restart began", "units": "s"}),
+        },
+        coords={"restart": ("step", restart), "iteration": ("step", iteration),
+                "slack": ("step", stacked("slack"), {"long_name": "rounding bound of the monotonicity check"})},
+        attrs={"converged": ",".join(str(int(run.converged)) for run in runs)},
+    )
