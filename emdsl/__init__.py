@@ -8,7 +8,20 @@
 from emdsl import datasets, widgets
 from emdsl.engine.events import Callback, FitInfo, IterationEvent
 from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError, MonotonicityError
-from emdsl.families import Categorical, MultivariateNormal, Normal
+from emdsl.families import (
+    Bernoulli,
+    Beta,
+    Binomial,
+    Categorical,
+    Exponential,
+    Gamma,
+    LogNormal,
+    Multinomial,
+    MultivariateNormal,
+    Normal,
+    Poisson,
+    VonMises,
+)
 from emdsl.model import Model
 from emdsl.options import set_options
 from emdsl.results import Fit, load
@@ -16,18 +29,27 @@ from emdsl.results import Fit, load
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bernoulli",
+    "Beta",
+    "Binomial",
     "Callback",
     "Categorical",
     "ConvergenceWarning",
     "DegenerateComponentWarning",
+    "Exponential",
     "Fit",
     "FitInfo",
+    "Gamma",
     "IterationEvent",
+    "LogNormal",
     "Model",
     "ModelError",
     "MonotonicityError",
+    "Multinomial",
     "MultivariateNormal",
     "Normal",
+    "Poisson",
+    "VonMises",
     "datasets",
     "load",
     "set_options",

@@ -236,6 +236,7 @@ class ElementwiseFamily(ObservedFamily):
     are (K, D) arrays unless a family says otherwise.
     """
 
+    role = "observed"  # a base, not a family users declare: kept out of the registry
     n_suff: ClassVar[int] = 1
     #: a value inside the support, written where x is missing before φ is computed
     fill: ClassVar[float] = 0.0
