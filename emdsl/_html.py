@@ -90,6 +90,8 @@ def _shape_text(axes: Sequence[str], latent: tuple[str, int] | None, decl: Obser
 def _free_count(decl: Observed, k: int) -> tuple[int | None, str]:
     """Free parameters of a node: the number when D is known, else how it grows with D."""
     family = decl.family
+    if family.categorical and getattr(family, "levels", None) is None:
+        return None, "K × D × (levels − 1)"
     if decl.stacked:
         n = family.n_free_params(k, len(decl.variables))
         return n, str(n)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import xarray as xr
 
 from emdsl.errors import ModelError
+from emdsl.families._base import Marginal
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -116,41 +117,32 @@ class Element:
     aliases: tuple[str, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class Marginal:
-    """The distribution of one element given each latent state.
-
-    ``density(grid)`` returns p(x = grid | z = k) as (K, len(grid)); a discrete
-    family sets ``discrete=True`` and is drawn with bars and markers at its support.
-    ``variance`` is set for Gaussian marginals, which also get covariance ellipses.
-    """
-
-    mean: np.ndarray
-    density: Callable[[np.ndarray], np.ndarray]
-    discrete: bool = False
-    variance: np.ndarray | None = None
-
-
 def _per_state(da: xr.DataArray, latent: str | None, k: int) -> np.ndarray:
-    """A parameter reduced to the latent dim, as (K,) (broadcast when it is shared by the states)."""
+    """A parameter reduced to the latent dim (and a level dim if any), as (K, ...), broadcast over states."""
     if latent is not None and latent in da.dims:
-        da = da.transpose(latent)
-    return np.broadcast_to(np.asarray(da.values, dtype=float), (k,)).copy()
+        da = da.transpose(latent, ...)
+    values = np.asarray(da.values, dtype=float)
+    if latent is None or latent not in da.dims:
+        values = values[None]
+    return np.broadcast_to(values, (k,) + values.shape[1:]).copy()
 
 
-def _gaussian(mean: np.ndarray, variance: np.ndarray) -> Marginal:
-    def density(grid: np.ndarray) -> np.ndarray:
-        grid = np.asarray(grid, dtype=float)[None, :]
-        return np.exp(-0.5 * (grid - mean[:, None]) ** 2 / variance[:, None]) / np.sqrt(
-            2 * np.pi * variance[:, None])
+def _element_values(params: xr.Dataset, family: Any, element: Element, latent: str | None,
+                    k: int) -> dict[str, np.ndarray]:
+    """Each parameter of one element per state: ``{name: (K,) or (K, levels)}``.
 
-    return Marginal(mean=mean, density=density, variance=variance)
-
-
-def _normal_marginal(params: xr.Dataset, element: Element, latent: str | None, k: int) -> Marginal:
-    mean = _per_state(params["mean"].isel(element.param_index), latent, k)
-    variance = _per_state(params["variance"].isel(element.param_index), latent, k)
-    return _gaussian(mean, variance)
+    A covariance gives the element's own variance (its diagonal entry), so that every
+    family's ``marginal`` sees one element, whatever the parameter's layout.
+    """
+    out = {}
+    for key, axes in family.param_axes().items():
+        da = params[key]
+        index = {d: i for d, i in element.param_index.items() if d in da.dims}
+        if "event_" in axes:
+            ((dim, i),) = element.param_index.items()
+            index[f"{dim}_"] = i
+        out[key] = _per_state(da.isel(index), latent, k)
+    return out
 
 
 def _covariance_entry(cov: xr.DataArray, i: Mapping[Hashable, int], j: Mapping[Hashable, int]) -> xr.DataArray:
@@ -162,21 +154,6 @@ def _covariance_entry(cov: xr.DataArray, i: Mapping[Hashable, int], j: Mapping[H
     if a != b:
         return xr.zeros_like(cov.isel({dim: a}) if dim in cov.dims else cov)
     return cov.isel({dim: a}) if dim in cov.dims else cov
-
-
-def _mvn_marginal(params: xr.Dataset, element: Element, latent: str | None, k: int) -> Marginal:
-    mean = _per_state(params["mean"].isel(element.param_index), latent, k)
-    cov = params["covariance"]
-    variance = _per_state(_covariance_entry(cov, element.param_index, element.param_index), latent, k)
-    return _gaussian(mean, variance)
-
-
-#: family class name -> marginal of one element per latent state; a new family
-#: (a discrete one draws bars) becomes plottable by adding an entry here
-MARGINALS: dict[str, Callable[[xr.Dataset, Element, str | None, int], Marginal]] = {
-    "Normal": _normal_marginal,
-    "MultivariateNormal": _mvn_marginal,
-}
 
 
 def _event_reference(params: xr.Dataset, family: Any) -> xr.DataArray:
@@ -192,11 +169,9 @@ def elements(fit: Fit) -> list[Element]:
     latent = fit.model.latent_var.name if fit.model.latent_var is not None else None
     out: list[Element] = []
     for decl in fit.model.observed:
-        if type(decl.family).__name__ not in MARGINALS:
-            continue
         params = fit.params[decl.name].to_dataset()
         reference = _event_reference(params, decl.family)
-        dims = [d for d in reference.dims if d != latent]
+        dims = [d for d in reference.dims if d not in (latent, "level")]
         if decl.stacked:
             (dim,) = dims
             out.extend(Element(v, decl.name, v, decl.family, {}, {dim: i}) for i, v in enumerate(decl.variables))
@@ -478,20 +453,29 @@ class FitPlotter:
         found = elements(self._fit)
         continuous = [e for e in found if getattr(e.family, "continuous", False)] or found
         if not continuous:
-            raise ModelError("plot.components: the model observes no variable of a family that can be plotted "
-                             f"(plottable families: {', '.join(MARGINALS)})")
+            raise ModelError("plot.components: the model observes no variable that can be plotted")
         return continuous[0], (continuous[1] if len(continuous) > 1 else None)
 
     def _marginal(self, element: Element) -> Marginal:
         params = self._fit.params[element.node].to_dataset()
-        make = MARGINALS[type(element.family).__name__]
-        return make(params, element, self._latent, len(self._states))
+        family = element.family
+        if "level" in params.dims:
+            family = family.bound(list(params["level"].values))
+        k = len(self._states)
+        return family.marginal(_element_values(params, family, element, self._latent, k))
 
-    def _values(self, ds: xr.Dataset, element: Element) -> np.ndarray:
+    def _values(self, ds: xr.Dataset, element: Element, levels: Sequence[Any] | None = None) -> np.ndarray:
+        """The element's data as floats; labels become their level codes (NaN where missing)."""
         if element.variable not in ds.data_vars:
             raise ModelError(f"plot.components: the data have no variable {element.variable!r}")
         da = ds[element.variable].isel(element.data_index)
-        return np.asarray(da.transpose(self._fit.sample_dim).values, dtype=float)
+        values = np.asarray(da.transpose(self._fit.sample_dim).values)
+        if levels is None:
+            return values.astype(float)
+        codes = {level: i for i, level in enumerate(levels)}
+        tidy = [v.item() if isinstance(v, np.generic) else v for v in values.tolist()]
+        return np.array([codes.get(int(v) if isinstance(v, float) and v.is_integer() else v, np.nan)
+                         for v in tidy], dtype=float)
 
     def _axis_label(self, ds: xr.Dataset, element: Element) -> str:
         units = ds[element.variable].attrs.get("units") if element.variable in ds.data_vars else None
@@ -530,14 +514,19 @@ class FitPlotter:
         return np.stack([np.column_stack([ma.variance, cross]), np.column_stack([cross, mb.variance])], axis=1)
 
     def _draw_1d(self, ax: Axes, element: Element, ds: xr.Dataset, resp: np.ndarray, bins: int | str) -> None:
-        values = self._values(ds, element)
+        marginal = self._marginal(element)
+        values = self._values(ds, element, marginal.levels)
         keep = np.isfinite(values)
         values, resp = values[keep], resp[keep]
-        marginal = self._marginal(element)
         colors = state_colors(resp.shape[1])
         weights = self._weights()
         labels = [self._state_label(k) for k in range(resp.shape[1])]
-        if marginal.discrete:
+        if marginal.levels is not None:
+            support = np.arange(len(marginal.levels), dtype=float)
+            edges = np.append(support, support[-1] + 1) - 0.5
+            grid = support
+            ax.set_xticks(support, [str(level) for level in marginal.levels])
+        elif marginal.discrete:
             support = np.arange(np.floor(values.min()), np.ceil(values.max()) + 1)
             edges = np.append(support, support[-1] + 1) - 0.5
             grid = support
