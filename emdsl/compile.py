@@ -466,6 +466,13 @@ def _aux_values(node: Node, ds: xr.Dataset, sample_dim: Hashable, key: str, vari
 def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable) -> None:
     """Reject ±inf and values outside the family's support, naming where they are; NaN is missing."""
     arrays = ([ds[v] for v in node.variables] if node.stacked else [ds[node.variables[0]]])
+    if node.family.multivariate and node.stacked:
+        # An event family judges whole events: its stacked variables are seen side by side.
+        found = node.family.outside_support(np.hstack([np.asarray(s, dtype=float) for s in node.sources]),
+                                            dict(node.aux))
+        if found is not None and found[0].any():
+            column = int(np.flatnonzero(found[0].any(axis=0))[0])
+            _report(node, arrays[column], sample_dim, found[0][:, column], "", " outside the support", found[1])
     row = 0
     for da, source in zip(arrays, node.sources, strict=True):
         width = source.shape[1]
@@ -475,7 +482,8 @@ def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable) -> None:
                 _report(node, da, sample_dim, infinite, "infinite ", " (±inf)",
                         "remove them, or replace them by NaN to mark them missing")
         aux = {key: value[:, row:row + width] for key, value in node.aux.items()}
-        found = node.family.outside_support(np.asarray(source, dtype=float), aux)
+        found = (None if node.family.multivariate and node.stacked
+                 else node.family.outside_support(np.asarray(source, dtype=float), aux))
         if found is not None and found[0].any():
             _report(node, da, sample_dim, found[0], "", " outside the support", found[1])
         if source.dtype.kind == "f" and np.isnan(source).any():

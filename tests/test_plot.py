@@ -270,21 +270,30 @@ def test_model_without_latent(faithful: xr.Dataset) -> None:
         fit.plot.posterior()
 
 
-def test_a_discrete_family_is_drawn_with_bars(fit1d: em.Fit, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scipy.stats import poisson
-
-    def counts(params, element, latent, k) -> Marginal:
-        mean = params["mean"].values
-        return Marginal(mean=mean, density=lambda grid: poisson.pmf(grid[None, :], mean[:, None]), discrete=True)
-
-    monkeypatch.setitem(plot.MARGINALS, "Normal", counts)
-    ax = fit1d.plot.components().axes[0]
+def test_a_discrete_family_is_drawn_with_bars() -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(np.where(rng.random(300) < 0.4, 2.0, 9.0)).astype(float)
+    fit = em.Model().latent("z", em.Categorical(2)).observe("n", em.Poisson).fit(
+        xr.Dataset({"n": ("sample", counts)}), seed=0)
+    ax = fit.plot.components().axes[0]
     edges = [p.get_x() for p in ax.containers[0].patches]
     np.testing.assert_allclose(np.asarray(edges) % 1, 0.5)  # one bar per integer value
     parts = lines(ax, "density-")
     assert all(p.get_marker() == "o" for p in parts)
     assert np.all(np.asarray(parts[0].get_xdata()) % 1 == 0)
     assert ax.get_ylabel() == "probability"
+
+
+def test_a_categorical_variable_is_drawn_at_its_levels() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.array(["red", "green", "blue"], dtype=object)[rng.integers(0, 3, 200)]
+    ds = xr.Dataset({"colour": ("sample", labels), "x": ("sample", rng.normal(size=200))})
+    fit = em.Model().latent("z", em.Categorical(2)).observe("colour", em.Categorical).observe("x", em.Normal).fit(
+        ds, seed=0)
+    ax = fit.plot.components(x="colour").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["blue", "green", "red"]
+    heights = np.asarray(lines(ax, "mixture")[0].get_ydata())
+    np.testing.assert_allclose(heights.sum(), 1.0, rtol=1e-12)  # the mixture's level probabilities
 
 
 # -- posterior --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def impute(plan: Plan, theta: Theta, ds: xr.Dataset) -> xr.Dataset:
         for a, b in blocks(plan.n_samples, SCAN_ROWS):
             x = np.empty((node.D, b - a))
             node.read(a, b, x)
-            filled[a:b] = node.family.impute(theta[node.name], x, resp[a:b]).T
+            filled[a:b] = node.family.impute(theta[node.name], x, resp[a:b], node.read_aux(a, b)).T
         if node.family.standardize:
             filled = node.center + node.scale * filled
         values = filled if node.levels is None else _labels(node.levels, filled)

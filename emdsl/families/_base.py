@@ -206,8 +206,12 @@ class ObservedFamily(Family):
         """One element's distribution per state; ``values[p]`` is parameter p for that element (K, ...)."""
         raise NotImplementedError
 
-    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray) -> np.ndarray:
-        """``x`` (D × n, NaN = missing) with each hole set to Σ_k r_nk E[x_d | z=k] (elements independent given z)."""
+    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``x`` (D × n, NaN = missing) with each hole set to Σ_k r_nk E[x_d | z=k] (elements independent given z).
+
+        ``aux`` holds the family's extra data (D × n), for families whose mean depends on it.
+        """
         filled = (resp @ self.expected_value(params)).T
         return np.where(np.isnan(x), filled, x)
 

@@ -221,7 +221,8 @@ class _ObservedCategorical(Categorical, ElementwiseFamily):
         # The mean of level codes means nothing: the most probable level stands in for it.
         return np.argmax(params["probs"], axis=-1).astype(float)
 
-    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray) -> np.ndarray:
+    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
         """Each hole becomes the most probable level of Σ_k r_nk p_kd (the posterior predictive)."""
         mixed = np.einsum("nk,kdl->dnl", resp, params["probs"])
         return np.where(np.isnan(x), np.argmax(mixed, axis=-1).astype(float), x)

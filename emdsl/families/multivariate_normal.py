@@ -299,7 +299,8 @@ class MultivariateNormal(ObservedFamily):
             out[D:] = full[np.triu_indices(D)]
         return out
 
-    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray) -> np.ndarray:
+    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
         """Each hole becomes Σ_k r_nk E[x_m | x_o, z=k], the conditional Gaussian mean."""
         out = x.copy()
         holes = np.isnan(x)

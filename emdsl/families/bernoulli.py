@@ -1,0 +1,127 @@
+"""Bernoulli distribution of 0/1 values, independent for each element of a variable."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from emdsl.families._base import (
+    Axes,
+    ElementwiseFamily,
+    Floored,
+    Marginal,
+    Params,
+    as_float,
+    check_range,
+    empty_components,
+    held_or,
+    keep_empty,
+    safe_counts,
+)
+
+# p = 0 or 1 is a valid MLE (a state that saw only zeros or only ones). log p and
+# log(1 − p) are floored at log(1e-300) ≈ −690, so η and A stay finite and 0 · η is 0.
+_LOG_TINY = float(np.log(1e-300))
+
+
+def log_odds(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """η = log p − log(1 − p) and A = −log(1 − p), both finite at p = 0 and p = 1."""
+    probs = np.asarray(probs, dtype=float)
+    with np.errstate(divide="ignore"):
+        log_p = np.maximum(np.log(probs), _LOG_TINY)
+        log_q = np.maximum(np.log1p(-probs), _LOG_TINY)  # log1p: exact for small p
+    return log_p - log_q, -log_q
+
+
+def fraction(successes: np.ndarray, trials: np.ndarray, hold: Params, previous: Params | None,
+             fallback: np.ndarray) -> np.ndarray:
+    """p = S_x / N (clipped to [0, 1] against rounding), or the held or previous value."""
+    K, D = trials.shape
+    return held_or(hold, "probs", (K, D), lambda: keep_empty(
+        np.clip(successes / safe_counts(trials), 0.0, 1.0), (previous or {}).get("probs"),
+        fallback, empty_components(trials)))
+
+
+class Bernoulli(ElementwiseFamily):
+    r"""Bernoulli distribution of 0/1 values, independent for each element of a variable.
+
+    .. math::
+
+        p(x \mid p) = p^x (1-p)^{1-x}, \qquad
+        \phi(x) = x, \quad \eta = \log\frac{p}{1-p}, \quad
+        A(\eta) = \log(1 + e^\eta) = -\log(1-p), \quad \log h(x) = 0
+
+    M-step (moment matching): p_kd = S_x / N_kd, the responsibility-weighted fraction
+    of ones among the samples where element d is observed. p = 0 and p = 1 are kept;
+    log p and log(1 − p) are floored at log 1e-300 so H stays finite.
+
+    Parameters
+    ----------
+    probs : array_like, optional
+        Fixed probabilities of a 1, in [0, 1], broadcast over (states, elements); held.
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> em.Bernoulli()
+    Bernoulli()
+    >>> em.Bernoulli(probs=[0.1, 0.9])
+    Bernoulli(probs=[0.1, 0.9])
+    """
+
+    param_names = ("probs",)
+
+    def __init__(self, *, probs: ArrayLike | None = None) -> None:
+        self._probs = probs
+        if probs is not None:
+            self.check_params({"probs": as_float(probs, "Bernoulli(probs=...)")}, "Bernoulli(probs=...)")
+
+    def arguments(self) -> dict[str, Any]:
+        return {"probs": self._probs}
+
+    def param_axes(self) -> dict[str, Axes]:
+        return {"probs": ("latent", "event")}
+
+    def suff(self, x: np.ndarray) -> list[np.ndarray]:
+        return [x]
+
+    def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
+        eta, log_partition = log_odds(params["probs"])
+        return [eta], log_partition
+
+    def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
+            previous: Params | None) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        return {"probs": fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"])}, []
+
+    def default_params(self, K: int, D: int) -> Params:
+        return {"probs": np.full((K, D), 0.5)}
+
+    def n_free_params(self, K: int, D: int) -> int:
+        return 0 if self._probs is not None else K * D
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
+        check_range(params, "probs", where, low=0.0, high=1.0, low_open=False, high_open=False)
+
+    def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
+        return ~np.isnan(x) & (x != 0) & (x != 1), "Bernoulli values must be 0 or 1"
+
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        probs = params["probs"][labels]
+        return (rng.random(probs.shape) < probs).astype(float)
+
+    def expected_value(self, params: Params) -> np.ndarray:
+        return np.asarray(params["probs"], dtype=float)
+
+    def marginal(self, values: Mapping[str, np.ndarray]) -> Marginal:
+        probs = np.asarray(values["probs"], dtype=float)
+
+        def density(grid: np.ndarray) -> np.ndarray:
+            grid = np.asarray(grid, dtype=float)[None, :]
+            return np.where(grid == 1, probs[:, None], np.where(grid == 0, 1.0 - probs[:, None], 0.0))
+
+        return Marginal(mean=probs, density=density, discrete=True)

@@ -1,0 +1,128 @@
+"""Poisson distribution of counts, independent for each element of a variable."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.special import gammaln
+
+from emdsl.families._base import (
+    Axes,
+    ElementwiseFamily,
+    Floored,
+    Marginal,
+    Params,
+    as_float,
+    check_range,
+    empty_components,
+    held_or,
+    keep_empty,
+    safe_counts,
+)
+
+# A rate of exactly 0 is a valid MLE (a state that only ever saw zeros); inside the log
+# it is floored so that η = log λ stays finite and 0 · η never becomes NaN.
+_TINY = 1e-300
+
+
+def non_integer_or_negative(x: np.ndarray) -> np.ndarray:
+    """Present values that are not finite non-negative integers (NaN is missing, never bad)."""
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(x) & ~(np.isfinite(x) & (x >= 0) & (x == np.round(x)))
+
+
+def discrete_marginal(mean: np.ndarray, log_pmf: Any) -> Marginal:
+    """A per-state marginal from ``log_pmf(grid (1, G)) -> (K, G)``, 0 off the integers."""
+
+    def density(grid: np.ndarray) -> np.ndarray:
+        grid = np.asarray(grid, dtype=float)[None, :]
+        inside = (grid >= 0) & (grid == np.round(grid))
+        return np.where(inside, np.exp(log_pmf(np.where(inside, grid, 0.0))), 0.0)
+
+    return Marginal(mean=np.asarray(mean, dtype=float), density=density, discrete=True)
+
+
+class Poisson(ElementwiseFamily):
+    r"""Poisson distribution of counts, independent for each element of a variable.
+
+    .. math::
+
+        p(x \mid \lambda) = \frac{\lambda^x e^{-\lambda}}{x!}, \qquad
+        \phi(x) = x, \quad \eta = \log\lambda, \quad A(\eta) = e^\eta = \lambda, \quad
+        \log h(x) = -\log x!
+
+    M-step (moment matching): λ_kd = S_x / N_kd, the responsibility-weighted mean
+    count over the samples where element d is observed. A rate of 0 (a state that
+    saw only zeros) is kept; its log is floored at 1e-300 so H stays finite.
+
+    Parameters
+    ----------
+    rate : array_like, optional
+        Fixed rates λ ≥ 0, broadcast over (states, elements); held, not learned.
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> em.Poisson()
+    Poisson()
+    >>> em.Poisson(rate=[1.0, 5.0])
+    Poisson(rate=[1.0, 5.0])
+    """
+
+    param_names = ("rate",)
+
+    def __init__(self, *, rate: ArrayLike | None = None) -> None:
+        self._rate = rate
+        if rate is not None:
+            self.check_params({"rate": as_float(rate, "Poisson(rate=...)")}, "Poisson(rate=...)")
+
+    def arguments(self) -> dict[str, Any]:
+        return {"rate": self._rate}
+
+    def param_axes(self) -> dict[str, Axes]:
+        return {"rate": ("latent", "event")}
+
+    def suff(self, x: np.ndarray) -> list[np.ndarray]:
+        return [x]
+
+    def log_h(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        return -gammaln(x + 1.0)
+
+    def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
+        rate = np.asarray(params["rate"], dtype=float)
+        return [np.log(np.maximum(rate, _TINY))], rate
+
+    def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
+            previous: Params | None) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        rate = held_or(hold, "rate", (K, D), lambda: keep_empty(
+            np.maximum(sums[0], 0.0) / safe_counts(nk), (previous or {}).get("rate"),
+            self.default_params(K, D)["rate"], empty_components(nk)))
+        return {"rate": rate}, []
+
+    def default_params(self, K: int, D: int) -> Params:
+        return {"rate": np.ones((K, D))}
+
+    def n_free_params(self, K: int, D: int) -> int:
+        return 0 if self._rate is not None else K * D
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
+        check_range(params, "rate", where, low=0.0, low_open=False)
+
+    def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
+        return non_integer_or_negative(x), "Poisson counts must be non-negative integers"
+
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        return rng.poisson(params["rate"][labels]).astype(float)
+
+    def expected_value(self, params: Params) -> np.ndarray:
+        return np.asarray(params["rate"], dtype=float)
+
+    def marginal(self, values: Mapping[str, np.ndarray]) -> Marginal:
+        rate = np.asarray(values["rate"], dtype=float)[:, None]
+        return discrete_marginal(rate[:, 0], lambda grid: grid * np.log(np.maximum(rate, _TINY))
+                                 - rate - gammaln(grid + 1.0))
