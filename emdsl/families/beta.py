@@ -22,7 +22,7 @@ from emdsl.families._base import (
     keep_empty,
     safe_counts,
 )
-from emdsl.families.gamma import newton_ascent
+from emdsl.families._newton import newton_ascent
 
 
 class Beta(ElementwiseFamily):
