@@ -39,7 +39,8 @@ _TDL = "padding:2px 8px;text-align:left;border-bottom:1px solid rgba(128,128,128
 _MUTED = "opacity:.7"
 _CODE = "font-family:var(--jp-code-font-family,ui-monospace,SFMono-Regular,Menlo,monospace);font-size:12px"
 _BADGE = "display:inline-block;padding:0 7px;border-radius:9px;font-size:11px;font-weight:600;color:#fff;background:"
-_STATUS_COLOURS = {"converged": "#2e7d32", "not converged": "#c75100", "stopped": "#616161"}
+_STATUS_COLOURS = {"converged": "#2e7d32", "not converged": "#c75100", "stopped": "#616161",
+                   "degenerate": "#b71c1c"}
 
 
 def _e(text: object) -> str:

@@ -90,6 +90,7 @@ def save(fit: Fit, path: str | os.PathLike[str]) -> None:
         "restart": fit.restart,
         "converged": int(fit.converged),
         "stopped": int(fit.stopped),
+        "degenerate": int(fit.degenerate),
         "loglik": fit.loglik,
         "n_params": fit.n_params,
         "n_samples": fit.n_samples,
@@ -199,7 +200,9 @@ class _Reader:
         if restart >= restarts:
             raise self.fail("restart", f"restart {restart} is out of range: the traces hold "
                             f"{restarts} restart{'s' if restarts > 1 else ''}")
-        optional = {}
+        optional: dict[str, Any] = {}
+        if "degenerate" in attrs:
+            optional["degenerate"] = self.flag(attrs, "degenerate")
         if "weight_total" in attrs:
             optional["weight_total"] = self.real(attrs, "weight_total")
             if optional["weight_total"] <= 0:

@@ -76,6 +76,7 @@ class Fit:
         data: xr.Dataset | None = None,
         weights: xr.DataArray | None = None,
         weight_total: float | None = None,
+        degenerate: bool = False,
     ) -> None:
         self.model = model
         self.params = params
@@ -91,6 +92,7 @@ class Fit:
         self.stopped = stopped
         self._data = data
         self.weights = weights
+        self.degenerate = degenerate
         self.weight_total = float(weight_total if weight_total is not None else
                                   (n_samples if weights is None else weights.sum()))
 
@@ -110,7 +112,10 @@ class Fit:
 
     @property
     def status(self) -> str:
-        """How the fit ended: ``"converged"``, ``"stopped"`` (by a callback or an interrupt) or ``"not converged"``."""
+        """How the fit ended: ``"degenerate"`` (every restart collapsed), ``"converged"``, ``"stopped"``
+        (by a callback or an interrupt) or ``"not converged"``."""
+        if self.degenerate:
+            return "degenerate"
         return "converged" if self.converged else ("stopped" if self.stopped else "not converged")
 
     @property
@@ -260,8 +265,8 @@ class Fit:
     @property
     def levels(self) -> dict[str, list[Any]]:
         """The level labels of each categorical node, as learned from the training data."""
-        return {name: list(node["level"].values) for name, node in self.params.children.items()
-                if "level" in node.dims}
+        return {name: [v.item() if isinstance(v, np.generic) else v for v in node["level"].values]
+                for name, node in self.params.children.items() if "level" in node.dims}
 
     def impute(self, data: Any = None) -> xr.Dataset:
         """The data with every missing value replaced by its posterior expectation.

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from importlib import resources
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
 __all__ = ["available", "load"]
 
-_DESCRIPTIONS = {
+#: how the CSV files spell a missing value (R's ``write.csv``)
+_MISSING = "NA"
+
+# Columns are numbers (float, NaN for a hole) unless listed under "text" (object arrays
+# of str with a missing marker for a hole, which Categorical reads as a missing label) or
+# "integer" (int64; only for columns without holes, whose values are labels more than amounts).
+_DESCRIPTIONS: dict[str, dict[str, Any]] = {
     "faithful": {
         "title": "Old Faithful geyser eruptions",
         "source": "Härdle (1991), as in R's datasets::faithful; Azzalini & Bowman (1990)",
@@ -17,7 +26,25 @@ _DESCRIPTIONS = {
                        "waiting time until the next one.",
         "units": {"eruptions": "minutes", "waiting": "minutes"},
     },
+    "penguins": {
+        "title": "Palmer Archipelago (Antarctica) penguins",
+        "source": "Horst, Hill & Gorman (2020), palmerpenguins: Palmer Archipelago (Antarctica) "
+                  "penguin data, R package version 0.1.0, doi:10.5281/zenodo.3960218; data "
+                  "collected by K. Gorman and Palmer Station LTER; copied from the palmerpenguins "
+                  "Python package (penguins.csv)",
+        "licence": "CC0 1.0 (public domain dedication)",
+        "description": "Measurements of 344 penguins of three species (Adélie, Chinstrap, Gentoo) "
+                       "on three islands near Palmer Station, 2007–2009: bill length and depth, "
+                       "flipper length, body mass, sex and year. 2 penguins have no "
+                       "measurements and 11 no recorded sex.",
+        "units": {"bill_length_mm": "mm", "bill_depth_mm": "mm", "flipper_length_mm": "mm",
+                  "body_mass_g": "g"},
+        "text": ("species", "island", "sex"),
+        "integer": ("year",),
+    },
 }
+
+_ATTRS = ("title", "source", "licence", "description")
 
 
 def available() -> list[str]:
@@ -33,9 +60,18 @@ def load(name: str) -> xr.Dataset:
     name : str
         ``"faithful"``: Old Faithful, variables ``eruptions`` and ``waiting`` over ``sample``.
 
+        ``"penguins"``: the Palmer penguins (CC0), 344 penguins over ``sample``: the
+        measurements ``bill_length_mm``, ``bill_depth_mm``, ``flipper_length_mm`` and
+        ``body_mass_g`` as floats with NaN for a hole; ``species``, ``island`` and ``sex``
+        as object arrays of str with a missing marker for a hole (``None``, or ``NaN``
+        where xarray converts object arrays through pandas); ``year`` as integers.
+        Use ``.isnull()`` to find the holes of either kind.
+
     Returns
     -------
     xarray.Dataset
+        Units in each variable's ``units`` attribute; title, source (and licence) in the
+        Dataset's attributes.
 
     Examples
     --------
@@ -43,17 +79,30 @@ def load(name: str) -> xr.Dataset:
     >>> ds = em.datasets.load("faithful")
     >>> dict(ds.sizes)
     {'sample': 272}
+    >>> penguins = em.datasets.load("penguins")
+    >>> int(penguins["sex"].isnull().sum()), int(penguins["body_mass_g"].isnull().sum())
+    (11, 2)
     """
     if name not in _DESCRIPTIONS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(available())}")
     meta = _DESCRIPTIONS[name]
-    text = resources.files(__package__).joinpath(f"{name}.csv").read_text()
-    header, *rows = text.strip().splitlines()
-    columns = header.split(",")
-    values = np.array([[float(v) for v in row.split(",")] for row in rows])
-    ds = xr.Dataset(
-        {column: ("sample", values[:, i], {"units": meta["units"][column]}) for i, column in enumerate(columns)},
-        coords={"sample": np.arange(len(values))},
-        attrs={key: meta[key] for key in ("title", "source", "description")},
-    )
-    return ds
+    text = resources.files(__package__).joinpath(f"{name}.csv").read_text(encoding="utf-8")
+    header, *rows = csv.reader(io.StringIO(text))
+    variables = {}
+    for i, column in enumerate(header):
+        values = _column([row[i] for row in rows], column, meta)
+        attrs = {"units": meta["units"][column]} if column in meta["units"] else {}
+        variables[column] = ("sample", values, attrs)
+    return xr.Dataset(variables, coords={"sample": np.arange(len(rows))},
+                      attrs={key: meta[key] for key in _ATTRS if key in meta})
+
+
+def _column(cells: list[str], column: str, meta: dict[str, Any]) -> np.ndarray:
+    """One CSV column as an array of the kind its data set declares."""
+    if column in meta.get("text", ()):
+        # object dtype, not numpy's fixed-width str: a str array cannot hold a missing value.
+        # xarray may turn these None into NaN (it passes object arrays through pandas).
+        return np.array([None if cell == _MISSING else cell for cell in cells], dtype=object)
+    if column in meta.get("integer", ()):
+        return np.array([int(cell) for cell in cells], dtype=np.int64)
+    return np.array([np.nan if cell == _MISSING else float(cell) for cell in cells])

@@ -28,6 +28,9 @@ def impute(plan: Plan, theta: Theta, ds: xr.Dataset) -> xr.Dataset:
             filled[a:b] = node.family.impute(theta[node.name], x, resp[a:b], node.read_aux(a, b)).T
         if node.family.standardize:
             filled = node.center + node.scale * filled
+        # Observed values are returned as given, not through a round trip of the units.
+        original = np.hstack([np.asarray(s, dtype=float) for s in node.sources])
+        filled = np.where(np.isnan(original), filled, original)
         values = filled if node.levels is None else _labels(node.levels, filled)
         if node.stacked:
             for d, variable in enumerate(node.variables):

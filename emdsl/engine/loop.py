@@ -48,6 +48,10 @@ class RestartResult:
     slack: list[float]
     converged: bool = False
     stopped: bool = False
+    #: the last M-step's floored variances: (node, component, smallest variance)
+    floored: list[tuple[str, int, float]] = dataclasses.field(default_factory=list)
+    #: responsibility each component holds at the last E-step (N_k, weighted)
+    counts: np.ndarray | None = None
 
     @property
     def n_iter(self) -> int:
@@ -88,7 +92,7 @@ def run_em(
     loglik = summary.loglik + plan.log_base_total
     elbo = loglik if elbo0 is None else elbo0
     result = RestartResult(theta, [loglik], [elbo], [loglik - elbo], [time.perf_counter() - start],
-                           [rounding_slack(plan, previous_H, summary.magnitude)])
+                           [rounding_slack(plan, previous_H, summary.magnitude)], counts=summary.stats[:, 0].copy())
     collapsed: set[tuple[str, int]] = set()
 
     def report(delta: float | None) -> None:
@@ -106,6 +110,7 @@ def run_em(
                 break
             theta, floored = maximize(plan, summary.stats, result.theta)
             _warn_collapsed(plan, floored, iteration, collapsed)
+            result.floored = floored
             H = natural_matrix(plan, theta)
             elbo = expected_complete_loglik(H, summary.stats) + plan.log_base_total + summary.entropy
             new_summary = estep.summarize(H, theta)
@@ -116,6 +121,7 @@ def run_em(
             result.slack.append(slack)
             delta, loglik, summary, previous_H = new_loglik - loglik, new_loglik, new_summary, H
             result.theta = theta
+            result.counts = summary.stats[:, 0].copy()
             result.loglik.append(loglik)
             result.elbo.append(elbo)
             result.kl.append(loglik - elbo)

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 #: a component with less responsibility than this many samples has lost all of it
 _LOST = 1e-3
+#: ... and one with less than one sample's worth cannot support its parameters (degenerate)
+_THIN = 1.0
 
 
 def fit_model(
@@ -74,18 +76,28 @@ def fit_model(
                 runs.append(run)
     if not runs:
         raise KeyboardInterrupt("fit interrupted before the first restart had a log-likelihood")
-    best = int(np.argmax([run.final for run in runs]))
+    collapsed = [degenerate_reasons(plan, run) for run in runs]
+    # A collapsed restart's likelihood is spurious (it grows without bound as a component
+    # shrinks onto a few points): it is kept only when every restart collapsed.
+    eligible = [r for r, reasons in enumerate(collapsed) if not reasons] or list(range(len(runs)))
+    best = max(eligible, key=lambda r: runs[r].final)
     chosen = runs[best]
+    degenerate = bool(collapsed[best])
     # A stopped fit did not finish what was asked (DESIGN.md §3), even when the restart it
     # keeps had converged: it is marked not converged; traces.attrs keep each restart's state.
     stopped = stop.requested or any(run.stopped for run in runs)
     if stop.interrupted:
         warnings.warn(f"fit interrupted after {len(runs)} of {n_init} restart(s); returning the best finished or "
                       f"partial restart ({best + 1}), marked stopped (not converged)", stacklevel=3)
-    fit = Fit(model, label_params(chosen.theta), units_tree(plan), traces(runs), restart=best,
+    if degenerate:
+        _warn_degenerate(plan, collapsed[best], len(runs))
+    all_traces = traces(runs)
+    all_traces.attrs["degenerate"] = ",".join(str(int(bool(reasons))) for reasons in collapsed)
+    fit = Fit(model, label_params(chosen.theta), units_tree(plan), all_traces, restart=best,
               converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
               n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds,
-              weights=None if plan.weights is None else labels.samples_array(plan, plan.weights, "weights"))
+              weights=None if plan.weights is None else labels.samples_array(plan, plan.weights, "weights"),
+              degenerate=degenerate)
     _warn_lost_components(plan, chosen.theta)
     if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
         change = chosen.loglik[-1] - chosen.loglik[-2] if chosen.n_iter else float("nan")
@@ -134,6 +146,35 @@ def _callbacks(callbacks: Any, monitor: bool) -> list[Any]:
 
         callbacks.append(auto_monitor())
     return callbacks
+
+
+def degenerate_reasons(plan: Plan, run: RestartResult) -> list[str]:
+    """Why a restart's optimum is spurious: a variance held at its floor, or a component (almost) empty."""
+    reasons = []
+    nodes = {node.name: node for node in plan.nodes}
+    for name, k, _ in run.floored:
+        what = "the shared covariance" if k < 0 else (
+            f"component {plan.latent.name}={plan.latent.family.states[k]!r}" if plan.latent is not None
+            else "the single component")
+        reasons.append(f"{nodes[name].where()}: {what} has a variance held at the floor")
+    if plan.latent is not None and run.counts is not None and "probs" not in plan.latent.held:
+        for k in np.flatnonzero(run.counts < _THIN):
+            reasons.append(f"component {plan.latent.name}={plan.latent.family.states[k]!r} holds "
+                           f"{run.counts[k]:.3g} samples' worth of responsibility")
+    return reasons
+
+
+def _warn_degenerate(plan: Plan, reasons: list[str], n_runs: int) -> None:
+    """Say that every restart collapsed, why, and what to pass instead."""
+    k = plan.K
+    fewer = f", or fewer components (em.Categorical({k - 1}))" if k > 1 else ""
+    floors = sorted({node.family.floor for node in plan.nodes if node.family.floor > 0})
+    larger = f"a larger floor (e.g. floor={max(floors) * 1000:g} in the family)" if floors else "a larger floor="
+    warnings.warn(f"{'every restart' if n_runs > 1 else 'the fit'} collapsed ({'; '.join(reasons[:3])}"
+                  f"{'; ...' if len(reasons) > 3 else ''}): its likelihood is spurious and the fit is marked "
+                  f"degenerate. Fit again with prior='weak' (fit(..., prior='weak')), {larger}{fewer}; "
+                  "more restarts (n_init=10) may also find a sound optimum",
+                  DegenerateComponentWarning, stacklevel=4)
 
 
 def _warn_lost_components(plan: Plan, theta: Theta) -> None:

@@ -43,7 +43,7 @@ class Beta(ElementwiseFamily):
     safeguarded 2-D Newton steps on ψ(α) − ψ(α+β) = S₁/N, ψ(β) − ψ(α+β) = S₂/N,
     started from the previous values (or the geometric-mean approximation
     α ≈ ½ + G₁ / (2(1 − G₁ − G₂)), G = exp(S/N), as x̄ is not among the statistics),
-    until |Δ| < 1e-12 relative or 50 steps. Q never decreases.
+    until ``|Δ| < 1e-12`` relative or 50 steps. Q never decreases.
 
     Parameters
     ----------

@@ -61,7 +61,7 @@ class Gamma(ElementwiseFamily):
     M-step (generalized EM): given a, b = a N / S_x in closed form; a maximizes the
     profile Q(a) = N[a log a − a − log Γ(a) − a s], s = log(S_x/N) − S_log/N ≥ 0, by
     safeguarded Newton steps on log a − ψ(a) = s, started from the previous shape (or
-    Minka's approximation) until |Δa| < 1e-12·a or 50 steps. Q never decreases.
+    Minka's approximation) until ``|Δa| < 1e-12·a`` or 50 steps. Q never decreases.
 
     Parameters
     ----------

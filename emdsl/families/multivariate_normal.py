@@ -207,10 +207,13 @@ class MultivariateNormal(ObservedFamily):
             if self.covariance_type == "spherical":
                 spread = s_xx[:, 0] - 2.0 * np.einsum("kd,kd->k", mean, s_x) + nk * np.einsum("kd,kd->k", mean, mean)
                 raw = spread / (counts * D)
+                mean_square = s_xx[:, 0] / (counts * D)
             else:
                 raw = normal.scatter(s_x, s_xx, nk, mean) / counts[:, None]
+                mean_square = s_xx / counts[:, None]
             raw = keep_empty(raw, before.get("covariance"), fallback["covariance"], empty)
-            cov, low = normal.apply_floor(raw, self.floor)
+            mean_square = keep_empty(mean_square, None, np.zeros_like(raw), empty)
+            cov, low = normal.apply_floor(raw, self.floor, mean_square=mean_square, kind=self.kind)
             low_any = low if low.ndim == 1 else low.any(axis=1)
             smallest = raw if raw.ndim == 1 else raw.min(axis=1)
             return {"mean": mean, "covariance": cov}, [(int(k), float(smallest[k])) for k in np.flatnonzero(low_any)]
@@ -219,12 +222,15 @@ class MultivariateNormal(ObservedFamily):
         cross = np.einsum("ki,kj->kij", s_x, mean)
         spread = second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
         if self.covariance_type == "tied":
-            cov, smallest = _floor_eigenvalues(spread.sum(axis=0) / nk.sum(), self.floor)
+            total = max(float(nk.sum()), 1e-300)
+            cov, smallest = _floor_eigenvalues(spread.sum(axis=0) / total, self.floor,
+                                               np.trace(second.sum(axis=0)) / total, "the shared (tied) covariance")
             return {"mean": mean, "covariance": cov}, [] if smallest is None else [(-1, smallest)]
         raw = keep_empty(spread / counts[:, None, None], before.get("covariance"), fallback["covariance"], empty)
         floored, cov = [], np.empty_like(raw)
         for k in range(K):
-            cov[k], smallest = _floor_eigenvalues(raw[k], self.floor)
+            reference = 0.0 if empty[k] else float(np.trace(second[k])) / counts[k]
+            cov[k], smallest = _floor_eigenvalues(raw[k], self.floor, reference, f"component {k}")
             if smallest is not None:
                 floored.append((k, smallest))
         return {"mean": mean, "covariance": cov}, floored
@@ -368,15 +374,31 @@ def _unpack_upper(packed: np.ndarray, D: int) -> np.ndarray:
     return full
 
 
-def _floor_eigenvalues(cov: np.ndarray, floor: float) -> tuple[np.ndarray, float | None]:
-    """Raise eigenvalues below ``floor`` to it: the maximiser of the Gaussian Q over Σ ⪰ floor·I."""
+def _floor_eigenvalues(cov: np.ndarray, floor: float, mean_square: float = 0.0,
+                       which: str = "a component") -> tuple[np.ndarray, float | None]:
+    """Raise eigenvalues below ``floor`` to it: the maximiser of the Gaussian Q over Σ ⪰ floor·I.
+
+    Eigenvalues are only resolved down to the rounding error of Σ = S_xx/N − μμᵀ, about
+    ``RESOLUTION`` times the mean square ``tr(S_xx)/N`` (and D·ε times the largest
+    eigenvalue, for the Cholesky factorisation of the result): below that, a covariance
+    is singular. A ``floor`` under that level is raised to it, so that Σ stays positive
+    definite in floating point; with ``floor=0`` a singular covariance is a ``ModelError``.
+    """
     values, vectors = np.linalg.eigh(cov)
-    if values[0] >= floor and values[0] > 0:
-        return cov, None
+    D = len(values)
+    noise = max(normal.RESOLUTION * mean_square, 8 * D * np.finfo(float).eps * max(float(values[-1]), 0.0))
     if floor <= 0:
-        raise ModelError("a covariance became singular and floor=0 allows no correction; "
-                         "use floor > 0 (the default is 1e-6)")
-    floored = (vectors * np.maximum(values, floor)) @ vectors.T
+        if not values[0] > noise:
+            raise ModelError(f"MultivariateNormal(floor=0): the covariance of {which} became singular (smallest "
+                             f"eigenvalue {float(values[0]):.3g} in units of the data's variance, zero to within "
+                             "rounding: the component collapsed onto a point or a line) and floor=0 allows no "
+                             "correction. Use floor > 0 (the default 1e-6 holds it at a millionth of the data's "
+                             "variance and names it in a DegenerateComponentWarning), or fewer components")
+        return cov, None
+    lowest = max(floor, noise)
+    if values[0] >= lowest:
+        return cov, None
+    floored = (vectors * np.maximum(values, lowest)) @ vectors.T
     return 0.5 * (floored + floored.T), float(values[0])
 
 

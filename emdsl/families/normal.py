@@ -50,10 +50,43 @@ def gaussian_marginal(mean: np.ndarray, variance: np.ndarray) -> Marginal:
     return Marginal(mean=mean, density=density, variance=variance)
 
 
-def apply_floor(variance: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
-    """max(σ², floor): the exact M-step under the constraint σ² ≥ floor; also which were floored."""
+#: a variance below this fraction of the mean square it was computed from (S_xx/N − μ²) is
+#: rounding error: the subtraction cancels about 13 of the 16 digits at that point
+RESOLUTION = 1e-13
+
+
+def apply_floor(variance: np.ndarray, floor: float, *, mean_square: np.ndarray | None = None,
+                kind: str = "Normal", tied: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """max(σ², floor): the exact M-step under the constraint σ² ≥ floor; also which were floored.
+
+    With ``floor=0`` nothing holds a component that collapsed onto one value: its variance
+    is 0 up to rounding (not above ``RESOLUTION · mean_square``, or not positive when the
+    mean square is not given), and log σ² would be −inf or NaN. That is a ``ModelError``
+    naming the component and the way out, never a NaN in the results.
+    """
+    if floor <= 0:
+        noise = 0.0 if mean_square is None else RESOLUTION * np.broadcast_to(mean_square, np.shape(variance))
+        collapsed = ~(variance > noise)  # NaN counts as collapsed too
+        if collapsed.any():
+            raise ModelError(_collapse_message(variance, collapsed, kind, tied))
+        return variance, np.zeros(np.shape(variance), dtype=bool)
     low = variance < floor
     return (np.maximum(variance, floor) if low.any() else variance), low
+
+
+def _collapse_message(variance: np.ndarray, collapsed: np.ndarray, kind: str, tied: bool) -> str:
+    first = np.unravel_index(int(np.flatnonzero(collapsed)[0]), np.shape(collapsed))
+    if tied:
+        which = f"the shared (tied) variance of element {int(first[-1])}"
+    elif len(first) == 2:
+        which = f"component {int(first[0])} (element {int(first[1])})"
+    else:
+        which = f"component {int(first[0])}"
+    value = float(np.asarray(variance)[first])
+    return (f"{kind}(floor=0): {which} collapsed onto a single value (its variance, {value:.3g} in units "
+            "of the data's variance, is zero to within rounding), and floor=0 allows no correction. "
+            "Use floor > 0 (the default 1e-6 holds a collapsed component at a millionth of the data's "
+            "variance and names it in a DegenerateComponentWarning), or fewer components")
 
 
 class Normal(ElementwiseFamily):
@@ -154,11 +187,12 @@ class Normal(ElementwiseFamily):
             return {"mean": mean, "variance": np.asarray(hold["variance"], dtype=float)}, []
         spread = scatter(s_x, s_xx, nk, mean)
         if self.tied == "variance":
-            pooled = spread.sum(axis=0) / np.maximum(nk.sum(axis=0), 1e-300)
-            variance, low = apply_floor(pooled, self.floor)
+            total = np.maximum(nk.sum(axis=0), 1e-300)
+            pooled = spread.sum(axis=0) / total
+            variance, low = apply_floor(pooled, self.floor, mean_square=s_xx.sum(axis=0) / total, tied=True)
             return {"mean": mean, "variance": variance}, [(-1, float(pooled.min()))] if low.any() else []
         raw = keep_empty(spread / safe_counts(nk), before.get("variance"), fallback["variance"], empty)
-        variance, low = apply_floor(raw, self.floor)
+        variance, low = apply_floor(raw, self.floor, mean_square=np.where(empty, 0.0, s_xx / safe_counts(nk)))
         floored = [(int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
         return {"mean": mean, "variance": variance}, floored
 

@@ -58,9 +58,9 @@ class VonMises(ElementwiseFamily):
 
     Any finite angle is in the support (x and x + 2π are the same point). M-step:
     μ = atan2(S_sin, S_cos), returned in (−π, π]; κ ≥ 0 solves A(κ) = I₁(κ)/I₀(κ) = R̄,
-    R̄ = |S|/N (or S·(cos μ, sin μ)/N for a held μ; κ = 0 when that is ≤ 0), by safeguarded
+    R̄ = ``|S|/N`` (or S·(cos μ, sin μ)/N for a held μ; κ = 0 when that is ≤ 0), by safeguarded
     Newton steps from the previous κ (or Best & Fisher's approximation) until
-    |Δκ| < 1e-12·κ or 50 steps (generalized EM: Q never decreases).
+    ``|Δκ| < 1e-12·κ`` or 50 steps (generalized EM: Q never decreases).
 
     Parameters
     ----------
