@@ -25,6 +25,7 @@ from emdsl.families import (
 from emdsl.model import Model
 from emdsl.options import set_options
 from emdsl.results import Fit, load
+from emdsl.select import Selection, grid, select
 
 __version__ = "0.1.0"
 
@@ -49,9 +50,12 @@ __all__ = [
     "MultivariateNormal",
     "Normal",
     "Poisson",
+    "Selection",
     "VonMises",
     "datasets",
+    "grid",
     "load",
+    "select",
     "set_options",
     "widgets",
 ]
