@@ -126,6 +126,8 @@ class EStep:
         phi, log_joint, resp = buf.views(self.S, self.K, stop - start)
         self.plan.read(start, stop, phi, buf.scratch)
         np.matmul(H, phi, out=log_joint)
+        if self.plan.clamp is not None:
+            _clamp(log_joint, self.plan.clamp[start:stop])
         partial = self._partial_rows(start, stop) if patterns else []
         for node, pattern, columns, x in partial:
             # These rows' presence row in Φ is 0: their observed block enters here instead.
@@ -239,6 +241,23 @@ def default_block_rows(n_stats: int, K: int) -> int:
     the memory budget, not the cache, is what bounds the block.
     """
     return int(np.clip((16 << 20) // (8 * (n_stats + 2 * K)), 1024, 16384))
+
+
+#: log-joint of a state a known label rules out: exp() of it is 0 and 0 times it stays finite
+_RULED_OUT = -1e300
+
+
+def _clamp(log_joint: np.ndarray, known: np.ndarray) -> None:
+    """Rule out every state but the known one for labelled samples (semi-supervised EM).
+
+    Their likelihood term becomes log p(x, z = label), so that the posterior is the
+    label itself and ℓ is the log-likelihood of the data and the labels together.
+    """
+    columns = np.flatnonzero(known >= 0)
+    if len(columns):
+        kept = log_joint[known[columns], columns]
+        log_joint[:, columns] = _RULED_OUT
+        log_joint[known[columns], columns] = kept
 
 
 def _total(parts: list[Summary], K: int, S: int) -> Summary:

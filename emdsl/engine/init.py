@@ -34,6 +34,11 @@ def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator)
         if hard is None:
             hard = _kmeans_plusplus(plan, rng)
         return _from_responsibilities(plan, estep, _one_hot(plan.K, hard), hold=given)
+    if isinstance(init, str) and init in ("kmeans++", "random") and _every_state_labelled(plan):
+        # Semi-supervised: start from what the labels say (the supervised estimate from the
+        # labelled samples alone) rather than from a clustering the labels may contradict.
+        theta, _ = _from_responsibilities(plan, estep, _labelled_only(plan.K, plan.clamp))
+        return theta, None
     if isinstance(init, str) and init == "kmeans++":
         return _from_responsibilities(plan, estep, _one_hot(plan.K, _kmeans_plusplus(plan, rng)))
     if isinstance(init, str) and init == "random":
@@ -44,12 +49,39 @@ def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator)
 
 def _from_responsibilities(plan: Plan, estep: EStep, resp_of: Any,
                            hold: Mapping[str, Any] | None = None) -> tuple[Theta, float | None]:
+    if plan.clamp is not None:
+        resp_of = _with_known_states(plan.clamp, resp_of)
     summary: Summary = estep.statistics_from(resp_of)
     theta, _ = maximize(plan, summary.stats, None, hold)
     if any(len(node.partial_rows) for node in plan.nodes):
         return theta, None  # holes were filled without θ: those statistics make no ELBO
     elbo = expected_complete_loglik(natural_matrix(plan, theta), summary.stats) + plan.log_base_total
     return theta, elbo + summary.entropy
+
+
+def _every_state_labelled(plan: Plan) -> bool:
+    return plan.clamp is not None and bool(np.all(np.bincount(plan.clamp[plan.clamp >= 0], minlength=plan.K) > 0))
+
+
+def _labelled_only(K: int, known: np.ndarray) -> Any:
+    """Responsibilities that are the labels where known and nothing elsewhere."""
+    def resp_of(start: int, stop: int) -> np.ndarray:
+        resp = np.zeros((K, stop - start))
+        labelled = np.flatnonzero(known[start:stop] >= 0)
+        resp[known[start:stop][labelled], labelled] = 1.0
+        return resp
+    return resp_of
+
+
+def _with_known_states(known: np.ndarray, resp_of: Any) -> Any:
+    """Starting responsibilities with labelled samples set to their known state."""
+    def clamped(start: int, stop: int) -> np.ndarray:
+        resp = np.array(resp_of(start, stop), dtype=float)
+        labelled = np.flatnonzero(known[start:stop] >= 0)
+        resp[:, labelled] = 0.0
+        resp[known[start:stop][labelled], labelled] = 1.0
+        return resp
+    return clamped
 
 
 def _held(plan: Plan, name: str) -> dict[str, np.ndarray]:
