@@ -70,8 +70,12 @@ class Node:
         return 1.0 / self.scale
 
     def where(self) -> str:
-        names = self.variables[0] if not self.stacked else list(self.variables)
-        return f"observe({names!r}, {self.family.kind})"
+        if not self.stacked:
+            return f"observe({self.variables[0]!r}, {self.family.kind})"
+        if len(self.variables) <= 4:
+            return f"observe({list(self.variables)!r}, {self.family.kind})"
+        shown = ", ".join(map(repr, self.variables[:2]))
+        return f"observe([{shown}, … {len(self.variables)} variables], {self.family.kind}, name={self.name!r})"
 
     def read(self, start: int, stop: int, out: np.ndarray) -> None:
         """Write the node's data for samples [start, stop) into ``out`` (D × n), standardized; NaN = missing."""
@@ -131,6 +135,8 @@ class Plan:
     nodes: list[Node]
     #: per-sample weights (N,), or None when every sample counts once
     weights: np.ndarray | None = None
+    #: known latent state per sample (−1 = unknown), from a data variable named like the latent
+    clamp: np.ndarray | None = None
 
     @property
     def K(self) -> int:
@@ -266,7 +272,32 @@ def compile_plan(
             node.center, node.scale = _units(node, fitting)
         plan.nodes.append(node)
     _bind_fixed(plan)
+    if latent is not None and latent.name in ds.data_vars:
+        plan.clamp = _known_states(plan, ds[latent.name])
     return plan
+
+
+def _known_states(plan: Plan, da: xr.DataArray) -> np.ndarray:
+    """The known state of each sample from a data variable named like the latent (−1 = unknown)."""
+    assert plan.latent is not None
+    name, states = plan.latent.name, plan.latent.family.states
+    where = f"latent({name!r}, ...): the data's variable {name!r} (known states)"
+    if da.dims != (plan.sample_dim,):
+        raise ModelError(f"{where} must be 1-D over {plan.sample_dim!r}, got dims {da.dims}")
+    lookup = {_tidy_label(state): k for k, state in enumerate(states)}
+    raw = _missing_as_none(np.asarray(da.values))
+    known = np.full(len(raw), -1, dtype=np.intp)
+    for i, value in enumerate(raw.tolist()):
+        if value is None:
+            continue
+        k = lookup.get(_tidy_label(value))
+        if k is None:
+            unknown = [v for v in raw.tolist() if v is not None and _tidy_label(v) not in lookup]
+            raise ModelError(f"{where}: {len(unknown)} value(s) are not states of {name!r} (first "
+                             f"{_tidy_label(value)!r} at {labels.describe_position(da, i)}); the states are "
+                             f"{list(states)}; mark an unknown state with NaN or None")
+        known[i] = k
+    return known
 
 
 def _weights(ds: xr.Dataset, weights: Any, sample_dim: Hashable) -> np.ndarray:
@@ -303,11 +334,20 @@ def _weights(ds: xr.Dataset, weights: Any, sample_dim: Hashable) -> np.ndarray:
 
 
 def _infer_sample_dim(model: Model, ds: xr.Dataset, sample_dim: Hashable | None) -> Hashable:
+    """The sample dimension (given, or the one dim every observed variable shares), and no name clash."""
+    chosen = _sample_dim(model, ds, sample_dim)
+    _check_latent_name(model, ds, chosen)
+    return chosen
+
+
+def _sample_dim(model: Model, ds: xr.Dataset, sample_dim: Hashable | None) -> Hashable:
     variables = [v for decl in model.observed for v in decl.variables]
     if sample_dim is not None:
+        if not isinstance(sample_dim, Hashable):
+            raise ModelError(f"fit(sample_dim=...): expected a dimension name, got {type(sample_dim).__name__}")
         for variable in variables:
             if sample_dim not in ds[variable].dims:
-                raise ModelError(f"sample_dim={sample_dim!r}: variable {variable!r} has dims "
+                raise ModelError(f"fit(sample_dim={sample_dim!r}): variable {variable!r} has dims "
                                  f"{ds[variable].dims}, without {sample_dim!r}")
         return sample_dim
     shared = [d for d in ds[variables[0]].dims if all(d in ds[v].dims for v in variables)]
@@ -323,6 +363,37 @@ def _infer_sample_dim(model: Model, ds: xr.Dataset, sample_dim: Hashable | None)
                          "observed variables must share a sample dimension")
     raise ModelError(f"data: cannot tell the sample dimension among {candidates} ({listing}); "
                      "pass sample_dim=... to fit")
+
+
+def _check_latent_name(model: Model, ds: xr.Dataset, sample_dim: Hashable) -> None:
+    """The latent's name becomes a dimension of every parameter: it must not be one of the data's dims.
+
+    Reserved alongside the data's own dims: each event dim ``d`` and its second axis
+    ``d_`` (covariances), and ``level`` (categorical levels).
+    """
+    latent = model.latent_var
+    if latent is None:
+        return
+    where = f"latent({latent.name!r}, ...)"
+    if latent.name == sample_dim:
+        raise ModelError(f"{where}: the latent has the name of the sample dimension {sample_dim!r}; "
+                         "give the latent another name")
+    for decl in model.observed:
+        dims: list[Hashable] = []
+        if decl.stacked:
+            dims.append(getattr(decl.family, "dim", None) or "feature")
+        for variable in decl.variables + tuple(decl.family.data_arguments().values()):
+            dims.extend(d for d in ds[variable].dims if d != sample_dim)
+        reserved = {d: f"a dimension of variable(s) {list(decl.variables)}" for d in dims}
+        if decl.family.multivariate:
+            reserved.update({f"{d}_": f"the second axis of the covariance over {d!r}" for d in dims
+                             if isinstance(d, str)})
+        if decl.family.categorical:
+            reserved["level"] = "the dimension of the levels of a categorical node"
+        if latent.name in reserved:
+            raise ModelError(f"{where}: the latent's name {latent.name!r} is {reserved[latent.name]} "
+                             f"(node {decl.name!r}); its states would clash with that dimension: give "
+                             "the latent another name")
 
 
 def _bind(decl: Observed, ds: xr.Dataset, sample_dim: Hashable, levels: Sequence[Any] | None) -> Node:
@@ -501,57 +572,140 @@ def _report(node: Node, da: xr.DataArray, sample_dim: Hashable, mask: np.ndarray
                      f"{detail}, first at {first}; {advice}")
 
 
+#: the farthest, in standard deviations of the training data, that a value or a mean may lie
+#: from the data's mean: its square (a sufficient statistic, and μ² in A(η)) stays below 1e200,
+#: which leaves the E-step's sums and products over many elements and small variances finite
+FARTHEST = 1e100
+#: relative spread below which a variable counts as constant: the rounding of its values
+_CONSTANT = 1e-14
+_HUGE = np.finfo(float).max
+_TINY_SCALE = np.finfo(float).tiny
+#: standard deviations whose variance (σ², and the floor's 1e-6·σ²) is a normal float, with room
+#: for a component's variance to be many times the data's
+_SPREAD = (1e-150, 1e150)
+
+
 def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-element mean and standard deviation over observed values (pooled where one scale is shared)."""
+    """Per-element mean and standard deviation over observed values (pooled where one scale is shared).
+
+    Computed on each element's values divided by their largest magnitude, so that data
+    near ±1.8e308 do not overflow and data near 1e-300 do not underflow; whether an
+    element is constant is judged against its own magnitude.
+    """
     if not node.family.standardize:
         return np.zeros(node.D), np.ones(node.D)
-    n = len(node.sources[0])
-    count = np.concatenate([sum((~np.isnan(s[a:b])).sum(axis=0) for a, b in blocks(n, SCAN_ROWS))
-                            for s in node.sources]).astype(float)
+    count, low, high, magnitude = _extent(node)
     empty = count == 0
     if empty.any():
         label = _element_label(node, int(np.flatnonzero(empty)[0]))
         raise ModelError(f"{node.where()}: {label} has no observed value (every value is NaN); "
                          "drop it from the model")
-    center = np.concatenate([sum(np.nansum(s[a:b], axis=0, dtype=float) for a, b in blocks(n, SCAN_ROWS))
-                             for s in node.sources]) / count
-    spread = np.zeros(node.D)
-    row = 0
-    for source in node.sources:
-        width = source.shape[1]
-        mean = center[row:row + width]
-        for a, b in blocks(n, SCAN_ROWS):
-            spread[row:row + width] += np.nansum((source[a:b] - mean) ** 2, axis=0)
-        row += width
-    variance = spread / count
+    # x − mean would overflow while standardizing (with a margin for the rounding of the mean)
+    wide = high / 2 - low / 2 > 0.49 * _HUGE
+    if wide.any():
+        element = int(np.flatnonzero(wide)[0])
+        raise ModelError(f"{node.where()}: {_element_label(node, element)} ranges from {float(low[element])!r} "
+                         f"to {float(high[element])!r}, a span wider than the largest float "
+                         f"({_HUGE:.4g}); rescale it (e.g. divide by 1e10)")
+    unit = np.where(magnitude > 0, magnitude, 1.0)
+    center_u, spread_u = np.zeros(node.D), np.zeros(node.D)
+    for rows, _, source in _element_blocks(node):
+        center_u[rows] += np.nansum(source / unit[rows], axis=0)
+    center_u /= count
+    for rows, _, source in _element_blocks(node):
+        spread_u[rows] += np.nansum((source / unit[rows] - center_u[rows]) ** 2, axis=0)
+    center = center_u * unit
+    sd_u = np.sqrt(spread_u / count)  # in units of each element's largest magnitude, ≤ 1
+    sd = sd_u * unit
     if node.family.pool_scale:
-        variance = np.full(node.D, variance.mean())
-    constant = variance <= (1e-14 * np.maximum(np.abs(center), 1e-300)) ** 2
+        largest = sd.max()
+        sd = np.full(node.D, largest * np.sqrt(np.mean((sd / largest) ** 2)) if largest > 0 else 0.0)
+    constant = sd <= _CONSTANT * unit
     if fitting and constant.any():
         element = int(np.flatnonzero(constant)[0])
         label = _element_label(node, element)
-        raise ModelError(f"{node.where()}: {label} is constant (every value is {center[element]:.6g}); "
-                         f"a {node.family.kind} fitted to it would have zero variance. "
-                         "Drop it from the model")
-    return center, np.where(constant, 1.0, np.sqrt(variance))
+        if low[element] == high[element]:
+            what = f"is constant (every value is {float(low[element])!r})"
+        else:
+            what = (f"is constant to within rounding (its values differ only in the last digits, from "
+                    f"{float(low[element])!r} to {float(high[element])!r})")
+        raise ModelError(f"{node.where()}: {label} {what}; a {node.family.kind} fitted to it would have "
+                         "zero variance. Drop it from the model")
+    # The family's variances are in the data's units: σ² must be a float, and so must the floor·σ².
+    unrepresentable = ~constant & ((sd < _SPREAD[0]) | (sd > _SPREAD[1]))
+    if fitting and unrepresentable.any():
+        element = int(np.flatnonzero(unrepresentable)[0])
+        big = sd[element] > _SPREAD[1]
+        power = int(np.floor(np.log10(sd[element])))
+        raise ModelError(f"{node.where()}: {_element_label(node, element)} has a standard deviation of "
+                         f"{float(sd[element]):.3g}, so its variance (≈1e{2 * power}) "
+                         f"{'overflows' if big else 'underflows'} floating point (whose range is 1e-308 to "
+                         f"1e308); {node.family.kind} fits data whose spread is between {_SPREAD[0]:.0e} and "
+                         f"{_SPREAD[1]:.0e}: {'divide' if big else 'multiply'} it by 1e{abs(power)}")
+    return center, np.where(constant | (sd < _TINY_SCALE), 1.0, sd)
+
+
+def _extent(node: Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per element: how many values are observed, the smallest, the largest and the largest magnitude."""
+    count, low, high = np.zeros(node.D), np.full(node.D, np.inf), np.full(node.D, -np.inf)
+    for rows, _, source in _element_blocks(node):
+        observed = ~np.isnan(source)
+        count[rows] += observed.sum(axis=0)
+        if observed.any():
+            low[rows] = np.minimum(low[rows], np.min(np.where(observed, source, np.inf), axis=0))
+            high[rows] = np.maximum(high[rows], np.max(np.where(observed, source, -np.inf), axis=0))
+    magnitude = np.where(count > 0, np.maximum(np.abs(low), np.abs(high)), 0.0)
+    return count, low, high, magnitude
+
+
+def _element_blocks(node: Node) -> Iterator[tuple[slice, int, np.ndarray]]:
+    """(the node's elements, the first sample, float64 values (b × width)) over every source and block."""
+    n = len(node.sources[0])
+    row = 0
+    for source in node.sources:
+        width = source.shape[1]
+        for a, b in blocks(n, SCAN_ROWS):
+            yield slice(row, row + width), a, np.asarray(source[a:b], dtype=float)
+        row += width
 
 
 def _element_label(node: Node, element: int) -> str:
+    """``variable 'x' at feature='f0'``: an element of a node as the user names it."""
     if node.stacked:
         return f"variable {node.variables[element]!r}"
     if not node.event_dims:
         return f"variable {node.variables[0]!r}"
     index = np.unravel_index(element, node.event_shape)
-    where = ", ".join(f"{d}={node.event_coords[d][i] if d in node.event_coords else i!r}"
+    where = ", ".join(f"{d}={labels._plain(node.event_coords[d][i]) if d in node.event_coords else int(i)!r}"
                       for d, i in zip(node.event_dims, index, strict=True))
     return f"variable {node.variables[0]!r} at {where}"
 
 
 def _given_units(plan: Plan, node: Node, standardization: Mapping[str, tuple[Any, Any]]
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The fit's units for this node, aligned to the new data's coordinates."""
+    """The fit's units for this node, aligned to the new data's coordinates; far-off new values are refused.
+
+    A value more than :data:`FARTHEST` standard deviations from the training data's
+    mean has a log-density whose square terms overflow: it cannot be scored.
+    """
     where = f"{node.where()}: new data"
     center, scale = (labels.internal(plan, node, ("event",), value, where) for value in standardization[node.name])
+    if node.family.standardize:
+        for rows, start, source in _element_blocks(node):
+            # halves, so that the difference of two finite floats cannot overflow
+            distance = np.abs(source / 2 - center[rows] / 2) / (scale[rows] / 2)
+            far = distance > FARTHEST  # NaN (missing) compares False
+            if far.any():
+                first = int(np.flatnonzero(far.ravel())[0])
+                block_row, column = divmod(first, source.shape[1])
+                row = start + block_row
+                label = _element_label(node, rows.start + column)
+                sample = (labels._plain(plan.sample_coords[plan.sample_dim][row]) if plan.sample_coords
+                          else row)
+                raise ModelError(f"{where}: {label} has the value {float(source.flat[first])!r} at "
+                                 f"{plan.sample_dim}={sample!r}, {float(distance.flat[first]):.3g} standard "
+                                 f"deviations from the training data's mean; the fit cannot score values beyond "
+                                 f"{FARTHEST:.0e} standard deviations (their squares overflow)")
     return center, scale
 
 
@@ -573,10 +727,18 @@ def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str 
     """
     nodes = {node.name: node for node in plan.nodes}
     known = ([plan.latent.name] if plan.latent is not None else []) + list(nodes)
+    if not isinstance(values, Mapping):
+        raise ModelError(f"{what}: expected a mapping {{node: {{param: value}}}}, got {type(values).__name__}")
+    unknown_nodes = [name for name in values if name not in known]
+    if unknown_nodes:
+        missing = [name for name in known if name not in values]
+        raise ModelError(f"{what}: {', '.join(map(repr, unknown_nodes))} "
+                         f"{'is not a node' if len(unknown_nodes) == 1 else 'are not nodes'} of this model "
+                         f"(nodes: {', '.join(map(repr, known))}"
+                         + (f"; not given: {', '.join(map(repr, missing))}" if missing else "")
+                         + "); starting values from another model's fit need the same node names")
     out: dict[str, Params] = {}
     for name, params in values.items():
-        if name not in known:
-            raise ModelError(f"{what}: {name!r} is not a node of this model; nodes: {', '.join(known)}")
         is_latent = plan.latent is not None and name == plan.latent.name
         family = plan.latent.family if is_latent else nodes[name].family
         node = None if is_latent else nodes[name]
@@ -596,10 +758,40 @@ def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str 
         converted = {p: labels.internal(plan, node, axes[p], v, f"{what}[{name!r}][{p!r}]")
                      for p, v in params.items() if v is not None}
         family.check_params(converted, f"{what}[{name!r}]")
-        if node is not None:
+        if node is not None and family.standardize:
+            converted = _standardized_values(node, converted, f"{what}[{name!r}]")
+        elif node is not None:
             converted = family.to_standard(converted, node.center, node.scale)
         out[name] = converted
     return out
+
+
+def _standardized_values(node: Node, params: Params, where: str) -> Params:
+    """Parameters in the data's units → internal units, refused when they do not survive the change.
+
+    A mean must lie within :data:`FARTHEST` standard deviations of the data's mean (μ²
+    enters the log-partition), and a variance must stay finite and positive once
+    divided by the data's variance.
+    """
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        standard = node.family.to_standard(params, node.center, node.scale)
+    mean = standard.get("mean")
+    if mean is not None:
+        far = ~(np.abs(mean) <= FARTHEST)
+        if far.any():
+            k, element = np.unravel_index(int(np.flatnonzero(far)[0]), mean.shape)
+            given = float(np.broadcast_to(params["mean"], mean.shape)[k, element])
+            raise ModelError(f"{where}['mean']: {given!r} (for {_element_label(node, int(element))}) lies "
+                             f"{float(abs(mean[k, element])):.3g} standard deviations from the data's mean "
+                             f"{float(node.center[element]):.6g}; a starting or fixed mean must lie within "
+                             f"{FARTHEST:.0e} of them (further out its square overflows)")
+    try:
+        node.family.check_params(standard, where)
+    except ModelError as error:
+        raise ModelError(f"{error} — after dividing by the data's spread (standard deviation "
+                         f"{float(node.scale.max()):.3g}), as the fit computes; the value is out of "
+                         "range relative to the data") from None
+    return standard
 
 
 def responsibilities(plan: Plan, resp: xr.DataArray) -> np.ndarray:

@@ -17,33 +17,98 @@ from emdsl.errors import ModelError
 
 if TYPE_CHECKING:
     from emdsl.compile import Node, Plan
+    from emdsl.model import Model
 
 
-def as_dataset(data: Any) -> xr.Dataset:
-    """Accept a Dataset, DataArray, pandas DataFrame or numpy array as a Dataset.
+def as_dataset(data: Any, like: Model | None = None) -> xr.Dataset:
+    """Accept a Dataset, DataArray, pandas DataFrame or Series, or numpy array as a Dataset.
 
-    An unnamed DataArray or an array becomes the variable ``"x"``; arrays get the
-    dims ``("sample",)`` or ``("sample", "feature")``; a DataFrame's index becomes
-    the sample dimension (``"sample"`` when the index has no name).
+    * A DataArray becomes one variable, named after it (``"x"`` when unnamed).
+    * A DataFrame's columns become variables over its index, which is the sample
+      dimension (named after the index, ``"sample"`` when unnamed); column names are
+      kept as their ``str()``. A ``MultiIndex`` is flattened to one sample dimension,
+      ``"sample"``, whose coordinate holds the index's tuples (e.g. ``(2024, "a")``), so
+      that predictions keep the rows' labels. A Series is a one-column DataFrame.
+    * An array becomes the variable ``"x"`` with dims ``("sample",)`` or
+      ``("sample", "feature")``; with ``like`` (a :class:`~emdsl.Model` whose data
+      variables are 1-D, as when it was fitted to a DataFrame), an array whose columns
+      are as many as the model's variables gives those variables, column by column in
+      the order the model declares them.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd, emdsl as em
+    >>> frame = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]},
+    ...                      index=pd.MultiIndex.from_tuples([(0, "p"), (0, "q")]))
+    >>> as_dataset(frame)["sample"].values.tolist()
+    [(0, 'p'), (0, 'q')]
+    >>> model = em.Model().observe(["a", "b"], em.MultivariateNormal)
+    >>> sorted(as_dataset(np.ones((3, 2)), like=model).data_vars)
+    ['a', 'b']
     """
     if isinstance(data, xr.Dataset):
         return data
     if isinstance(data, xr.DataArray):
         return data.to_dataset(name=data.name if data.name is not None else "x")
-    if type(data).__name__ == "DataFrame" and hasattr(data, "columns"):
-        frame = data.copy(deep=False)
-        if frame.index.name is None:
-            frame.index = frame.index.rename("sample")
-        frame.columns = [str(c) for c in frame.columns]
-        return xr.Dataset.from_dataframe(frame)
+    kind = type(data).__name__
+    if kind == "Series" and hasattr(data, "to_frame"):
+        data = data.to_frame(name=data.name if data.name is not None else "x")
+        kind = "DataFrame"
+    if kind == "DataFrame" and hasattr(data, "columns"):
+        return _from_frame(data)
     if isinstance(data, np.ndarray | list | tuple):
-        array = np.asarray(data)
+        try:
+            array = np.asarray(data)
+        except ValueError as error:  # ragged nested lists
+            raise ModelError(f"data: cannot read the list as an array ({error})") from None
         if array.ndim not in (1, 2):
             raise ModelError(f"data: a numpy array must be 1-D (sample,) or 2-D (sample, feature), "
                              f"got shape {array.shape}; wrap it in an xarray.DataArray with named dims")
+        columns = _columns_like(like, array)
+        if columns is not None:
+            return xr.Dataset({name: ("sample", array[:, i] if array.ndim == 2 else array)
+                               for i, name in enumerate(columns)})
         return xr.Dataset({"x": (("sample", "feature")[: array.ndim], array)})
     raise ModelError(f"data: expected an xarray.Dataset, DataArray, pandas.DataFrame or numpy array, "
-                     f"got {type(data).__name__}")
+                     f"got {kind}")
+
+
+def _from_frame(data: Any) -> xr.Dataset:
+    """A DataFrame's columns as variables over one sample dimension (a MultiIndex flattened to tuples)."""
+    import pandas as pd
+
+    frame = data.copy(deep=False)
+    if isinstance(frame.index, pd.MultiIndex):
+        frame.index = pd.Index(list(frame.index), tupleize_cols=False, dtype=object, name="sample")
+    elif frame.index.name is None:
+        frame.index = frame.index.rename("sample")
+    frame.columns = [str(c) for c in frame.columns]
+    repeated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if repeated:
+        raise ModelError(f"data: the DataFrame has several columns named {repeated[0]!r} "
+                         "(after converting names to strings); give them distinct names")
+    if frame.index.name in frame.columns:
+        raise ModelError(f"data: the DataFrame's index and one of its columns are both named "
+                         f"{frame.index.name!r}; rename one of them")
+    return xr.Dataset.from_dataframe(frame)
+
+
+def _columns_like(like: Model | None, array: np.ndarray) -> list[str] | None:
+    """The model's variables, in declaration order, when the array's columns stand for them."""
+    if like is None:
+        return None
+    variables = [v for decl in like.observed for v in decl.variables]
+    if not variables or "x" in variables:
+        return None  # the model reads the array as the variable "x", the default
+    width = array.shape[1] if array.ndim == 2 else 1
+    return variables if width == len(variables) else None
+
+
+def _plain(label: Any) -> Any:
+    """A coordinate label as users write it: numpy scalars as Python values, dates as ISO strings."""
+    if isinstance(label, np.datetime64 | np.timedelta64):
+        return str(label)
+    return label.item() if isinstance(label, np.generic) else label
 
 
 def describe_position(array: xr.DataArray, flat_index: int) -> str:
@@ -51,8 +116,8 @@ def describe_position(array: xr.DataArray, flat_index: int) -> str:
     where = np.unravel_index(flat_index, array.shape)
     parts = []
     for dim, i in zip(array.dims, where, strict=True):
-        label = array[dim].values[i] if dim in array.coords else i
-        parts.append(f"{dim}={label.item() if hasattr(label, 'item') else label!r}")
+        label = _plain(array[dim].values[i]) if dim in array.coords else int(i)
+        parts.append(f"{dim}={label!r}")
     return ", ".join(parts)
 
 

@@ -24,6 +24,8 @@ class Latent:
 
     name: str
     family: LatentFamily
+    #: the dimension a Markov latent runs along (None: a mixture, one state per sample)
+    markov: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Model:
     observed: tuple[Observed, ...] = ()
 
     # -- declaring ------------------------------------------------------------
-    def latent(self, name: str, family: LatentFamily | type[LatentFamily]) -> Model:
+    def latent(self, name: str, family: LatentFamily | type[LatentFamily], markov: str | None = None) -> Model:
         """Declare a latent variable.
 
         Parameters
@@ -75,6 +77,20 @@ class Model:
             every parameter and in the posterior.
         family : LatentFamily or class
             E.g. ``em.Categorical(3)``.
+        markov : str, optional
+            A dimension of the data along which the latent is a first-order Markov
+            chain (a hidden Markov model): parameters ``initial`` (over ``name``) and
+            ``transition`` (over ``name`` and ``<name>_next``) replace the mixture
+            weights. Dimensions listed before it in the data (or ``fit(sample_dim=...)``)
+            index independent sequences; shorter sequences are NaN-padded at the end.
+
+        Notes
+        -----
+        Partly labelled data (semi-supervised EM): if the data contain a variable with
+        the latent's name, its known values (state labels or indices) clamp the
+        posterior of those samples, and NaN or None means unknown. ℓ is then the
+        log-likelihood of the data and the known labels together, and when every
+        state has a label the fit starts from the labelled samples alone.
 
         Returns
         -------
@@ -86,19 +102,31 @@ class Model:
         >>> import emdsl as em
         >>> em.Model().latent("z", em.Categorical(3)).names
         ('z',)
+        >>> em.Model().latent("z", em.Categorical(2), markov="time").latent_var.markov
+        'time'
         """
-        where = f"latent({name!r}, ...)"
+        where = f"latent({name!r}, ...)" if markov is None else f"latent({name!r}, ..., markov={markov!r})"
         _check_name(name, where)
         family = _instantiate(family, where)
         if family.role != "latent":
             raise ModelError(f"{where}: {family.kind} is a family for observed data; "
                              "a latent needs a latent family such as em.Categorical(k)")
+        if markov is not None:
+            if not isinstance(markov, str) or not markov:
+                raise ModelError(f"{where}: markov must name a dimension of the data (a non-empty string), "
+                                 f"got {markov!r}")
+            if markov in (name, f"{name}_next"):
+                raise ModelError(f"{where}: the chain's dimension cannot be named like the latent's states "
+                                 f"({name!r}, {name + '_next'!r})")
+            if not hasattr(family, "markov_form"):
+                raise ModelError(f"{where}: {family.kind} cannot be a Markov chain; use em.Categorical(k)")
+            family = family.markov_form(where)  # type: ignore[attr-defined]
         family.check_latent(where)  # type: ignore[attr-defined]
         self._check_free(name, where)
         if self.latents:
             raise ModelError(f"{where}: this model already has the latent {self.latents[0].name!r}; "
                              "models with several latent variables are not supported yet")
-        return dataclasses.replace(self, latents=self.latents + (Latent(name, family),))
+        return dataclasses.replace(self, latents=self.latents + (Latent(name, family, markov),))
 
     def observe(
         self,
@@ -114,12 +142,14 @@ class Model:
         names : str or list of str
             A data variable, or several 1-D variables to stack into one event
             dimension (``"feature"`` unless the family names another ``dim``),
-            whose coordinates are the variable names.
+            whose coordinates are the variable names. Any non-empty string is a
+            valid variable name (e.g. a DataFrame column ``"od280/od315"``).
         family : ObservedFamily or class
             E.g. ``em.Normal`` or ``em.MultivariateNormal(covariance="diag")``.
         name : str, optional
-            Name of this node in the parameters (default: the variable name, or
-            the names joined with ``+``).
+            Name of this node in the parameters: a non-empty string without ``/``
+            (default: the variable name, or the names joined with ``+``, with any
+            ``/`` replaced by ``_``).
 
         Returns
         -------
@@ -133,17 +163,26 @@ class Model:
         >>> m.observed[0].variables
         ('eruptions', 'waiting')
         """
-        stacked = not isinstance(names, str)
-        variables = (names,) if isinstance(names, str) else tuple(names)
-        node = name if name is not None else "+".join(map(str, variables))
         where = f"observe({names!r}, ...)"
+        stacked = not isinstance(names, str)
+        if stacked and not _is_iterable_of_names(names):
+            hint = f"; a DataFrame's column {names!r} is the variable {str(names)!r}" if isinstance(
+                names, int | float) else ""
+            raise ModelError(f"{where}: expected a data variable's name (a string) or a list of names, "
+                             f"got {type(names).__name__}{hint}")
+        # np.str_ (from a pandas Index or a numpy array of names) as plain str, for clean reprs
+        variables = tuple(str(v) if isinstance(v, str) else v for v in ((names,) if not stacked else names))
         if not variables:
             raise ModelError(f"{where}: give at least one variable name")
         for variable in variables:
-            _check_name(variable, where)
+            _check_variable(variable, where)
         if len(set(variables)) != len(variables):
             raise ModelError(f"{where}: a variable is listed twice")
-        _check_name(node, where)
+        if name is None:
+            node = default_node_name(variables)
+        else:
+            node = name
+            _check_name(node, f"observe({names!r}, ..., name={name!r})")
         family = _instantiate(family, where)
         if family.role != "observed" and hasattr(family, "observed_form"):
             family = family.observed_form()  # em.Categorical serves both roles
@@ -187,6 +226,7 @@ class Model:
         weights: str | Any | None = None,
         callbacks: Sequence[Callable[..., Any]] | None = (),
         monitor: bool = False,
+        accelerate: Literal["squarem", "daarem"] | None = None,
     ) -> Fit:
         """Fit the model to data with EM.
 
@@ -229,6 +269,16 @@ class Model:
         monitor : bool, default False
             Show a live convergence monitor (a widget in Jupyter, a text line
             elsewhere).
+        accelerate : {"squarem", "daarem"} or None, default None
+            Accelerated EM that keeps the guarantee: proposals extrapolated from EM
+            steps (SQUAREM, Varadhan & Roland 2008; DAAREM, Henderson & Varadhan
+            2019) are kept only when the log-likelihood does not fall, otherwise the
+            plain EM step is; slow fits (overlapping components, missing values) need
+            many fewer E-steps. None is plain EM. An iteration is then an accepted
+            point (``max_iter`` counts those); ``fit.trace`` flags proposals in
+            ``extrapolated`` (they have no ELBO: elbo = loglik, kl = 0 there) and
+            counts the work in ``e_steps``. Convergence is still plain EM's test,
+            taken on a plain EM step, so the fit always ends on an M-step's output.
 
         Returns
         -------
@@ -246,13 +296,15 @@ class Model:
         from emdsl.engine.orchestrate import fit_model
 
         return fit_model(self, data, init=init, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
-                         sample_dim=sample_dim, weights=weights, callbacks=callbacks, monitor=monitor)
+                         sample_dim=sample_dim, weights=weights, callbacks=callbacks, monitor=monitor,
+                         accelerate=accelerate)
 
     # -- serialisation and display ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible description that :meth:`from_dict` turns back into this model."""
         return {
-            "latents": [{"name": x.name, **_family_to_dict(x.family)} for x in self.latents],
+            "latents": [{"name": x.name, **_family_to_dict(x.family), **({"markov": x.markov} if x.markov else {})}
+                        for x in self.latents],
             "observed": [{"name": x.name, "variables": list(x.variables), "stacked": x.stacked,
                           **_family_to_dict(x.family)} for x in self.observed],
         }
@@ -262,7 +314,7 @@ class Model:
         """Recreate a model from :meth:`to_dict`'s output."""
         model = cls()
         for item in spec.get("latents", ()):
-            model = model.latent(item["name"], _family_from_dict(item))
+            model = model.latent(item["name"], _family_from_dict(item), markov=item.get("markov"))
         for item in spec.get("observed", ()):
             names = list(item["variables"]) if item["stacked"] else item["variables"][0]
             model = model.observe(names, _family_from_dict(item), name=item["name"])
@@ -282,7 +334,8 @@ class Model:
             return "Model()  # empty: declare .latent(...) and .observe(...)"
         lines = ["Model"]
         for x in self.latents:
-            lines.append(f"  latent   {x.name} ~ {x.family!r}")
+            chain = f", Markov along {x.markov!r}" if x.markov is not None else ""
+            lines.append(f"  latent   {x.name} ~ {x.family!r}{chain}")
         for x in self.observed:
             lhs = x.name if not x.stacked and x.variables == (x.name,) else f"{x.name} = [{', '.join(x.variables)}]"
             given = f" | {self.latents[0].name}" if self.latents else ""
@@ -310,8 +363,41 @@ def _instantiate(family: Family | type[Family], where: str) -> Family:
 
 
 def _check_name(name: object, where: str) -> None:
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ModelError(f"{where}: names must be non-empty strings without '/', got {name!r}")
+    """A node or latent name: it names a group of the parameters' DataTree and of a saved file."""
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ModelError(f"{where}: names of latents and nodes must be non-empty strings without '/' "
+                         f"(and not '.' or '..'), got {name!r}")
+
+
+def _check_variable(variable: object, where: str) -> None:
+    """A data variable's name: any non-empty string (a DataFrame's column names are kept as they are)."""
+    if not isinstance(variable, str) or not variable:
+        hint = f"; a DataFrame's column {variable!r} is the variable {str(variable)!r}" if isinstance(
+            variable, int | float) else ""
+        raise ModelError(f"{where}: data variable names must be non-empty strings, got {variable!r}{hint}")
+
+
+def _is_iterable_of_names(names: object) -> bool:
+    # A list, a tuple, a pandas Index or a numpy array of column names is fine; a number, a
+    # mapping or a set (whose order, the order of the event's elements, is arbitrary) is not.
+    return hasattr(names, "__iter__") and not isinstance(names, Mapping | bytes | set | frozenset)
+
+
+def default_node_name(variables: Sequence[str]) -> str:
+    """The node name used when ``observe`` gets no ``name=``: the variables joined by ``+``.
+
+    Characters a node name cannot hold (``/``, the separator of DataTree paths and
+    netCDF groups) become ``_``, so any column name can be observed.
+
+    Examples
+    --------
+    >>> default_node_name(["od280/od315_of_diluted_wines"])
+    'od280_od315_of_diluted_wines'
+    >>> default_node_name(["a", "b"])
+    'a+b'
+    """
+    node = "+".join(variables).replace("/", "_")
+    return node if node not in (".", "..") else node.replace(".", "_")
 
 
 def _family_to_dict(family: Family) -> dict[str, Any]:

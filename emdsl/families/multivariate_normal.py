@@ -85,6 +85,8 @@ class MultivariateNormal(ObservedFamily):
         mean: ArrayLike | None = None,
         floor: float = 1e-6,
     ) -> None:
+        if dim is not None and not (isinstance(dim, str) and dim):
+            raise ModelError(f"MultivariateNormal(dim=...): expected the name of a dimension (a string), got {dim!r}")
         if isinstance(covariance, str):
             if covariance not in _TYPES:
                 raise ModelError(f"MultivariateNormal(covariance=...): expected one of {_TYPES}, "
@@ -92,6 +94,7 @@ class MultivariateNormal(ObservedFamily):
             self.covariance_type: CovarianceType = covariance
             self._covariance = None
         else:
+            as_float(covariance, "MultivariateNormal(covariance=...)")  # numbers, not a ragged list
             self.covariance_type = _type_of_fixed(covariance)
             self._covariance = covariance
             self.check_params({"covariance": as_float(covariance, "MultivariateNormal(covariance=...)")},
