@@ -119,6 +119,24 @@ class Fit:
         return "converged" if self.converged else ("stopped" if self.stopped else "not converged")
 
     @property
+    def restarts(self) -> xr.Dataset:
+        """Every restart's outcome over ``restart``: final ``loglik``, ``n_iter``, ``converged``, ``degenerate``."""
+        restart = self.traces["restart"].values
+        ids = np.unique(restart)
+        last = np.array([np.flatnonzero(restart == r)[-1] for r in ids])
+
+        def flags(key: str) -> np.ndarray:
+            text = str(self.traces.attrs.get(key, ""))
+            values = [bool(int(v)) for v in text.split(",") if v != ""]
+            return np.array(values if len(values) == len(ids) else [False] * len(ids))
+
+        return xr.Dataset({"loglik": ("restart", self.traces["loglik"].values[last]),
+                           "n_iter": ("restart", self.traces["iteration"].values[last]),
+                           "converged": ("restart", flags("converged")),
+                           "degenerate": ("restart", flags("degenerate"))},
+                          coords={"restart": ids}, attrs={"kept": self.restart})
+
+    @property
     def n_init(self) -> int:
         """Number of restarts that ran."""
         return int(np.unique(self.traces["restart"].values).size)

@@ -54,3 +54,15 @@ def test_degenerate_round_trips_through_a_file(wine, tmp_path):
         fit = model.fit(data, seed=0)
     fit.save(tmp_path / "wine.nc")
     assert em.load(tmp_path / "wine.nc").status == "degenerate"
+
+
+def test_every_restart_is_reported(wine):
+    model, data = wine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", em.DegenerateComponentWarning)
+        fit = model.fit(data, seed=0, n_init=4)
+    table = fit.restarts
+    assert table.sizes["restart"] == 4 and table.attrs["kept"] == fit.restart
+    np.testing.assert_array_equal(table["loglik"].values, final_logliks(fit))
+    assert table["degenerate"].values.tolist() == [bool(int(v)) for v in fit.traces.attrs["degenerate"].split(",")]
+    assert int(table["n_iter"].sel(restart=fit.restart)) == fit.n_iter
