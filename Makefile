@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-python test-notebooks docs bench clean
+.PHONY: demo lab test test-python test-notebooks docs bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Runtime + notebook extras: enough for the demo (the PNG needs matplotlib).
+# Runtime + notebook extras: enough for the demo (the PNG needs matplotlib) and for JupyterLab.
 $(VENV)/.demo-deps: pyproject.toml | $(VENV)/bin/python
 	$(PIP) -e ".[notebook]"
 	touch $@
@@ -24,6 +24,10 @@ $(VENV)/.test-deps: pyproject.toml tools/install-test-deps.sh | $(VENV)/bin/pyth
 
 demo: $(VENV)/.demo-deps
 	$(PY) -m emdsl.demo --output demo-output/faithful.png
+
+# The tutorials in JupyterLab, with this environment as the kernel (ipykernel's built-in python3).
+lab: $(VENV)/.demo-deps
+	$(PY) -m jupyterlab notebooks/
 
 test: $(VENV)/.test-deps
 	$(MAKE) --no-print-directory test-python test-notebooks docs

@@ -126,5 +126,18 @@ def _check_executed(app):
                            "and commit it: the docs show the committed outputs")
 
 
+#: classes built empty and then by their methods: the reference shows ``Model()``, not the
+#: dataclass fields the methods fill in (``Model(latents=(), observed=())``)
+_NO_CONSTRUCTOR_ARGUMENTS = {"emdsl.Model"}
+
+
+def _signature(app, what, name, obj, options, signature, return_annotation):
+    """``autodoc-process-signature``: the signature a reader should call, for the page and the summary table."""
+    if what == "class" and name in _NO_CONSTRUCTOR_ARGUMENTS:
+        return "()", return_annotation
+    return None
+
+
 def setup(app):
     app.connect("builder-inited", _check_executed)
+    app.connect("autodoc-process-signature", _signature)

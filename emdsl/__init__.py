@@ -5,7 +5,8 @@
 >>> fit = model.fit(em.datasets.load("faithful"), seed=0)
 """
 
-from emdsl import datasets, widgets
+from emdsl import datasets, priors, widgets
+from emdsl.bootstrap import bootstrap
 from emdsl.engine.events import Callback, FitInfo, IterationEvent
 from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError, MonotonicityError
 from emdsl.families import (
@@ -52,9 +53,11 @@ __all__ = [
     "Poisson",
     "Selection",
     "VonMises",
+    "bootstrap",
     "datasets",
     "grid",
     "load",
+    "priors",
     "select",
     "set_options",
     "widgets",

@@ -20,8 +20,10 @@ import numpy as np
 import xarray as xr
 
 from emdsl import labels
+from emdsl.data import is_chunked, is_dask
 from emdsl.errors import ModelError
-from emdsl.families._base import LatentFamily, ObservedFamily, Params
+from emdsl.families._base import BoundPrior, LatentFamily, ObservedFamily, Params
+from emdsl.latent import LatentStructure, Markov, Mixture, Sequences
 from emdsl.model import Model, Observed
 
 #: rows per block when scanning data outside EM iterations (validation, units, log h, seeding)
@@ -45,6 +47,8 @@ class Node:
     scale: np.ndarray
     offset: int = 0
     held: Params = dataclasses.field(default_factory=dict)
+    #: the node's conjugate prior in internal units (declared, or fit(prior="weak")'s), or None
+    prior: BoundPrior | None = None
     #: extra data the family reads (e.g. Binomial's trials), each (N, D)
     aux: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     #: level labels of a categorical node (the codes in ``sources`` index them)
@@ -101,6 +105,15 @@ class Node:
         """Group the samples whose event is partly observed by their pattern of holes."""
         if not (self.family.multivariate and hasattr(self.family, "patterns")):
             return
+        if is_dask(self.sources[0]):  # one dask pass; a chunk's task finds its own rows again
+            from emdsl.data import dask_source
+
+            self.partial_rows, observed = dask_source.partial_rows(self)
+            if len(self.partial_rows):
+                keys, inverse = np.unique(observed, axis=0, return_inverse=True)
+                self.patterns = list(keys)
+                self.partial_pattern = inverse.ravel().astype(np.intp)
+            return
         missing = np.hstack([np.isnan(np.asarray(s, dtype=float)) for s in self.sources])
         partial = missing.any(axis=1) & ~missing.all(axis=1)
         self.partial_rows = np.flatnonzero(partial)
@@ -121,6 +134,10 @@ class LatentNode:
     name: str
     family: LatentFamily
     held: Params = dataclasses.field(default_factory=dict)
+    #: the Dirichlet prior on the weights in internal form (declared, or fit(prior="weak")'s), or None
+    prior: BoundPrior | None = None
+    #: how its posterior is computed from the emissions: a mixture's softmax or a chain's forward–backward
+    structure: LatentStructure | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -137,6 +154,10 @@ class Plan:
     weights: np.ndarray | None = None
     #: known latent state per sample (−1 = unknown), from a data variable named like the latent
     clamp: np.ndarray | None = None
+    #: for a Markov latent: how the rows form sequences (each sequence's rows consecutive)
+    sequences: Sequences | None = None
+    #: precision of Φ, L, R and H in the E-step (``fit(dtype=...)``); sums are float64 either way
+    dtype: Any = np.float64
 
     @property
     def K(self) -> int:
@@ -181,6 +202,8 @@ class Plan:
     @cached_property
     def log_base_total(self) -> float:
         """Σ_n w_n Σ_v log h_v(x_n): constant over iterations, so computed once."""
+        if is_chunked(self):
+            return self._chunked_totals[0]
         total = 0.0
         for a, b in blocks(self.n_samples, SCAN_ROWS):
             part = self.log_base_measure(a, b)
@@ -189,14 +212,25 @@ class Plan:
 
     @cached_property
     def phi_magnitude(self) -> np.ndarray:
-        """Σ_n w_n |Φ_sn| (S,): the size of the sums the E-step adds, for the rounding slack."""
+        """Σ_n w_n |Φ_sn| (S,), then the latent's own columns: the size of the E-step's sums (rounding slack)."""
         out = np.zeros(self.n_stats)
-        for a, b in blocks(self.n_samples, SCAN_ROWS):
+        for a, b in blocks(self.n_samples, SCAN_ROWS) if not is_chunked(self) else ():
             phi = np.empty((self.n_stats, b - a))
             self.read(a, b, phi, np.empty(self.max_D * (b - a)))
             np.abs(phi, out=phi)
             out += phi.sum(axis=1) if self.weights is None else phi @ self.weights[a:b]
+        if is_chunked(self):
+            out = self._chunked_totals[1].copy()
+        if self.latent is not None and self.latent.structure is not None and self.latent.structure.n_stats:
+            out = np.concatenate([out, self.latent.structure.stats_magnitude(self)])
         return out
+
+    @cached_property
+    def _chunked_totals(self) -> tuple[float, np.ndarray]:
+        """Σ w log h and Σ w |Φ| of dask-backed data, in one pass (both are needed by the first iteration)."""
+        from emdsl.data import dask_source
+
+        return dask_source.plan_totals(self)
 
     def n_free_params(self) -> int:
         """Number of learned scalars, for BIC and AIC."""
@@ -219,6 +253,7 @@ def compile_plan(
     levels: Mapping[str, Sequence[Any]] | None = None,
     weights: Any = None,
     fitting: bool = True,
+    prior: str | None = None,
 ) -> Plan:
     """Validate ``model`` against ``data`` and lay out the statistics.
 
@@ -235,7 +270,12 @@ def compile_plan(
         sample dimension.
     fitting : bool
         Whether the plan is for fitting (checks that there are at least as many
-        samples as states, and that no Gaussian variable is constant).
+        samples as states, and that no Gaussian variable is constant). Priors are
+        bound only for fitting.
+    prior : {"weak"}, optional
+        ``"weak"``: every node (and the latent) that takes a conjugate prior and
+        declares none gets the weakly informative one scaled from these data (see
+        :meth:`Model.fit`); declared priors are bound either way.
     """
     if not model.observed:
         raise ModelError("model: nothing is observed; declare data with .observe(name, family)")
@@ -246,6 +286,11 @@ def compile_plan(
                 available = ", ".join(map(repr, ds.data_vars)) or "none"
                 raise ModelError(f"observe({variable!r}, {decl.family.kind}): the data have no "
                                  f"variable {variable!r}; available: {available}")
+    sequences = None
+    if model.latent_var is not None and model.latent_var.markov is not None:
+        # A chain's rows are the (sequence, time) steps, flattened so that each sequence is
+        # consecutive: from here on it is a plan over rows like any other.
+        ds, sample_dim, weights, sequences = markov_layout(model, ds, sample_dim, weights)
     sample_dim = _infer_sample_dim(model, ds, sample_dim)
     n_samples = int(ds.sizes[sample_dim])
     if n_samples == 0:
@@ -253,16 +298,22 @@ def compile_plan(
     latent = None
     if model.latent_var is not None:
         decl = model.latent_var
-        latent = LatentNode(decl.name, decl.family)
+        latent = LatentNode(decl.name, decl.family,
+                            structure=Markov(decl.family, sequences) if sequences is not None else Mixture(decl.family))
         if fitting and decl.family.k > n_samples:
             raise ModelError(f"latent({decl.name!r}, {decl.family!r}): {decl.family.k} states but the data "
                              f"have only {n_samples} samples along {sample_dim!r}; use fewer states")
     sample_coords = {sample_dim: ds[sample_dim].values} if sample_dim in ds.coords else {}
     plan = Plan(model, sample_dim, n_samples, sample_coords, latent, [],
-                _weights(ds, weights, sample_dim) if weights is not None else None)
+                _weights(ds, weights, sample_dim) if weights is not None else None, sequences=sequences)
     offset = 1
     for decl in model.observed:
         node = _bind(decl, ds, sample_dim, (levels or {}).get(decl.name))
+        if decl.covariates or not decl.intercept:  # a regression: its family and design (levels: its terms)
+            from emdsl.regression import bind
+
+            bind(node, decl.covariates, decl.intercept, ds, sample_dim, (levels or {}).get(decl.name), fitting,
+                 decl.offset)
         node.offset = offset
         offset += node.n_rows
         _check_values(node, ds, sample_dim)
@@ -271,7 +322,21 @@ def compile_plan(
         else:
             node.center, node.scale = _units(node, fitting)
         plan.nodes.append(node)
+    if latent is not None and model.latent_var.covariates:  # weights moved by covariates: a hidden node
+        from emdsl.regression import bind_concomitant
+
+        node = bind_concomitant(plan, model.latent_var.covariates, ds, sample_dim, (levels or {}).get(latent.name),
+                                fitting)
+        node.offset = offset
+        offset += node.n_rows
+        plan.nodes.append(node)
+    if is_chunked(plan):  # every array of the plan shares the first variable's sample chunks
+        from emdsl.data import dask_source
+
+        dask_source.align(plan)
     _bind_fixed(plan)
+    if fitting:
+        _bind_priors(plan, weak=prior == "weak")
     if latent is not None and latent.name in ds.data_vars:
         plan.clamp = _known_states(plan, ds[latent.name])
     return plan
@@ -322,6 +387,8 @@ def _weights(ds: xr.Dataset, weights: Any, sample_dim: Hashable) -> np.ndarray:
         raise ModelError(f"{where}: {da.sizes[sample_dim]} weights for {ds.sizes[sample_dim]} samples")
     if da.dtype.kind not in "iufb":
         raise ModelError(f"{where}: weights must be numbers, got dtype {da.dtype}")
+    if is_dask(da.data):
+        return _chunked_weights(da, where, sample_dim)
     values = np.asarray(da.values, dtype=float)
     for bad, what in ((~np.isfinite(values), "missing or infinite (NaN, ±inf)"), (values < 0, "negative")):
         if bad.any():
@@ -414,7 +481,7 @@ def _bind(decl: Observed, ds: xr.Dataset, sample_dim: Hashable, levels: Sequence
                                  f"{variable!r} has dims {ds[variable].dims}")
         arrays = [ds[v] for v in decl.variables]
         event_dims, shape, coords = (dim,), (len(decl.variables),), {dim: list(decl.variables)}
-        columns = [np.asarray(da.values)[:, None] for da in arrays]
+        columns = [_values(da)[:, None] for da in arrays]
     else:
         variable = decl.variables[0]
         da = ds[variable]
@@ -431,7 +498,7 @@ def _bind(decl: Observed, ds: xr.Dataset, sample_dim: Hashable, levels: Sequence
             if da.sizes[d] == 0:
                 raise ModelError(f"{where}: variable {variable!r} has an empty dimension {d!r} (size 0); "
                                  "there is nothing to observe")
-        values = np.asarray(da.transpose(sample_dim, *others).values)
+        values = _values(da.transpose(sample_dim, *others))
         columns = [values.reshape(values.shape[0], -1)]
         event_dims = others
         coords = {d: list(da[d].values) for d in others if d in da.coords}
@@ -449,6 +516,9 @@ def _encode_levels(node: Node, ds: xr.Dataset, sample_dim: Hashable, given: Sequ
     """Replace a categorical node's labels by float level codes (NaN = missing), and bind its levels."""
     family = node.family
     declared = given if given is not None else getattr(family, "levels", None)
+    if is_dask(node.sources[0]):
+        _encode_chunked(node, ds, sample_dim, declared)
+        return
     arrays = [ds[v] for v in node.variables]
     raw = [_missing_as_none(column) for column in node.sources]
     if declared is None:
@@ -526,6 +596,8 @@ def _aux_values(node: Node, ds: xr.Dataset, sample_dim: Hashable, key: str, vari
     else:
         template = ds[node.variables[0]]
         da = da.broadcast_like(template).transpose(*template.dims)
+    if is_dask(da.data):
+        return _chunked_counts(da.transpose(sample_dim, ...), where, ds.sizes[sample_dim])
     values = np.asarray(da.transpose(sample_dim, ...).values, dtype=float).reshape(ds.sizes[sample_dim], -1)
     bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
     if bad.any():
@@ -537,6 +609,9 @@ def _aux_values(node: Node, ds: xr.Dataset, sample_dim: Hashable, key: str, vari
 def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable) -> None:
     """Reject ±inf and values outside the family's support, naming where they are; NaN is missing."""
     arrays = ([ds[v] for v in node.variables] if node.stacked else [ds[node.variables[0]]])
+    if is_dask(node.sources[0]):
+        _check_chunked(node, arrays, sample_dim)
+        return
     if node.family.multivariate and node.stacked:
         # An event family judges whole events: its stacked variables are seen side by side.
         found = node.family.outside_support(np.hstack([np.asarray(s, dtype=float) for s in node.sources]),
@@ -594,7 +669,9 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
     """
     if not node.family.standardize:
         return np.zeros(node.D), np.ones(node.D)
-    count, low, high, magnitude = _extent(node)
+    chunked = dask_moments(node) if is_dask(node.sources[0]) else None
+    count, low, high, magnitude = _extent(node) if chunked is None else (
+        chunked.count, chunked.low, chunked.high, chunked.magnitude)
     empty = count == 0
     if empty.any():
         label = _element_label(node, int(np.flatnonzero(empty)[0]))
@@ -609,10 +686,12 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
                          f"({_HUGE:.4g}); rescale it (e.g. divide by 1e10)")
     unit = np.where(magnitude > 0, magnitude, 1.0)
     center_u, spread_u = np.zeros(node.D), np.zeros(node.D)
-    for rows, _, source in _element_blocks(node):
+    if chunked is not None:  # one pass, merged chunk by chunk (Chan et al.)
+        center_u, spread_u = chunked.mean, chunked.m2
+    for rows, _, source in _element_blocks(node) if chunked is None else ():
         center_u[rows] += np.nansum(source / unit[rows], axis=0)
-    center_u /= count
-    for rows, _, source in _element_blocks(node):
+    center_u /= count if chunked is None else 1.0
+    for rows, _, source in _element_blocks(node) if chunked is None else ():
         spread_u[rows] += np.nansum((source / unit[rows] - center_u[rows]) ** 2, axis=0)
     center = center_u * unit
     sd_u = np.sqrt(spread_u / count)  # in units of each element's largest magnitude, ≤ 1
@@ -690,7 +769,9 @@ def _given_units(plan: Plan, node: Node, standardization: Mapping[str, tuple[Any
     """
     where = f"{node.where()}: new data"
     center, scale = (labels.internal(plan, node, ("event",), value, where) for value in standardization[node.name])
-    if node.family.standardize:
+    if node.family.standardize and is_dask(node.sources[0]):
+        _far_chunked(plan, node, center, scale, where)
+    elif node.family.standardize:
         for rows, start, source in _element_blocks(node):
             # halves, so that the difference of two finite floats cannot overflow
             distance = np.abs(source / 2 - center[rows] / 2) / (scale[rows] / 2)
@@ -717,6 +798,62 @@ def _bind_fixed(plan: Plan) -> None:
     for node in plan.nodes:
         if node.family.fixed:
             node.held = start_values(plan, {node.name: node.family.fixed}, "fixed value")[node.name]
+
+
+def _bind_priors(plan: Plan, weak: bool) -> None:
+    """Declared priors, their hyperparameters checked and in internal units; with ``weak``, the others.
+
+    A weak prior is scaled from the data's own sufficient statistics Σ_n w_n Φ_n (one
+    pass over the data), in internal units: the family reads the data's mean, spread or
+    frequencies off its block of that sum.
+    """
+    stats = _data_statistics(plan) if weak else None
+    if plan.latent is not None and plan.latent.structure is not None and plan.latent.structure.n_stats:
+        pass  # a Markov latent's prior lives on its chain (none yet: markov_form refuses prior=)
+    elif plan.latent is not None:
+        family = plan.latent.family
+        where = f"latent({plan.latent.name!r}, {family!r})"
+        if family.prior is not None:
+            values = _hyperparameters(plan, None, family, where)
+            plan.latent.prior = family.bind_prior(values, None, None, plan.K, where)
+        elif stats is not None:
+            plan.latent.prior = family.weak_prior(stats[:1], None, plan.K)
+    for node in plan.nodes:
+        family = node.family
+        if family.prior is not None:
+            where = node.where()
+            values = _hyperparameters(plan, node, family, where)
+            node.prior = family.bind_prior(values, node.center, node.scale, plan.K, f"{where}: {family.prior!r}")
+        elif stats is not None:
+            node.prior = family.weak_prior(stats[node.offset:node.offset + node.n_rows],
+                                           node.scale if family.standardize else None, plan.K)
+
+
+def _hyperparameters(plan: Plan, node: Node | None, family: Any, where: str) -> dict[str, np.ndarray]:
+    """A declared prior's hyperparameters (data units) as arrays shaped by the family's ``prior_axes``.
+
+    Labelled values (DataArrays) are aligned like fixed parameters; a scale matrix given as a
+    number or a vector (over the event) is that multiple of I or that diagonal.
+    """
+    out = {}
+    for name, axes in family.prior_axes().items():
+        value = getattr(family.prior, name)
+        at = f"{where}: {family.prior.kind}({name}=...)"
+        if "event_" in axes and np.ndim(value) < 2:
+            out[name] = np.diag(labels.internal(plan, node, ("event",), value, at))
+        else:
+            out[name] = labels.internal(plan, node, axes, value, at)
+    return out
+
+
+def _data_statistics(plan: Plan) -> np.ndarray:
+    """Σ_n w_n Φ_n (S,): the whole data's sufficient statistics, from which weak priors are scaled."""
+    total = np.zeros(plan.n_stats)
+    for a, b in blocks(plan.n_samples, SCAN_ROWS):
+        phi = np.empty((plan.n_stats, b - a))
+        plan.read(a, b, phi, np.empty(plan.max_D * (b - a)))
+        total += phi.sum(axis=1) if plan.weights is None else phi @ plan.weights[a:b]
+    return total
 
 
 def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str = "init"
@@ -817,3 +954,267 @@ def responsibilities(plan: Plan, resp: xr.DataArray) -> np.ndarray:
         raise ModelError(f"init: responsibilities must sum to 1 over {name!r} for every sample; "
                          f"sample {bad} sums to {sums[bad]:.6g}")
     return values
+
+
+def markov_layout(model: Model, ds: xr.Dataset, sample_dim: Any, weights: Any
+                  ) -> tuple[xr.Dataset, Hashable, xr.DataArray | None, Sequences]:
+    """The data of a Markov latent as rows: (sequence dims..., markov dim) flattened, padding trimmed.
+
+    The sequence dims are ``sample_dim`` (a name or a tuple of names) when given, else the
+    dims of the first observed variable listed before the markov dim; every other dim is
+    part of an observation (an event dim). Each sequence keeps its steps up to its last
+    observed one. Returns the flattened data over one row dim (the markov dim itself for a
+    single sequence, else ``"(sequence, time)"``, labelled by tuples), per-row weights (a
+    sequence's weight on each of its rows) and the :class:`Sequences` layout.
+    """
+    latent = model.latent_var
+    assert latent is not None and latent.markov is not None
+    dim = latent.markov
+    where = f"latent({latent.name!r}, ..., markov={dim!r})"
+    variables = [v for decl in model.observed for v in decl.variables]
+    extra = [v for decl in model.observed for v in decl.family.data_arguments().values()]
+    # a regression's covariates and offset ride along with its response (emdsl.regression)
+    extra += [v for decl in model.observed for v in (*decl.covariates, *filter(None, [decl.offset]))
+              if v in ds.data_vars]
+    if latent.name in ds.data_vars:
+        raise ModelError(f"{where}: the data have a variable {latent.name!r}, which would give known states; "
+                         "known states are not supported for a Markov latent yet: rename or drop it")
+    for variable in variables:
+        if dim not in ds[variable].dims:
+            raise ModelError(f"{where}: variable {variable!r} has dims {ds[variable].dims}, without the "
+                             f"dimension {dim!r} the chain runs along; name one of its dims in markov=")
+    if sample_dim is not None:
+        sequence_dims = (sample_dim,) if isinstance(sample_dim, str) else tuple(sample_dim)
+        if dim in sequence_dims:
+            raise ModelError(f"{where}: fit(sample_dim={sample_dim!r}) names the sequences; it cannot "
+                             f"include the chain's own dimension {dim!r}")
+    else:
+        first = ds[variables[0]].dims
+        sequence_dims = tuple(first[:first.index(dim)])
+    for variable in variables:
+        lacking = [d for d in sequence_dims if d not in ds[variable].dims]
+        if lacking:
+            raise ModelError(f"{where}: the sequences run over {sequence_dims}, but variable {variable!r} has "
+                             f"dims {ds[variable].dims}, without {lacking}; every observed variable needs the "
+                             "sequence dims (or pass fit(sample_dim=...) to name them)")
+    if latent.name in sequence_dims or f"{latent.name}_next" in sequence_dims:
+        raise ModelError(f"{where}: the latent's name clashes with the sequence dimension {latent.name!r}")
+    T = int(ds.sizes[dim])
+    if T == 0:
+        raise ModelError(f"{where}: the dimension {dim!r} is empty; there is nothing to fit")
+    shape = tuple(int(ds.sizes[d]) for d in sequence_dims)
+    n_sequences = int(np.prod(shape, dtype=np.int64))
+    grid = sequence_dims + (dim,)
+    template = xr.DataArray(np.zeros(shape + (T,), dtype=bool), dims=grid)
+    arrays = {}
+    present = np.zeros((n_sequences, T), dtype=bool)
+    for variable in dict.fromkeys(variables + extra):
+        da = ds[variable]
+        if variable in extra:
+            da = da.broadcast_like(template)
+        da = da.transpose(*grid, ...)
+        values = np.asarray(da.values).reshape((n_sequences, T) + da.shape[len(grid):])
+        arrays[variable] = (da, values)
+        if variable in variables:
+            present |= _observed_mask(values).reshape(n_sequences, T, -1).any(axis=2)
+    lengths = np.where(present.any(axis=1), T - np.argmax(present[:, ::-1], axis=1), 0)
+    if not lengths.all():
+        s = int(np.flatnonzero(lengths == 0)[0])
+        raise ModelError(f"{where}: the sequence at {_sequence_label(ds, sequence_dims, shape, s)} has no "
+                         f"observation (every value along {dim!r} is missing, a sequence of length 0 once its "
+                         "NaN padding is removed); drop it from the data")
+    keep = (np.arange(T)[None, :] < lengths[:, None]).ravel()
+    rows = dim if not sequence_dims else "(" + ", ".join(map(str, grid)) + ")"
+    flat = xr.Dataset()
+    for variable, (da, values) in arrays.items():
+        rest = da.dims[len(grid):]
+        kept = values.reshape((n_sequences * T,) + values.shape[2:])[keep]
+        flat[variable] = xr.DataArray(kept, dims=(rows,) + rest,
+                                      coords={d: da[d].values for d in rest if d in da.coords}, attrs=da.attrs)
+    coords: dict[Hashable, Any] = {}
+    if not sequence_dims:
+        if dim in ds.coords:
+            coords[rows] = ds[dim].values[:int(lengths[0])]
+    else:
+        axes = [ds[d].values if d in ds.coords else np.arange(ds.sizes[d]) for d in grid]
+        index = np.flatnonzero(keep)
+        labels_ = np.empty(len(index), dtype=object)
+        labels_[:] = list(zip(*(np.asarray([labels._plain(v) for v in axis], dtype=object)[i]
+                                for axis, i in zip(axes, np.unravel_index(index, shape + (T,)), strict=True)),
+                              strict=True))
+        coords[rows] = labels_
+    flat = flat.assign_coords(coords)
+    per_sequence = _sequence_weights(ds, weights, sequence_dims, shape, where) if weights is not None else None
+    sequences = Sequences(dim, sequence_dims, shape,
+                          {d: list(ds[d].values) for d in sequence_dims if d in ds.coords}, T,
+                          {dim: ds[dim].values} if dim in ds.coords else {},
+                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), per_sequence)
+    row_weights = (None if per_sequence is None
+                   else xr.DataArray(np.repeat(per_sequence, lengths), dims=(rows,), coords=coords))
+    return flat, rows, row_weights, sequences
+
+
+def _observed_mask(values: np.ndarray) -> np.ndarray:
+    """True where a value is observed (not NaN, None, pd.NA or NaT)."""
+    if values.dtype.kind == "f":
+        return ~np.isnan(values)
+    if values.dtype.kind != "O":
+        return np.ones(values.shape, dtype=bool)
+    return _missing_as_none(values) != None  # noqa: E711
+
+
+def _sequence_label(ds: xr.Dataset, dims: tuple[Hashable, ...], shape: tuple[int, ...], s: int) -> str:
+    if not dims:
+        return "the only sequence"
+    index = np.unravel_index(s, shape)
+    return ", ".join(f"{d}={labels._plain(ds[d].values[i]) if d in ds.coords else int(i)!r}"
+                     for d, i in zip(dims, index, strict=True))
+
+
+def _sequence_weights(ds: xr.Dataset, weights: Any, dims: tuple[Hashable, ...], shape: tuple[int, ...],
+                      where: str) -> np.ndarray:
+    """A Markov latent's weights: one per sequence, over the sequence dims."""
+    if isinstance(weights, str):
+        if weights not in ds.data_vars:
+            raise ModelError(f"fit(weights={weights!r}): the data have no variable {weights!r}; "
+                             f"available: {', '.join(map(repr, ds.data_vars))}")
+        da = ds[weights]
+    elif isinstance(weights, xr.DataArray):
+        da = weights
+    else:
+        raise ModelError(f"fit(weights=...): expected the name of a data variable or a DataArray over the "
+                         f"sequence dims {dims}, got {type(weights).__name__}")
+    if set(da.dims) != set(dims):
+        raise ModelError(f"fit(weights=...): {where} weighs whole sequences: weights must have the sequence "
+                         f"dims {dims}, got dims {da.dims}")
+    da = da.transpose(*dims)
+    for d in dims:
+        if d in da.coords and d in ds.coords and not da.indexes[d].equals(ds.indexes[d]):
+            da = da.reindex({d: ds[d].values})
+    values = np.asarray(da.values, dtype=float).reshape(-1)
+    if values.size != int(np.prod(shape, dtype=np.int64)):
+        raise ModelError(f"fit(weights=...): {values.size} weights for {int(np.prod(shape))} sequences")
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        s = int(np.flatnonzero(bad)[0])
+        raise ModelError(f"fit(weights=...): {int(bad.sum())} weight(s) are missing, infinite or negative, "
+                         f"first at {_sequence_label(ds, dims, shape, s)}; weights must be finite and >= 0")
+    if not values.any():
+        raise ModelError("fit(weights=...): every weight is 0; there is nothing to fit")
+    return values
+
+
+# -- dask-backed data: every scan above as one dask pass (emdsl/data/dask_source.py) ----------------
+def _values(da: xr.DataArray) -> Any:
+    """A variable's data as (N, ...): the dask array itself when dask-backed (never ``.values``), else numpy."""
+    from emdsl.data import dask_source
+
+    return dask_source.values_of(da)
+
+
+def _where_chunk(da: xr.DataArray, sample_dim: Hashable, flat: int) -> str:
+    """``sample=17 (chunk 0 of 4 along 'sample', rows 0–99)``: a position in dask-backed data."""
+    from emdsl.data import dask_source
+
+    da = da.transpose(sample_dim, ...)
+    row = flat // max(1, int(np.prod(da.shape[1:], dtype=np.int64)))
+    return (f"{labels.describe_position(da, flat)} "
+            f"({dask_source.describe_chunk(da.chunks[0], row, sample_dim)})")
+
+
+def _chunked_weights(da: xr.DataArray, where: str, sample_dim: Hashable) -> Any:
+    """Dask weights, checked in one pass (finite, >= 0, not all 0) and kept lazy."""
+    from emdsl.data import dask_source
+
+    values = da.data.astype(float)
+    nonfinite, negative, any_positive = dask_source.check_weights(values)
+    for (count, first), what in ((nonfinite, "missing or infinite (NaN, ±inf)"), (negative, "negative")):
+        if count:
+            raise ModelError(f"{where}: {count} weight{'s are' if count > 1 else ' is'} {what}, first at "
+                             f"{_where_chunk(da, sample_dim, first)}; weights must be finite and >= 0")
+    if not any_positive:
+        raise ModelError(f"{where}: every weight is 0; there is nothing to fit")
+    return values
+
+
+def _chunked_counts(da: xr.DataArray, where: str, n: int) -> Any:
+    """A family's extra dask data (e.g. trials) as lazy (N, D) floats, checked in one pass."""
+    from emdsl.data import dask_source
+
+    values = dask_source.values_of(da).astype(float).reshape(n, -1)
+    count, first = dask_source.check_counts(values)
+    if count:
+        raise ModelError(f"{where}: {count} value(s) are not non-negative integers (first at "
+                         f"{_where_chunk(da, da.dims[0], first)})")
+    return values
+
+
+def _encode_chunked(node: Node, ds: xr.Dataset, sample_dim: Hashable, declared: Sequence[Any] | None) -> None:
+    """Dask labels → lazy level codes: levels learned in one pass (or checked against the given ones)."""
+    from emdsl.data import dask_source
+
+    learned = declared is None
+    if learned:
+        found = sorted(dask_source.unique_labels(node.sources, _tidy_label), key=_sort_key)
+        declared = [_tidy_label(v) for v in found]
+        if not declared:
+            raise ModelError(f"{node.where()}: every value is missing; there are no levels to learn")
+    lookup = {_tidy_label(level): code for code, level in enumerate(declared)}
+    variables = node.variables if node.stacked else node.variables * len(node.sources)
+    for column, variable in zip(node.sources, variables, strict=False) if not learned else ():
+        count, first, label = dask_source.unknown_labels(column, lookup, _tidy_label)
+        if count:
+            raise ModelError(f"{node.where()}: variable {variable!r} has {count} value"
+                             f"{'s' if count > 1 else ''} that {'are' if count > 1 else 'is'} not a known "
+                             f"level (first {label!r} at {_where_chunk(ds[variable], sample_dim, first)}); "
+                             f"levels: {list(declared)[:20]}")
+    node.sources = [dask_source.encode(column, lookup, _tidy_label) for column in node.sources]
+    node.levels = tuple(declared)
+    node.family = node.family.bound(node.levels)  # type: ignore[attr-defined]
+
+
+def _check_chunked(node: Node, arrays: list[xr.DataArray], sample_dim: Hashable) -> None:
+    """:func:`_check_values` on dask sources: one pass, the same messages, the chunk named."""
+    from emdsl.data import dask_source
+
+    found = dask_source.check_values(node)
+
+    def fail(da: xr.DataArray, count: int, first: int, kind: str, detail: str, advice: str) -> None:
+        raise ModelError(f"{node.where()}: variable {da.name!r} has {count} {kind}value{'s' if count > 1 else ''}"
+                         f"{detail}, first at {_where_chunk(da, sample_dim, first)}; {advice}")
+
+    if found.events is not None:
+        for column, (count, first_row) in enumerate(found.events):
+            if count:
+                fail(arrays[column], count, first_row, "", " outside the support", found.event_advice or "")
+    for da, (inf_count, inf_first), (out_count, out_first), advice in zip(
+            arrays, found.infinite, found.outside, found.advice, strict=True):
+        if inf_count:
+            fail(da, inf_count, inf_first, "infinite ", " (±inf)",
+                 "remove them, or replace them by NaN to mark them missing")
+        if out_count:
+            fail(da, out_count, out_first, "", " outside the support", advice or "")
+    node.has_missing = any(found.missing)
+    if node.has_missing:
+        node.find_patterns()
+
+
+def dask_moments(node: Node) -> Any:
+    """Per-element count, extremes and moments of a dask-backed node, in one pass."""
+    from emdsl.data import dask_source
+
+    return dask_source.moments(node)
+
+
+def _far_chunked(plan: Plan, node: Node, center: np.ndarray, scale: np.ndarray, where: str) -> None:
+    """:func:`_given_units`' check on dask sources: one pass for values too far to score."""
+    from emdsl.data import dask_source
+
+    count, first, value, distance = dask_source.far_values(node, center, scale, FARTHEST)
+    if count:
+        row, element = divmod(first, node.D)
+        sample = labels._plain(plan.sample_coords[plan.sample_dim][row]) if plan.sample_coords else row
+        raise ModelError(f"{where}: {_element_label(node, element)} has the value {value!r} at "
+                         f"{plan.sample_dim}={sample!r}, {distance:.3g} standard deviations from the training "
+                         f"data's mean; the fit cannot score values beyond {FARTHEST:.0e} standard deviations "
+                         "(their squares overflow)")

@@ -183,12 +183,15 @@ class _Reader:
         sample_dim = self.sample_dim(attrs)
         standardization = {decl.name: self.units(groups["standardization"], decl, model, sample_dim)
                            for decl in model.observed}
+        # a regression's parameters are those of its bound family
+        from emdsl.regression import stored_family
+
         params = {}
         if model.latent_var is not None:
             params[model.latent_var.name] = self.params(groups["params"], model.latent_var.name,
-                                                        model.latent_var.family, model, None)
+                                                        stored_family(model.latent_var, groups["params"]), model, None)
         for decl in model.observed:
-            params[decl.name] = self.params(groups["params"], decl.name, decl.family, model,
+            params[decl.name] = self.params(groups["params"], decl.name, stored_family(decl, groups["params"]), model,
                                             standardization[decl.name]["center"])
         extra = sorted(set(groups["params"].children) - set(params))
         if extra:

@@ -132,6 +132,11 @@ def axis_labels(plan: Plan, node: Node | None, axes: Sequence[str]) -> tuple[lis
                 dims.append(plan.latent.name)
                 shape.append(plan.K)
                 coords[plan.latent.name] = list(plan.latent.family.states)
+        elif axis == "latent_next":  # a transition matrix's second axis: the state at the next step
+            assert plan.latent is not None
+            dims.append(f"{plan.latent.name}_next")
+            shape.append(plan.K)
+            coords[f"{plan.latent.name}_next"] = list(plan.latent.family.states)
         elif axis == "event":
             assert node is not None
             dims.extend(node.event_dims)
@@ -142,6 +147,11 @@ def axis_labels(plan: Plan, node: Node | None, axes: Sequence[str]) -> tuple[lis
             dims.append("level")
             shape.append(len(node.levels))
             coords["level"] = list(node.levels)
+        elif axis == "term":  # a regression's design columns (emdsl.regression); the latent's, for its weights
+            terms = list((node.family if node is not None else plan.latent.family).terms)
+            dims.append("term")
+            shape.append(len(terms))
+            coords["term"] = terms
         elif axis == "event_":
             assert node is not None
             (dim,) = node.event_dims
@@ -202,12 +212,16 @@ def internal(plan: Plan, node: Node | None, axes: Sequence[str], value: Any, whe
                          f"got {np.shape(value)}") from None
     flat = [plan.K] if "latent" in axes else []
     for axis in axes:
-        if axis in ("event", "event_"):
+        if axis == "latent_next":
+            flat.append(plan.K)
+        elif axis in ("event", "event_"):
             assert node is not None
             flat.append(node.D)
         elif axis == "level":
             assert node is not None and node.levels is not None
             flat.append(len(node.levels))
+        elif axis == "term":
+            flat.append(len((node.family if node is not None else plan.latent.family).terms))
     return np.array(array, dtype=float).reshape(flat)
 
 
@@ -216,10 +230,15 @@ def params_tree(plan: Plan, params: Mapping[str, Mapping[str, np.ndarray]]) -> x
     children: dict[str, xr.Dataset] = {}
     if plan.latent is not None:
         family = plan.latent.family
-        ds = xr.Dataset({"probs": labelled(plan, None, ("latent",), params[plan.latent.name]["probs"], "probs")})
+        ds = xr.Dataset({key: labelled(plan, None, axes, params[plan.latent.name][key], key)
+                         for key, axes in family.param_axes().items()})
         ds.attrs = {"family": family.kind, "role": "latent", "fixed": ",".join(family.fixed)}
+        if plan.sequences is not None:
+            ds.attrs["markov"] = str(plan.sequences.dim)
         children[plan.latent.name] = ds
     for node in plan.nodes:
+        if node.name in children:
+            continue  # the hidden node of a latent's covariates: its coefficients are the latent's
         axes = node.family.param_axes()
         ds = xr.Dataset({key: labelled(plan, node, axes[key], params[node.name][key], key) for key in axes})
         ds.attrs = {"family": node.family.kind, "role": "observed",
@@ -248,3 +267,28 @@ def states_array(plan: Plan, values: np.ndarray, name: str) -> xr.DataArray:
 def samples_array(plan: Plan, values: np.ndarray, name: str) -> xr.DataArray:
     """(sample,) array of per-sample values, labelled."""
     return xr.DataArray(values, dims=(plan.sample_dim,), coords=plan.sample_coords, name=name)
+
+
+def chain_array(plan: Plan, values: np.ndarray, name: str, *, states: bool = False) -> xr.DataArray:
+    """Values over a Markov latent's (sequence, time) grid, (n_sequences, T, [K]), labelled.
+
+    Dims: the sequence dims, the markov dim, and the latent's states when ``states``.
+    """
+    sequences = plan.sequences
+    assert sequences is not None and plan.latent is not None
+    dims = [*sequences.sequence_dims, sequences.dim]
+    coords: dict[Hashable, Any] = {**sequences.sequence_coords, **sequences.time_coords}
+    shape = [*sequences.sequence_shape, sequences.length]
+    if states:
+        dims.append(plan.latent.name)
+        coords[plan.latent.name] = list(plan.latent.family.states)
+        shape.append(plan.K)
+    return xr.DataArray(values.reshape(shape), dims=dims, coords=coords, name=name)
+
+
+def sequences_array(plan: Plan, values: np.ndarray, name: str) -> xr.DataArray:
+    """One value per sequence, over the sequence dims (0-d when the data are one sequence)."""
+    sequences = plan.sequences
+    assert sequences is not None
+    return xr.DataArray(values.reshape(sequences.sequence_shape), dims=sequences.sequence_dims,
+                        coords=sequences.sequence_coords, name=name)

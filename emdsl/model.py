@@ -11,6 +11,7 @@ import numpy as np
 
 from emdsl.errors import ModelError
 from emdsl.families._base import Family, LatentFamily, ObservedFamily, family_class
+from emdsl.priors import Prior, prior_class
 
 if TYPE_CHECKING:
     from emdsl.results import Fit
@@ -26,6 +27,8 @@ class Latent:
     family: LatentFamily
     #: the dimension a Markov latent runs along (None: a mixture, one state per sample)
     markov: str | None = None
+    #: a concomitant model: the weights are a multinomial logit of these data variables
+    covariates: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,10 @@ class Observed:
     variables: tuple[str, ...]
     family: ObservedFamily
     stacked: bool
+    #: a regression: the mean is linear in these data variables (see :mod:`emdsl.regression`)
+    covariates: tuple[str, ...] = ()
+    intercept: bool = True
+    offset: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +74,8 @@ class Model:
     observed: tuple[Observed, ...] = ()
 
     # -- declaring ------------------------------------------------------------
-    def latent(self, name: str, family: LatentFamily | type[LatentFamily], markov: str | None = None) -> Model:
+    def latent(self, name: str, family: LatentFamily | type[LatentFamily], markov: str | None = None, *,
+               covariates: Sequence[str] | None = None) -> Model:
         """Declare a latent variable.
 
         Parameters
@@ -83,6 +91,12 @@ class Model:
             ``transition`` (over ``name`` and ``<name>_next``) replace the mixture
             weights. Dimensions listed before it in the data (or ``fit(sample_dim=...)``)
             index independent sequences; shorter sequences are NaN-padded at the end.
+        covariates : list of str, optional
+            Data variables that move the mixture weights (a concomitant model, flexmix's
+            ``concomitant=``): π_k(x) = softmax_k(γ_k · [1, x]), with ``coef`` over
+            (latent, ``term``) replacing ``probs`` and the first state as the reference
+            (its coefficients are 0). Covariates are encoded as for ``observe``. Not for a
+            Markov latent (covariates on its transition rows are not supported).
 
         Notes
         -----
@@ -122,11 +136,15 @@ class Model:
                 raise ModelError(f"{where}: {family.kind} cannot be a Markov chain; use em.Categorical(k)")
             family = family.markov_form(where)  # type: ignore[attr-defined]
         family.check_latent(where)  # type: ignore[attr-defined]
+        if covariates is not None:
+            from emdsl.regression import check_concomitant
+
+            covariates = check_concomitant(where, family, markov, covariates)
         self._check_free(name, where)
         if self.latents:
             raise ModelError(f"{where}: this model already has the latent {self.latents[0].name!r}; "
                              "models with several latent variables are not supported yet")
-        return dataclasses.replace(self, latents=self.latents + (Latent(name, family, markov),))
+        return dataclasses.replace(self, latents=self.latents + (Latent(name, family, markov, tuple(covariates or ())),))
 
     def observe(
         self,
@@ -134,6 +152,9 @@ class Model:
         family: ObservedFamily | type[ObservedFamily],
         *,
         name: str | None = None,
+        covariates: Sequence[str] | None = None,
+        intercept: bool = True,
+        offset: str | None = None,
     ) -> Model:
         """Declare observed data variables and their family.
 
@@ -150,6 +171,17 @@ class Model:
             Name of this node in the parameters: a non-empty string without ``/``
             (default: the variable name, or the names joined with ``+``, with any
             ``/`` replaced by ``_``).
+        covariates : list of str, optional
+            Data variables (1-D over the samples) the node's mean is linear in, per latent
+            state: a mixture of regressions (em.Normal), with parameters ``coef`` over
+            (latent, ``term``) and ``variance``. Numeric covariates enter as they are,
+            categorical ones (strings, booleans as labels) one-hot against their first
+            level, with terms named ``"sex[male]"``. See :mod:`emdsl.regression`.
+        intercept : bool, default True
+            Whether the design has the term ``"intercept"``.
+        offset : str, optional
+            A data variable added to the linear predictor with coefficient 1 (log exposure);
+            only for families with a log link.
 
         Returns
         -------
@@ -189,6 +221,9 @@ class Model:
         if family.role != "observed":
             raise ModelError(f"{where}: {family.kind} is a latent family; "
                              "observe data with a family such as em.Normal")
+        from emdsl.regression import check_declaration
+
+        covariates, intercept, offset = check_declaration(where, family, variables, covariates, intercept, offset)
         self._check_free(node, where)
         for variable in variables:
             for other in self.observed:
@@ -196,7 +231,8 @@ class Model:
                     raise ModelError(f"{where}: variable {variable!r} is already observed in node {other.name!r}")
             if variable != node and variable in self.names:
                 raise ModelError(f"{where}: {variable!r} is already declared as a node name")
-        return dataclasses.replace(self, observed=self.observed + (Observed(node, variables, family, stacked),))
+        return dataclasses.replace(self, observed=self.observed + (
+            Observed(node, variables, family, stacked, covariates, intercept, offset),))
 
     def _check_free(self, name: str, where: str) -> None:
         if name in self.names or any(name in node.variables for node in self.observed):
@@ -226,7 +262,12 @@ class Model:
         weights: str | Any | None = None,
         callbacks: Sequence[Callable[..., Any]] | None = (),
         monitor: bool = False,
-        accelerate: Literal["squarem", "daarem"] | None = None,
+        accelerate: Literal["auto", "squarem", "daarem"] | None = "auto",
+        prior: Literal["weak"] | None = None,
+        method: Literal["em", "stepwise", "incremental"] = "em",
+        batch_size: int | None = None,
+        step_decay: float = 0.6,
+        dtype: Literal["float64", "float32"] | None = None,
     ) -> Fit:
         """Fit the model to data with EM.
 
@@ -269,16 +310,72 @@ class Model:
         monitor : bool, default False
             Show a live convergence monitor (a widget in Jupyter, a text line
             elsewhere).
-        accelerate : {"squarem", "daarem"} or None, default None
-            Accelerated EM that keeps the guarantee: proposals extrapolated from EM
+        accelerate : {"auto", "squarem", "daarem"} or None, default "auto"
+            Accelerated EM that keeps the guarantee: a point extrapolated from EM
             steps (SQUAREM, Varadhan & Roland 2008; DAAREM, Henderson & Varadhan
-            2019) are kept only when the log-likelihood does not fall, otherwise the
-            plain EM step is; slow fits (overlapping components, missing values) need
-            many fewer E-steps. None is plain EM. An iteration is then an accepted
-            point (``max_iter`` counts those); ``fit.trace`` flags proposals in
-            ``extrapolated`` (they have no ELBO: elbo = loglik, kl = 0 there) and
-            counts the work in ``e_steps``. Convergence is still plain EM's test,
-            taken on a plain EM step, so the fit always ends on an M-step's output.
+            2019) is kept only when the log-likelihood does not fall below the EM
+            step's, otherwise the plain EM step is, so ℓ still never decreases. Slow
+            fits (overlapping components, missing values) need 5–20× fewer E-steps;
+            fast ones cost the same. ``None`` is plain EM, one M-step per iteration
+            (as the ELBO staircase of the tutorials shows it). ``"auto"``: SQUAREM,
+            except plain EM with priors and for ``method="stepwise"``/``"incremental"``,
+            where acceleration does not apply. With acceleration an iteration is an
+            accepted point (``max_iter`` counts those): a plain EM step, or one that
+            came through an extrapolation, flagged in ``fit.trace["extrapolated"]``
+            (no ELBO staircase there); ``fit.trace["e_steps"]`` counts the passes over
+            the data. Convergence is plain EM's test on a plain EM step, so a fit ends
+            on an M-step's output.
+        prior : {"weak"} or None, default None
+            None: maximum likelihood, except for the nodes whose family declares a prior
+            (``em.Normal(prior=em.priors.NormalInverseGamma(...))``, see :mod:`emdsl.priors`),
+            which get MAP estimates. ``"weak"``: in addition, every node (and the
+            latent's weights) that takes a conjugate prior and declares none gets a
+            weakly informative one, scaled from the data; it keeps a component from
+            collapsing onto a few points. With K states, per element, in the data's units
+            (the Gaussians' follow mclust's ``priorControl()`` / ``defaultPrior``):
+
+            * Normal, and LogNormal on log x: NormalInverseGamma(mean = the data's mean,
+              kappa = 0.01, shape = 3/2, scale = var / (2K²)) (mclust: ν = 3, ς² = var/K²);
+            * MultivariateNormal: NormalInverseWishart(mean = the data's mean,
+              kappa = 0.01, dof = D + 2, scale = Σ / K^(2/D)), Σ the covariance of the
+              complete events for ``"full"`` and ``"tied"`` (its diagonal when there are at
+              most D of them or it is singular), diag(variances) for ``"diag"``, their mean
+              times I for ``"spherical"``;
+            * Poisson: Gamma(1 + 0.01 x̄, 0.01); Exponential: Gamma(1.01, 0.01 x̄) on the
+              rate; Bernoulli, Binomial: Beta(1 + 0.01 p̄, 1 + 0.01 (1 − p̄));
+            * observed Categorical: Dirichlet(1 + 0.01 f), f the levels' frequencies;
+              Multinomial: Dirichlet(1 + 0.01 c̄), c̄ the mean counts per event;
+            * the latent's weights: Dirichlet(1 + 0.01/K).
+
+            Means, variances, x̄, p̄, f and c̄ are the data's (weighted, over observed
+            values): besides the Gaussians' scales, each weak prior weighs 0.01 of one
+            sample. Gamma, Beta and VonMises have no conjugate prior and stay maximum
+            likelihood. With any prior EM climbs the log-posterior ℓ(θ) + log p(θ) (log p
+            the priors' normalized log densities): the run-time check and the
+            convergence test use it, restarts are compared on it, and ``fit.trace``
+            records it as the coordinate ``logpost`` next to ``loglik`` (always present;
+            equal to ``loglik`` without priors). ``fit.loglik``, BIC and AIC stay the
+            log-likelihood's.
+
+        method : {"em", "stepwise", "incremental"}, default "em"
+            ``"em"``: exact EM, a full pass per iteration. ``"stepwise"``: stepwise (online)
+            EM (Cappé & Moulines 2009) over minibatches, the running statistics moved by
+            steps γ_t = (t + 1)^−step_decay; ``"incremental"``: incremental EM (Neal &
+            Hinton 1998), one minibatch's posterior refreshed per step. Both count
+            ``max_iter`` in epochs (passes over the minibatches), record the running
+            objective per epoch and end with one full pass giving the exact ℓ(θ̂); see
+            :mod:`emdsl.engine.online` for what each checks instead of EM's monotonicity.
+            Continue a stream with :meth:`Fit.partial_fit`.
+        batch_size : int, optional
+            Rows per minibatch of the online methods (default: each dask chunk, or N / 32
+            rows of in-memory data).
+        step_decay : float, default 0.6
+            α in (0.5, 1] of stepwise EM's steps γ_t = (t + 1)^−α.
+        dtype : {"float64", "float32"}, optional
+            Precision of the E-step's Φ, L, R and H (default float64). ``"float32"`` halves
+            the E-step's memory traffic; the statistics are still summed and the M-step
+            still run in float64 (:mod:`emdsl.engine.precision`), and the monotonicity
+            check uses float32's rounding bound.
 
         Returns
         -------
@@ -297,16 +394,18 @@ class Model:
 
         return fit_model(self, data, init=init, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed,
                          sample_dim=sample_dim, weights=weights, callbacks=callbacks, monitor=monitor,
-                         accelerate=accelerate)
+                         accelerate=accelerate, prior=prior, method=method, batch_size=batch_size,
+                         step_decay=step_decay, dtype=dtype)
 
     # -- serialisation and display ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible description that :meth:`from_dict` turns back into this model."""
         return {
-            "latents": [{"name": x.name, **_family_to_dict(x.family), **({"markov": x.markov} if x.markov else {})}
+            "latents": [{"name": x.name, **_family_to_dict(x.family), **({"markov": x.markov} if x.markov else {}),
+                         **({"covariates": list(x.covariates)} if x.covariates else {})}
                         for x in self.latents],
             "observed": [{"name": x.name, "variables": list(x.variables), "stacked": x.stacked,
-                          **_family_to_dict(x.family)} for x in self.observed],
+                          **_family_to_dict(x.family), **_regression_to_dict(x)} for x in self.observed],
         }
 
     @classmethod
@@ -314,10 +413,13 @@ class Model:
         """Recreate a model from :meth:`to_dict`'s output."""
         model = cls()
         for item in spec.get("latents", ()):
-            model = model.latent(item["name"], _family_from_dict(item), markov=item.get("markov"))
+            model = model.latent(item["name"], _family_from_dict(item), markov=item.get("markov"),
+                                 covariates=item.get("covariates"))
         for item in spec.get("observed", ()):
             names = list(item["variables"]) if item["stacked"] else item["variables"][0]
-            model = model.observe(names, _family_from_dict(item), name=item["name"])
+            model = model.observe(names, _family_from_dict(item), name=item["name"],
+                                  covariates=item.get("covariates"), intercept=item.get("intercept", True),
+                                  offset=item.get("offset"))
         return model
 
     def to_json(self) -> str:
@@ -335,10 +437,14 @@ class Model:
         lines = ["Model"]
         for x in self.latents:
             chain = f", Markov along {x.markov!r}" if x.markov is not None else ""
+            chain += f", weights linear in [1, {', '.join(x.covariates)}]" if x.covariates else ""
             lines.append(f"  latent   {x.name} ~ {x.family!r}{chain}")
         for x in self.observed:
             lhs = x.name if not x.stacked and x.variables == (x.name,) else f"{x.name} = [{', '.join(x.variables)}]"
             given = f" | {self.latents[0].name}" if self.latents else ""
+            if x.covariates or not x.intercept:
+                terms = ["1"] * x.intercept + list(x.covariates)
+                given += f"{',' if given else ' |'} linear in [{', '.join(terms)}]"
             lines.append(f"  observe  {lhs} ~ {x.family!r}{given}")
         return "\n".join(lines)
 
@@ -400,6 +506,13 @@ def default_node_name(variables: Sequence[str]) -> str:
     return node if node not in (".", "..") else node.replace(".", "_")
 
 
+def _regression_to_dict(decl: Observed) -> dict[str, Any]:
+    """A regression node's covariates, intercept and offset (nothing for a plain node)."""
+    if not decl.covariates and decl.offset is None:
+        return {}
+    return {"covariates": list(decl.covariates), "intercept": decl.intercept, "offset": decl.offset}
+
+
 def _family_to_dict(family: Family) -> dict[str, Any]:
     return {"family": family.kind,
             "arguments": {key: _encode(value) for key, value in family.arguments().items()}}
@@ -413,6 +526,8 @@ def _family_from_dict(spec: Mapping[str, Any]) -> Family:
 def _encode(value: Any) -> Any:
     if value is None or isinstance(value, str | bool | int | float):
         return value
+    if isinstance(value, Prior):  # a family's prior: its kind and hyperparameters, like a family
+        return {"prior": value.kind, "arguments": {key: _encode(v) for key, v in value.arguments().items()}}
     if hasattr(value, "dims") and hasattr(value, "to_dict"):
         return {"dataarray": value.to_dict(data="list", encoding=False)}
     if isinstance(value, list | tuple) and all(isinstance(v, str | int | float | bool) for v in value):
@@ -421,6 +536,8 @@ def _encode(value: Any) -> Any:
 
 
 def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "prior" in value:
+        return prior_class(value["prior"])(**{key: _decode(v) for key, v in value["arguments"].items()})
     if isinstance(value, dict) and "dataarray" in value:
         import xarray as xr
 

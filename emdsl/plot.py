@@ -225,7 +225,8 @@ class FitPlotter:
         self._fit = fit
 
     def __repr__(self) -> str:
-        return "FitPlotter: .convergence(), .components(x, y), .posterior()"
+        chain = ", .states()" if self._markov is not None else ""
+        return f"FitPlotter: .convergence(), .components(x, y), .posterior(){chain}"
 
     # -- helpers --------------------------------------------------------------------
     @property
@@ -238,10 +239,22 @@ class FitPlotter:
         latent = self._fit.model.latent_var
         return list(latent.family.states) if latent is not None else [None]
 
-    def _weights(self) -> np.ndarray:
+    def _weights(self, resp: np.ndarray | None = None) -> np.ndarray:
         if self._latent is None:
             return np.ones(1)
-        return np.asarray(self._fit.params[self._latent]["probs"].values, dtype=float)
+        params = self._fit.params[self._latent]
+        if "transition" in params:
+            # A Markov latent has no weights: the share of the steps shown in each state
+            # (the long-run share when no steps are at hand; a chain may be absorbed).
+            if resp is not None and len(resp):
+                return resp.mean(axis=0)
+            return stationary(np.asarray(params["transition"].values, dtype=float))
+        return np.asarray(params["probs"].values, dtype=float)
+
+    @property
+    def _markov(self) -> str | None:
+        latent = self._fit.model.latent_var
+        return latent.markov if latent is not None else None
 
     def _state_label(self, k: int) -> str:
         return f"{self._latent}={self._states[k]}" if self._latent is not None else "model"
@@ -264,6 +277,11 @@ class FitPlotter:
             n = ds.sizes[self._fit.sample_dim]
             return ds, np.ones((n, 1))
         proba = self._fit.posterior if data is None else self._fit.predict_proba(ds)
+        if self._markov is not None and self._fit.sample_dim not in proba.dims:
+            # several sequences: their steps side by side, as the fit saw them
+            steps = [d for d in proba.dims if d != self._latent]
+            proba = proba.stack({self._fit.sample_dim: steps})
+            ds = ds.transpose(*steps, ...).stack({self._fit.sample_dim: steps})
         return ds, np.asarray(proba.transpose(self._fit.sample_dim, self._latent).values)
 
     # -- convergence --------------------------------------------------------------------
@@ -276,6 +294,10 @@ class FitPlotter:
         ELBO(q⁽ᵗ⁻¹⁾, θ⁽ᵗ⁾) = ``elbo[t]``, and the E-step then closes the gap up to
         ℓ(θ⁽ᵗ⁾) = ``loglik[t]`` (a vertical step of height KL). The KL gap itself
         is shown on a log axis.
+
+        In an accelerated fit (``fit(accelerate=...)``) the iterations that came from an
+        extrapolated proposal are drawn as open diamonds on the log-likelihood; no M-step
+        raised a bound from q⁽ᵗ⁻¹⁾ there, so the staircase and the KL gap skip them.
 
         Parameters
         ----------
@@ -304,6 +326,7 @@ class FitPlotter:
         """
         fig, main, kl_ax = self._convergence_axes(ax, kl, figsize)
         self._draw_logliks(main)
+        self._draw_extrapolated(main)
         self._draw_elbo(main)
         if kl_ax is not None:
             self._draw_kl(kl_ax)
@@ -340,7 +363,8 @@ class FitPlotter:
         can lie far below everything else and would flatten the picture, so the
         range leaves it out; its step is cut at the bottom edge.
         """
-        values = np.concatenate([self._fit.traces["loglik"].values, self._fit.trace["elbo"].values[1:]])
+        elbo = np.where(_extrapolated(self._fit.trace), np.nan, self._fit.trace["elbo"].values)
+        values = np.concatenate([self._fit.traces["loglik"].values, elbo[1:]])
         values = values[np.isfinite(values)]
         if values.size == 0:
             return
@@ -370,14 +394,25 @@ class FitPlotter:
         iteration = trace["iteration"].values
         # (t, elbo_t) -> (t, loglik_t): the E-step closes the gap; -> (t+1, elbo_t+1): the M-step
         x = np.repeat(iteration, 2)
-        y = np.column_stack([trace["elbo"].values, trace["loglik"].values]).ravel()
+        # an extrapolated point had no M-step from q⁽ᵗ⁻¹⁾: the staircase breaks there instead of rising
+        elbo = np.where(_extrapolated(trace), np.nan, trace["elbo"].values)
+        y = np.column_stack([elbo, trace["loglik"].values]).ravel()
         ax.plot(x, y, color="C1", lw=1, drawstyle="default", gid="elbo",
                 label="ELBO(q, θ): M-step raises it, E-step closes the gap")
+
+    def _draw_extrapolated(self, ax: Axes) -> None:
+        trace = self._fit.trace
+        chosen = _extrapolated(trace)
+        if chosen.any():
+            ax.plot(trace["iteration"].values[chosen], trace["loglik"].values[chosen], ls="none", marker="D",
+                    ms=5, mfc="white", mec="C0", zorder=4, gid="extrapolated",
+                    label="extrapolated (accelerated EM): no ELBO step")
 
     def _draw_kl(self, ax: Axes) -> None:
         trace = self._fit.trace
         gap = np.asarray(trace["kl"].values, dtype=float)
-        shown = np.where(gap > 0, gap, np.nan)  # a log axis cannot show a closed (zero) gap
+        # a log axis cannot show a closed (zero) gap; an extrapolated point has no gap from q⁽ᵗ⁻¹⁾
+        shown = np.where((gap > 0) & ~_extrapolated(trace), gap, np.nan)
         ax.plot(trace["iteration"].values, shown, color="C3", marker=".", lw=1, gid="kl",
                 label="KL gap = ℓ − ELBO")
         ax.set_yscale("log")
@@ -487,7 +522,7 @@ class FitPlotter:
         ax.scatter(xv, yv, c=np.clip(resp @ colors, 0, 1), s=12, alpha=0.75, linewidths=0, gid="data")
         ma, mb = self._marginal(a), self._marginal(b)
         cov = self._pair_covariance(a, b, ma, mb)
-        weights = self._weights()
+        weights = self._weights(resp)
         for k in range(resp.shape[1]):
             label = self._state_label(k) + (f" (π={weights[k]:.2f})" if self._latent else "")
             ax.plot([ma.mean[k]], [mb.mean[k]], marker="X", ms=9, color=colors[k], mec="white", mew=1,
@@ -519,7 +554,7 @@ class FitPlotter:
         keep = np.isfinite(values)
         values, resp = values[keep], resp[keep]
         colors = state_colors(resp.shape[1])
-        weights = self._weights()
+        weights = self._weights(resp)
         labels = [self._state_label(k) for k in range(resp.shape[1])]
         if marginal.levels is not None:
             support = np.arange(len(marginal.levels), dtype=float)
@@ -594,6 +629,8 @@ class FitPlotter:
         if self._latent is None:
             raise ModelError("plot.posterior: the model declares no latent variable, so there are no "
                              "responsibilities to show")
+        if self._markov is not None and kind is None:
+            return self.states(ax=ax, data=data, figsize=figsize)
         _, resp = self._responsibilities(data, "posterior")
         if ax is not None:
             (self._draw_certainty if kind == "certainty" else self._draw_stacked)(ax, resp, threshold)
@@ -607,6 +644,93 @@ class FitPlotter:
             fig = new_figure(figsize or (6.4, 3.6))
             (self._draw_certainty if kind == "certainty" else self._draw_stacked)(fig.add_subplot(), resp, threshold)
         return fig
+
+    def states(self, variable: str | None = None, *, sequence: Mapping[Hashable, Any] | int = 0,
+               ax: Axes | None = None, data: Any = None, figsize: tuple[float, float] | None = None
+               ) -> Figure | Axes:
+        """A Markov latent over time: the data coloured by the Viterbi path, and p(z_t | x) below.
+
+        Parameters
+        ----------
+        variable : str, optional
+            The data variable drawn over time (default: the first continuous one).
+        sequence : int or mapping, default 0
+            Which sequence, when the data hold several: its position, or its labels
+            ``{"sequence": "a"}``.
+        ax : matplotlib Axes, optional
+            Draw only the posterior there.
+        data : optional
+            New data (default: the training data).
+        figsize : (width, height), optional
+            Size of a new figure.
+
+        Returns
+        -------
+        Figure or Axes
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr, emdsl as em
+        >>> ds = xr.Dataset({"x": ("time", np.r_[np.zeros(30), np.ones(30) * 4] + np.cos(np.arange(60)))})
+        >>> fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal).fit(ds, seed=0)
+        >>> len(fit.plot.states().axes)
+        2
+        """
+        if self._markov is None:
+            raise ModelError("plot.states: the model has no Markov latent (latent(..., markov=dim)); "
+                             "use plot.posterior() for a mixture")
+        ds = self._data(data, "states")
+        proba = self._fit.posterior if data is None else self._fit.predict_proba(ds)
+        path = self._fit.predict(ds)
+        time_dim = self._markov
+        others = [d for d in path.dims if d != time_dim]
+        if others:
+            if isinstance(sequence, Mapping):
+                chosen = {d: sequence[d] for d in others}
+                proba, path, ds = proba.sel(chosen), path.sel(chosen), ds.sel(chosen)
+            else:
+                index = dict(zip(others, np.unravel_index(int(sequence), [path.sizes[d] for d in others]),
+                                 strict=True))
+                proba, path, ds = proba.isel(index), path.isel(index), ds.isel(index)
+        states = list(self._states)
+        k = len(states)
+        colors = state_colors(k)
+        times = path[time_dim].values if time_dim in path.coords else np.arange(path.sizes[time_dim])
+        resp = np.asarray(proba.transpose(time_dim, self._latent).values)
+        if ax is None:
+            fig = new_figure(figsize or (9.0, 5.0))
+            top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.4, 1])
+        else:
+            fig, top, bottom = None, None, ax
+        if top is not None:
+            name = variable or next((e.variable for e in elements(self._fit)
+                                     if getattr(e.family, "continuous", False)), elements(self._fit)[0].variable)
+            if name not in ds.data_vars:
+                raise ModelError(f"plot.states: the data have no variable {name!r}")
+            values = ds[name]
+            extra = [d for d in values.dims if d != time_dim]
+            if extra:  # an event: its first element
+                values = values.isel({d: 0 for d in extra})
+            y = np.asarray(values.values)
+            position = {state: j for j, state in enumerate(states)}
+            code = np.array([position[v] for v in path.values.tolist()])
+            top.plot(times, y, color="0.75", lw=0.8, zorder=1)
+            for j in range(k):
+                chosen = code == j
+                top.scatter(times[chosen], y[chosen], s=12, color=colors[j], zorder=2,
+                            label=self._state_label(j))
+            top.set_ylabel(str(name))
+            top.set_title(f"{name} over {time_dim}, coloured by the most probable path (Viterbi)")
+            top.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        bottom.stackplot(times, resp.T, colors=list(colors), alpha=0.85, step="mid",
+                         labels=[self._state_label(j) for j in range(k)])
+        bottom.set_ylim(0, 1)
+        bottom.set_xlim(times[0], times[-1]) if len(times) > 1 else None
+        bottom.set_xlabel(str(time_dim))
+        bottom.set_ylabel(f"p({self._latent}_t | x)")
+        if top is None:
+            bottom.legend(fontsize="small", loc="lower left", framealpha=0.8)
+        return fig if fig is not None else bottom
 
     def _draw_stacked(self, ax: Axes, resp: np.ndarray, threshold: float) -> None:
         n, k = resp.shape
@@ -640,6 +764,16 @@ class FitPlotter:
         ax.set_title("certainty of the assignments")
 
 
+def stationary(transition: np.ndarray) -> np.ndarray:
+    """The long-run share of time in each state: π = π A, Σ π = 1 (least squares if A is reducible)."""
+    k = transition.shape[0]
+    system = np.vstack([transition.T - np.eye(k), np.ones((1, k))])
+    target = np.append(np.zeros(k), 1.0)
+    share = np.linalg.lstsq(system, target, rcond=None)[0]
+    share = np.clip(share, 0.0, None)
+    return share / share.sum()
+
+
 def _ellipse(center: tuple[float, float], cov: np.ndarray, n_sigma: float, color: Any, style: str) -> Any:
     """The Mahalanobis contour at ``n_sigma`` of a 2-D Gaussian."""
     from matplotlib.patches import Ellipse
@@ -650,3 +784,10 @@ def _ellipse(center: tuple[float, float], cov: np.ndarray, n_sigma: float, color
     width, height = 2 * n_sigma * np.sqrt(values[1]), 2 * n_sigma * np.sqrt(values[0])
     return Ellipse(center, width, height, angle=angle, fill=False, edgecolor=color, linestyle=style, lw=1.5,
                    gid=f"ellipse-{n_sigma}sigma")
+
+
+def _extrapolated(trace: xr.Dataset) -> np.ndarray:
+    """Which iterations of a trace are accelerated proposals (all False for plain EM or older files)."""
+    if "extrapolated" in trace.coords or "extrapolated" in trace.data_vars:
+        return np.asarray(trace["extrapolated"].values, dtype=bool)
+    return np.zeros(trace.sizes["iteration"], dtype=bool)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import xarray as xr
 
 from emdsl import labels
 from emdsl.compile import SCAN_ROWS, Plan, blocks, compile_plan, start_values
+from emdsl.data import is_chunked
 from emdsl.engine.estep import engine
 from emdsl.engine.mstep import Theta, natural_matrix
 from emdsl.errors import ModelError
@@ -183,31 +184,152 @@ class Fit:
         if data is None:
             return self.loglik, self.weight_total
         scores = self.score_samples(data)
+        if self._markov is not None:  # a chain's samples, for BIC, are its observed steps
+            return float(scores.sum()), self._compiled(data)[0].n_samples
         return float(scores.sum()), scores.size
+
+    # -- streams ----------------------------------------------------------------------
+    def partial_fit(self, data: Any, weights: Any = None) -> Fit:
+        """Update the fit in place with stepwise EM on a new chunk of a stream; returns the fit.
+
+        The chunk is read in the fit's units and levels, split into the fit's minibatches
+        (``batch_size``; default: the whole chunk), and each minibatch moves the running
+        statistics by γ_t = (t + 1)^−step_decay (:mod:`emdsl.engine.online`), continuing
+        the step count of a ``method="stepwise"`` fit (a batch-EM fit starts a new count).
+        ``loglik`` becomes the prequential log-likelihood (each chunk scored at the
+        parameters it arrived to, added to the fit's own), and the trace gains one entry
+        per chunk.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr, emdsl as em
+        >>> rng = np.random.default_rng(0)
+        >>> chunk = lambda: xr.Dataset({"x": ("sample", np.r_[rng.normal(0, 1, 500), rng.normal(5, 1, 500)])})
+        >>> fit = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal).fit(
+        ...     chunk(), method="stepwise", seed=0)
+        >>> for _ in range(3):
+        ...     fit = fit.partial_fit(chunk())
+        >>> sorted(fit.params["x"]["mean"].round(0).values.tolist())
+        [0.0, 5.0]
+        """
+        from emdsl.engine.online import continue_fit
+
+        return continue_fit(self, data, weights)
 
     # -- predictions ----------------------------------------------------------------
     def predict_proba(self, data: Any) -> xr.DataArray:
         """p(latent | x) for each sample of ``data``: DataArray (sample, latent)."""
         plan, theta, H = self._compiled(data)
         self._need_latent("predict_proba")
+        if is_chunked(plan):  # dask-backed data: a lazy result with the data's chunks
+            with engine(plan) as estep:
+                return labels.states_array(plan, estep.lazy(H, theta, "resp"), "predict_proba")
         out = np.empty((plan.n_samples, plan.K))
         with engine(plan) as estep:
             estep.evaluate(H, theta, resp_out=out)
+        if plan.sequences is not None:
+            # p(z_t | x) over (sequence, time): past a sequence's end the chain runs on unobserved
+            from emdsl.latent.markov import fill_padding
+
+            grid = plan.sequences.scatter(out, np.nan)
+            fill_padding(grid, plan.sequences.lengths, theta[plan.latent.name]["transition"])
+            return labels.chain_array(plan, grid, "predict_proba", states=True)
         return labels.states_array(plan, out, "predict_proba")
 
     def predict(self, data: Any) -> xr.DataArray:
-        """The most probable latent state of each sample: DataArray (sample,) of the latent's states."""
+        """The most probable latent state of each sample: DataArray (sample,) of the latent's states.
+
+        For a Markov latent, the most probable *path* (:meth:`viterbi`), over (sequence, time).
+        """
+        if self._markov is not None:
+            return self.viterbi(data)[0]
         proba = self.predict_proba(data)
         latent = self.model.latent_var
         assert latent is not None
         states = np.asarray(latent.family.states)
-        best = states[np.asarray(proba.argmax(latent.name).values)]
+        if proba.chunks is not None:
+            best = proba.argmax(latent.name).data.map_blocks(states.take, dtype=states.dtype)
+        else:
+            best = states[np.asarray(proba.argmax(latent.name).values)]
         return xr.DataArray(best, dims=proba.dims[:1], coords={d: c for d, c in proba.coords.items()
                                                                if d != latent.name}, name=latent.name)
 
-    def score_samples(self, data: Any) -> xr.DataArray:
-        """log p(x_n | θ̂) for each sample of ``data``: DataArray (sample,)."""
+    def viterbi(self, data: Any) -> tuple[xr.DataArray, float | xr.DataArray]:
+        """The most probable path of a Markov latent and its log-probability log p(x, z*).
+
+        Returns
+        -------
+        path : DataArray
+            The latent's states over the data's (sequence dims, time). Steps after a
+            sequence's last observation (NaN padding) are unobserved steps: the path
+            goes on along the most probable transitions.
+        log_prob : float or DataArray
+            log p(x, z* | θ̂) (with log h, as :meth:`score_samples`): a float for one
+            sequence, else a DataArray over the sequence dims.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr, emdsl as em
+        >>> ds = xr.Dataset({"x": ("time", np.r_[np.zeros(20), np.ones(20) * 5] + np.sin(np.arange(40)))})
+        >>> fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal).fit(ds, seed=0)
+        >>> path, log_prob = fit.viterbi(ds)
+        >>> int((path != path[0]).sum())
+        20
+        """
+        if self._markov is None:
+            raise ModelError("viterbi: the model has no Markov latent (declare latent(name, em.Categorical(k), "
+                             "markov=dim)); for a mixture, predict gives each sample's most probable state")
+        from emdsl.latent.markov import viterbi_paths
+
         plan, theta, H = self._compiled(data)
+        assert plan.sequences is not None and plan.latent is not None
+        L = np.empty((plan.n_samples, plan.K))
+        with engine(plan) as estep:
+            estep.emissions(H, theta, L)
+        path, log_prob = viterbi_paths(L, plan.sequences, theta[plan.latent.name])
+        log_prob += self._base_per_sequence(plan)
+        if not np.all(np.isfinite(log_prob)):
+            s = int(np.flatnonzero(~np.isfinite(log_prob))[0])
+            raise ModelError(f"viterbi: sequence {s} has probability 0 under the fitted parameters "
+                             "(no path avoids the zeros of initial/transition)")
+        states = np.asarray(self.model.latent_var.family.states, dtype=object)  # type: ignore[union-attr]
+        labelled = states[path]
+        if all(isinstance(v, int | np.integer) for v in states):
+            labelled = labelled.astype(np.int64)
+        elif all(isinstance(v, str) for v in states):
+            labelled = labelled.astype(str)
+        out = labels.chain_array(plan, labelled, plan.latent.name)
+        per_sequence = labels.sequences_array(plan, log_prob, "log_prob")
+        return out, (float(per_sequence) if per_sequence.ndim == 0 else per_sequence)
+
+    @property
+    def _markov(self) -> str | None:
+        latent = self.model.latent_var
+        return latent.markov if latent is not None else None
+
+    @staticmethod
+    def _base_per_sequence(plan: Plan) -> np.ndarray:
+        """Σ log h over each sequence's rows."""
+        assert plan.sequences is not None
+        base = np.empty(plan.n_samples)
+        for start, stop in blocks(plan.n_samples, SCAN_ROWS):
+            base[start:stop] = plan.log_base_measure(start, stop)
+        return np.add.reduceat(base, plan.sequences.starts[:-1])
+
+    def score_samples(self, data: Any) -> xr.DataArray:
+        """log p(x_n | θ̂) for each sample of ``data``: DataArray (sample,).
+
+        For a Markov latent, log p(x_s | θ̂) of each sequence: over the sequence dims (0-d for one).
+        """
+        plan, theta, H = self._compiled(data)
+        if plan.sequences is not None:
+            out = np.empty(plan.sequences.n_sequences)
+            with engine(plan) as estep:
+                estep.evaluate(H, theta, loglik_out=out)
+            return labels.sequences_array(plan, out + self._base_per_sequence(plan), "log_likelihood")
+        if is_chunked(plan):  # dask-backed data: a lazy result with the data's chunks
+            with engine(plan) as estep:
+                return labels.samples_array(plan, estep.lazy(H, theta, "score"), "log_likelihood")
         out = np.empty(plan.n_samples)
         with engine(plan) as estep:
             estep.evaluate(H, theta, loglik_out=out)
@@ -218,6 +340,8 @@ class Fit:
     def score(self, data: Any, weights: Any = None) -> float:
         """Mean log-likelihood per sample of ``data`` (scikit-learn's ``score``), weighted if ``weights`` given.
 
+        For a Markov latent, the mean log-likelihood per sequence.
+
         ``weights`` is what :meth:`Model.fit` accepts: a data variable's name or a DataArray.
         """
         scores = self.score_samples(data)
@@ -225,10 +349,16 @@ class Fit:
             return float(scores.mean())
         plan = self._compiled(data, weights=weights)[0]
         assert plan.weights is not None
+        if plan.sequences is not None:  # a chain weighs sequences
+            assert plan.sequences.weights is not None
+            return float(scores.values.ravel() @ plan.sequences.weights / plan.sequences.weights.sum())
         return float(scores.values @ plan.weights / plan.weights.sum())
 
-    def sample(self, n: int, seed: int | None = None) -> xr.Dataset:
+    def sample(self, n: int, length: int | None = None, seed: int | None = None) -> xr.Dataset:
         """Draw ``n`` samples, shaped like the training data; the latent states are a coordinate.
+
+        For a Markov latent, ``n`` sequences of ``length`` steps each, over
+        (``sequence``, the markov dim).
 
         Examples
         --------
@@ -244,6 +374,21 @@ class Fit:
         rng = np.random.default_rng(seed)
         values = labels.tree_values(self.params)
         latent = self.model.latent_var
+        if self._markov is not None:
+            if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 0:
+                raise ModelError(f"sample(n_sequences, length): a Markov latent draws sequences; length must be "
+                                 f"a non-negative integer, got {length!r}")
+            return self._sample_chain(int(n), int(length), rng, values)
+        if length is not None:
+            raise ModelError("sample(n, length): length is for a Markov latent's sequences; this model draws "
+                             "independent samples (pass the seed as seed=...)")
+        if latent is not None and latent.covariates:
+            raise ModelError(f"sample: the weights of {latent.name!r} depend on {list(latent.covariates)}; draws "
+                             "need each sample's covariates: use emdsl.regression.simulate(fit, data)")
+        regression = next((decl for decl in self.model.observed if decl.covariates), None)
+        if regression is not None:
+            raise ModelError(f"sample: node {regression.name!r} is a regression on {list(regression.covariates)}; "
+                             "its draws need each sample's covariates: use emdsl.regression.simulate(fit, data)")
         if latent is not None:
             states = latent.family.draw({"probs": values[latent.name]["probs"].values}, int(n), rng)
         else:
@@ -264,6 +409,27 @@ class Fit:
             out = out.assign_coords({latent.name: ((self.sample_dim,), state_labels)})
         return out
 
+    def _sample_chain(self, n: int, length: int, rng: np.random.Generator, values: Mapping[str, Any]) -> xr.Dataset:
+        from emdsl.latent.markov import sample_states
+
+        latent = self.model.latent_var
+        assert latent is not None and latent.markov is not None
+        paths = sample_states({key: da.values for key, da in values[latent.name].items()}, n, length, rng)
+        grid = ("sequence", latent.markov)
+        out = xr.Dataset()
+        for decl in self.model.observed:
+            layout = _Layout(self, decl.name)
+            flat = {key: layout.flatten(key, da) for key, da in values[decl.name].items()}
+            if layout.family.data_arguments():
+                raise ModelError(f"sample: {decl.family!r} reads {sorted(layout.family.data_arguments().values())} "
+                                 "from the data, which a simulation does not have; fix them in the declaration")
+            drawn = layout.dataset(decl, layout.family.sample(flat, paths.ravel(), rng, {}))
+            for variable, da in drawn.data_vars.items():
+                out[variable] = xr.DataArray(da.values.reshape((n, length) + da.shape[1:]), dims=grid + da.dims[1:],
+                                             coords={d: da[d].values for d in da.dims[1:] if d in da.coords})
+        state_labels = np.asarray(latent.family.states, dtype=object)[paths]
+        return out.assign_coords({latent.name: (grid, state_labels.tolist())})
+
     def _need_latent(self, what: str) -> None:
         if self.model.latent_var is None:
             raise ModelError(f"{what}: the model declares no latent variable, so there is no posterior; "
@@ -273,6 +439,8 @@ class Fit:
         ds = labels.as_dataset(data)
         variables = [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
+        if self._markov is not None:
+            use_dim = None  # the sequences are found again from the dims (those before the markov dim)
         plan = compile_plan(self.model, ds, sample_dim=use_dim, fitting=False, weights=weights,
                             standardization={name: (units["center"], units["scale"])
                                              for name, units in self.standardization.items()},
@@ -282,9 +450,10 @@ class Fit:
 
     @property
     def levels(self) -> dict[str, list[Any]]:
-        """The level labels of each categorical node, as learned from the training data."""
-        return {name: [v.item() if isinstance(v, np.generic) else v for v in node["level"].values]
-                for name, node in self.params.children.items() if "level" in node.dims}
+        """The level labels of each categorical node, as learned from the training data
+        (and the ``term`` labels of each regression node: new data must give the same terms)."""
+        return {name: [v.item() if isinstance(v, np.generic) else v for v in node[dim].values]
+                for name, node in self.params.children.items() for dim in ("level", "term") if dim in node.dims}
 
     def impute(self, data: Any = None) -> xr.Dataset:
         """The data with every missing value replaced by its posterior expectation.
@@ -317,6 +486,43 @@ class Fit:
             data = self._data
         plan, theta, _ = self._compiled(data)
         return impute(plan, theta, labels.as_dataset(data))
+
+    def standard_errors(self, method: Literal["observed", "empirical"] = "observed", data: Any = None
+                        ) -> xr.DataTree:
+        """Standard errors of the learned parameters: a DataTree shaped like :attr:`params`.
+
+        Parameters
+        ----------
+        method : {"observed", "empirical"}, default "observed"
+            ``"observed"``: from the observed information −∇²ℓ(θ̂), computed as the
+            Jacobian of the exact score (Fisher's identity: the score is the E-step's
+            statistics times ∂H/∂θ) by Richardson-refined central differences, which
+            splits into Louis' complete- minus missing-information terms.
+            ``"empirical"``: from the outer product of the per-sample scores.
+        data : Dataset or what :meth:`Model.fit` accepts, optional
+            The training data (default: the fit's own; needed for a loaded fit).
+
+        Returns
+        -------
+        xarray.DataTree
+            Standard errors in the data's units, labelled like ``fit.params``. Fixed
+            parameters have none and are left out. The mixture weights' errors
+            respect Σπ = 1 (delta method from the K − 1 free log-ratios). An entry on
+            the boundary of its range (a probability of 0 or 1) gets 0 and is named
+            in the node's ``at_boundary`` attr and in a warning. See
+            :mod:`emdsl.inference` for the method.
+
+        Examples
+        --------
+        >>> import emdsl as em
+        >>> fit = em.Model().observe("waiting", em.Normal).fit(em.datasets.load("faithful"))
+        >>> se = fit.standard_errors()
+        >>> round(float(se["waiting"]["mean"]), 4)  # σ̂ / √N
+        0.8228
+        """
+        from emdsl.inference import standard_errors
+
+        return standard_errors(self, method, data)
 
     # -- saving ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -25,11 +25,11 @@ def penguins() -> xr.Dataset:
 
 
 def test_available_lists_both():
-    assert em.datasets.available() == ["faithful", "penguins"]
+    assert em.datasets.available() == ["faithful", "nile", "penguins", "us_rates"]
 
 
 def test_unknown_name_says_what_exists():
-    with pytest.raises(ValueError, match="faithful, penguins"):
+    with pytest.raises(ValueError, match="faithful, nile, penguins, us_rates"):
         em.datasets.load("iris")
 
 
@@ -107,3 +107,16 @@ def test_penguins_labels_with_holes_are_categorical_levels(penguins):
     probs = fit.params["sex"]["probs"]
     assert list(probs["level"].values) == ["female", "male"]
     np.testing.assert_allclose(probs.values, np.array([165, 168]) / 333)
+
+
+def test_us_rates_match_the_file_and_the_volcker_years():
+    ds = em.datasets.load("us_rates")
+    frame = _csv("us_rates")
+    assert dict(ds.sizes) == {"sample": 203}
+    for column in frame.columns:
+        np.testing.assert_array_equal(ds[column].values, frame[column].values)
+    assert (int(ds["year"][0]), int(ds["quarter"][0]), int(ds["year"][-1]), int(ds["quarter"][-1])) == (1959, 1, 2009, 3)
+    # the bill rate peaked above 15% in 1981 (FRED's TB3MS), inflation in double digits around 1980
+    peak = int(ds["tbilrate"].argmax())
+    assert int(ds["year"][peak]) == 1981 and float(ds["tbilrate"].max()) > 15
+    assert ds.attrs["licence"].startswith("public domain")

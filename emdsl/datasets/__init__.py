@@ -42,6 +42,31 @@ _DESCRIPTIONS: dict[str, dict[str, Any]] = {
         "text": ("species", "island", "sex"),
         "integer": ("year",),
     },
+    "nile": {
+        "title": "Annual flow of the river Nile at Aswan, 1871-1970",
+        "source": "Cobb (1978), The problem of the Nile: conditional solution to a changepoint problem, "
+                  "Biometrika 65(2), 243-251; copied from statsmodels.datasets.nile",
+        "licence": "public domain (as statsmodels.datasets.nile states)",
+        "description": "Annual flow volume of the Nile at Aswan for the 100 years 1871-1970, with a "
+                       "drop around 1898 (the first Aswan dam was begun that year).",
+        "units": {"volume": "1e8 m^3"},
+        "integer": ("year",),
+        # the years are the dimension (a time series), not a column over samples
+        "dim": "year",
+    },
+    "us_rates": {
+        "title": "US interest and inflation rates, quarterly, 1959Q1-2009Q3",
+        "source": "Federal Reserve Bank of St. Louis (FRED) and the Bureau of Labor Statistics, compiled by "
+                  "Skipper Seabold; copied (columns year, quarter, tbilrate, infl, unemp) from "
+                  "statsmodels.datasets.macrodata",
+        "licence": "public domain (as statsmodels.datasets.macrodata states; US government data)",
+        "description": "203 quarters of the 3-month Treasury bill rate (quarterly average of the monthly "
+                       "rates), inflation (400 log(CPI_t / CPI_t-1), annualized) and unemployment "
+                       "(seasonally adjusted). The relation of the bill rate to inflation changed when the "
+                       "Federal Reserve under Volcker turned to fighting inflation in 1979.",
+        "units": {"tbilrate": "% per year", "infl": "% per year", "unemp": "%"},
+        "integer": ("year", "quarter"),
+    },
 }
 
 _ATTRS = ("title", "source", "licence", "description")
@@ -67,6 +92,13 @@ def load(name: str) -> xr.Dataset:
         where xarray converts object arrays through pandas); ``year`` as integers.
         Use ``.isnull()`` to find the holes of either kind.
 
+        ``"nile"``: the annual flow ``volume`` of the Nile at Aswan (public domain), over
+        ``year`` (1871-1970): a time series for hidden Markov models.
+
+        ``"us_rates"``: US 3-month Treasury bill rate ``tbilrate``, inflation ``infl`` and
+        unemployment ``unemp`` (public domain), 203 quarters 1959-2009 over ``sample``, with
+        ``year`` and ``quarter`` as integers: a regression with two regimes (tutorial 08).
+
     Returns
     -------
     xarray.Dataset
@@ -88,13 +120,17 @@ def load(name: str) -> xr.Dataset:
     meta = _DESCRIPTIONS[name]
     text = resources.files(__package__).joinpath(f"{name}.csv").read_text(encoding="utf-8")
     header, *rows = csv.reader(io.StringIO(text))
+    dim = meta.get("dim", "sample")
     variables = {}
+    coords: dict[str, Any] = {"sample": np.arange(len(rows))} if dim == "sample" else {}
     for i, column in enumerate(header):
         values = _column([row[i] for row in rows], column, meta)
+        if column == dim:
+            coords[dim] = values
+            continue
         attrs = {"units": meta["units"][column]} if column in meta["units"] else {}
-        variables[column] = ("sample", values, attrs)
-    return xr.Dataset(variables, coords={"sample": np.arange(len(rows))},
-                      attrs={key: meta[key] for key in _ATTRS if key in meta})
+        variables[column] = (dim, values, attrs)
+    return xr.Dataset(variables, coords=coords, attrs={key: meta[key] for key in _ATTRS if key in meta})
 
 
 def _column(cells: list[str], column: str, meta: dict[str, Any]) -> np.ndarray:

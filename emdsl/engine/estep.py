@@ -31,6 +31,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from emdsl.compile import Plan, blocks
+from emdsl.errors import ModelError
 from emdsl.options import OPTIONS
 
 
@@ -57,6 +58,8 @@ class _Buffers:
         self.log_joint = np.empty(K * rows)
         self.resp = np.empty(K * rows)
         self.scratch = np.empty(width * rows)  # one node's data (D × n) while its rows of Φ are written
+        self.rows = rows
+        self.chain: _ChainBuffers | None = None  # a Markov latent's workspace, sized by its longest block
 
     def views(self, n_stats: int, K: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # Contiguous views of the leading part of each flat buffer, for any n ≤ rows.
@@ -74,15 +77,28 @@ class EStep:
         self.plan = plan
         self.K, self.S, self.N = plan.K, plan.n_stats, plan.n_samples
         self.rows = block_rows or OPTIONS["block_rows"] or default_block_rows(self.S, self.K)
-        self.ranges = list(blocks(self.N, self.rows))
+        #: a Markov latent's blocks hold whole sequences (the recursion runs along each one)
+        self.sequences = plan.sequences
+        self.ranges = list(blocks(self.N, self.rows)) if self.sequences is None else self.sequences.blocks(self.rows)
         threads = n_threads or OPTIONS["n_threads"] or default_threads(self.S, self.K)
         self.n_workers = max(1, min(threads, len(self.ranges)))
         self.chunks = [self.ranges[i::self.n_workers] for i in range(self.n_workers)]
         self.buffers = [_Buffers(self.S, self.K, min(self.rows, self.N), plan.max_D) for _ in range(self.n_workers)]
+        if self.sequences is not None:
+            longest = max(stop - start for start, stop in self.ranges)
+            if self._phi_bytes(longest) <= _CHAIN_PHI_BYTES and longest > self.buffers[0].rows:
+                # Φ of a whole block kept: R Φᵀ then needs no second read of the data
+                self.buffers = [_Buffers(self.S, self.K, longest, plan.max_D) for _ in range(self.n_workers)]
+            for buf in self.buffers:
+                buf.chain = _ChainBuffers(self.K, longest)
         self.weights = plan.weights
         #: nodes with partly observed events, whose rows take the conditional-Gaussian path
         self.partial = [node for node in plan.nodes if len(node.partial_rows)]
         self.pool = ThreadPoolExecutor(self.n_workers) if self.n_workers > 1 else None
+
+    def _phi_bytes(self, rows: int) -> int:
+        """Bytes of Φ for ``rows`` rows."""
+        return 8 * self.S * rows
 
     def __enter__(self) -> EStep:
         return self
@@ -143,6 +159,8 @@ class EStep:
 
     def summarize(self, H: np.ndarray, theta: Mapping[str, Any] | None = None) -> Summary:
         """One E-step pass: R Φᵀ, Σ log p(x_n) (without log h) and the entropy of R (θ: for holes in events)."""
+        if self.sequences is not None:
+            return self._summarize_chain(H, theta)
         patterns = self._patterns(theta)
 
         def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> Summary:
@@ -178,6 +196,9 @@ class EStep:
 
     def statistics_from(self, resp_of: Callable[[int, int], np.ndarray]) -> Summary:
         """R Φᵀ and the entropy of R for given responsibilities (``resp_of(start, stop)``: K × n)."""
+        if self.sequences is not None:
+            return self._statistics_from_chain(resp_of)
+
         def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> Summary:
             stats = np.zeros((self.K, self.S))
             entropy = 0.0
@@ -206,7 +227,14 @@ class EStep:
 
     def evaluate(self, H: np.ndarray, theta: Mapping[str, Any] | None = None, *,
                  resp_out: np.ndarray | None = None, loglik_out: np.ndarray | None = None) -> None:
-        """Per-sample results: responsibilities (N × K) and/or log p(x_n) without log h (N,)."""
+        """Per-sample results: responsibilities (N × K) and/or log p(x_n) without log h (N,).
+
+        For a Markov latent: p(z_t | x) per row (N × K), and log p(x_s) per *sequence*
+        (n_sequences,), without log h.
+        """
+        if self.sequences is not None:
+            self._evaluate_chain(H, theta, resp_out, loglik_out)
+            return
         patterns = self._patterns(theta)
 
         def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> None:
@@ -218,6 +246,179 @@ class EStep:
                     loglik_out[start:stop] = peak + np.log(total)
 
         self._map(work)
+
+    # -- a Markov latent: blocks of whole sequences, forward–backward (emdsl/latent/markov.py) ----------
+    def _chain_emission(self, HT: np.ndarray, start: int, stop: int, buf: _Buffers,
+                        patterns: Mapping[str, list[Any]]) -> tuple[np.ndarray, np.ndarray | None, list[Any]]:
+        """L (n × K) of a block, by the same product H Φ as a mixture, Φ read in pieces of at most ``rows``.
+
+        Returns L, Φ when the block fitted in one piece (else None: R Φᵀ re-reads it),
+        and the block's partly observed rows.
+        """
+        n = stop - start
+        L = buf.chain.L[:n * self.K].reshape(n, self.K)
+        width = self.buffers[0].rows
+        phi = None
+        for a in range(0, n, width):
+            b = min(a + width, n)
+            phi = buf.phi[:self.S * (b - a)].reshape(self.S, b - a)
+            self.plan.read(start + a, start + b, phi, buf.scratch)
+            np.matmul(phi.T, HT, out=L[a:b])
+        partial = self._partial_rows(start, stop) if patterns else []
+        for node, pattern, columns, x in partial:
+            for g in np.unique(pattern):
+                chosen = pattern == g
+                terms = patterns[node.name][g]
+                L[columns[chosen]] += terms.log_density(x[terms.o][:, chosen]).T
+        return L, (phi if n <= width else None), partial
+
+    def _add_phi(self, stats: np.ndarray, resp: np.ndarray, phi: np.ndarray | None, start: int, stop: int,
+                 buf: _Buffers) -> None:
+        """stats (K × S) += Rᵀ Φᵀ for R (n × K), re-reading Φ in pieces when the block did not fit."""
+        if phi is not None:
+            stats += resp.T @ phi.T
+            return
+        width = self.buffers[0].rows
+        for a in range(0, stop - start, width):
+            b = min(a + width, stop - start)
+            piece = buf.phi[:self.S * (b - a)].reshape(self.S, b - a)
+            self.plan.read(start + a, start + b, piece, buf.scratch)
+            stats += resp[a:b].T @ piece.T
+
+    def _chain_failure(self, error: Any, start: int) -> ModelError:
+        from emdsl.latent.markov import impossible_message
+
+        assert self.sequences is not None and self.plan.latent is not None
+        return ModelError(impossible_message(self.sequences, start + error.row, self.plan.latent.name))
+
+    def _summarize_chain(self, H: np.ndarray, theta: Mapping[str, Any] | None) -> Summary:
+        from emdsl.latent.markov import ImpossibleSequence
+
+        plan, sequences = self.plan, self.sequences
+        assert sequences is not None and plan.latent is not None and theta is not None
+        structure = plan.latent.structure
+        params = theta[plan.latent.name]
+        patterns = self._patterns(theta)
+        HT = np.ascontiguousarray(H[:, :self.S].T)
+        width = self.S + structure.n_stats
+
+        def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> Summary:
+            stats = np.zeros((self.K, width))
+            loglik = entropy = magnitude = 0.0
+            for start, stop in chunk:
+                L, phi, partial = self._chain_emission(HT, start, stop, buf, patterns)
+                a, b = sequences.sequences_in(start, stop)
+                resp, scratch, peak, scale = buf.chain.views(stop - start)
+                try:
+                    part, gained, size, latent = structure.posterior(
+                        L, sequences.starts[a:b + 1] - start, sequences.weights_of(a, b), params, resp, scratch, peak,
+                        scale)
+                except ImpossibleSequence as error:
+                    raise self._chain_failure(error, start) from None
+                self._add_phi(stats[:, :self.S], resp, phi, start, stop, buf)
+                for node, pattern, columns, x in partial:
+                    block = slice(node.offset, node.offset + node.n_rows)
+                    for g in np.unique(pattern):
+                        chosen = pattern == g
+                        terms = patterns[node.name][g]
+                        extra, more = terms.expected_statistics(x[terms.o][:, chosen], resp[columns[chosen]].T)
+                        stats[:, block] += extra
+                        gained += more
+                stats[:, self.S:] += latent
+                loglik += part
+                entropy += gained
+                magnitude += size
+            return Summary(stats, loglik, entropy, magnitude)
+
+        return _total(self._map(work), self.K, width)
+
+    def _evaluate_chain(self, H: np.ndarray, theta: Mapping[str, Any] | None, resp_out: np.ndarray | None,
+                        loglik_out: np.ndarray | None) -> None:
+        from emdsl.latent.markov import ImpossibleSequence
+
+        plan, sequences = self.plan, self.sequences
+        assert sequences is not None and plan.latent is not None and theta is not None
+        structure = plan.latent.structure
+        params = theta[plan.latent.name]
+        patterns = self._patterns(theta)
+        HT = np.ascontiguousarray(H[:, :self.S].T)
+
+        def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> None:
+            for start, stop in chunk:
+                L = self._chain_emission(HT, start, stop, buf, patterns)[0]
+                a, b = sequences.sequences_in(start, stop)
+                resp, scratch, peak, scale = buf.chain.views(stop - start)
+                try:
+                    loglik = structure.evaluate(L, sequences.starts[a:b + 1] - start, params, resp, scratch, peak,
+                                                scale)
+                except ImpossibleSequence as error:
+                    raise self._chain_failure(error, start) from None
+                if resp_out is not None:
+                    resp_out[start:stop] = resp
+                if loglik_out is not None:
+                    loglik_out[a:b] = loglik
+
+        self._map(work)
+
+    def emissions(self, H: np.ndarray, theta: Mapping[str, Any] | None, out: np.ndarray) -> None:
+        """The emission log-densities L (N × K) of every row of a Markov latent's data, log h excluded."""
+        patterns = self._patterns(theta)
+        HT = np.ascontiguousarray(H[:, :self.S].T)
+
+        def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> None:
+            for start, stop in chunk:
+                out[start:stop] = self._chain_emission(HT, start, stop, buf, patterns)[0]
+
+        self._map(work)
+
+    def _statistics_from_chain(self, resp_of: Callable[[int, int], np.ndarray]) -> Summary:
+        plan, sequences = self.plan, self.sequences
+        assert sequences is not None and plan.latent is not None
+        structure = plan.latent.structure
+        width = self.S + structure.n_stats
+
+        def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> Summary:
+            stats = np.zeros((self.K, width))
+            entropy = 0.0
+            for start, stop in chunk:
+                resp = resp_of(start, stop)
+                a, b = sequences.sequences_in(start, stop)
+                starts, w = sequences.starts[a:b + 1] - start, sequences.weights_of(a, b)
+                latent, gained = structure.factorized(resp, starts, w)
+                weighted = resp * np.repeat(w, np.diff(starts))
+                self._add_phi(stats[:, :self.S], np.ascontiguousarray(weighted.T), None, start, stop, buf)
+                for node, _, columns, x in self._partial_rows(start, stop):
+                    filled = np.empty((node.n_rows, len(columns)))
+                    filled[0] = 1.0
+                    filled[1:1 + node.D] = np.nan_to_num(x, nan=0.0)
+                    node.family.second_moments(filled[1:], node.D)
+                    stats[:, node.offset:node.offset + node.n_rows] += weighted[:, columns] @ filled.T
+                stats[:, self.S:] += latent
+                entropy += gained
+            return Summary(stats, 0.0, entropy)
+
+        return _total(self._map(work), self.K, width)
+
+
+#: the largest Φ a worker keeps for one block of whole sequences (longer ones read Φ twice)
+_CHAIN_PHI_BYTES = 64 << 20
+
+
+class _ChainBuffers:
+    """A worker's workspace for forward–backward: L, γ, exp(L − max) (n × K each), the maxima and scales (n)."""
+
+    def __init__(self, K: int, rows: int) -> None:
+        self.K = K
+        self.L = np.empty(K * rows)
+        self.resp = np.empty(K * rows)
+        self.scratch = np.empty(K * rows)
+        self.peak = np.empty(rows)
+        self.scale = np.empty(rows)
+
+    def views(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        K = self.K
+        return (self.resp[:K * n].reshape(n, K), self.scratch[:K * n].reshape(n, K), self.peak[:n],
+                self.scale[:n])
 
 
 #: S·K below which one thread is faster: the per-block numpy calls are too short to
@@ -271,5 +472,15 @@ def _total(parts: list[Summary], K: int, S: int) -> Summary:
 def engine(plan: Plan) -> Iterator[EStep]:
     """An E-step runner with BLAS held to one thread: our own workers share the blocks, and
     the products are too small (K × S per block) for BLAS's threads to pay for themselves."""
-    with EStep(plan) as estep, threadpool_limits(limits=1, user_api="blas"):
+    from emdsl.data import is_chunked
+
+    if is_chunked(plan):  # dask-backed data: one task per chunk, run by whatever scheduler is active
+        from emdsl.engine.chunked import ChunkedEStep
+
+        with ChunkedEStep(plan) as chunked, threadpool_limits(limits=1, user_api="blas"):
+            yield chunked  # type: ignore[misc]
+        return
+    from emdsl.engine.precision import make_estep
+
+    with make_estep(plan) as estep, threadpool_limits(limits=1, user_api="blas"):
         yield estep

@@ -49,6 +49,10 @@ class IterationEvent:
         Seconds since this restart began.
     converged : bool
         Whether this iteration met the convergence test.
+    extrapolated : bool
+        Whether the point is an accelerated proposal (``fit(accelerate=...)``) rather
+        than an EM step's output; it has no ELBO of its own, so ``elbo == loglik``
+        and ``kl == 0`` are recorded for it.
     """
 
     restart: int
@@ -63,6 +67,7 @@ class IterationEvent:
     converged: bool
     _params: Callable[[], xr.DataTree] = dataclasses.field(repr=False)
     _stop: Callable[[], None] = dataclasses.field(repr=False)
+    extrapolated: bool = False
 
     @property
     def params(self) -> xr.DataTree:

@@ -13,6 +13,7 @@ from scipy.cluster.vq import kmeans2, vq
 from emdsl import compile as compile_
 from emdsl import labels
 from emdsl.compile import SCAN_ROWS, Plan, blocks
+from emdsl.data import is_chunked
 from emdsl.engine.estep import EStep, Summary
 from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
 from emdsl.errors import DegenerateComponentWarning, ModelError
@@ -24,7 +25,8 @@ def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator)
         init = {name: {p: v for p, v in values.items() if p not in _held(plan, name)}
                 for name, values in labels.tree_values(init.params).items()}
     if isinstance(init, xr.DataArray):
-        resp = compile_.responsibilities(plan, init)
+        resp = (_chain_responsibilities(plan, init) if plan.sequences is not None
+                else compile_.responsibilities(plan, init))
         return _from_responsibilities(plan, estep, lambda a, b: resp[a:b].T)
     if isinstance(init, Mapping):
         given = compile_.start_values(plan, init)
@@ -53,6 +55,11 @@ def _from_responsibilities(plan: Plan, estep: EStep, resp_of: Any,
         resp_of = _with_known_states(plan.clamp, resp_of)
     summary: Summary = estep.statistics_from(resp_of)
     theta, _ = maximize(plan, summary.stats, None, hold)
+    if plan.sequences is not None and plan.latent is not None:
+        # Seeds (k-means++ labels, random responsibilities) ignore time, so their transition
+        # counts say little: the chain starts sticky (DESIGN.md §2), unless values are given.
+        name = plan.latent.name
+        theta[name] = {**plan.latent.structure.default_params(), **(hold or {}).get(name, {}), **plan.latent.held}
     if any(len(node.partial_rows) for node in plan.nodes):
         return theta, None  # holes were filled without θ: those statistics make no ELBO
     elbo = expected_complete_loglik(natural_matrix(plan, theta), summary.stats) + plan.log_base_total
@@ -122,11 +129,20 @@ def _continuous(plan: Plan, nodes: list | None = None) -> np.ndarray | None:
 
 def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
     """Each sample's nearest k-means++ seed (scipy), on the standardized continuous data."""
+    if is_chunked(plan):  # dask-backed: seeded on a sample of rows, labels computed chunk by chunk
+        from emdsl.engine import chunked
+
+        return chunked.kmeans_plusplus(plan, rng, lambda z: _scipy_kmeans_plusplus(plan, z, rng))
     if plan.K == 1:
         return np.zeros(plan.n_samples, dtype=np.intp)
     z = _continuous(plan)
     if z is None:
         return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
+    return _scipy_kmeans_plusplus(plan, z, rng)
+
+
+def _scipy_kmeans_plusplus(plan: Plan, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each row of ``z`` (N × D, standardized) labelled by its nearest k-means++ seed."""
     with warnings.catch_warnings(record=True) as caught:
         # Duplicated points can leave a seed without members (the M-step handles empty
         # components); with fewer distinct points than states, k-means++ divides 0 by 0.
@@ -144,6 +160,10 @@ def _nearest_given_mean(plan: Plan, given: Mapping[str, Mapping[str, np.ndarray]
     if not nodes or plan.K == 1:
         return None
     means = np.hstack([given[node.name]["mean"] for node in nodes])
+    if is_chunked(plan):
+        from emdsl.engine import chunked
+
+        return chunked.nearest_given_mean(plan, [node.name for node in nodes], means)  # type: ignore[return-value]
     return vq(_continuous(plan, nodes), means, check_finite=False)[0].astype(np.intp)
 
 
@@ -163,3 +183,22 @@ def _random_responsibilities(K: int, rng: np.random.Generator) -> Any:
         resp = np.random.default_rng([base, start]).random((K, stop - start))
         return resp / resp.sum(axis=0)
     return resp_of
+
+
+def _chain_responsibilities(plan: Plan, resp: xr.DataArray) -> np.ndarray:
+    """Starting p(z_t) of a Markov latent, a DataArray over (sequence dims, time, latent), as rows (N × K)."""
+    sequences = plan.sequences
+    assert sequences is not None and plan.latent is not None
+    dims = (*sequences.sequence_dims, sequences.dim, plan.latent.name)
+    if set(resp.dims) != set(dims):
+        raise ModelError(f"init: responsibilities of a Markov latent must have dims {dims}, got {resp.dims}")
+    values = np.asarray(resp.transpose(*dims).values, dtype=float)
+    expected = (*sequences.sequence_shape, sequences.length, plan.K)
+    if values.shape != expected:
+        raise ModelError(f"init: responsibilities must have shape {expected}, got {values.shape}")
+    grid = values.reshape(sequences.n_sequences, sequences.length, plan.K)
+    rows = grid[np.arange(sequences.length)[None, :] < sequences.lengths[:, None]]
+    if not np.all(np.isfinite(rows)) or np.any(rows < 0) or not np.allclose(rows.sum(axis=1), 1.0, atol=1e-6):
+        raise ModelError(f"init: responsibilities must be finite, non-negative and sum to 1 over "
+                         f"{plan.latent.name!r} at every observed step")
+    return rows

@@ -13,8 +13,8 @@ import numpy as np
 from emdsl.compile import Plan
 from emdsl.engine.estep import EStep
 from emdsl.engine.events import IterationEvent, dispatch
-from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
-from emdsl.errors import DegenerateComponentWarning, MonotonicityError
+from emdsl.engine.mstep import Theta, expected_complete_loglik, has_prior, log_prior, maximize, natural_matrix
+from emdsl.errors import DegenerateComponentWarning, ModelError, MonotonicityError
 
 #: ulps of rounding allowed per unit of magnitude summed, times the depth of the sums
 _ULPS = 16.0
@@ -52,6 +52,12 @@ class RestartResult:
     floored: list[tuple[str, int, float]] = dataclasses.field(default_factory=list)
     #: responsibility each component holds at the last E-step (N_k, weighted)
     counts: np.ndarray | None = None
+    #: per iteration: whether the point is an accelerated proposal rather than an EM step's output
+    extrapolated: list[bool] = dataclasses.field(default_factory=list)
+    #: per iteration: E-steps spent so far in this restart (the work, for comparing methods)
+    e_steps: list[int] = dataclasses.field(default_factory=list)
+    #: per iteration: the objective EM climbs, ℓ(θ) + log p(θ) with priors (= loglik without)
+    logpost: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def n_iter(self) -> int:
@@ -60,6 +66,11 @@ class RestartResult:
     @property
     def final(self) -> float:
         return self.loglik[-1]
+
+    @property
+    def objective(self) -> float:
+        """The final value of the objective: the log-posterior with priors, else the log-likelihood."""
+        return self.logpost[-1] if len(self.logpost) == len(self.loglik) else self.final
 
 
 def run_em(
@@ -75,13 +86,24 @@ def run_em(
     callbacks: Sequence[Any],
     stop: StopFlag,
     label_params: Callable[[Theta], Any],
+    accelerate: str | None = None,
 ) -> RestartResult | None:
     """Run EM from θ⁽⁰⁾ for at most ``max_iter`` M-steps (None if interrupted before ℓ(θ⁽⁰⁾) was known).
 
     Every iteration checks the two halves of EM's guarantee (DESIGN.md §1): the
     M-step does not lower the ELBO below ℓ(θ⁽ᵗ⁻¹⁾), and the new log-likelihood is
-    not below the ELBO (KL ≥ 0); together, ℓ never decreases.
+    not below the ELBO (KL ≥ 0); together, ℓ never decreases. With ``accelerate``
+    ("squarem" or "daarem", see ``accelerate.py``) an iteration is an accepted point
+    instead, at most ``max_iter`` of them, with every EM step inside checked the same way.
+
+    With priors (MAP-EM) the M-step maximizes Q + log p(θ), and the quantity that never
+    decreases is the log-posterior ℓ(θ) + log p(θ) (DESIGN.md §3, "Objective"): the checks
+    and the convergence test use it, with the rounding slack of the prior's own terms
+    added, and ``logpost`` records it next to ``loglik``.
     """
+    if accelerate is not None and has_prior(plan):
+        raise ModelError(f"fit(accelerate={accelerate!r}): acceleration does not handle priors yet (its "
+                         "objective is the log-likelihood); fit with priors without accelerate=")
     start = time.perf_counter()
     previous_H = natural_matrix(plan, theta)
     try:
@@ -92,18 +114,31 @@ def run_em(
     loglik = summary.loglik + plan.log_base_total
     elbo = loglik if elbo0 is None else elbo0
     result = RestartResult(theta, [loglik], [elbo], [loglik - elbo], [time.perf_counter() - start],
-                           [rounding_slack(plan, previous_H, summary.magnitude)], counts=summary.stats[:, 0].copy())
+                           [rounding_slack(plan, previous_H, summary.magnitude)], counts=summary.stats[:, 0].copy(),
+                           extrapolated=[False], e_steps=[1])
+    prior, prior_size = log_prior(plan, theta)
+    result.logpost.append(loglik + prior)
     collapsed: set[tuple[str, int]] = set()
 
     def report(delta: float | None) -> None:
         current = result.theta
         event = IterationEvent(restart, n_init, result.n_iter, max_iter, result.loglik[-1], result.elbo[-1],
                                result.kl[-1], delta, result.time[-1], result.converged,
-                               lambda: label_params(current), stop.request)
+                               lambda: label_params(current), stop.request, result.extrapolated[-1])
         dispatch(callbacks, "on_iteration", event)
 
     try:
         report(None)
+        if accelerate is not None:
+            # imported here: the accelerated loop builds on this module's checks
+            from emdsl.engine import accelerate as accelerated
+
+            first = accelerated.Point(theta, previous_H, summary, loglik, result.slack[0])
+            accelerated.run(accelerate, plan, estep, first, result=result, max_iter=max_iter, tol=tol, stop=stop,
+                            report=report, clock_start=start,
+                            warn_collapsed=lambda floored, i: _warn_collapsed(plan, floored, i, collapsed))
+            result.logpost = list(result.loglik)  # no prior here (refused above): the objective is ℓ
+            return result
         for iteration in range(1, max_iter + 1):
             if stop.requested:
                 result.stopped = True
@@ -115,19 +150,28 @@ def run_em(
             elbo = expected_complete_loglik(H, summary.stats) + plan.log_base_total + summary.entropy
             new_summary = estep.summarize(H, theta)
             new_loglik = new_summary.loglik + plan.log_base_total
+            new_prior, new_prior_size = log_prior(plan, theta)
             slack = max(rounding_slack(plan, H, new_summary.magnitude),
-                        rounding_slack(plan, previous_H, summary.magnitude))
-            _check_guarantee(iteration, loglik, elbo, new_loglik, slack)
+                        rounding_slack(plan, previous_H, summary.magnitude)) + prior_slack(plan, prior_size,
+                                                                                           new_prior_size)
+            # ℓ + log p never decreases (MAP-EM); without a prior both log p are 0 and this is ℓ's check.
+            _check_guarantee(iteration, loglik + prior, elbo + new_prior, new_loglik + new_prior, slack,
+                             objective="log-posterior" if prior_size or new_prior_size else "log-likelihood")
             result.slack.append(slack)
-            delta, loglik, summary, previous_H = new_loglik - loglik, new_loglik, new_summary, H
+            delta = (new_loglik + new_prior) - (loglik + prior)  # the objective's change: the convergence test
+            change = new_loglik - loglik  # the log-likelihood's, which events report next to it
+            loglik, summary, previous_H, prior, prior_size = new_loglik, new_summary, H, new_prior, new_prior_size
+            result.logpost.append(loglik + prior)
             result.theta = theta
             result.counts = summary.stats[:, 0].copy()
             result.loglik.append(loglik)
             result.elbo.append(elbo)
             result.kl.append(loglik - elbo)
             result.time.append(time.perf_counter() - start)
-            result.converged = tol > 0 and delta <= tol * abs(loglik)
-            report(delta)
+            result.extrapolated.append(False)
+            result.e_steps.append(iteration + 1)
+            result.converged = tol > 0 and delta <= tol * abs(loglik + prior)
+            report(change)
             if result.converged:
                 break
     except KeyboardInterrupt:
@@ -145,7 +189,7 @@ def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:
     is ε times the magnitudes actually summed, not a fraction of |ℓ|, which can be small
     while the sums that produce it are large (a component collapsing onto a point).
     """
-    eps = np.finfo(float).eps
+    eps = np.finfo(plan.dtype).eps  # float32's when the E-step runs in single precision (engine/precision.py)
     terms = float(np.abs(H).max(axis=0) @ plan.phi_magnitude) + magnitude + abs(plan.log_base_total)
     # Sums inside a block run over up to 16k rows in BLAS (no pairwise summation): √(S·n)
     # is the typical growth of their error; blocks then add up in a short tree.
@@ -153,16 +197,28 @@ def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:
     return float(_ULPS * eps * depth * terms)
 
 
-def _check_guarantee(iteration: int, previous: float, elbo: float, loglik: float, slack: float) -> None:
+def prior_slack(plan: Plan, *magnitudes: float) -> float:
+    """The rounding bound of log p(θ) before and after a step: ε times the magnitude of its terms.
+
+    Its terms are few (a handful per parameter), but a covariance's log-determinant and
+    trace carry the error of a D × D factorisation, hence the factor D + 1.
+    """
+    return float(_ULPS * np.finfo(float).eps * (plan.max_D + 1) * sum(magnitudes))
+
+
+def _check_guarantee(iteration: int, previous: float, elbo: float, loglik: float, slack: float,
+                     objective: str = "log-likelihood") -> None:
+    """ℓ never decreases, through ELBO ≥ previous and ℓ ≥ ELBO (with priors, each + log p(θ))."""
+    elbo_name = "ELBO" if objective == "log-likelihood" else "ELBO + log-prior"
     if loglik < previous - slack:
-        raise MonotonicityError(f"iteration {iteration}: the log-likelihood decreased from {previous!r} to "
+        raise MonotonicityError(f"iteration {iteration}: the {objective} decreased from {previous!r} to "
                                 f"{loglik!r} (by {previous - loglik:.3g}, beyond the rounding bound "
                                 f"{slack:.3g}); EM cannot do this, so this is a bug")
     if elbo < previous - slack:
-        raise MonotonicityError(f"iteration {iteration}: the M-step lowered the ELBO from {previous!r} to "
+        raise MonotonicityError(f"iteration {iteration}: the M-step lowered the {elbo_name} from {previous!r} to "
                                 f"{elbo!r} (beyond the rounding bound {slack:.3g}); this is a bug in an M-step")
     if loglik < elbo - slack:
-        raise MonotonicityError(f"iteration {iteration}: the ELBO {elbo!r} exceeds the log-likelihood "
+        raise MonotonicityError(f"iteration {iteration}: the {elbo_name} {elbo!r} exceeds the {objective} "
                                 f"{loglik!r} (KL < 0 beyond the rounding bound {slack:.3g}); this is a bug "
                                 "in the E-step")
 

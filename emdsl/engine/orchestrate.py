@@ -18,11 +18,13 @@ import xarray as xr
 
 from emdsl import labels
 from emdsl.compile import Plan, compile_plan
+from emdsl.engine.accelerate import check_method, resolve
 from emdsl.engine.estep import engine
 from emdsl.engine.events import FitInfo, dispatch
 from emdsl.engine.init import initial_theta
 from emdsl.engine.loop import RestartResult, StopFlag, restart_seeds, run_em
-from emdsl.engine.mstep import Theta
+from emdsl.engine import online
+from emdsl.engine.mstep import Theta, has_prior
 from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError
 
 if TYPE_CHECKING:
@@ -48,15 +50,26 @@ def fit_model(
     weights: Any,
     callbacks: Sequence[Callable[..., Any]] | None,
     monitor: bool,
+    accelerate: Any = None,
+    prior: Any = None,
+    method: Any = "em",
+    batch_size: Any = None,
+    step_decay: Any = 0.6,
+    dtype: Any = None,
 ) -> Fit:
     """Compile, initialise, run every restart, keep the best: :meth:`Model.fit`'s body."""
     from emdsl.results import Fit
 
     check_settings(n_init, max_iter, tol)
+    check_prior(prior)
+    accelerate = check_method(accelerate)
     seed = normalize_seed(seed)
     callbacks = _callbacks(callbacks, monitor)
     ds = labels.as_dataset(data)
-    plan = compile_plan(model, ds, sample_dim=sample_dim, weights=weights)
+    method = online.check_method(method, batch_size, step_decay, None if accelerate == "auto" else accelerate)
+    plan = compile_plan(model, ds, sample_dim=sample_dim, weights=weights, prior=prior)
+    accelerate = resolve(accelerate, online=method != "em", prior=has_prior(plan))
+    plan.dtype = online.check_dtype(dtype)
     dispatch(callbacks, "on_fit_start", FitInfo(model, n_init, max_iter, tol, plan.n_samples, plan.sample_dim, seed))
     stop = StopFlag()
     runs: list[RestartResult] = []
@@ -70,8 +83,15 @@ def fit_model(
             except KeyboardInterrupt:
                 stop.interrupt()
                 break
-            run = run_em(plan, estep, theta, elbo0, restart=restart, n_init=n_init, max_iter=max_iter,
-                         tol=tol, callbacks=callbacks, stop=stop, label_params=label_params)
+            if method != "em":
+                run = online.run_online(plan, estep, theta, method=method, batch_size=batch_size,
+                                        step_decay=step_decay, rng=rng, restart=restart, n_init=n_init,
+                                        max_iter=max_iter, tol=tol, callbacks=callbacks, stop=stop,
+                                        label_params=label_params)
+            else:
+                run = run_em(plan, estep, theta, elbo0, restart=restart, n_init=n_init, max_iter=max_iter,
+                             tol=tol, callbacks=callbacks, stop=stop, label_params=label_params,
+                             accelerate=accelerate)
             if run is not None:
                 runs.append(run)
     if not runs:
@@ -80,7 +100,8 @@ def fit_model(
     # A collapsed restart's likelihood is spurious (it grows without bound as a component
     # shrinks onto a few points): it is kept only when every restart collapsed.
     eligible = [r for r, reasons in enumerate(collapsed) if not reasons] or list(range(len(runs)))
-    best = max(eligible, key=lambda r: runs[r].final)
+    # The best restart is the one highest on the objective EM climbed: ℓ + log p(θ) with priors.
+    best = max(eligible, key=lambda r: runs[r].objective)
     chosen = runs[best]
     degenerate = bool(collapsed[best])
     # A stopped fit did not finish what was asked (DESIGN.md §3), even when the restart it
@@ -98,6 +119,9 @@ def fit_model(
               n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds,
               weights=None if plan.weights is None else labels.samples_array(plan, plan.weights, "weights"),
               degenerate=degenerate)
+    if method != "em":  # what Fit.partial_fit continues from
+        fit.traces.attrs["method"] = method
+        fit._online = online.StreamState(getattr(chosen, "online", None), batch_size, float(step_decay))
     _warn_lost_components(plan, chosen.theta)
     if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
         change = chosen.loglik[-1] - chosen.loglik[-2] if chosen.n_iter else float("nan")
@@ -117,6 +141,15 @@ def check_settings(n_init: Any, max_iter: Any, tol: Any) -> None:
     if isinstance(tol, bool) or not (isinstance(tol, int | float | np.integer | np.floating)
                                      and np.isfinite(tol) and tol >= 0):
         raise ModelError(f"fit(tol=...): must be a finite number >= 0, got {tol!r}")
+
+
+def check_prior(prior: Any) -> None:
+    """Raise ``ModelError`` unless ``fit(prior=...)`` is None or "weak" (the only fit-wide prior)."""
+    if prior is not None and not (isinstance(prior, str) and prior == "weak"):
+        hint = ("; a prior on one node is part of its family's declaration, e.g. "
+                "em.Normal(prior=em.priors.NormalInverseGamma(...))") if not isinstance(prior, str) else ""
+        raise ModelError(f"fit(prior=...): expected None or 'weak' (a weakly informative prior on every "
+                         f"parameter that has a conjugate prior), got {prior!r}{hint}")
 
 
 def normalize_seed(seed: Any) -> int:
@@ -179,8 +212,8 @@ def _warn_degenerate(plan: Plan, reasons: list[str], n_runs: int) -> None:
 
 def _warn_lost_components(plan: Plan, theta: Theta) -> None:
     """Name every component whose weight corresponds to (almost) no sample."""
-    if plan.latent is None:
-        return
+    if plan.latent is None or "probs" not in theta[plan.latent.name]:
+        return  # a Markov latent has no weights: its states' occupancy is the E-step's counts
     probs = np.asarray(theta[plan.latent.name]["probs"], dtype=float)
     held = "probs" in plan.latent.held
     lost = np.flatnonzero(probs * plan.total_weight < _LOST)
@@ -229,6 +262,14 @@ def traces(runs: Sequence[RestartResult]) -> xr.Dataset:
             "time": ("step", stacked("time"), {"long_name": "seconds since the restart began", "units": "s"}),
         },
         coords={"restart": ("step", restart), "iteration": ("step", iteration),
-                "slack": ("step", stacked("slack"), {"long_name": "rounding bound of the monotonicity check"})},
+                "slack": ("step", stacked("slack"), {"long_name": "rounding bound of the monotonicity check"}),
+                # Coordinates like slack: they describe each step, and load() accepts exactly four variables.
+                "extrapolated": ("step", np.concatenate([np.asarray(run.extrapolated, dtype=bool) for run in runs]),
+                                 {"long_name": "accelerated proposal (no ELBO of its own: elbo = loglik, kl = 0)"}),
+                "e_steps": ("step", np.concatenate([np.asarray(run.e_steps, dtype=np.int64) for run in runs]),
+                            {"long_name": "E-steps spent since the restart began"}),
+                # The objective EM climbs; = loglik without a prior (a coordinate, like slack).
+                "logpost": ("step", stacked("logpost"),
+                            {"long_name": "log-posterior log p(x | θ⁽ᵗ⁾) + log p(θ⁽ᵗ⁾) (= loglik without priors)"})},
         attrs={"converged": ",".join(str(int(run.converged)) for run in runs)},
     )

@@ -29,12 +29,30 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from emdsl.errors import ModelError
+from emdsl.priors import Prior
 
 Params = dict[str, np.ndarray]
 Axes = tuple[Literal["latent", "event", "event_", "level"], ...]
 Floored = list[tuple[int, float]]
 
 _FAMILIES: dict[str, type[Family]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundPrior:
+    """A conjugate prior bound to a node: its hyperparameters as arrays in the internal units.
+
+    ``log_jacobian`` is the constant log |∂θ_internal / ∂θ_data| that turns the prior's
+    density over the internal parameters into its density over the parameters in the
+    data's units, so that log p(θ) is the same whatever units the fit works in.
+    """
+
+    kind: str
+    values: Mapping[str, np.ndarray]
+    log_jacobian: float = 0.0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[name]
 
 
 class Family:
@@ -67,6 +85,70 @@ class Family:
 
     def param_axes(self) -> dict[str, Axes]:
         """Symbolic axes of each parameter's internal array (``latent`` = the K states)."""
+        raise NotImplementedError
+
+    # -- conjugate prior (MAP-EM) ------------------------------------------------------------
+    #: the conjugate prior this family takes (None: it has none, and ``prior=`` is an error)
+    prior_type: ClassVar[type[Prior] | None] = None
+    #: the declared prior (in the data's units), or None
+    prior: Prior | None = None
+
+    def accept_prior(self, prior: Any, where: str | None = None) -> None:
+        """Validate and keep the ``prior=`` argument of the constructor."""
+        where = where or f"{self.kind}(prior=...)"
+        if prior is None:
+            self.prior = None
+            return
+        if self.prior_type is None:
+            raise ModelError(f"{where}: no conjugate prior is available for {self.kind}, so its M-step "
+                             "cannot be a closed-form MAP estimate; fit it without a prior (prior=None)")
+        if not isinstance(prior, self.prior_type):
+            raise ModelError(f"{where}: {self.kind} takes an em.priors.{self.prior_type.__name__}, "
+                             f"got {prior!r}")
+        self.prior = prior
+
+    def with_prior(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``arguments`` plus the declared prior, when there is one (for :meth:`arguments`)."""
+        return arguments if self.prior is None else {**arguments, "prior": self.prior}
+
+    def prior_axes(self) -> dict[str, Axes]:
+        """Symbolic axes of each hyperparameter of :attr:`prior_type`, as given in the data's units."""
+        raise NotImplementedError
+
+    def standard_prior(self, values: Mapping[str, np.ndarray], center: np.ndarray | None,
+                       scale: np.ndarray | None) -> Params:
+        """Hyperparameters in the data's units → internal units (location-scale families override)."""
+        return dict(values)
+
+    def check_prior(self, values: Mapping[str, np.ndarray], where: str) -> None:
+        """Raise ``ModelError`` if bound hyperparameters cannot serve (e.g. too few degrees of freedom)."""
+
+    def prior_jacobian(self, scale: np.ndarray | None, K: int) -> float:
+        """log |∂θ_internal / ∂θ_data| of all the parameters (0 for families fitted in the data's units)."""
+        return 0.0
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """The weakly informative prior's hyperparameters (internal units) from Σ_n w_n Φ_n of this node."""
+        raise NotImplementedError
+
+    def bind_prior(self, values: Mapping[str, np.ndarray], center: np.ndarray | None, scale: np.ndarray | None,
+                   K: int, where: str) -> BoundPrior:
+        """The declared prior, its hyperparameters (data units, shaped by :meth:`prior_axes`) in internal units."""
+        assert self.prior is not None
+        internal = {key: np.asarray(value, dtype=float) for key, value in
+                    self.standard_prior(values, center, scale).items()}
+        self.check_prior(internal, where)
+        return BoundPrior(self.prior.kind, internal, self.prior_jacobian(scale, K))
+
+    def weak_prior(self, stats: np.ndarray, scale: np.ndarray | None, K: int) -> BoundPrior | None:
+        """The weakly informative prior of ``fit(prior="weak")``, or None if the family takes no prior."""
+        if self.prior_type is None:
+            return None
+        values = {key: np.asarray(value, dtype=float) for key, value in self.weak_prior_values(stats, K).items()}
+        return BoundPrior(self.prior_type.__name__, values, self.prior_jacobian(scale, K))
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        """(log p(θ), the magnitude of its terms): the prior's normalized log density at ``params``."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -155,13 +237,17 @@ class ObservedFamily(Family):
         """Σ log h(x) over the present elements of each column of ``x`` (D × b)."""
         raise NotImplementedError
 
-    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None) -> tuple[Params, Floored]:
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
+               prior: BoundPrior | None = None) -> tuple[Params, Floored]:
         """Moment matching from the node's block of R Φᵀ (K × rows).
 
         ``hold`` are parameters not to learn (fixed ones, or starting values given by
         the user); ``previous`` the last parameters, kept for components with no
-        responsibility left (a generalized-EM step). Returns the parameters and the
-        ``(component, smallest variance)`` pairs where a variance floor was applied.
+        responsibility left (a generalized-EM step). With a ``prior`` the step is the
+        posterior mode (MAP): the prior's pseudo-observations join the statistics, and
+        a component with no responsibility takes the prior's mode. Returns the
+        parameters and the ``(component, smallest variance)`` pairs where a variance
+        floor was applied.
         """
         raise NotImplementedError
 
@@ -269,6 +355,17 @@ class ElementwiseFamily(ObservedFamily):
         """Parameters from counts N_kd and sums S_jkd = Σ_n r_nk φ_j(x_nd) (each K × D)."""
         raise NotImplementedError
 
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        """As :meth:`mle`, with the prior's pseudo-observations: the MAP estimate."""
+        raise NotImplementedError
+
+    @staticmethod
+    def split(stats: np.ndarray, n_suff: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A block's (or one row's) presence counts and statistic sums, each (K × D) (or (D,))."""
+        D = stats.shape[-1] // (1 + n_suff)
+        return stats[..., :D], [stats[..., D * (1 + j):D * (2 + j)] for j in range(n_suff)]
+
     def statistics(self, x: np.ndarray, out: np.ndarray, aux: Mapping[str, np.ndarray]) -> None:
         D = x.shape[0]
         observed = ~np.isnan(x)
@@ -291,11 +388,12 @@ class ElementwiseFamily(ObservedFamily):
         safe = np.where(observed, x, self.fill)
         return np.where(observed, self.log_h(safe, aux), 0.0).sum(axis=0)
 
-    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None) -> tuple[Params, Floored]:
-        D = stats.shape[1] // (1 + self.n_suff)
-        nk = stats[:, :D]
-        sums = [stats[:, D * (1 + j):D * (2 + j)] for j in range(self.n_suff)]
-        return self.mle(nk, sums, hold, previous)
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
+               prior: BoundPrior | None = None) -> tuple[Params, Floored]:
+        nk, sums = self.split(stats, self.n_suff)
+        if prior is None:
+            return self.mle(nk, sums, hold, previous)
+        return self.posterior_mode(nk, sums, hold, previous, prior)
 
 
 def family_class(name: str) -> type[Family]:

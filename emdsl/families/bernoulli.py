@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from emdsl import priors
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     ElementwiseFamily,
     Floored,
     Marginal,
@@ -45,6 +47,37 @@ def fraction(successes: np.ndarray, trials: np.ndarray, hold: Params, previous: 
         fallback, empty_components(trials)))
 
 
+#: the weak prior's pseudo-trials (fit(prior="weak"))
+WEAK_TRIALS = 0.01
+
+
+def posterior_fraction(successes: np.ndarray, trials: np.ndarray, hold: Params, previous: Params | None,
+                       fallback: np.ndarray, prior: BoundPrior) -> np.ndarray:
+    """The posterior mode p = (S_x + a − 1) / (N + a + b − 2) under a Beta(a, b) prior.
+
+    Where the denominator is 0 (no trials and a = b = 1) every p is a mode: the
+    previous value is kept.
+    """
+    K, D = trials.shape
+    a, b = prior["a"], prior["b"]
+    denominator = np.broadcast_to(trials + a + b - 2.0, (K, D))
+    empty = denominator <= 1e-12 * max(float(np.max(denominator, initial=0.0)), 1.0)
+    return held_or(hold, "probs", (K, D), lambda: keep_empty(
+        np.clip((successes + a - 1.0) / np.where(empty, 1.0, denominator), 0.0, 1.0),
+        (previous or {}).get("probs"), fallback, empty))
+
+
+def beta_weak(trials: np.ndarray, successes: np.ndarray) -> Params:
+    """Beta(1 + 0.01 p̄, 1 + 0.01 (1 − p̄)): 0.01 pseudo-trials at the data's fraction p̄."""
+    share = np.clip(np.where(trials > 0, successes / np.where(trials > 0, trials, 1.0), 0.5), 0.0, 1.0)
+    return {"a": 1.0 + WEAK_TRIALS * share, "b": 1.0 + WEAK_TRIALS * (1.0 - share)}
+
+
+def beta_log_prior(params: Params, prior: BoundPrior) -> tuple[float, float]:
+    """log Beta(p; a, b) summed over states and elements."""
+    return priors.total(priors.beta_terms(params["probs"], prior["a"], prior["b"]))
+
+
 class Bernoulli(ElementwiseFamily):
     r"""Bernoulli distribution of 0/1 values, independent for each element of a variable.
 
@@ -56,12 +89,16 @@ class Bernoulli(ElementwiseFamily):
 
     M-step (moment matching): p_kd = S_x / N_kd, the responsibility-weighted fraction
     of ones among the samples where element d is observed. p = 0 and p = 1 are kept;
-    log p and log(1 − p) are floored at log 1e-300 so H stays finite.
+    log p and log(1 − p) are floored at log 1e-300 so H stays finite. With a
+    :class:`~emdsl.priors.Beta` (a, b) prior the M-step is the posterior mode
+    p = (S_x + a − 1) / (N + a + b − 2).
 
     Parameters
     ----------
     probs : array_like, optional
         Fixed probabilities of a 1, in [0, 1], broadcast over (states, elements); held.
+    prior : emdsl.priors.Beta, optional
+        A conjugate prior on p; the M-step becomes the MAP estimate.
 
     Examples
     --------
@@ -73,14 +110,16 @@ class Bernoulli(ElementwiseFamily):
     """
 
     param_names = ("probs",)
+    prior_type = priors.Beta
 
-    def __init__(self, *, probs: ArrayLike | None = None) -> None:
+    def __init__(self, *, probs: ArrayLike | None = None, prior: priors.Beta | None = None) -> None:
         self._probs = probs
         if probs is not None:
             self.check_params({"probs": as_float(probs, "Bernoulli(probs=...)")}, "Bernoulli(probs=...)")
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
-        return {"probs": self._probs}
+        return self.with_prior({"probs": self._probs})
 
     def param_axes(self) -> dict[str, Axes]:
         return {"probs": ("latent", "event")}
@@ -96,6 +135,22 @@ class Bernoulli(ElementwiseFamily):
             previous: Params | None) -> tuple[Params, Floored]:
         K, D = nk.shape
         return {"probs": fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"])}, []
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        return {"probs": posterior_fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"],
+                                            prior)}, []
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"a": ("event",), "b": ("event",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        nk, (s_x,) = self.split(stats, self.n_suff)
+        return beta_weak(nk, s_x)
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return beta_log_prior(params, prior)
 
     def default_params(self, K: int, D: int) -> Params:
         return {"probs": np.full((K, D), 0.5)}

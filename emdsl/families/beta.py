@@ -53,6 +53,9 @@ class Beta(ElementwiseFamily):
         Lower bound on 1/α and 1/β. A component on (nearly) equal values, whose α and
         β would grow without bound, is held there and reported (its spread
         −2 log(G₁ + G₂) ≈ 1/(α + β)).
+    prior : None
+        Beta has no conjugate prior ((α, β) jointly have none with a closed-form mode): ``prior=`` other than None is a
+        :class:`~emdsl.ModelError`, and ``fit(prior="weak")`` leaves it unregularized.
 
     Examples
     --------
@@ -70,7 +73,8 @@ class Beta(ElementwiseFamily):
     newton_steps: int = 50
 
     def __init__(self, *, alpha: ArrayLike | None = None, beta: ArrayLike | None = None,
-                 floor: float = 1e-8) -> None:
+                 floor: float = 1e-8, prior: None = None) -> None:
+        self.accept_prior(prior)  # no conjugate prior: any prior is a ModelError that says so
         self.floor = check_number(floor, "Beta(floor=...)", low=0.0, low_open=True)
         self._alpha, self._beta = alpha, beta
         for name, given in (("alpha", alpha), ("beta", beta)):

@@ -9,9 +9,19 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import gammaln
 
+from emdsl import priors
 from emdsl.errors import ModelError
-from emdsl.families._base import Axes, ElementwiseFamily, Floored, Marginal, Params, as_float, check_range
-from emdsl.families.bernoulli import fraction, log_odds
+from emdsl.families._base import (
+    Axes,
+    BoundPrior,
+    ElementwiseFamily,
+    Floored,
+    Marginal,
+    Params,
+    as_float,
+    check_range,
+)
+from emdsl.families.bernoulli import beta_log_prior, beta_weak, fraction, log_odds, posterior_fraction
 from emdsl.families.poisson import discrete_marginal, non_integer_or_negative
 
 
@@ -28,7 +38,9 @@ class Binomial(ElementwiseFamily):
     where missing), so that n·A(η) rides along in H Φ and its sums are the trials
     N_kd = Σ_n r_nk n. M-step (moment matching): p_kd = S_x / N_kd, the
     responsibility-weighted successes over the trials. p = 0 and 1 are kept, with
-    the logs floored at log 1e-300 as for :class:`Bernoulli`.
+    the logs floored at log 1e-300 as for :class:`Bernoulli`. With a
+    :class:`~emdsl.priors.Beta` (a, b) prior the M-step is the posterior mode
+    p = (S_x + a − 1) / (N_kd + a + b − 2).
 
     Parameters
     ----------
@@ -37,6 +49,8 @@ class Binomial(ElementwiseFamily):
         or the name of a data variable holding it per sample (and element).
     probs : array_like, optional
         Fixed success probabilities in [0, 1], broadcast over (states, elements); held.
+    prior : emdsl.priors.Beta, optional
+        A conjugate prior on p; the M-step becomes the MAP estimate.
 
     Examples
     --------
@@ -48,8 +62,10 @@ class Binomial(ElementwiseFamily):
     """
 
     param_names = ("probs",)
+    prior_type = priors.Beta
 
-    def __init__(self, trials: int | str, *, probs: ArrayLike | None = None) -> None:
+    def __init__(self, trials: int | str, *, probs: ArrayLike | None = None,
+                 prior: priors.Beta | None = None) -> None:
         if isinstance(trials, str):
             if not trials:
                 raise ModelError("Binomial(trials=...): the name of the trials variable is empty")
@@ -60,9 +76,10 @@ class Binomial(ElementwiseFamily):
         self._probs = probs
         if probs is not None:
             self.check_params({"probs": as_float(probs, "Binomial(probs=...)")}, "Binomial(probs=...)")
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
-        return {"trials": self.trials, "probs": self._probs}
+        return self.with_prior({"trials": self.trials, "probs": self._probs})
 
     def data_arguments(self) -> dict[str, str]:
         return {"trials": self.trials} if isinstance(self.trials, str) else {}
@@ -97,6 +114,22 @@ class Binomial(ElementwiseFamily):
             previous: Params | None) -> tuple[Params, Floored]:
         K, D = nk.shape
         return {"probs": fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"])}, []
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        return {"probs": posterior_fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"],
+                                            prior)}, []
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"a": ("event",), "b": ("event",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        trials, (s_x,) = self.split(stats, self.n_suff)  # the presence rows hold the trials
+        return beta_weak(trials, s_x)
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return beta_log_prior(params, prior)
 
     def default_params(self, K: int, D: int) -> Params:
         return {"probs": np.full((K, D), 0.5)}

@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from emdsl import priors
 from emdsl.errors import ModelError
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     ElementwiseFamily,
     Floored,
     LatentFamily,
@@ -27,6 +29,8 @@ from emdsl.families._base import (
 # whose probability reached exactly 0 contributes log p = −690 (and r = 0) instead of
 # −inf, which would turn 0 · log p into NaN in the E-step's matrix product.
 _TINY = 1e-300
+#: the weak prior's pseudo-samples (fit(prior="weak")): Dirichlet(1 + 0.01 · frequency)
+WEAK_COUNT = 0.01
 
 
 def log_probs(probs: np.ndarray) -> np.ndarray:
@@ -49,7 +53,9 @@ class Categorical(LatentFamily):
     M-step is p_kdl = Σ_n r_nk [x_nd = l] / N_kd over the samples where it is observed.
     The levels are learned from the data when not given: codes, strings or pandas
     categories (their categories, in order); a missing value (NaN, None, ``pd.NA``)
-    is not observed.
+    is not observed. With a :class:`~emdsl.priors.Dirichlet` (α) prior the M-steps
+    are the posterior modes π_k = (N_k + α_k − 1) / (N + Σα − K) and
+    p_kdl = (Σ_n r_nk [x_nd = l] + α_l − 1) / (N_kd + Σα − L).
 
     Parameters
     ----------
@@ -60,6 +66,13 @@ class Categorical(LatentFamily):
     probs : array_like, optional
         Fixed probabilities: the weights (K,) of a latent, or (states × levels) for
         observed data; held, not learned. Rows must sum to 1.
+    initial, transition : array_like, optional
+        For a Markov latent (``latent(name, em.Categorical(k), markov="time")``): a fixed
+        initial distribution (K,) and a fixed transition matrix (K × K, rows sum to 1,
+        row i holds p(z_t = j | z_{t-1} = i)); held, not learned.
+    prior : emdsl.priors.Dirichlet, optional
+        A conjugate prior on the weights (α per state) or on each element's level
+        probabilities (α per level); the M-step becomes the MAP estimate.
 
     Examples
     --------
@@ -68,12 +81,17 @@ class Categorical(LatentFamily):
     Categorical(3)
     >>> em.Categorical(["low", "high"], probs=[0.5, 0.5]).states
     ('low', 'high')
+    >>> em.Categorical(2, transition=[[0.9, 0.1], [0.0, 1.0]])  # a left-to-right chain
+    Categorical(2, transition=<(2, 2) array>)
     """
 
-    param_names = ("probs",)
+    param_names = ("probs", "initial", "transition")
     positional = ("k",)
+    prior_type = priors.Dirichlet
 
-    def __init__(self, k: int | Sequence[Hashable] | None = None, probs: ArrayLike | None = None) -> None:
+    def __init__(self, k: int | Sequence[Hashable] | None = None, probs: ArrayLike | None = None, *,
+                 initial: ArrayLike | None = None, transition: ArrayLike | None = None,
+                 prior: priors.Dirichlet | None = None) -> None:
         if k is None:
             states: tuple[Any, ...] = ()
         elif isinstance(k, bool) or not isinstance(k, int | np.integer | Sequence) or isinstance(k, str):
@@ -99,36 +117,74 @@ class Categorical(LatentFamily):
                 self.check_params({"probs": value}, "Categorical(probs=...)", size=len(states))
             else:
                 _check_rows(value, "Categorical(probs=...)", len(states))
+        self._initial, self._transition = initial, transition
+        if initial is not None or transition is not None:
+            states = _chain_states(states, initial, transition)
         self.k = len(states)
         self.states = states
         self._k_arg = None if k is None else (k if not isinstance(k, Sequence) else list(states))
+        self.accept_prior(prior, "Categorical(prior=...)")
 
     def arguments(self) -> dict[str, Any]:
-        return {"k": self._k_arg, "probs": self._probs}
+        args = {"k": self._k_arg, "probs": self._probs}
+        if self._initial is not None or self._transition is not None:
+            args.update(initial=self._initial, transition=self._transition)
+        return self.with_prior(args)
 
     def param_axes(self) -> dict[str, Axes]:
         return {"probs": ("latent",)}
 
     def observed_form(self) -> _ObservedCategorical:
         """This declaration as a family of observed data (used by ``Model.observe``)."""
-        return _ObservedCategorical(self._k_arg, self._probs)
+        if self._initial is not None or self._transition is not None:
+            raise ModelError("Categorical(initial=..., transition=...): initial and transition are parameters "
+                             "of a Markov latent (latent(name, em.Categorical(k, ...), markov=dim)), not of "
+                             "observed data")
+        return _ObservedCategorical(self._k_arg, self._probs, prior=self.prior)
+
+    def markov_form(self, where: str) -> _MarkovCategorical:
+        """This declaration as the states of a Markov chain (used by ``Model.latent(..., markov=dim)``)."""
+        if self.prior is not None:
+            raise ModelError(f"{where}: a Markov latent takes no prior= yet (its Dirichlet prior would be on the "
+                             "initial distribution and the rows of the transition matrix)")
+        if self._probs is not None:
+            raise ModelError(f"{where}: a Markov latent has no mixture weights probs; fix its "
+                             "initial distribution and transition matrix instead: "
+                             "em.Categorical(k, initial=..., transition=...)")
+        return _MarkovCategorical(self._k_arg, initial=self._initial, transition=self._transition)
 
     def check_latent(self, where: str) -> None:
         """Raise ``ModelError`` unless this declaration can serve as a latent variable."""
-        if self._k_arg is None and self._probs is None:
+        if self._k_arg is None and self._probs is None and self._initial is None and self._transition is None:
             raise ModelError(f"{where}: a latent Categorical needs its number of states, e.g. em.Categorical(3)")
         if self._probs is not None and np.ndim(self._probs) != 1:
             raise ModelError(f"{where}: a latent's probs are its K weights (1-D), got shape {np.shape(self._probs)}")
+        if type(self) is Categorical and (self._initial is not None or self._transition is not None):
+            raise ModelError(f"{where}: initial and transition are parameters of a Markov latent; declare "
+                             "the dimension the chain runs along, e.g. latent(name, em.Categorical(k, "
+                             "transition=...), markov='time')")
 
     def log_weights(self, params: Params) -> np.ndarray:
         """log π (K,), with weights floored at 1e-300 so that log 0 stays finite."""
         return log_probs(params["probs"])
 
-    def weights_m_step(self, nk: np.ndarray, hold: Params) -> Params:
-        """π_k = N_k / N unless the weights are held."""
+    def weights_m_step(self, nk: np.ndarray, hold: Params, prior: BoundPrior | None = None) -> Params:
+        """π_k = N_k / N unless the weights are held; with a Dirichlet prior (N_k + α_k − 1) / (N + Σα − K)."""
         if "probs" in hold:
             return {"probs": np.asarray(hold["probs"], dtype=float)}
+        if prior is not None:
+            nk = nk + prior["alpha"] - 1.0  # α ≥ 1, so these stay ≥ 0, and N > 0 keeps their sum > 0
         return {"probs": nk / nk.sum()}
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"alpha": ("latent",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """Dirichlet(1 + 0.01/K): 0.01 of a pseudo-sample, spread evenly over the states."""
+        return {"alpha": np.full(K, 1.0 + WEAK_COUNT / K)}
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return priors.total(priors.dirichlet_terms(params["probs"], prior["alpha"]))
 
     def n_free_params(self) -> int:  # type: ignore[override]
         return 0 if self._probs is not None else self.k - 1
@@ -147,6 +203,102 @@ class Categorical(LatentFamily):
         return rng.choice(self.k, size=n, p=params["probs"] / params["probs"].sum())
 
 
+class _MarkovCategorical(Categorical):
+    r"""The states of a first-order Markov chain: ``latent(name, em.Categorical(k), markov=dim)``.
+
+    .. math::
+
+        p(z_0 = k) = \pi_k, \qquad p(z_t = j \mid z_{t-1} = i) = A_{ij}
+
+    Parameters ``initial`` (π, over the latent) and ``transition`` (A, over the latent
+    and ``<latent>_next``; rows sum to 1). Either can be fixed in the declaration,
+    ``em.Categorical(k, initial=..., transition=...)``; a zero in A (fixed, or in
+    starting values) stays zero under EM, so a left-to-right chain stays left-to-right.
+    The forward–backward E-step and the M-step live in :mod:`emdsl.latent.markov`.
+    Users do not build this class: ``Model.latent(..., markov=dim)`` does.
+    """
+
+    param_names = ("initial", "transition")
+
+    def __init__(self, k: int | Sequence[Hashable] | None = None, probs: ArrayLike | None = None, *,
+                 initial: ArrayLike | None = None, transition: ArrayLike | None = None) -> None:
+        if probs is not None:
+            raise ModelError("Categorical(probs=...): a Markov latent has no mixture weights; fix initial "
+                             "and transition instead")
+        super().__init__(k, None, initial=initial, transition=transition)
+
+    @property
+    def kind(self) -> str:
+        return "Categorical"
+
+    def arguments(self) -> dict[str, Any]:
+        return {"k": self._k_arg, "probs": None, "initial": self._initial, "transition": self._transition}
+
+    def param_axes(self) -> dict[str, Axes]:
+        return {"initial": ("latent",), "transition": ("latent", "latent_next")}
+
+    def log_weights(self, params: Params) -> np.ndarray:
+        """0: a chain's log-probabilities are not a per-sample constant but the structure's business."""
+        return np.zeros(self.k)
+
+    def n_free_params(self) -> int:  # type: ignore[override]
+        initial = 0 if self._initial is not None else self.k - 1
+        return initial + (0 if self._transition is not None else self.k * (self.k - 1))
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str, size: int | None = None) -> None:
+        if params.get("initial") is not None:
+            _check_distribution(np.asarray(params["initial"], dtype=float), f"{where}: initial",
+                                (self.k,), self.states)
+        if params.get("transition") is not None:
+            _check_distribution(np.asarray(params["transition"], dtype=float), f"{where}: transition",
+                                (self.k, self.k), self.states)
+
+    def default_params(self) -> Params:
+        """A uniform start and a sticky chain: 0.9 on the diagonal, the rest spread evenly.
+
+        Sticky because hidden states that persist are what a Markov latent is usually
+        declared for; a uniform matrix would start EM at a mixture (every row alike).
+        """
+        k = self.k
+        transition = np.full((k, k), 0.1 / (k - 1)) if k > 1 else np.ones((1, 1))
+        if k > 1:
+            np.fill_diagonal(transition, 0.9)
+        return {"initial": np.full(k, 1.0 / k), "transition": transition}
+
+    def draw(self, params: Params, n: int, rng: np.random.Generator) -> np.ndarray:
+        raise ModelError("a Markov latent draws whole sequences: use fit.sample(n_sequences, length)")
+
+
+def _chain_states(states: tuple[Any, ...], initial: Any, transition: Any) -> tuple[Any, ...]:
+    """The states, inferred from initial/transition when k is not given; shapes checked against k."""
+    for name, value, ndim in (("initial", initial, 1), ("transition", transition, 2)):
+        if value is None:
+            continue
+        array = as_float(value, f"Categorical({name}=...)")
+        if array.ndim != ndim or (ndim == 2 and array.shape[0] != array.shape[1]):
+            expected = "a vector (k,)" if ndim == 1 else "a square matrix (k, k)"
+            raise ModelError(f"Categorical({name}=...): expected {expected}, got shape {array.shape}")
+        if not states:
+            states = tuple(range(array.shape[0]))
+        labels = states
+        _check_distribution(array, f"Categorical({name}=...)", (len(states),) * ndim, labels)
+    return states
+
+
+def _check_distribution(value: np.ndarray, where: str, shape: tuple[int, ...], states: Sequence[Any]) -> None:
+    """An initial distribution or a transition matrix: shape, finite, non-negative, rows summing to 1."""
+    if value.shape != shape:
+        raise ModelError(f"{where}: expected shape {shape} (one entry per state), got {value.shape}")
+    if not np.all(np.isfinite(value)) or np.any(value < 0):
+        raise ModelError(f"{where}: probabilities must be finite and non-negative, got {value.tolist()}")
+    sums = np.atleast_1d(value.sum(axis=-1))
+    bad = np.flatnonzero(~np.isclose(sums, 1.0, rtol=0, atol=1e-8))
+    if len(bad):
+        row = f"row {states[bad[0]]!r} " if value.ndim == 2 else ""
+        raise ModelError(f"{where}: {row}sums to {sums[bad[0]]:.10g}; "
+                         f"{'each row' if value.ndim == 2 else 'the probabilities'} must sum to 1")
+
+
 class _ObservedCategorical(Categorical, ElementwiseFamily):
     """The observed form of :class:`Categorical`: level probabilities per state and element.
 
@@ -157,8 +309,9 @@ class _ObservedCategorical(Categorical, ElementwiseFamily):
     role = "observed"  # type: ignore[assignment]
     categorical = True
 
-    def __init__(self, k: int | Sequence[Hashable] | None = None, probs: ArrayLike | None = None) -> None:
-        super().__init__(k, probs)
+    def __init__(self, k: int | Sequence[Hashable] | None = None, probs: ArrayLike | None = None,
+                 prior: priors.Dirichlet | None = None) -> None:
+        super().__init__(k, probs, prior=prior)
         self.levels: tuple[Any, ...] | None = self.states if (k is not None or probs is not None) else None
 
     @property
@@ -173,7 +326,7 @@ class _ObservedCategorical(Categorical, ElementwiseFamily):
 
     def bound(self, levels: Sequence[Any]) -> _ObservedCategorical:
         """A copy with the levels found in (or declared for) the data."""
-        out = _ObservedCategorical(self._k_arg, self._probs)
+        out = _ObservedCategorical(self._k_arg, self._probs, prior=self.prior)
         out.levels = tuple(levels)
         return out
 
@@ -196,6 +349,27 @@ class _ObservedCategorical(Categorical, ElementwiseFamily):
         probs = held_or(hold, "probs", (K, D, self.n_suff), lambda: keep_empty(
             counts / safe_counts(nk)[..., None], (previous or {}).get("probs"), fallback, empty))
         return {"probs": probs}, []
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        counts = np.stack(sums, axis=-1) + prior["alpha"] - 1.0
+        total = counts.sum(axis=-1)
+        empty = total <= 0  # no sample and α = 1: every p is a mode, keep the previous one
+        fallback = self.default_params(K, D)["probs"]
+        probs = held_or(hold, "probs", (K, D, self.n_suff), lambda: keep_empty(
+            counts / np.where(empty, 1.0, total)[..., None], (previous or {}).get("probs"), fallback, empty))
+        return {"probs": probs}, []
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"alpha": ("level",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """Dirichlet(1 + 0.01 f) per element: 0.01 of a pseudo-sample with the levels' frequencies f."""
+        nk, sums = self.split(stats, self.n_suff)
+        counts = np.stack(sums, axis=-1)
+        frequency = counts / np.where(nk > 0, nk, 1.0)[:, None]
+        return {"alpha": 1.0 + WEAK_COUNT * frequency}
 
     def default_params(self, K: int, D: int) -> Params:
         return {"probs": np.full((K, D, self.n_suff), 1.0 / self.n_suff)}

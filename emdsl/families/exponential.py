@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from emdsl import priors
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     ElementwiseFamily,
     Floored,
     Marginal,
@@ -28,6 +30,8 @@ from emdsl.families._base import (
 _SMALLEST_MEAN = 1e-100
 # ... and λ → 0 (a huge mean) keeps A = −log λ finite.
 _TINY = 1e-300
+#: the weak prior's pseudo-samples (fit(prior="weak"))
+WEAK_COUNT = 0.01
 
 
 class Exponential(ElementwiseFamily):
@@ -41,12 +45,16 @@ class Exponential(ElementwiseFamily):
 
     M-step (moment matching): 1/λ_kd = S_x / N_kd, the responsibility-weighted mean
     over the samples where element d is observed (λ capped at 1e100 for a state
-    that saw only zeros).
+    that saw only zeros). With a :class:`~emdsl.priors.Gamma` (α, β) prior on λ the
+    M-step is the posterior mode λ = (N + α − 1) / (S_x + β).
 
     Parameters
     ----------
     rate : array_like, optional
         Fixed rates λ > 0, broadcast over (states, elements); held, not learned.
+    prior : emdsl.priors.Gamma, optional
+        A conjugate prior on the rate (β in the units of x); the M-step becomes the MAP
+        estimate.
 
     Examples
     --------
@@ -58,14 +66,16 @@ class Exponential(ElementwiseFamily):
     """
 
     param_names = ("rate",)
+    prior_type = priors.Gamma
 
-    def __init__(self, *, rate: ArrayLike | None = None) -> None:
+    def __init__(self, *, rate: ArrayLike | None = None, prior: priors.Gamma | None = None) -> None:
         self._rate = rate
         if rate is not None:
             self.check_params({"rate": as_float(rate, "Exponential(rate=...)")}, "Exponential(rate=...)")
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
-        return {"rate": self._rate}
+        return self.with_prior({"rate": self._rate})
 
     def param_axes(self) -> dict[str, Axes]:
         return {"rate": ("latent", "event")}
@@ -85,6 +95,26 @@ class Exponential(ElementwiseFamily):
             1.0 / mean, (previous or {}).get("rate"), self.default_params(K, D)["rate"],
             empty_components(nk)))
         return {"rate": rate}, []
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        # Q + log p is concave in λ: capping at 1/_SMALLEST_MEAN is the exact constrained step.
+        return {"rate": held_or(hold, "rate", (K, D), lambda: np.minimum(
+            (nk + prior["shape"] - 1.0) / (np.maximum(sums[0], 0.0) + prior["rate"]), 1.0 / _SMALLEST_MEAN))}, []
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"shape": ("event",), "rate": ("event",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """Gamma(1.01, 0.01 x̄) on λ: 0.01 of a pseudo-sample at the data's mean x̄."""
+        nk, (s_x,) = self.split(stats, self.n_suff)
+        mean = np.where(nk > 0, s_x / np.where(nk > 0, nk, 1.0), 1.0)
+        return {"shape": np.full_like(mean, 1.0 + WEAK_COUNT),
+                "rate": WEAK_COUNT * np.maximum(mean, _SMALLEST_MEAN)}
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return priors.total(priors.gamma_terms(params["rate"], prior["shape"], prior["rate"]))
 
     def default_params(self, K: int, D: int) -> Params:
         return {"rate": np.ones((K, D))}

@@ -71,6 +71,9 @@ class Gamma(ElementwiseFamily):
         Lower bound on 1/shape, the squared coefficient of variation. A component on
         (nearly) equal values, whose shape would grow without bound, is held at
         shape = 1/floor and reported (its spread is 2s ≈ 1/shape).
+    prior : None
+        Gamma has no conjugate prior (its shape has none): ``prior=`` other than None is a
+        :class:`~emdsl.ModelError`, and ``fit(prior="weak")`` leaves it unregularized.
 
     Examples
     --------
@@ -91,7 +94,8 @@ class Gamma(ElementwiseFamily):
     newton_steps: int = 50
 
     def __init__(self, *, shape: ArrayLike | None = None, rate: ArrayLike | None = None,
-                 floor: float = 1e-8) -> None:
+                 floor: float = 1e-8, prior: None = None) -> None:
+        self.accept_prior(prior)  # no conjugate prior: any prior is a ModelError that says so
         self.floor = check_number(floor, "Gamma(floor=...)", low=0.0, low_open=True)
         self._shape, self._rate = shape, rate
         for name, given in (("shape", shape), ("rate", rate)):

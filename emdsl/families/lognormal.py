@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import ArrayLike
 
+from emdsl import priors
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     ElementwiseFamily,
     Floored,
     Marginal,
@@ -22,7 +24,16 @@ from emdsl.families._base import (
     keep_empty,
     safe_counts,
 )
-from emdsl.families.normal import LOG_2PI, apply_floor, natural_parameters, scatter
+from emdsl.families.normal import (
+    LOG_2PI,
+    apply_floor,
+    natural_parameters,
+    nig_log_prior,
+    nig_mean,
+    nig_variance,
+    nig_weak,
+    scatter,
+)
 
 
 class LogNormal(ElementwiseFamily):
@@ -40,6 +51,8 @@ class LogNormal(ElementwiseFamily):
 
     M-step (closed form, the Normal's on log x): μ_k = S_log / N_k and
     σ²_k = S_loglog / N_k − μ_k², over the samples where the element is observed.
+    With a :class:`~emdsl.priors.NormalInverseGamma` prior on (mean, variance) of
+    log x, the M-step is its posterior mode (the Normal's, on log x).
 
     Parameters
     ----------
@@ -51,6 +64,9 @@ class LogNormal(ElementwiseFamily):
         Normal's is): σ² of log x is already unit-free, since rescaling x only shifts
         log x, and for small σ it is the squared coefficient of variation of x. A
         component that collapses onto a point is held at the floor and reported.
+    prior : emdsl.priors.NormalInverseGamma, optional
+        A conjugate prior on (mean, variance) of log x, in units of log x; the
+        M-step becomes the MAP estimate.
 
     Examples
     --------
@@ -68,17 +84,19 @@ class LogNormal(ElementwiseFamily):
     continuous = True
     n_suff = 2
     fill: ClassVar[float] = 1.0
+    prior_type = priors.NormalInverseGamma
 
     def __init__(self, *, mean: ArrayLike | None = None, variance: ArrayLike | None = None,
-                 floor: float = 1e-6) -> None:
+                 floor: float = 1e-6, prior: priors.NormalInverseGamma | None = None) -> None:
         self.floor = check_number(floor, "LogNormal(floor=...)", low=0.0, low_open=True)
         self._mean, self._variance = mean, variance
         for name, given in (("mean", mean), ("variance", variance)):
             if given is not None:
                 self.check_params({name: as_float(given, f"LogNormal({name}=...)")}, f"LogNormal({name}=...)")
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
-        return {"mean": self._mean, "variance": self._variance, "floor": self.floor}
+        return self.with_prior({"mean": self._mean, "variance": self._variance, "floor": self.floor})
 
     def param_axes(self) -> dict[str, Axes]:
         return {"mean": ("latent", "event"), "variance": ("latent", "event")}
@@ -110,6 +128,30 @@ class LogNormal(ElementwiseFamily):
         variance, low = apply_floor(raw, self.floor)
         return {"mean": mean, "variance": variance}, [
             (int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        s_log, s_loglog = sums
+        K, D = nk.shape
+        mean = held_or(hold, "mean", (K, D), lambda: nig_mean(nk, s_log, prior))
+        if "variance" in hold:
+            return {"mean": mean, "variance": np.broadcast_to(np.asarray(hold["variance"], dtype=float),
+                                                              (K, D)).copy()}, []
+        raw = nig_variance(nk, s_log, s_loglog, mean, prior)
+        variance, low = apply_floor(raw, self.floor)
+        return {"mean": mean, "variance": variance}, [
+            (int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {name: ("event",) for name in ("mean", "kappa", "shape", "scale")}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """The Normal's weak prior on log x (its mean and variance from the data's log x)."""
+        nk, (s_log, s_loglog) = self.split(stats, self.n_suff)
+        return nig_weak(nk, s_log, s_loglog, K, self.floor)
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return nig_log_prior(params["mean"], params["variance"], prior)
 
     def default_params(self, K: int, D: int) -> Params:
         return {"mean": np.zeros((K, D)), "variance": np.ones((K, D))}

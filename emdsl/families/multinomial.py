@@ -9,9 +9,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import gammaln
 
+from emdsl import priors
 from emdsl.errors import ModelError
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     Floored,
     Marginal,
     ObservedFamily,
@@ -24,6 +26,10 @@ from emdsl.families._base import (
 from emdsl.families.binomial import Binomial
 from emdsl.families.categorical import _check_rows, log_probs
 from emdsl.families.poisson import non_integer_or_negative
+
+
+#: the weak prior's pseudo-events (fit(prior="weak"))
+WEAK_EVENTS = 0.01
 
 
 class Multinomial(ObservedFamily):
@@ -42,7 +48,8 @@ class Multinomial(ObservedFamily):
     marginalized over part of its categories without knowing n). M-step (moment
     matching): p_kl = S_kl / Σ_l S_kl, the responsibility-weighted share of category
     l among all counts of state k. log p is floored at log 1e-300, so p_l = 0 stays
-    finite in H.
+    finite in H. With a :class:`~emdsl.priors.Dirichlet` (α) prior the M-step is the
+    posterior mode p_kl = (S_kl + α_l − 1) / (Σ_l S_kl + Σ_l α_l − D).
 
     Parameters
     ----------
@@ -53,6 +60,9 @@ class Multinomial(ObservedFamily):
     trials : int, optional
         The total count of every event; then each event must sum to it, and
         :meth:`Fit.sample` draws events of this size.
+    prior : emdsl.priors.Dirichlet, optional
+        A conjugate prior on the category probabilities (α per category, in the
+        order of the event dimension); the M-step becomes the MAP estimate.
 
     Examples
     --------
@@ -65,9 +75,10 @@ class Multinomial(ObservedFamily):
 
     param_names = ("probs",)
     multivariate = True
+    prior_type = priors.Dirichlet
 
     def __init__(self, dim: Hashable | None = None, *, probs: ArrayLike | None = None,
-                 trials: int | None = None) -> None:
+                 trials: int | None = None, prior: priors.Dirichlet | None = None) -> None:
         if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int | np.integer)
                                    or trials < 1):
             raise ModelError(f"Multinomial(trials=...): expected a positive integer, got {trials!r}")
@@ -75,9 +86,10 @@ class Multinomial(ObservedFamily):
             _check_rows(as_float(probs, "Multinomial(probs=...)"), "Multinomial(probs=...)", None)
         self.dim, self._probs = dim, probs
         self.trials = None if trials is None else int(trials)
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
-        return {"dim": self.dim, "probs": self._probs, "trials": self.trials}
+        return self.with_prior({"dim": self.dim, "probs": self._probs, "trials": self.trials})
 
     def param_axes(self) -> dict[str, Axes]:
         return {"probs": ("latent", "event")}
@@ -101,16 +113,32 @@ class Multinomial(ObservedFamily):
         safe = np.where(complete, x, 0.0)
         return gammaln(safe.sum(axis=0) + 1.0) - gammaln(safe + 1.0).sum(axis=0)
 
-    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None) -> tuple[Params, Floored]:
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
+               prior: BoundPrior | None = None) -> tuple[Params, Floored]:
         K, D = stats.shape[0], stats.shape[1] - 1
         counts = np.maximum(stats[:, 1:], 0.0)
+        if prior is not None:  # pseudo-counts: the posterior mode
+            counts = counts + prior["alpha"] - 1.0
         total = counts.sum(axis=1)
-        # A state whose events all had zero counts learned nothing about p either.
-        empty = empty_components(stats[:, 0]) | (total <= 0)
+        # A state whose events all had zero counts learned nothing about p either (nor,
+        # with a prior of α = 1, from the prior: every p is then a mode).
+        empty = (total <= 0) if prior is not None else empty_components(stats[:, 0]) | (total <= 0)
         probs = held_or(hold, "probs", (K, D), lambda: keep_empty(
             counts / np.where(empty, 1.0, total)[:, None], (previous or {}).get("probs"),
             self.default_params(K, D)["probs"], empty))
         return {"probs": probs}, []
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"alpha": ("event",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """Dirichlet(1 + 0.01 c̄): 0.01 of a pseudo-event with the data's mean counts c̄."""
+        events, counts = float(stats[0]), np.maximum(stats[1:], 0.0)
+        mean = counts / events if events > 0 else np.zeros_like(counts)
+        return {"alpha": 1.0 + WEAK_EVENTS * mean}
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return priors.total(priors.dirichlet_terms(params["probs"], prior["alpha"]))
 
     def default_params(self, K: int, D: int) -> Params:
         return {"probs": np.full((K, D), 1.0 / D)}

@@ -8,10 +8,12 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
+from emdsl import priors
 from emdsl.errors import ModelError
 from emdsl.families import normal
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     Floored,
     Marginal,
     ObservedFamily,
@@ -64,6 +66,11 @@ class MultivariateNormal(ObservedFamily):
         feature's variance in the data (the exact M-step under that constraint:
         eigenvalues below it are raised to it). A collapsing component is held at
         the floor and named in a :class:`~emdsl.DegenerateComponentWarning`.
+    prior : emdsl.priors.NormalInverseWishart, optional
+        A conjugate prior on (mean, covariance) in the data's units; the M-step becomes
+        the MAP estimate. ``"full"`` and ``"tied"`` use its inverse-Wishart, ``"diag"`` an
+        inverse-gamma per element and ``"spherical"`` one pooled over the elements (see
+        :class:`~emdsl.priors.NormalInverseWishart`).
 
     Examples
     --------
@@ -76,6 +83,7 @@ class MultivariateNormal(ObservedFamily):
     standardize = True
     continuous = True
     multivariate = True
+    prior_type = priors.NormalInverseWishart
 
     def __init__(
         self,
@@ -84,6 +92,7 @@ class MultivariateNormal(ObservedFamily):
         *,
         mean: ArrayLike | None = None,
         floor: float = 1e-6,
+        prior: priors.NormalInverseWishart | None = None,
     ) -> None:
         if dim is not None and not (isinstance(dim, str) and dim):
             raise ModelError(f"MultivariateNormal(dim=...): expected the name of a dimension (a string), got {dim!r}")
@@ -106,10 +115,12 @@ class MultivariateNormal(ObservedFamily):
         self.dim = dim
         self._mean = mean
         self.pool_scale = self.covariance_type == "spherical"
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
         covariance = self.covariance_type if self._covariance is None else self._covariance
-        return {"dim": self.dim, "covariance": covariance, "mean": self._mean, "floor": self.floor}
+        return self.with_prior({"dim": self.dim, "covariance": covariance, "mean": self._mean,
+                                "floor": self.floor})
 
     @property
     def fixed(self) -> dict[str, Any]:
@@ -190,7 +201,10 @@ class MultivariateNormal(ObservedFamily):
         return np.hstack([eta_x, eta_xx]), log_partition
 
     # -- M-step ---------------------------------------------------------------
-    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None) -> tuple[Params, Floored]:
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
+               prior: BoundPrior | None = None) -> tuple[Params, Floored]:
+        if prior is not None:
+            return self._posterior_mode(stats, hold, prior)
         K = stats.shape[0]
         nk, stats = stats[:, 0], stats[:, 1:]
         D = _event_size(stats.shape[1], self.covariance_type)
@@ -237,6 +251,125 @@ class MultivariateNormal(ObservedFamily):
             if smallest is not None:
                 floored.append((k, smallest))
         return {"mean": mean, "covariance": cov}, floored
+
+    def _posterior_mode(self, stats: np.ndarray, hold: Params, prior: BoundPrior) -> tuple[Params, Floored]:
+        """The MAP M-step under a normal-inverse-Wishart prior (formulas on :class:`~emdsl.priors.NormalInverseWishart`).
+
+        The prior's pseudo-observations join every state's sums, so a state without
+        responsibility takes the prior's mode; floors apply as in the maximum-likelihood step.
+        """
+        K = stats.shape[0]
+        nk, stats = stats[:, 0], stats[:, 1:]
+        D = _event_size(stats.shape[1], self.covariance_type)
+        s_x, s_xx = stats[:, :D], stats[:, D:]
+        m, psi = prior["mean"], prior["scale"]
+        kappa, dof = float(prior["kappa"]), float(prior["dof"])
+        if "mean" in hold:
+            mean = np.broadcast_to(hold["mean"], (K, D)).astype(float)
+        else:
+            mean = (kappa * m + s_x) / (kappa + nk)[:, None]
+        if "covariance" in hold:
+            return {"mean": mean, "covariance": np.asarray(hold["covariance"], dtype=float)}, []
+        offset = mean - m
+        if self.covariance_type in ("diag", "spherical"):
+            if self.covariance_type == "spherical":
+                spread = s_xx[:, 0] - 2.0 * np.einsum("kd,kd->k", mean, s_x) + nk * np.einsum("kd,kd->k", mean, mean)
+                raw = (spread + kappa * np.einsum("kd,kd->k", offset, offset) + np.trace(psi) / D) / (
+                    D * nk + D + dof + 2.0)
+            else:
+                raw = (normal.scatter(s_x, s_xx, nk, mean) + kappa * offset**2 + np.diagonal(psi)) / (
+                    nk + dof + 3.0)[:, None]
+            cov, low = normal.apply_floor(raw, self.floor, kind=self.kind)
+            low_any = low if low.ndim == 1 else low.any(axis=1)
+            smallest = raw if raw.ndim == 1 else raw.min(axis=1)
+            return {"mean": mean, "covariance": cov}, [(int(k), float(smallest[k])) for k in np.flatnonzero(low_any)]
+        second = _unpack_upper(s_xx, D)
+        cross = np.einsum("ki,kj->kij", s_x, mean)
+        spread = second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
+        spread += kappa * np.einsum("ki,kj->kij", offset, offset)
+        if self.covariance_type == "tied":
+            denominator = float(nk.sum()) + K + dof + D + 1.0
+            cov, smallest = _floor_eigenvalues((spread.sum(axis=0) + psi) / denominator, self.floor,
+                                               float(np.trace(second.sum(axis=0))) / denominator,
+                                               "the shared (tied) covariance")
+            return {"mean": mean, "covariance": cov}, [] if smallest is None else [(-1, smallest)]
+        denominator = nk + dof + D + 2.0
+        raw = (spread + psi) / denominator[:, None, None]
+        floored, cov = [], np.empty_like(raw)
+        for k in range(K):
+            cov[k], smallest = _floor_eigenvalues(raw[k], self.floor, float(np.trace(second[k])) / denominator[k],
+                                                  f"component {k}")
+            if smallest is not None:
+                floored.append((k, smallest))
+        return {"mean": mean, "covariance": cov}, floored
+
+    # -- conjugate prior ----------------------------------------------------------
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"mean": ("event",), "kappa": (), "dof": (), "scale": ("event", "event_")}
+
+    def standard_prior(self, values: Mapping[str, np.ndarray], center: np.ndarray | None,
+                       scale: np.ndarray | None) -> Params:
+        assert center is not None and scale is not None
+        return {"mean": (values["mean"] - center) / scale, "kappa": values["kappa"], "dof": values["dof"],
+                "scale": values["scale"] / np.multiply.outer(scale, scale)}
+
+    def check_prior(self, values: Mapping[str, np.ndarray], where: str) -> None:
+        D = len(values["mean"])
+        dof = float(values["dof"])
+        if self.covariance_type in ("full", "tied") and not dof > D - 1:
+            raise ModelError(f"{where}: dof must be > D - 1 = {D - 1} for a {self.covariance_type} covariance "
+                             f"over {D} elements (an inverse-Wishart needs it), got {dof:g}")
+
+    def prior_jacobian(self, scale: np.ndarray | None, K: int) -> float:
+        # μ = c + S μ' (|S| = Π s); Σ = S Σ' S has Jacobian |S|^(D+1) over symmetric matrices;
+        # a diagonal variance s_d² σ'², a spherical one s² σ'² (one pooled s).
+        log_scale = float(np.log(scale).sum()) if scale is not None else 0.0
+        D = len(scale) if scale is not None else 1
+        per_covariance = {"full": (D + 1) * log_scale, "tied": (D + 1) * log_scale,
+                          "diag": 2 * log_scale, "spherical": 2 * log_scale / D}[self.covariance_type]
+        n_covariances = 1 if self.covariance_type == "tied" else K
+        return -(K * log_scale + n_covariances * per_covariance)
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """mclust's ``defaultPrior``: m = the data's mean, κ = 0.01, ν = D + 2, Ψ = var(x) / K^(2/D).
+
+        var(x) is the covariance of the complete events (their diagonal when there are no
+        more of them than D, or when it is singular) for ``"full"`` and ``"tied"``; each
+        element's variance for ``"diag"``; their average times I for ``"spherical"``.
+        """
+        n, rest = float(stats[0]), stats[1:]
+        D = _event_size(len(rest), self.covariance_type)
+        s_x, s_xx = rest[:D], rest[D:]
+        count = n if n > 0 else 1.0
+        mean = s_x / count if n > 0 else np.zeros(D)
+        if self.covariance_type == "spherical":
+            pooled = (float(s_xx[0]) / count - float(mean @ mean)) / D if n > 0 else 1.0
+            scale = np.eye(D) * (pooled if pooled > 0 else 1.0)
+        else:
+            if self.covariance_type == "diag":
+                cov = np.diag(s_xx / count - mean * mean)
+            else:
+                cov = _unpack_upper(s_xx[None], D)[0] / count - np.multiply.outer(mean, mean)
+            variance = np.diagonal(cov) if n > 0 else np.ones(D)
+            scale = np.diag(np.where(variance > 0, variance, 1.0))
+            if self.covariance_type in ("full", "tied") and n > D and np.linalg.eigvalsh(cov)[0] > 0:
+                scale = 0.5 * (cov + cov.T)
+        return {"mean": mean, "kappa": normal.WEAK_KAPPA, "dof": D + 2.0, "scale": K ** (-2.0 / D) * scale}
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        mean, cov = params["mean"], params["covariance"]
+        m, psi = prior["mean"], prior["scale"]
+        kappa, dof = float(prior["kappa"]), float(prior["dof"])
+        D = mean.shape[1]
+        if self.covariance_type in ("full", "tied"):
+            terms = priors.normal_inverse_wishart_terms(mean, cov, m, kappa, dof, psi)
+        elif self.covariance_type == "diag":
+            terms = priors.normal_inverse_gamma_terms(mean, cov, m, kappa, dof / 2.0, np.diagonal(psi) / 2.0)
+        else:
+            terms = priors.normal_terms(mean, m, cov[:, None] / kappa)
+            terms += priors.inverse_gamma_terms(cov, dof / 2.0, np.trace(psi) / (2.0 * D))
+        value, size = priors.total(terms)
+        return value + prior.log_jacobian, size + abs(prior.log_jacobian)
 
     def default_params(self, K: int, D: int) -> Params:
         cov = {"full": np.broadcast_to(np.eye(D), (K, D, D)).copy(), "diag": np.ones((K, D)),

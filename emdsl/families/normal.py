@@ -8,9 +8,11 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
+from emdsl import priors
 from emdsl.errors import ModelError
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     ElementwiseFamily,
     Floored,
     Marginal,
@@ -89,6 +91,53 @@ def _collapse_message(variance: np.ndarray, collapsed: np.ndarray, kind: str, ti
             "variance and names it in a DegenerateComponentWarning), or fewer components")
 
 
+#: the weak prior's pseudo-observations of a mean (mclust's ``priorControl`` shrinkage)
+WEAK_KAPPA = 0.01
+
+
+def nig_mean(nk: np.ndarray, s_x: np.ndarray, prior: BoundPrior) -> np.ndarray:
+    """The posterior mode of the mean under a normal-inverse-gamma prior: (κ m + S_x) / (κ + N)."""
+    kappa = prior["kappa"]
+    return (kappa * prior["mean"] + s_x) / (kappa + nk)
+
+
+def nig_variance(nk: np.ndarray, s_x: np.ndarray, s_xx: np.ndarray, mean: np.ndarray, prior: BoundPrior,
+                 tied: bool = False) -> np.ndarray:
+    """The posterior mode of the variance given the mean (before any floor).
+
+    σ² = (2b + Σ r (x − μ)² + κ (μ − m)²) / (N + 2a + 3); tied over the K states:
+    (2b + Σ_k [...]) / (Σ_k N_k + K + 2a + 2) (one inverse-gamma, K normal means).
+    """
+    a, b = prior["shape"], prior["scale"]
+    spread = scatter(s_x, s_xx, nk, mean) + prior["kappa"] * (mean - prior["mean"]) ** 2
+    if tied:
+        return (spread.sum(axis=0) + 2.0 * b) / (nk.sum(axis=0) + len(nk) + 2.0 * a + 2.0)
+    return (spread + 2.0 * b) / (nk + 2.0 * a + 3.0)
+
+
+def nig_log_prior(mean: np.ndarray, variance: np.ndarray, prior: BoundPrior) -> tuple[float, float]:
+    """log p(μ, σ²) under a normal-inverse-gamma prior (a tied variance (D,) counted once)."""
+    m, kappa, a, b = (prior[key] for key in ("mean", "kappa", "shape", "scale"))
+    terms = priors.normal_terms(mean, m, np.broadcast_to(variance, np.shape(mean)) / kappa)
+    terms += priors.inverse_gamma_terms(variance, a, b)
+    value, size = priors.total(terms)
+    return value + prior.log_jacobian, size + abs(prior.log_jacobian)
+
+
+def nig_weak(nk: np.ndarray, s_x: np.ndarray, s_xx: np.ndarray, K: int, smallest: float) -> dict[str, np.ndarray]:
+    """The weak prior of a univariate normal per element (mclust's ``defaultPrior`` in one dimension).
+
+    m = the data's mean, κ = 0.01, and mclust's inverse-gamma of dof ν = 3 and scale
+    ς² = var(x) / K²: shape a = ν/2 = 1.5, scale b = ς²/2 = var(x) / (2K²). A variance not
+    above ``smallest`` (constant data) is replaced by it.
+    """
+    count = np.where(nk > 0, nk, 1.0)
+    mean = np.where(nk > 0, s_x / count, 0.0)
+    variance = np.maximum(np.where(nk > 0, s_xx / count - mean * mean, 1.0), smallest)
+    ones = np.ones_like(mean)
+    return {"mean": mean, "kappa": WEAK_KAPPA * ones, "shape": 1.5 * ones, "scale": variance / (2.0 * K * K)}
+
+
 class Normal(ElementwiseFamily):
     r"""Normal distribution, independent for each element of a variable.
 
@@ -108,7 +157,9 @@ class Normal(ElementwiseFamily):
     M-step (moment matching): μ_k = S_x / N_k and σ²_k = S_xx / N_k − μ_k², where
     S are responsibility-weighted sums over the samples where the element is
     observed; with ``tied="variance"`` the scatter is pooled over the states:
-    σ² = Σ_k Σ_n r_nk (x_n − μ_k)² / Σ_k N_k.
+    σ² = Σ_k Σ_n r_nk (x_n − μ_k)² / Σ_k N_k. With a
+    :class:`~emdsl.priors.NormalInverseGamma` prior the M-step is its posterior mode
+    (the formulas are on that class); a tied variance has one inverse-gamma prior.
 
     Parameters
     ----------
@@ -121,6 +172,9 @@ class Normal(ElementwiseFamily):
         the data. A component that collapses onto a point is held at the floor
         (the exact M-step under that constraint) and a
         :class:`~emdsl.DegenerateComponentWarning` names it.
+    prior : emdsl.priors.NormalInverseGamma, optional
+        A conjugate prior on (mean, variance) in the data's units; the M-step becomes
+        the MAP estimate.
 
     Examples
     --------
@@ -129,12 +183,15 @@ class Normal(ElementwiseFamily):
     Normal()
     >>> em.Normal(tied="variance")
     Normal(tied='variance')
+    >>> em.Normal(prior=em.priors.NormalInverseGamma(mean=70, kappa=0.1, shape=2, scale=30))
+    Normal(prior=NormalInverseGamma(mean=70, kappa=0.1, shape=2, scale=30))
     """
 
     param_names = ("mean", "variance")
     standardize = True
     continuous = True
     n_suff = 2
+    prior_type = priors.NormalInverseGamma
 
     def __init__(
         self,
@@ -143,6 +200,7 @@ class Normal(ElementwiseFamily):
         mean: ArrayLike | None = None,
         variance: ArrayLike | None = None,
         floor: float = 1e-6,
+        prior: priors.NormalInverseGamma | None = None,
     ) -> None:
         if tied not in (None, "variance"):
             raise ModelError(f"Normal(tied=...): only 'variance' can be tied, got {tied!r}")
@@ -153,10 +211,11 @@ class Normal(ElementwiseFamily):
             self.check_params({"mean": as_float(mean, "Normal(mean=...)")}, "Normal(mean=...)")
         if variance is not None:
             self.check_params({"variance": as_float(variance, "Normal(variance=...)")}, "Normal(variance=...)")
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
-        return {"tied": self.tied, "mean": self._mean, "variance": self._variance,
-                "floor": self.floor}
+        return self.with_prior({"tied": self.tied, "mean": self._mean, "variance": self._variance,
+                                "floor": self.floor})
 
     def param_axes(self) -> dict[str, Axes]:
         variance: Axes = ("event",) if self.tied == "variance" else ("latent", "event")
@@ -195,6 +254,41 @@ class Normal(ElementwiseFamily):
         variance, low = apply_floor(raw, self.floor, mean_square=np.where(empty, 0.0, s_xx / safe_counts(nk)))
         floored = [(int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
         return {"mean": mean, "variance": variance}, floored
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        s_x, s_xx = sums
+        K, D = nk.shape
+        mean = held_or(hold, "mean", (K, D), lambda: nig_mean(nk, s_x, prior))
+        if "variance" in hold:
+            return {"mean": mean, "variance": np.asarray(hold["variance"], dtype=float)}, []
+        raw = nig_variance(nk, s_x, s_xx, mean, prior, tied=self.tied == "variance")
+        variance, low = apply_floor(raw, self.floor, tied=self.tied == "variance")
+        if self.tied == "variance":
+            return {"mean": mean, "variance": variance}, [(-1, float(raw.min()))] if low.any() else []
+        return {"mean": mean, "variance": variance}, [
+            (int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {name: ("event",) for name in ("mean", "kappa", "shape", "scale")}
+
+    def standard_prior(self, values: Mapping[str, np.ndarray], center: np.ndarray | None,
+                       scale: np.ndarray | None) -> Params:
+        assert center is not None and scale is not None
+        return {"mean": (values["mean"] - center) / scale, "kappa": values["kappa"],
+                "shape": values["shape"], "scale": values["scale"] / scale**2}
+
+    def prior_jacobian(self, scale: np.ndarray | None, K: int) -> float:
+        # μ = c + s μ' and σ² = s² σ'²: each mean contributes −log s, each variance −2 log s.
+        log_scale = float(np.log(scale).sum()) if scale is not None else 0.0
+        return -(K + 2) * log_scale if self.tied == "variance" else -3 * K * log_scale
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        nk, (s_x, s_xx) = self.split(stats, self.n_suff)
+        return nig_weak(nk, s_x, s_xx, K, self.floor or 1e-12)
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return nig_log_prior(params["mean"], params["variance"], prior)
 
     def default_params(self, K: int, D: int) -> Params:
         variance = np.ones(D) if self.tied == "variance" else np.ones((K, D))

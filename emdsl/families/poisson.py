@@ -9,8 +9,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import gammaln
 
+from emdsl import priors
 from emdsl.families._base import (
     Axes,
+    BoundPrior,
     ElementwiseFamily,
     Floored,
     Marginal,
@@ -22,6 +24,9 @@ from emdsl.families._base import (
     keep_empty,
     safe_counts,
 )
+
+#: the weak prior's pseudo-samples (fit(prior="weak")), as mclust's shrinkage κ = 0.01 of the mean
+WEAK_COUNT = 0.01
 
 # A rate of exactly 0 is a valid MLE (a state that only ever saw zeros); inside the log
 # it is floored so that η = log λ stays finite and 0 · η never becomes NaN.
@@ -56,12 +61,16 @@ class Poisson(ElementwiseFamily):
 
     M-step (moment matching): λ_kd = S_x / N_kd, the responsibility-weighted mean
     count over the samples where element d is observed. A rate of 0 (a state that
-    saw only zeros) is kept; its log is floored at 1e-300 so H stays finite.
+    saw only zeros) is kept; its log is floored at 1e-300 so H stays finite. With a
+    :class:`~emdsl.priors.Gamma` (α, β) prior the M-step is the posterior mode
+    λ = (S_x + α − 1) / (N + β).
 
     Parameters
     ----------
     rate : array_like, optional
         Fixed rates λ ≥ 0, broadcast over (states, elements); held, not learned.
+    prior : emdsl.priors.Gamma, optional
+        A conjugate prior on the rate; the M-step becomes the MAP estimate.
 
     Examples
     --------
@@ -73,14 +82,16 @@ class Poisson(ElementwiseFamily):
     """
 
     param_names = ("rate",)
+    prior_type = priors.Gamma
 
-    def __init__(self, *, rate: ArrayLike | None = None) -> None:
+    def __init__(self, *, rate: ArrayLike | None = None, prior: priors.Gamma | None = None) -> None:
         self._rate = rate
         if rate is not None:
             self.check_params({"rate": as_float(rate, "Poisson(rate=...)")}, "Poisson(rate=...)")
+        self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
-        return {"rate": self._rate}
+        return self.with_prior({"rate": self._rate})
 
     def param_axes(self) -> dict[str, Axes]:
         return {"rate": ("latent", "event")}
@@ -102,6 +113,24 @@ class Poisson(ElementwiseFamily):
             np.maximum(sums[0], 0.0) / safe_counts(nk), (previous or {}).get("rate"),
             self.default_params(K, D)["rate"], empty_components(nk)))
         return {"rate": rate}, []
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        return {"rate": held_or(hold, "rate", (K, D), lambda: (
+            np.maximum(sums[0], 0.0) + prior["shape"] - 1.0) / (nk + prior["rate"]))}, []
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"shape": ("event",), "rate": ("event",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        """Gamma(1 + 0.01 x̄, 0.01): 0.01 of a pseudo-sample at the data's mean count x̄."""
+        nk, (s_x,) = self.split(stats, self.n_suff)
+        mean = np.where(nk > 0, np.maximum(s_x, 0.0) / np.where(nk > 0, nk, 1.0), 0.0)
+        return {"shape": 1.0 + WEAK_COUNT * mean, "rate": np.full_like(mean, WEAK_COUNT)}
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return priors.total(priors.gamma_terms(params["rate"], prior["shape"], prior["rate"]))
 
     def default_params(self, K: int, D: int) -> Params:
         return {"rate": np.ones((K, D))}

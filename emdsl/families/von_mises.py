@@ -70,6 +70,9 @@ class VonMises(ElementwiseFamily):
         Lower bound on 1/κ (≈ the variance of the angle for large κ). As R̄ → 1 (a
         component on one angle) κ grows without bound; it is held at 1/floor and
         reported (its spread 2(1 − R̄) ≈ 1/κ).
+    prior : None
+        VonMises has no conjugate prior (κ has none): ``prior=`` other than None is a
+        :class:`~emdsl.ModelError`, and ``fit(prior="weak")`` leaves it unregularized.
 
     Examples
     --------
@@ -87,7 +90,8 @@ class VonMises(ElementwiseFamily):
     newton_steps: int = 50
 
     def __init__(self, *, mean: ArrayLike | None = None, kappa: ArrayLike | None = None,
-                 floor: float = 1e-8) -> None:
+                 floor: float = 1e-8, prior: None = None) -> None:
+        self.accept_prior(prior)  # no conjugate prior: any prior is a ModelError that says so
         self.floor = check_number(floor, "VonMises(floor=...)", low=0.0, low_open=True)
         self._mean, self._kappa = mean, kappa
         for name, given in (("mean", mean), ("kappa", kappa)):

@@ -18,7 +18,8 @@ class TextMonitor(Callback):
 
     The line is rewritten in place (``\\r``) at most every ``mininterval`` seconds,
     and always at a restart's first and last iteration; a summary line follows
-    the fit. It costs nothing measurable in a fit.
+    the fit: how it ended, its log-likelihood and, with restarts, how many ran
+    and which one was kept. It costs nothing measurable in a fit.
 
     Parameters
     ----------
@@ -62,8 +63,11 @@ class TextMonitor(Callback):
         self._line_open = not last_of_restart
 
     def on_fit_end(self, fit: Fit) -> None:
+        requested = self._info.n_init if self._info is not None else None
+        which = (f"; {restarts(fit, requested)}" if max(fit.n_init, requested or 1) > 1
+                 else f" (restart {fit.restart + 1} of {fit.n_init})")
         self._write(("\n" if self._line_open else "") + f"{status(fit)}: "
-                    f"log-likelihood {fit.loglik:.8g} (restart {fit.restart + 1} of {fit.n_init})\n")
+                    f"log-likelihood {fit.loglik:.8g}{which}\n")
         self._line_open = False
 
     def _write(self, text: str) -> None:
@@ -78,14 +82,27 @@ class TextMonitor(Callback):
 def _line(event: IterationEvent) -> str:
     delta = "" if event.delta is None else f"  Δ {event.delta:+.3g}"
     speed = event.elapsed / event.iteration if event.iteration else 0.0
+    bound = "extrapolated" if getattr(event, "extrapolated", False) else f"ELBO {event.elbo:.8g}  KL {event.kl:.2g}"
     return (f"restart {event.restart + 1}/{event.n_init}  iteration {event.iteration}/{event.max_iter}  "
-            f"loglik {event.loglik:.8g}{delta}  ELBO {event.elbo:.8g}  KL {event.kl:.2g}  "
-            f"{speed * 1e3:.1f} ms/it")
+            f"loglik {event.loglik:.8g}{delta}  {bound}  {speed * 1e3:.1f} ms/it")
 
 
 def iterations(n: int) -> str:
     """``"1 iteration"``, ``"6 iterations"``."""
     return f"{n} iteration" if n == 1 else f"{n} iterations"
+
+
+def restarts(fit: Fit, requested: int | None = None) -> str:
+    """How many restarts ran and which one the fit kept.
+
+    For example ``"2 restarts ran; kept restart 2 (best log-likelihood)"``;
+    ``requested`` is the ``n_init`` asked for; when a stop ended the fit before
+    all of them ran, the text says ``"2 of 5 restarts ran"``.
+    """
+    ran = fit.n_init
+    count = f"{ran} of {requested}" if requested is not None and requested > ran else f"{ran}"
+    noun = "restart" if ran == 1 and count == "1" else "restarts"
+    return f"{count} {noun} ran; kept restart {fit.restart + 1} (best log-likelihood)"
 
 
 def status(fit: Fit) -> str:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import struct
 
+from matplotlib.colors import to_rgb
+
 import numpy as np
 import pytest
 import xarray as xr
 
 import emdsl as em
-from emdsl.widgets.monitor import ConvergenceMonitor
+from emdsl.plot import state_colors
+from emdsl.widgets.monitor import MAX_PARAMETER_LINES, ConvergenceMonitor, restart_style
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -79,9 +82,12 @@ def test_label_shows_the_final_numbers(model, faithful) -> None:
 
 
 def test_label_during_the_fit_shows_iteration_loglik_change_elbo_kl(model, faithful) -> None:
-    monitor = ConvergenceMonitor(mininterval=0)
+    clock = FakeClock()
+    monitor = ConvergenceMonitor()
+    monitor._clock = clock  # iterations of a (fake) second: the numbers change at every one
     seen: list[str] = []
-    model.fit(faithful, seed=0, max_iter=4, tol=0, callbacks=[monitor, lambda e: seen.append(monitor.label.value)])
+    model.fit(faithful, seed=0, max_iter=4, tol=0,
+              callbacks=[ticking(clock, 1.0), monitor, lambda e: seen.append(monitor.label.value)])
     assert "iteration 2/4" in seen[2]
     for word in ("log-likelihood", "Δ +", "ELBO", "KL gap", "s/iteration"):
         assert word in seen[2], (word, seen[2])
@@ -116,7 +122,6 @@ def test_plot_draws_every_restart_and_the_staircase(model, faithful) -> None:
         np.testing.assert_allclose(y[0::2], trace["elbo"].values)  # after the M-step …
         np.testing.assert_allclose(y[1::2], trace["loglik"].values)  # … the E-step closes the gap
     assert np.all(y[0::2] <= y[1::2] + 1e-9)
-    assert monitor.progress.description == f"restart {fit.restart + 1}/3"
     # the parameter panel follows the kept restart's mixture weights, ending at the fit's
     assert [line.get_label() for line in parameters.get_lines()] == ["z=0", "z=1"]
     final = [line.get_ydata()[-1] for line in parameters.get_lines()]
@@ -132,6 +137,87 @@ def test_parameter_panel_without_a_latent_follows_the_mean(faithful) -> None:
     assert labels == ["mean[eruptions]", "mean[waiting]"]
     np.testing.assert_allclose([line.get_ydata()[-1] for line in parameters.get_lines()],
                                fit.params["x"]["mean"].values.ravel())
+
+
+# -- restarts ------------------------------------------------------------------------------------
+def test_restart_colours_are_not_state_colours(faithful) -> None:
+    monitor = ConvergenceMonitor()
+    model = em.Model().latent("z", em.Categorical(4)).observe(["eruptions", "waiting"], em.MultivariateNormal,
+                                                                name="x")
+    fit = model.fit(faithful, seed=0, n_init=4, max_iter=30, tol=0, init="random", callbacks=[monitor])
+    likelihood, parameters = monitor._plots.figure.axes
+    restart_colours = {to_rgb(line.get_color()) for line in likelihood.get_lines()}
+    state_colours = {to_rgb(line.get_color()) for line in parameters.get_lines()}
+    assert len(restart_colours) == min(fit.n_init, 3) and len(state_colours) == 4
+    assert not restart_colours & state_colours
+    # the weights panel uses the states' colours of every emdsl plot
+    assert [to_rgb(line.get_color()) for line in parameters.get_lines()] == [tuple(c) for c in state_colors(4)]
+    # restarts beyond the greys differ by line style
+    styles = {(to_rgb(line.get_color()), str(line.get_linestyle())) for line in likelihood.get_lines()[1::2]}
+    assert len(styles) == fit.n_init
+
+
+@pytest.mark.parametrize("k", [1, 2, 6, 8, 10, 12, 20, 25])
+def test_no_restart_shares_a_colour_with_a_state(k) -> None:
+    shown = {tuple(np.round(c, 6)) for c in state_colors(k)[:MAX_PARAMETER_LINES]}
+    restarts = {tuple(np.round(restart_style(r)[0], 6)) for r in range(30)}
+    assert not shown & restarts
+    # and none is close: at least 0.08 apart in some channel
+    for state in state_colors(k)[:MAX_PARAMETER_LINES]:
+        for restart in restarts:
+            assert np.abs(np.subtract(state, restart)).max() >= 0.08, (state, restart)
+
+
+def test_restart_legend_names_the_kept_restart(model, faithful) -> None:
+    clock = FakeClock()
+    monitor = ConvergenceMonitor()
+    monitor._clock = clock  # iterations of 10 (fake) seconds, drawings of none: a drawing every iteration
+    during: list[list[str]] = []
+
+    def legend(event: em.IterationEvent) -> None:
+        if event.iteration == 1:
+            during.append([t.get_text() for t in monitor._plots.likelihood.get_legend().get_texts()])
+
+    fit = model.fit(faithful, seed=1, n_init=3, max_iter=3, tol=0, init="random",
+                    callbacks=[ticking(clock, 10.0), monitor, legend])
+    assert during == [["restart 1"], ["restart 1", "restart 2"], ["restart 1", "restart 2", "restart 3"]]
+    texts = [t.get_text() for t in monitor._plots.likelihood.get_legend().get_texts()]
+    expected = [f"restart {r + 1}" + (" (kept)" if r == fit.restart else "") for r in range(3)]
+    assert texts == expected
+
+
+def test_final_status_names_the_kept_restart_and_how_many_ran(model, faithful) -> None:
+    monitor = ConvergenceMonitor()
+    descriptions: list[str] = []
+    fit = model.fit(faithful, seed=0, n_init=2, init="random",
+                    callbacks=[monitor, lambda e: descriptions.append(monitor.progress.description)])
+    assert fit.n_init == 2
+    assert descriptions[0] == "restart 1/2" and descriptions[-1] == "restart 2/2"
+    # not "restart 1/2" once both ran: how many ran, and which one the fit kept
+    assert monitor.progress.description == "restarts 2/2"
+    label = monitor.label.value
+    assert f"2 restarts ran; kept restart {fit.restart + 1} (best log-likelihood)" in label
+    assert f"converged after {fit.n_iter} iterations" in label
+    # the parameter panel shows the kept restart
+    assert monitor._plots.parameters.get_title().endswith(f"restart {fit.restart + 1}")
+
+
+def test_status_text_for_a_kept_second_restart() -> None:
+    from types import SimpleNamespace
+
+    from emdsl.widgets.text import restarts
+
+    assert restarts(SimpleNamespace(n_init=2, restart=1)) == "2 restarts ran; kept restart 2 (best log-likelihood)"
+    assert restarts(SimpleNamespace(n_init=2, restart=0), requested=5) == (
+        "2 of 5 restarts ran; kept restart 1 (best log-likelihood)")
+
+
+def test_single_restart_keeps_the_short_status(model, faithful) -> None:
+    monitor = ConvergenceMonitor()
+    model.fit(faithful, seed=0, callbacks=[monitor])
+    assert monitor.progress.description == "restart 1/1"
+    assert "restarts ran" not in monitor.label.value and "kept" not in monitor.label.value
+    assert monitor._plots.likelihood.get_legend() is None  # one restart: nothing to tell apart
 
 
 # -- Stop ---------------------------------------------------------------------------------------
@@ -166,6 +252,8 @@ def test_stop_during_restarts_ends_them_all(model, faithful) -> None:
                     callbacks=[lambda e: e.restart == 1 and e.iteration == 2 and click_stop(monitor), monitor])
     assert fit.stopped and not fit.converged
     assert fit.n_init == 2
+    assert monitor.progress.description == "restarts 2/5"
+    assert f"2 of 5 restarts ran; kept restart {fit.restart + 1} (best log-likelihood)" in monitor.label.value
 
 
 def test_stop_after_a_converged_restart_is_a_stop(model, faithful) -> None:
@@ -208,7 +296,7 @@ def test_plot_redraws_keep_to_the_overhead_budget(model, faithful) -> None:
     class SlowDrawing(ConvergenceMonitor):
         def _render(self, chosen):
             clock.now += draw_seconds  # each drawing 'takes' half a second
-            return super()._render(chosen)
+            return super()._render(chosen) if chosen is not None else b"\x89PNG"  # timing, not pictures
 
     monitor = SlowDrawing(mininterval=0.25, max_overhead=0.1)
     monitor._clock = clock
@@ -216,24 +304,112 @@ def test_plot_redraws_keep_to_the_overhead_budget(model, faithful) -> None:
     model.fit(faithful, seed=0, max_iter=iterations, tol=0, callbacks=[ticking(clock, 0.125), monitor])
     fit_seconds = iterations * 0.125 + draw_seconds * monitor.n_redraws
     # drawings during the fit, and the final one, take at most a tenth of the time
-    assert monitor.n_redraws >= 2
+    assert monitor.n_redraws >= 3
     assert monitor.n_redraws * draw_seconds <= 0.1 * fit_seconds
     # far fewer than the 200 updates of the numbers (one per 0.25 s)
     assert monitor.n_redraws < 200 / 10
 
 
-def test_without_cost_the_plot_follows_the_numbers(model, faithful) -> None:
+def test_without_cost_the_plot_follows_plot_interval(model, faithful) -> None:
     clock = FakeClock()
 
     class FreeDrawing(ConvergenceMonitor):
         def _render(self, chosen):
             return super()._render(chosen) if chosen is not None else b"\x89PNG"
 
-    monitor = FreeDrawing(mininterval=0.25, max_overhead=1.0)
+    monitor = FreeDrawing(mininterval=0.25, plot_interval=0.25)
     monitor._clock = clock
-    model.fit(faithful, seed=0, max_iter=20, tol=0, callbacks=[ticking(clock, 0.125), monitor])
-    # a drawing with every update of the numbers (iterations 0, 2, …, 20), and the final one
-    assert monitor.n_redraws == 11 + 1
+    monitor._plot_cost = 0.0  # known to be free, rather than guessed
+    counts: list[int] = []
+    model.fit(faithful, seed=0, max_iter=20, tol=0,
+              callbacks=[ticking(clock, 0.125), monitor, lambda e: counts.append(monitor.n_redraws)])
+    # 0.125 s per iteration: a drawing every 0.25 s from the start (iterations 1, 3, …, 19), and the final one
+    drawn = [i for i in range(21) if counts[i] > (counts[i - 1] if i else 0)]
+    assert drawn == list(range(1, 21, 2))
+    assert monitor.n_redraws == 10 + 1
+
+
+def test_plot_is_redrawn_while_a_long_fit_runs(model, faithful) -> None:
+    """A fit of 30 (fake) seconds with drawings of 60 ms: the curves change during the fit, not just at its end."""
+    clock = FakeClock()
+    draw_seconds, step_seconds, iterations = 0.06, 0.1, 300
+    images: list[bytes] = []
+
+    class TimedDrawing(ConvergenceMonitor):
+        def _render(self, chosen):
+            clock.now += draw_seconds
+            png = super()._render(chosen)
+            images.append(png)
+            return png
+
+    monitor = TimedDrawing()  # the default throttle
+    monitor._clock = clock
+    during: list[int] = []
+    model.fit(faithful, seed=0, max_iter=iterations, tol=0,
+              callbacks=[ticking(clock, step_seconds), monitor, lambda e: during.append(monitor.n_redraws)])
+    before_end = during[-1]
+    assert before_end > 1  # redrawn while the fit ran
+    assert monitor.n_redraws == before_end + 1  # and once at the end
+    assert len(set(images)) == len(images)  # each drawing shows new iterations
+    # each drawing waits max(plot_interval, t / its share) = 2 s after the last: ~15 in 30 s
+    assert monitor._plot.share == pytest.approx(0.75 * monitor.max_overhead)
+    assert before_end >= 0.8 * clock.now / (draw_seconds / monitor._plot.share + draw_seconds)
+    assert monitor._spent <= monitor.max_overhead * clock.now  # all of the monitor's time, the final drawing too
+
+
+def test_plot_waits_for_plot_interval_when_drawing_is_cheap(model, faithful) -> None:
+    clock = FakeClock()
+    monitor = ConvergenceMonitor(plot_interval=1.0)
+    monitor._clock = clock  # drawings take no (fake) time: only plot_interval throttles
+    monitor._plot_cost = 0.0  # known to be free, rather than guessed
+    during: list[int] = []
+    model.fit(faithful, seed=0, max_iter=100, tol=0,
+              callbacks=[ticking(clock, 0.125), monitor, lambda e: during.append(monitor.n_redraws)])
+    # 12.6 s of fit: a drawing every second, at 1 s, 2 s, …, 12 s
+    assert during[-1] == 12
+    assert monitor.n_redraws == during[-1] + 1
+
+
+def test_a_slow_drawing_spaces_out_the_next_ones(model, faithful) -> None:
+    clock = FakeClock()
+    costs = iter([0.01, 0.01, 0.2] + [0.01] * 1000)  # the third drawing is slow, the others cheap
+    drawings: list[tuple[float, float]] = []  # (start, end)
+
+    class Drawing(ConvergenceMonitor):
+        def _render(self, chosen):
+            start = clock.now
+            clock.now += next(costs)
+            drawings.append((start, clock.now))
+            return super()._render(chosen) if chosen is not None else b"\x89PNG"  # timing, not pictures
+
+    monitor = Drawing(plot_interval=1.0, max_overhead=0.05)
+    monitor._clock = clock
+    model.fit(faithful, seed=0, max_iter=400, tol=0, callbacks=[ticking(clock, 0.1), monitor])
+    starts, ends = np.array(drawings).T
+    waits = starts[1:] - ends[:-1]  # from the end of a drawing to the start of the next
+    assert 1.0 <= waits[0] < 1.2 and 1.0 <= waits[1] < 1.2  # every plot_interval while drawings are cheap
+    assert waits[2] >= 0.2 / monitor._plot.share  # at least 27 times its cost after the slow drawing
+    assert len(waits) > 10 and np.all(waits[3:-1] < 1.2)  # then every plot_interval again (until the final)
+
+
+def test_a_fit_of_a_few_seconds_stays_within_the_budget(model, faithful) -> None:
+    """The first drawing, the final one and the numbers all count: a 6 s fit with 80 ms drawings gets one."""
+    clock = FakeClock()
+
+    class Drawing(ConvergenceMonitor):
+        def _render(self, chosen):
+            clock.now += 0.08
+            return super()._render(chosen)
+
+        def _update_numbers(self, event):
+            clock.now += 0.002  # the numbers and parameters: 2 ms four times a second
+            super()._update_numbers(event)
+
+    monitor = Drawing()
+    monitor._clock = clock
+    model.fit(faithful, seed=0, max_iter=120, tol=0, callbacks=[ticking(clock, 0.05), monitor])
+    assert monitor.n_redraws == 2  # one while it ran (at 4.3 s), the final one
+    assert monitor._spent <= monitor.max_overhead * clock.now
 
 
 def test_parameters_are_read_only_when_the_display_updates(model, faithful, monkeypatch) -> None:

@@ -57,9 +57,19 @@ def test_each_restart_gets_its_own_line(model, faithful) -> None:
     finished = [line.rsplit("\r", 1)[-1] for line in lines[:3]]
     for restart, line in enumerate(finished):
         assert line.startswith(f"restart {restart + 1}/3  iteration ")
-    assert lines[3] == (f"converged after {fit.n_iter} iterations: log-likelihood {fit.loglik:.8g} "
-                        f"(restart {fit.restart + 1} of 3)")
+    # how many ran and which one was kept, as the widget says it
+    assert lines[3] == (f"converged after {fit.n_iter} iterations: log-likelihood {fit.loglik:.8g}; "
+                        f"3 restarts ran; kept restart {fit.restart + 1} (best log-likelihood)")
     assert lines[4:] == [""]
+
+
+def test_a_stop_during_restarts_says_how_many_ran(model, faithful) -> None:
+    out = io.StringIO()
+    fit = model.fit(faithful, seed=0, n_init=5, max_iter=50, tol=0, init="random",
+                    callbacks=[lambda e: e.restart == 1 and e.iteration == 2 and e.request_stop(),
+                               TextMonitor(file=out)])
+    assert fit.stopped and fit.n_init == 2
+    assert out.getvalue().endswith(f"; 2 of 5 restarts ran; kept restart {fit.restart + 1} (best log-likelihood)\n")
 
 
 def test_stopped_fit_says_so(model, faithful) -> None:

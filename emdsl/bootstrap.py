@@ -1,0 +1,341 @@
+"""The bootstrap: refit on resampled or simulated data, align the components, collect the parameters."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Hashable, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import xarray as xr
+from scipy.optimize import linear_sum_assignment
+
+from emdsl import labels
+from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError
+
+if TYPE_CHECKING:
+    from emdsl.model import Model
+    from emdsl.results import Fit
+
+Kind = Literal["nonparametric", "parametric"]
+
+
+def bootstrap(
+    fit: Fit,
+    data: Any = None,
+    n: int = 200,
+    *,
+    kind: Kind = "nonparametric",
+    seed: int | None = None,
+    n_jobs: int | None = None,
+    progress: bool = False,
+    weights_are_counts: bool = False,
+    max_iter: int = 1000,
+    tol: float = 1e-8,
+) -> xr.Dataset:
+    """Bootstrap a fit: refit ``n`` times on resampled (or simulated) data, starting from the fit.
+
+    Every replicate starts from ``fit``'s parameters (``init=fit``), so EM lands on the
+    replicate's counterpart of the same optimum; its components are then matched to the
+    original ones by a minimum-cost assignment (scipy's ``linear_sum_assignment``) on the
+    distance between their parameters, so that ``z=1`` means the same component in every
+    replicate even if a refit swapped labels.
+
+    Parameters
+    ----------
+    fit : Fit
+        The fit to bootstrap.
+    data : Dataset or what :meth:`Model.fit` accepts, optional
+        The data ``fit`` was fitted to (default: the fit's training data).
+    n : int, default 200
+        Number of replicates.
+    kind : {"nonparametric", "parametric"}, default "nonparametric"
+        ``"nonparametric"``: the rows are resampled with replacement (multinomial counts
+        over the N rows, given to the refit as weights, which is exactly the fit of the
+        resampled table); a row keeps its own weight, i.e. weights are part of a row, as
+        survey or importance weights are. ``"parametric"``: each replicate is ``fit.sample``
+        of the same size (N, or the sum of the weights rounded), drawn from the fitted model.
+    seed : int, optional
+        Seed of every resampling and refit; the same seed gives the same replicates,
+        whatever ``n_jobs``.
+    n_jobs : int, optional
+        Worker processes (default: one per CPU; 1 runs in this process). Each worker's
+        fits run on one thread, so the workers do not oversubscribe the cores.
+    progress : bool, default False
+        Print a progress line (replicates done, elapsed and remaining time) to stderr.
+    weights_are_counts : bool, default False
+        The fit's weights are frequency counts (a row stands for that many identical
+        samples): resample the expanded table instead, i.e. draw new counts
+        Multinomial(Σw, w / Σw); the weights must then be whole numbers.
+    max_iter, tol : int, float
+        Passed to each refit.
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per learned parameter, named ``"<node>.<param>"`` and labelled like
+        ``fit.params[node][param]``, with a leading ``replicate`` dimension (a node's dim
+        whose labels differ from another node's dim of the same name, such as a second
+        regression's ``term``, is renamed ``"<dim>_<node>"``); and per
+        replicate ``loglik``, ``n_iter`` and ``converged``. Reduce over ``replicate``:
+        ``boot.quantile([0.025, 0.975], dim="replicate")``, ``boot.std("replicate")``.
+
+    Examples
+    --------
+    >>> import emdsl as em
+    >>> ds = em.datasets.load("faithful")
+    >>> fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(ds, seed=0)
+    >>> boot = em.bootstrap(fit, n=4, seed=1, n_jobs=1)
+    >>> boot["waiting.mean"].dims
+    ('replicate', 'z')
+    """
+    if kind not in ("nonparametric", "parametric"):
+        raise ModelError(f"bootstrap(kind=...): expected 'nonparametric' or 'parametric', got {kind!r}")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ModelError(f"bootstrap(n=...): the number of replicates must be a positive integer, got {n!r}")
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer) or n_jobs < 1):
+        raise ModelError(f"bootstrap(n_jobs=...): must be a positive integer or None, got {n_jobs!r}")
+    latent = fit.model.latent_var
+    if latent is not None and latent.markov is not None:
+        raise ModelError("bootstrap: the samples of a Markov latent are not independent rows; resampling "
+                         "whole sequences is not implemented")
+    if data is None:
+        data = fit.data
+        if data is None:
+            raise ModelError("bootstrap: this fit was loaded from a file and holds no training data; pass the data")
+    ds = labels.as_dataset(data)
+    seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
+    children = np.random.SeedSequence(seed).spawn(int(n))
+    fixed = _fixed(fit)
+    # plain arrays in the labelled layout: the refits skip aligning coordinates they already share
+    start = {name: {key: np.asarray(da.values) for key, da in values.items() if key not in fixed[name]}
+             for name, values in labels.tree_values(fit.params).items()}
+    job = _Job(fit.model, ds, fit.sample_dim, start, kind,
+               None if fit.weights is None else np.asarray(fit.weights.values, dtype=float),
+               weights_are_counts, max_iter, tol, _parametric_source(fit, ds) if kind == "parametric" else None)
+    if weights_are_counts:
+        job.check_counts()
+    workers = min(int(n_jobs or os.cpu_count() or 1), int(n))
+    results: list[dict[str, Any] | None] = [None] * int(n)
+    meter = _Progress(int(n), sys.stderr) if progress else None
+    if workers == 1:
+        for r, child in enumerate(children):
+            results[r] = job.run(child)
+            if meter is not None:
+                meter.update()
+    else:
+        with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(job,)) as pool:
+            futures = {pool.submit(_run_in_worker, child): r for r, child in enumerate(children)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if meter is not None:
+                    meter.update()
+    if meter is not None:
+        meter.close()
+    return _collect(fit, [r for r in results if r is not None], kind, seed)
+
+
+class _Job:
+    """What every replicate needs: picklable, sent once to each worker process."""
+
+    def __init__(self, model: Model, data: xr.Dataset, sample_dim: Hashable, start: dict[str, dict[str, Any]],
+                 kind: str, weights: np.ndarray | None, weights_are_counts: bool, max_iter: int, tol: float,
+                 source: Any) -> None:
+        self.model, self.data, self.sample_dim, self.start = model, data, sample_dim, start
+        self.kind, self.weights, self.weights_are_counts = kind, weights, weights_are_counts
+        self.max_iter, self.tol, self.source = max_iter, tol, source
+        self.n_rows = int(data.sizes[sample_dim])
+
+    def check_counts(self) -> None:
+        if self.weights is None or not np.all(self.weights == np.round(self.weights)):
+            raise ModelError("bootstrap(weights_are_counts=True): the fit's weights must be whole numbers "
+                             "(frequency counts of identical rows)")
+
+    def replicate_data(self, rng: np.random.Generator) -> tuple[xr.Dataset, xr.DataArray | None]:
+        if self.kind == "parametric":
+            assert self.source is not None
+            return self.source.draw(rng), None
+        if self.weights_are_counts:
+            assert self.weights is not None
+            total = round(float(self.weights.sum()))
+            counts = rng.multinomial(total, self.weights / self.weights.sum()).astype(float)
+        else:
+            counts = rng.multinomial(self.n_rows, np.full(self.n_rows, 1.0 / self.n_rows)).astype(float)
+            if self.weights is not None:
+                counts *= self.weights
+        coords = {self.sample_dim: self.data[self.sample_dim].values} if self.sample_dim in self.data.coords else {}
+        return self.data, xr.DataArray(counts, dims=(self.sample_dim,), coords=coords)
+
+    def run(self, seed: np.random.SeedSequence) -> dict[str, Any]:
+        rng = np.random.default_rng(seed)
+        data, weights = self.replicate_data(rng)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            refit = self.model.fit(data, init=self.start, max_iter=self.max_iter, tol=self.tol,
+                                   seed=int(rng.integers(2**32)), sample_dim=self.sample_dim, weights=weights)
+        degenerate = refit.degenerate or any(issubclass(w.category, DegenerateComponentWarning) for w in caught)
+        return {"params": labels.tree_values(refit.params), "loglik": refit.loglik, "n_iter": refit.n_iter,
+                "converged": refit.converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught),
+                "degenerate": degenerate}
+
+
+_JOB: _Job | None = None
+
+
+def _start_worker(job: _Job) -> None:
+    """A worker's setup: the job once, and one thread per fit (the workers already fill the cores)."""
+    global _JOB
+    from emdsl.options import OPTIONS
+
+    OPTIONS["n_threads"] = 1
+    _JOB = job
+
+
+def _run_in_worker(seed: np.random.SeedSequence) -> dict[str, Any]:
+    assert _JOB is not None
+    return _JOB.run(seed)
+
+
+class _Simulator:
+    """Draws parametric replicates from a fit (picklable: a fit's parameters and its model)."""
+
+    def __init__(self, fit: Fit, size: int, data: xr.Dataset | None = None) -> None:
+        self.fit, self.size, self.data = fit, size, data
+
+    def draw(self, rng: np.random.Generator) -> xr.Dataset:
+        if self.data is not None:  # covariates: responses drawn at the data's own covariates
+            from emdsl.regression import simulate
+
+            return simulate(self.fit, self.data, seed=int(rng.integers(2**32)))
+        return self.fit.sample(self.size, seed=int(rng.integers(2**32)))
+
+
+def _parametric_source(fit: Fit, data: xr.Dataset) -> _Simulator:
+    from emdsl.results import Fit
+
+    size = round(fit.weight_total)
+    # A light copy of the fit, without its training data: workers only need to sample from it.
+    light = Fit(fit.model, fit.params, dict(fit.standardization), fit.traces,
+                restart=fit.restart, converged=fit.converged, loglik=fit.loglik, n_params=fit.n_params,
+                n_samples=fit.n_samples, sample_dim=fit.sample_dim, seed=fit.seed)
+    latent = fit.model.latent_var
+    regression = any(decl.covariates for decl in fit.model.observed) or (latent is not None and latent.covariates)
+    if regression and fit.weights is not None:
+        raise ModelError("bootstrap(kind='parametric'): a weighted fit with covariates has no simulation of the "
+                         "same size; use kind='nonparametric'")
+    return _Simulator(light, size, data if regression else None)
+
+
+def _collect(fit: Fit, results: list[dict[str, Any]], kind: str, seed: int) -> xr.Dataset:
+    """Stack the replicates' parameters over ``replicate``, each aligned to the fit's components."""
+    original = labels.tree_values(fit.params)
+    latent = fit.model.latent_var
+    fixed = _fixed(fit)
+    stacked: dict[str, list[np.ndarray]] = {}
+    perms = []
+    for result in results:
+        perm = _alignment(original, result["params"], latent.name, fixed) if latent is not None else None
+        perms.append(perm)
+        for name, values in original.items():
+            for key, da in values.items():
+                if key in fixed.get(name, set()):
+                    continue
+                rep = result["params"][name][key]
+                if perm is not None and latent is not None and latent.name in rep.dims:
+                    rep = rep.isel({latent.name: perm})
+                    if name == latent.name and key == "coef":  # a logit's reference is the (new) first state
+                        rep = rep - rep.isel({latent.name: 0})
+                stacked.setdefault(f"{name}.{key}", []).append(np.asarray(rep.transpose(*da.dims).values))
+    out = xr.Dataset()
+    for name, values in original.items():
+        for key, da in values.items():
+            if f"{name}.{key}" in stacked:
+                variable = xr.DataArray(np.stack(stacked[f"{name}.{key}"]), dims=("replicate", *da.dims),
+                                        coords=da.coords, attrs=dict(da.attrs))
+                # Nodes' own dims may share a name with different labels (each regression's "term"):
+                # in one Dataset they would be aligned, so the later one is renamed "<dim>_<node>".
+                clash = {d: f"{d}_{name}" for d in da.dims if d in out.coords and d in da.coords
+                         and not np.array_equal(out[d].values, da[d].values)}
+                out[f"{name}.{key}"] = variable.rename(clash) if clash else variable
+    out["loglik"] = ("replicate", np.array([r["loglik"] for r in results]))
+    out["n_iter"] = ("replicate", np.array([r["n_iter"] for r in results]))
+    out["converged"] = ("replicate", np.array([r["converged"] for r in results]))
+    out["degenerate"] = ("replicate", np.array([r["degenerate"] for r in results]))
+    if latent is not None:
+        out["relabelled"] = ("replicate", np.array([bool(np.any(p != np.arange(len(p)))) for p in perms]))
+    out = out.assign_coords(replicate=np.arange(len(results)))
+    out.attrs = {"kind": kind, "seed": seed, "n": len(results),
+                 "description": f"{kind} bootstrap of the fit's learned parameters (data units); components "
+                                "aligned to the fit's by minimum-cost matching"}
+    failed = int((~out["converged"]).sum())
+    if failed:
+        warnings.warn(f"bootstrap: {failed} of {len(results)} replicates did not converge (see the 'converged' "
+                      "variable); drop them or raise max_iter", ConvergenceWarning, stacklevel=3)
+    return out
+
+
+def _fixed(fit: Fit) -> dict[str, set[str]]:
+    """The parameters the declaration fixes, per node (they take no starting value and do not vary)."""
+    return {name: set(filter(None, child.attrs.get("fixed", "").split(","))) for name, child in
+            fit.params.children.items()}
+
+
+def _alignment(original: Mapping[str, Mapping[str, xr.DataArray]], replicate: Mapping[str, Mapping[str, Any]],
+               latent: str, fixed: Mapping[str, set[str]]) -> np.ndarray:
+    """perm with replicate component perm[k] ≙ original component k, minimising Σ squared scaled distances.
+
+    A positive parameter entry is compared on a log scale (relative differences); any
+    other is divided by its spread across the original components (with a tenth of its
+    magnitude added, so that components with equal values do not blow the scale up).
+    """
+    K = None
+    cost: Any = 0.0
+    for name, values in original.items():
+        for key, da in values.items():
+            if latent not in da.dims or key in fixed.get(name, set()):
+                continue
+            a = np.moveaxis(np.asarray(da.values, dtype=float), da.dims.index(latent), 0)
+            rep = replicate[name][key]
+            b = np.moveaxis(np.asarray(rep.transpose(*da.dims).values, dtype=float), da.dims.index(latent), 0)
+            K = a.shape[0]
+            a, b = a.reshape(K, -1), b.reshape(K, -1)
+            if np.all(a > 0) and np.all(b > 0):
+                a, b, spread = np.log(a), np.log(b), 1.0  # relative differences
+            else:
+                spread = np.sqrt(a.var(axis=0) + 0.01 * (a**2).mean(axis=0) + 1e-300)
+            cost = cost + (((b[None, :, :] - a[:, None, :]) / spread) ** 2).sum(axis=2)
+    if K is None:  # nothing per component is learned: nothing can have swapped
+        return np.arange(next(da.sizes[latent] for v in original.values() for da in v.values()
+                              if latent in da.dims))
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(K, dtype=np.intp)
+    perm[rows] = cols
+    return perm
+
+
+class _Progress:
+    """``bootstrap: 37/200 replicates, 12.3 s, about 54 s left`` on one line, rewritten in place."""
+
+    def __init__(self, total: int, file: IO[str]) -> None:
+        self.total, self.done, self.file = total, 0, file
+        self.start = time.perf_counter()
+        self.shown = -1.0
+        self.update(0)
+
+    def update(self, step: int = 1) -> None:
+        self.done += step
+        elapsed = time.perf_counter() - self.start
+        if 0 < self.done < self.total and elapsed - self.shown < 0.25:
+            return  # at most four rewrites a second
+        self.shown = elapsed
+        left = f", about {elapsed / self.done * (self.total - self.done):.0f} s left" if self.done else ""
+        self.file.write(f"\rbootstrap: {self.done}/{self.total} replicates, {elapsed:.1f} s{left}")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.write("\n")
+        self.file.flush()

@@ -1,0 +1,502 @@
+"""Dask chunks as a block source: lazy node sources, one-pass scans, per-chunk plans.
+
+The compiler keeps a dask-backed variable as a dask array of shape (N, d) — never
+``.values`` — whose chunks along the sample dimension are the blocks the engine
+works on. Rules, chosen so that every chunk is a self-contained piece of the data:
+
+* **A chunk holds whole events.** The dims besides the sample dim (a multivariate
+  event, a Normal's extra dims) are rechunked into one chunk each, automatically: a
+  chunk that split an event could not compute that event's statistics. Only the
+  sample dimension's chunking is the user's (``ds.chunk({"sample": 1_000_000})``).
+* **Every array of a plan shares one chunking** along the sample dimension: that of
+  the first observed variable. Other variables, the weights and a family's extra data
+  (e.g. Binomial's trials) are rechunked to it, and in-memory arrays are wrapped.
+* **Every scan is one dask computation**: each chunk reduces to a few numbers per
+  element (counts, extremes, moments, the first offending position), which are
+  tree-combined; only those travel.
+
+:func:`local_plan` turns the numpy blocks of one chunk (as a dask task sees them) into
+an ordinary :class:`~emdsl.compile.Plan` over that chunk, which the in-memory E-step
+runs unchanged (:mod:`emdsl.engine.chunked`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+#: what one 2-D array of a plan's layout is: ("source", node, j), ("aux", node, key), ("weights",)
+Slot = tuple[Any, ...]
+
+
+def _dask():  # noqa: ANN202 (module)
+    import dask
+    import dask.array
+
+    return dask
+
+
+# -- sources ----------------------------------------------------------------------------
+def values_of(data: Any) -> Any:
+    """An xarray variable's data as (N, ...) — a dask array (whole events per chunk) or numpy."""
+    from emdsl.data import is_dask
+
+    array = getattr(data, "data", data)
+    if is_dask(array):
+        return array.rechunk({axis: -1 for axis in range(1, array.ndim)}) if array.ndim > 1 else array
+    return np.asarray(data.values if hasattr(data, "values") else data)
+
+
+def as_rows(array: Any, chunks: tuple[int, ...]) -> Any:
+    """``array`` (N, ...) as a dask array with sample ``chunks`` and one chunk along every other axis."""
+    da = _dask().array
+    if not isinstance(array, da.Array):
+        return da.from_array(np.asarray(array), chunks=(chunks,) + tuple(-1 for _ in range(np.ndim(array) - 1)))
+    wanted = {0: chunks, **{axis: -1 for axis in range(1, array.ndim)}}
+    return array if array.chunks[0] == chunks and all(len(c) == 1 for c in array.chunks[1:]) \
+        else array.rechunk(wanted)
+
+
+def align(plan: Any) -> None:
+    """Give every array of a dask-backed plan the sample chunks of its first dask source."""
+    from emdsl.data import is_dask
+
+    arrays = [a for node in plan.nodes for a in (*node.sources, *node.aux.values())] + [plan.weights]
+    chunks = next(array.chunks[0] for array in arrays if is_dask(array))
+    for node in plan.nodes:
+        node.sources = [as_rows(source, chunks) for source in node.sources]
+        node.aux = {key: as_rows(value, chunks) for key, value in node.aux.items()}
+    if plan.weights is not None:
+        plan.weights = as_rows(plan.weights, chunks)
+
+
+def sample_chunks(plan: Any) -> tuple[int, ...]:
+    """The sample dimension's chunks shared by every array of a dask-backed plan."""
+    return tuple(plan.nodes[0].sources[0].chunks[0])
+
+
+def describe_chunk(chunks: Sequence[int], row: int, dim: Hashable = "sample") -> str:
+    """``chunk 3 of 10 along 'sample' (rows 2000–2999)``: where a global row sits."""
+    bounds = np.cumsum((0,) + tuple(chunks))
+    i = int(np.searchsorted(bounds, row, side="right") - 1)
+    return f"chunk {i} of {len(chunks)} along {dim!r} (rows {int(bounds[i])}–{int(bounds[i + 1]) - 1})"
+
+
+# -- scans --------------------------------------------------------------------------------
+def _tree(parts: list[Any], combine: Callable[[Any, Any], Any]) -> Any:
+    """Combine delayed parts pairwise, in a tree of depth log2(len(parts))."""
+    delayed = _dask().delayed
+    while len(parts) > 1:
+        parts = [delayed(combine, pure=True)(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def chunk_blocks(arrays: Sequence[Any]) -> tuple[list[int], list[list[Any]]]:
+    """Each chunk's start row and delayed blocks, for arrays sharing their sample chunks."""
+    first = arrays[0]
+    chunks = first.chunks[0]
+    blocks = []
+    for array in arrays:
+        array = as_rows(array, chunks)
+        blocks.append(list(array.to_delayed().reshape(len(chunks))))
+    starts = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(int).tolist()
+    return starts, [[column[i] for column in blocks] for i in range(len(chunks))]
+
+
+def scan(arrays: Sequence[Any], fn: Callable[..., T], combine: Callable[[T, T], T]) -> T:
+    """``fn(start, *blocks)`` on every chunk, tree-combined: one dask computation."""
+    dask = _dask()
+    starts, blocks = chunk_blocks(arrays)
+    parts = [dask.delayed(fn, pure=True)(start, *chunk) for start, chunk in zip(starts, blocks, strict=True)]
+    return dask.compute(_tree(parts, combine))[0]
+
+
+def _first_bad(predicate: Callable[[np.ndarray], np.ndarray], start: int, block: np.ndarray
+               ) -> tuple[int, int]:
+    """(count, first global flat index in the (N, d) layout, or −1) of the elements ``predicate`` flags."""
+    bad = predicate(np.asarray(block))
+    count = int(bad.sum())
+    if not count:
+        return 0, -1
+    width = bad.shape[1] if bad.ndim > 1 else 1
+    return count, start * width + int(np.flatnonzero(bad.ravel())[0])
+
+
+def _add_first(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    firsts = [f for f in (a[1], b[1]) if f >= 0]
+    return a[0] + b[0], min(firsts) if firsts else -1
+
+
+def first_bad(array: Any, predicate: Callable[[np.ndarray], np.ndarray]) -> tuple[int, int]:
+    """How many elements of ``array`` (N, d) the predicate flags, and the first one's flat index (−1: none)."""
+    return scan([array], functools.partial(_first_bad, predicate), _add_first)
+
+
+def _nonfinite_or_negative(x: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(x) | (x < 0)
+
+
+def _not_count(x: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(x) | (x < 0) | (x != np.round(x))
+
+
+def check_weights(values: Any) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """One pass over dask weights: (non-finite count, first), (negative count, first), any nonzero."""
+    def part(start: int, block: np.ndarray) -> tuple[tuple[int, int], tuple[int, int], bool]:
+        block = np.asarray(block, dtype=float)
+        return (_first_bad(lambda x: ~np.isfinite(x), start, block),
+                _first_bad(lambda x: x < 0, start, block), bool(np.any(block != 0)))
+
+    def combine(a: Any, b: Any) -> Any:
+        return _add_first(a[0], b[0]), _add_first(a[1], b[1]), a[2] or b[2]
+
+    return scan([values], part, combine)
+
+
+def check_counts(values: Any) -> tuple[int, int]:
+    """One pass: elements that are not non-negative integers (NaN included), and the first one."""
+    return first_bad(values, _not_count)
+
+
+# -- per-node scans of the compiler -------------------------------------------------------
+@dataclasses.dataclass
+class ValueCheck:
+    """What one pass over a node's sources found, per source: ±inf, outside the support, NaN."""
+
+    infinite: list[tuple[int, int]]
+    outside: list[tuple[int, int]]
+    advice: list[str | None]
+    missing: list[bool]
+    #: stacked event families: per column (count, first row) of events outside the support
+    events: list[tuple[int, int]] | None = None
+    event_advice: str | None = None
+
+
+def _value_block(family: Any, widths: list[int], aux_keys: list[str], stacked_event: bool,
+                 start: int, *blocks: np.ndarray) -> ValueCheck:
+    sources = [np.asarray(b) for b in blocks[:len(widths)]]
+    aux_all = dict(zip(aux_keys, (np.asarray(b, dtype=float) for b in blocks[len(widths):]), strict=True))
+    check = ValueCheck([], [], [], [])
+    if stacked_event:
+        found = family.outside_support(np.hstack([s.astype(float) for s in sources]), aux_all)
+        check.events = []
+        for column in range(len(widths)):
+            if found is not None and found[0][:, column].any():
+                rows = np.flatnonzero(found[0][:, column])
+                check.events.append((len(rows), start + int(rows[0])))
+                check.event_advice = found[1]
+            else:
+                check.events.append((0, -1))
+    row = 0
+    for source, width in zip(sources, widths, strict=True):
+        floating = source.dtype.kind == "f"
+        check.infinite.append(_first_bad(np.isinf, start, source) if floating else (0, -1))
+        check.missing.append(bool(floating and np.isnan(source).any()))
+        aux = {key: value[:, row:row + width] for key, value in aux_all.items()}
+        found = None if stacked_event else family.outside_support(source.astype(float), aux)
+        if found is not None and found[0].any():
+            check.outside.append(_first_bad(lambda _: found[0], start, source))
+            check.advice.append(found[1])
+        else:
+            check.outside.append((0, -1))
+            check.advice.append(None)
+        row += width
+    return check
+
+
+def _value_combine(a: ValueCheck, b: ValueCheck) -> ValueCheck:
+    out = ValueCheck([_add_first(x, y) for x, y in zip(a.infinite, b.infinite, strict=True)],
+                     [_add_first(x, y) for x, y in zip(a.outside, b.outside, strict=True)],
+                     [x or y for x, y in zip(a.advice, b.advice, strict=True)],
+                     [x or y for x, y in zip(a.missing, b.missing, strict=True)])
+    if a.events is not None and b.events is not None:
+        out.events = [_add_first(x, y) for x, y in zip(a.events, b.events, strict=True)]
+        out.event_advice = a.event_advice or b.event_advice
+    return out
+
+
+def _blocked(part: Callable[..., T], combine: Callable[[T, T], T], start: int, *blocks: np.ndarray) -> T:
+    """``part`` over sub-blocks of a chunk, combined: a scan's memory is bounded by a block, not a chunk."""
+    from emdsl.compile import SCAN_ROWS
+
+    n = len(blocks[0])
+    out = None
+    for a in range(0, max(n, 1), SCAN_ROWS):
+        piece = part(start + a, *(np.asarray(b)[a:a + SCAN_ROWS] for b in blocks))
+        out = piece if out is None else combine(out, piece)
+    return out
+
+
+def _value_part(family: Any, widths: list[int], aux_keys: list[str], stacked_event: bool,
+                start: int, *blocks: np.ndarray) -> ValueCheck:
+    part = functools.partial(_value_block, family, widths, aux_keys, stacked_event)
+    return _blocked(part, _value_combine, start, *blocks)
+
+
+def _moments_part(start: int, *blocks: np.ndarray) -> Moments:
+    return _blocked(_moments_block, _moments_combine, start, *blocks)
+
+
+def check_values(node: Any) -> ValueCheck:
+    """One pass over a node's sources: ±inf, values outside the support and holes, per source."""
+    widths = [int(s.shape[1]) for s in node.sources]
+    keys = list(node.aux)
+    stacked_event = bool(node.family.multivariate and node.stacked)
+    part = functools.partial(_value_part, node.family, widths, keys, stacked_event)
+    return scan(list(node.sources) + [node.aux[k] for k in keys], part, _value_combine)
+
+
+@dataclasses.dataclass
+class Moments:
+    """Per element: count, extremes, and mean and Σ squared deviations in units of ``magnitude``."""
+
+    count: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    magnitude: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+def _moments_block(start: int, *blocks: np.ndarray) -> Moments:
+    x = np.hstack([np.asarray(b, dtype=float) for b in blocks])
+    observed = ~np.isnan(x)
+    count = observed.sum(axis=0).astype(float)
+    low = np.min(np.where(observed, x, np.inf), axis=0)
+    high = np.max(np.where(observed, x, -np.inf), axis=0)
+    magnitude = np.where(count > 0, np.maximum(np.abs(low), np.abs(high)), 0.0)
+    # Each chunk in units of its own largest magnitude: |x / u| ≤ 1, nothing overflows.
+    unit = np.where(magnitude > 0, magnitude, 1.0)
+    scaled = x / unit
+    mean = np.nansum(scaled, axis=0) / np.maximum(count, 1)
+    m2 = np.nansum((scaled - mean) ** 2, axis=0)
+    return Moments(count, low, high, magnitude, mean, m2)
+
+
+def _moments_combine(a: Moments, b: Moments) -> Moments:
+    """Chan, Golub & LeVeque's parallel update, after bringing both parts to the larger unit."""
+    magnitude = np.maximum(a.magnitude, b.magnitude)
+    unit = np.where(magnitude > 0, magnitude, 1.0)
+    fa = np.where(a.magnitude > 0, a.magnitude / unit, 0.0)
+    fb = np.where(b.magnitude > 0, b.magnitude / unit, 0.0)
+    mean_a, mean_b = a.mean * fa, b.mean * fb
+    count = a.count + b.count
+    safe = np.maximum(count, 1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (b.count / safe)
+    m2 = a.m2 * fa**2 + b.m2 * fb**2 + delta**2 * (a.count * b.count / safe)
+    return Moments(count, np.minimum(a.low, b.low), np.maximum(a.high, b.high), magnitude, mean, m2)
+
+
+def moments(node: Any) -> Moments:
+    """One pass: per element count, extremes, magnitude, and mean and Σ (x − mean)² in units of the magnitude."""
+    return scan(list(node.sources), _moments_part, _moments_combine)
+
+
+def _pattern_part(start: int, *blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    missing = np.hstack([np.isnan(np.asarray(b, dtype=float)) for b in blocks])
+    partial = missing.any(axis=1) & ~missing.all(axis=1)
+    rows = np.flatnonzero(partial)
+    return rows + start, ~missing[rows]
+
+
+def _concat(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
+
+
+def partial_rows(node: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One pass: the rows whose event is partly observed (sorted) and their observed masks."""
+    return scan(list(node.sources), _pattern_part, _concat)
+
+
+def local_patterns(node: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's partly observed rows (local) and the index of their pattern in ``node.patterns``."""
+    rows, observed = _pattern_part(0, *node.sources)
+    if not len(rows):
+        return rows, np.zeros(0, dtype=np.intp)
+    lookup = {pattern.tobytes(): g for g, pattern in enumerate(node.patterns)}
+    keys, inverse = np.unique(observed, axis=0, return_inverse=True)
+    index = np.array([lookup[key.tobytes()] for key in keys], dtype=np.intp)
+    return rows, index[inverse.ravel()]
+
+
+def far_values(node: Any, center: np.ndarray, scale: np.ndarray, limit: float
+               ) -> tuple[int, int, float, float]:
+    """One pass: values beyond ``limit`` standard deviations: (count, first flat index, value, distance)."""
+    def part(start: int, *blocks: np.ndarray) -> tuple[int, int, float, float]:
+        x = np.hstack([np.asarray(b, dtype=float) for b in blocks])
+        distance = np.abs(x / 2 - center / 2) / (scale / 2)
+        far = distance > limit
+        if not far.any():
+            return 0, -1, 0.0, 0.0
+        first = int(np.flatnonzero(far.ravel())[0])
+        return int(far.sum()), start * x.shape[1] + first, float(x.flat[first]), float(distance.flat[first])
+
+    def combine(a: Any, b: Any) -> Any:
+        first = a if a[1] >= 0 and (b[1] < 0 or a[1] <= b[1]) else b
+        return (a[0] + b[0],) + tuple(first[1:])
+
+    return scan(list(node.sources), part, combine)
+
+
+# -- categorical labels -------------------------------------------------------------------
+def _missing(values: np.ndarray) -> np.ndarray:
+    import pandas as pd
+
+    return np.asarray(pd.isna(values), dtype=bool)
+
+
+def _unique_labels(tidy: Callable[[Any], Any], start: int, *blocks: np.ndarray) -> set:
+    import pandas as pd
+
+    found: set = set()
+    for block in blocks:
+        values = np.asarray(block).ravel()
+        present = values[~_missing(values)] if values.dtype.kind in "fOM" else values
+        found.update(tidy(v) for v in pd.unique(present.astype(object) if present.dtype.kind == "O" else present))
+    return found
+
+
+def _union(a: set, b: set) -> set:
+    return a | b
+
+
+def unique_labels(arrays: Sequence[Any], tidy: Callable[[Any], Any]) -> set:
+    """One pass: the distinct present labels of dask label arrays (tidied)."""
+    return scan(list(arrays), functools.partial(_unique_labels, tidy), _union)
+
+
+def _encode_block(lookup: dict, tidy: Callable[[Any], Any], block: np.ndarray) -> np.ndarray:
+    import pandas as pd
+
+    values = np.asarray(block)
+    out = np.full(values.shape, np.nan)
+    present = ~_missing(values) if values.dtype.kind in "fOM" else np.ones(values.shape, dtype=bool)
+    codes, uniques = pd.factorize(values[present].astype(object) if values.dtype.kind == "O" else values[present])
+    mapped = np.array([lookup.get(tidy(v), np.nan) for v in uniques] + [np.nan], dtype=float)
+    out[present] = mapped[codes]
+    return out
+
+
+def encode(array: Any, lookup: dict, tidy: Callable[[Any], Any]) -> Any:
+    """Labels → float level codes (NaN: missing or unknown), lazily, chunk by chunk."""
+    return array.map_blocks(functools.partial(_encode_block, lookup, tidy), dtype=float,
+                            meta=np.empty((0,) * array.ndim))
+
+
+def _unknown_part(lookup: dict, tidy: Callable[[Any], Any], start: int, block: np.ndarray
+                  ) -> tuple[int, int, Any]:
+    values = np.asarray(block)
+    codes = _encode_block(lookup, tidy, values)
+    present = ~_missing(values) if values.dtype.kind in "fOM" else np.ones(values.shape, dtype=bool)
+    unknown = present & np.isnan(codes)
+    if not unknown.any():
+        return 0, -1, None
+    first = int(np.flatnonzero(unknown.ravel())[0])
+    width = values.shape[1] if values.ndim > 1 else 1
+    return int(unknown.sum()), start * width + first, tidy(values.ravel()[first])
+
+
+def unknown_labels(array: Any, lookup: dict, tidy: Callable[[Any], Any]) -> tuple[int, int, Any]:
+    """One pass: labels that are not levels: (count, first flat index, first label)."""
+    def combine(a: Any, b: Any) -> Any:
+        first = a if a[1] >= 0 and (b[1] < 0 or a[1] <= b[1]) else b
+        return a[0] + b[0], first[1], first[2]
+
+    return scan([array], functools.partial(_unknown_part, lookup, tidy), combine)
+
+
+# -- plans over one chunk ---------------------------------------------------------------------
+def layout(plan: Any) -> tuple[list[Slot], list[Any]]:
+    """The plan's arrays as 2-D dask arrays (sample chunks shared) and what each one is."""
+    slots: list[Slot] = []
+    arrays: list[Any] = []
+    for i, node in enumerate(plan.nodes):
+        for j, source in enumerate(node.sources):
+            slots.append(("source", i, j))
+            arrays.append(source)
+        for key, value in node.aux.items():
+            slots.append(("aux", i, key))
+            arrays.append(value)
+    if plan.weights is not None:
+        slots.append(("weights",))
+        arrays.append(plan.weights[:, None])
+    if plan.clamp is not None:
+        slots.append(("clamp",))
+        arrays.append(as_rows(np.asarray(plan.clamp)[:, None], sample_chunks(plan)))
+    return slots, arrays
+
+
+def skeleton(plan: Any) -> Any:
+    """The plan without its data (small, picklable): what every chunk's task receives."""
+    nodes = [dataclasses.replace(node, sources=[], aux={}) for node in plan.nodes]
+    for node in nodes:
+        node.partial_rows = np.zeros(0, dtype=np.intp)
+        node.partial_pattern = np.zeros(0, dtype=np.intp)
+    return dataclasses.replace(plan, sample_coords={}, nodes=nodes, weights=None, clamp=None)
+
+
+def local_plan(skeleton_plan: Any, slots: Sequence[Slot], blocks: Sequence[np.ndarray]) -> Any:
+    """An in-memory plan over one chunk, from that chunk's numpy blocks (one per slot)."""
+    sources: dict[int, dict[int, np.ndarray]] = {}
+    aux: dict[int, dict[str, np.ndarray]] = {}
+    weights = clamp = None
+    n = None
+    for slot, block in zip(slots, blocks, strict=True):
+        block = np.asarray(block)
+        n = len(block)
+        if slot[0] == "source":
+            sources.setdefault(slot[1], {})[slot[2]] = block
+        elif slot[0] == "aux":
+            aux.setdefault(slot[1], {})[slot[2]] = block
+        elif slot[0] == "weights":
+            weights = np.ascontiguousarray(block[:, 0], dtype=float)
+        else:
+            clamp = np.ascontiguousarray(block[:, 0], dtype=np.intp)
+    nodes = []
+    for i, node in enumerate(skeleton_plan.nodes):
+        local = dataclasses.replace(node, sources=[sources[i][j] for j in range(len(sources[i]))],
+                                    aux=dict(aux.get(i, {})))
+        if node.patterns:
+            local.partial_rows, local.partial_pattern = local_patterns(local)
+        nodes.append(local)
+    plan = dataclasses.replace(skeleton_plan, n_samples=int(n or 0), nodes=nodes, weights=weights, clamp=clamp)
+    return plan
+
+
+def _totals_part(skeleton_plan: Any, slots: Sequence[Slot], start: int, *blocks: np.ndarray
+                 ) -> tuple[float, np.ndarray]:
+    from emdsl.compile import SCAN_ROWS
+
+    plan = local_plan(skeleton_plan, slots, blocks)
+    log_base, magnitude = 0.0, np.zeros(plan.n_stats)
+    for a in range(0, plan.n_samples, SCAN_ROWS):  # blocks: memory bounded by the block, not the chunk
+        b = min(a + SCAN_ROWS, plan.n_samples)
+        part = plan.log_base_measure(a, b)
+        phi = np.empty((plan.n_stats, b - a))
+        plan.read(a, b, phi, np.empty(plan.max_D * (b - a)))
+        np.abs(phi, out=phi)
+        if plan.weights is None:
+            log_base += float(part.sum())
+            magnitude += phi.sum(axis=1)
+        else:
+            log_base += float(part @ plan.weights[a:b])
+            magnitude += phi @ plan.weights[a:b]
+    return log_base, magnitude
+
+
+def _add_totals(a: tuple[float, np.ndarray], b: tuple[float, np.ndarray]) -> tuple[float, np.ndarray]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def plan_totals(plan: Any) -> tuple[float, np.ndarray]:
+    """One pass: Σ_n w_n log h(x_n) and Σ_n w_n |Φ_sn| (S,) of a dask-backed plan."""
+    slots, arrays = layout(plan)
+    return scan(arrays, functools.partial(_totals_part, skeleton(plan), slots), _add_totals)

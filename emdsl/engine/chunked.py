@@ -1,0 +1,296 @@
+"""The E-step over dask chunks: one dask computation per pass, only K × S sums travel.
+
+:class:`ChunkedEStep` has the interface of :class:`~emdsl.engine.estep.EStep`
+(``summarize``, ``statistics_from``, ``evaluate``), so the loop, the accelerators and
+the seeding run unchanged on dask-backed data. Each call builds one task per chunk
+along the sample dimension; a task turns its chunk's numpy blocks into an ordinary plan
+over that chunk (:func:`emdsl.data.dask_source.local_plan`) and runs the in-memory
+E-step on it, on one thread (dask supplies the parallelism, across chunks). The
+per-chunk :class:`~emdsl.engine.estep.Summary` objects are tree-summed, so what leaves
+a worker is the K × S statistics and three scalars: statistics add up (DESIGN.md §2),
+and a sum over chunks is the same EM step as a sum over blocks, up to the order of
+floating-point additions (the fits agree to ~1e-13; tests/test_dask.py).
+
+Whatever scheduler is active runs the tasks: the threaded scheduler by default, a
+``dask.distributed`` cluster inside ``with Client(...)`` — the chunks are then read
+(from zarr, say) by the workers that compute on them, and a worker lost mid-pass has its
+tasks recomputed by dask from the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from emdsl.compile import Plan
+from emdsl.data import dask_source
+from emdsl.engine.estep import Summary
+
+_CURRENT = threading.local()
+
+
+def current_chunk() -> tuple[Plan, int]:
+    """The chunk a task is working on (its local plan and first global row), for ``resp_of`` callbacks."""
+    found = getattr(_CURRENT, "chunk", None)
+    if found is None:
+        raise RuntimeError("current_chunk() is only defined inside a chunked E-step's task")
+    return found
+
+
+@contextlib.contextmanager
+def _working_on(plan: Plan, offset: int) -> Iterator[None]:
+    previous = getattr(_CURRENT, "chunk", None)
+    _CURRENT.chunk = (plan, offset)
+    try:
+        yield
+    finally:
+        _CURRENT.chunk = previous
+
+
+def _estep(plan: Plan) -> Any:
+    from emdsl.engine.precision import make_estep
+
+    return make_estep(plan, n_threads=1)
+
+
+def _summarize_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.ndarray,
+                     theta: Mapping[str, Any] | None, *blocks: np.ndarray) -> Summary:
+    plan = dask_source.local_plan(skeleton, slots, blocks)
+    with _working_on(plan, offset), _estep(plan) as estep:
+        return estep.summarize(H, theta)
+
+
+def _statistics_chunk(skeleton: Plan, slots: Sequence[Any], offset: int,
+                      resp_of: Callable[[int, int], np.ndarray], *blocks: np.ndarray) -> Summary:
+    plan = dask_source.local_plan(skeleton, slots, blocks)
+
+    def local(start: int, stop: int) -> np.ndarray:
+        return resp_of(offset + start, offset + stop)
+
+    with _working_on(plan, offset), _estep(plan) as estep:
+        return estep.statistics_from(local)
+
+
+def _evaluate_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.ndarray,
+                    theta: Mapping[str, Any] | None, what: str, *blocks: np.ndarray) -> np.ndarray:
+    """Per-sample results of one chunk: ``resp`` (n × K), ``loglik`` (n,) or ``score`` (n,, with log h)."""
+    plan = dask_source.local_plan(skeleton, slots, blocks)
+    n = plan.n_samples
+    with _working_on(plan, offset), _estep(plan) as estep:
+        if what == "resp":
+            out = np.empty((n, plan.K))
+            estep.evaluate(H, theta, resp_out=out)
+            return out
+        out = np.empty(n)
+        estep.evaluate(H, theta, loglik_out=out)
+    if what == "score":
+        out += plan.log_base_measure(0, n)
+    return out
+
+
+def _add(a: Summary, b: Summary) -> Summary:
+    return a + b
+
+
+class ChunkedEStep:
+    """Runs the E-step of a dask-backed plan: one task per chunk, summaries tree-summed.
+
+    Use as a context manager, like :class:`~emdsl.engine.estep.EStep`.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        import dask
+
+        self.plan = plan
+        self.K, self.S, self.N = plan.K, plan.n_stats, plan.n_samples
+        self.slots, arrays = dask_source.layout(plan)
+        self.chunks = tuple(arrays[0].chunks[0])
+        self.starts, self.blocks = dask_source.chunk_blocks(arrays)
+        # One key for the data-free plan, shared by every task of every pass (sent once, not per chunk).
+        self.skeleton = dask.delayed(dask_source.skeleton(plan), name=f"emdsl-plan-{uuid.uuid4().hex}",
+                                     traverse=False)
+        self._counter = itertools.count()
+
+    def __enter__(self) -> ChunkedEStep:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release: dask owns the workers."""
+
+    def _shared(self, value: Any, what: str) -> Any:
+        """A value every task of a pass reads, as one key (no hashing of its content)."""
+        import dask
+
+        return dask.delayed(value, name=f"emdsl-{what}-{uuid.uuid4().hex}", traverse=False)
+
+    def _reduce(self, fn: Callable[..., Summary], *args: Any) -> Summary:
+        import dask
+
+        parts = [dask.delayed(fn, pure=False)(self.skeleton, self.slots, start, *args, *chunk)
+                 for start, chunk in zip(self.starts, self.blocks, strict=True)]
+        return dask.compute(dask_source._tree(parts, _add))[0]
+
+    def summarize(self, H: np.ndarray, theta: Mapping[str, Any] | None = None) -> Summary:
+        """One E-step pass over every chunk: R Φᵀ, Σ log p(x_n) (without log h) and the entropy of R."""
+        return self._reduce(_summarize_chunk, self._shared(H, "H"), self._shared(theta, "theta"))
+
+    def statistics_from(self, resp_of: Callable[[int, int], np.ndarray]) -> Summary:
+        """R Φᵀ and the entropy of R for given responsibilities (``resp_of(start, stop)``, global rows: K × n)."""
+        return self._reduce(_statistics_chunk, self._shared(resp_of, "resp"))
+
+    def lazy(self, H: np.ndarray, theta: Mapping[str, Any] | None, what: str) -> Any:
+        """Per-sample results as a dask array with the data's chunks: ``resp`` (N × K), ``loglik`` or ``score`` (N,)."""
+        import dask
+        import dask.array as da
+
+        H_key, theta_key = self._shared(H, "H"), self._shared(theta, "theta")
+        pieces = []
+        for start, size, chunk in zip(self.starts, self.chunks, self.blocks, strict=True):
+            task = dask.delayed(_evaluate_chunk, pure=False)(self.skeleton, self.slots, start, H_key, theta_key,
+                                                            what, *chunk)
+            shape = (size, self.K) if what == "resp" else (size,)
+            pieces.append(da.from_delayed(task, shape=shape, dtype=float))
+        return da.concatenate(pieces, axis=0)
+
+    def evaluate(self, H: np.ndarray, theta: Mapping[str, Any] | None = None, *,
+                 resp_out: np.ndarray | None = None, loglik_out: np.ndarray | None = None) -> None:
+        """Per-sample results written into in-memory arrays (N × K responsibilities, N log-likelihoods)."""
+        import dask
+
+        wanted = [(out, what) for out, what in ((resp_out, "resp"), (loglik_out, "loglik")) if out is not None]
+        results = dask.compute(*[self.lazy(H, theta, what) for _, what in wanted])
+        for (out, _), values in zip(wanted, results, strict=True):
+            out[...] = values
+
+
+# -- seeding on dask-backed data (called by engine/init.py) --------------------------------------
+#: k-means++ on dask-backed data runs on at most this many rows, a uniform sample drawn with the fit's seed
+SEED_SAMPLE = 100_000
+
+
+def _seed_nodes(plan: Plan, names: Sequence[str] | None = None) -> list[int]:
+    return [i for i, node in enumerate(plan.nodes)
+            if node.family.continuous and (names is None or node.name in names)]
+
+
+def _standardized(plan: Plan, nodes: Sequence[int], start: int, stop: int) -> np.ndarray:
+    """The chosen nodes' standardized data for rows [start, stop) of a (local) plan, holes at 0: (n × D)."""
+    parts = []
+    for i in nodes:
+        node = plan.nodes[i]
+        x = np.empty((node.D, stop - start))
+        node.read(start, stop, x)
+        parts.append(x)
+    return np.nan_to_num(np.vstack(parts), nan=0.0).T
+
+
+def _gather_part(skeleton: Plan, slots: Sequence[Any], nodes: Sequence[int], rows: np.ndarray,
+                 start: int, *blocks: np.ndarray) -> np.ndarray:
+    plan = dask_source.local_plan(skeleton, slots, blocks)
+    local = rows[(rows >= start) & (rows < start + plan.n_samples)] - start
+    if not len(local):
+        return np.zeros((0, sum(plan.nodes[i].D for i in nodes)))
+    return _standardized(plan, nodes, 0, plan.n_samples)[local]
+
+
+def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.concatenate([a, b])
+
+
+def gather_rows(plan: Plan, nodes: Sequence[int], rows: np.ndarray) -> np.ndarray:
+    """Standardized data of the given (sorted) rows, holes at 0, in one dask pass: (len(rows) × D)."""
+    import functools
+
+    slots, arrays = dask_source.layout(plan)
+    part = functools.partial(_gather_part, dask_source.skeleton(plan), slots, list(nodes), np.asarray(rows))
+    return dask_source.scan(arrays, part, _stack)
+
+
+class NearestSeed:
+    """Each row's nearest centre, computed inside the chunk's task: ``labels[start:stop]`` (global rows).
+
+    Used like the array of k-means labels the in-memory path builds, without an N-long
+    array: it only answers inside a chunked E-step's task (:func:`current_chunk`).
+    """
+
+    def __init__(self, nodes: Sequence[int], centres: np.ndarray) -> None:
+        self.nodes = list(nodes)
+        self.centres = np.asarray(centres, dtype=float)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        from scipy.cluster.vq import vq
+
+        plan, offset = current_chunk()
+        z = _standardized(plan, self.nodes, rows.start - offset, rows.stop - offset)
+        return vq(z, self.centres, check_finite=False)[0].astype(np.intp)
+
+
+class RandomState:
+    """A uniformly random state per row, reproducible from the seed and the row's chunk."""
+
+    def __init__(self, K: int, seed: int) -> None:
+        self.K, self.seed = K, seed
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, rows.start])
+        return np.argmax(rng.random((rows.stop - rows.start, self.K)), axis=1)
+
+
+def _kpp(z: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeds (Arthur & Vassilvitskii 2007, as scikit-learn runs it).
+
+    Each next seed is the best of 2 + ⌊ln K⌋ candidates drawn ∝ squared distance to the
+    nearest seed (the one that lowers the total squared distance most): plain k-means++
+    puts two seeds in one of four well-separated clusters about a third of the time.
+    """
+    trials = 2 + int(np.log(K))
+    seeds = np.empty((K, z.shape[1]))
+    seeds[0] = z[rng.integers(len(z))]
+    nearest = ((z - seeds[0]) ** 2).sum(axis=1)
+    for k in range(1, K):
+        total = nearest.sum()
+        if total <= 0:  # fewer distinct points than states
+            seeds[k] = z[rng.integers(len(z))]
+            continue
+        picks = np.minimum(np.searchsorted(np.cumsum(nearest), rng.uniform(size=trials) * total), len(z) - 1)
+        candidates = np.minimum(nearest[None, :], ((z[None, :, :] - z[picks][:, None, :]) ** 2).sum(axis=2))
+        best = int(np.argmin(candidates.sum(axis=1)))
+        seeds[k] = z[picks[best]]
+        nearest = candidates[best]
+    return seeds
+
+
+def kmeans_plusplus(plan: Plan, rng: np.random.Generator, scipy_seeding: Callable[[np.ndarray], np.ndarray]
+                    ) -> Any:
+    """k-means++ labels of a dask-backed plan: an array (N ≤ :data:`SEED_SAMPLE`) or a :class:`NearestSeed`.
+
+    Up to :data:`SEED_SAMPLE` rows, every row is gathered (one pass) and seeded exactly as
+    in memory (``scipy_seeding``), so the fit is the in-memory fit. Beyond, k-means++ runs
+    on a uniform sample of that many rows drawn with the fit's seed (greedy k-means++, see
+    :func:`_kpp`), and every row is assigned to its nearest seed inside its chunk's task.
+    """
+    nodes = _seed_nodes(plan)
+    if plan.K == 1:
+        return RandomState(1, 0)
+    if not nodes:
+        if plan.n_samples <= SEED_SAMPLE:
+            return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
+        return RandomState(plan.K, int(rng.integers(2**63)))
+    if plan.n_samples <= SEED_SAMPLE:
+        return scipy_seeding(gather_rows(plan, nodes, np.arange(plan.n_samples)))
+    rows = np.sort(rng.choice(plan.n_samples, SEED_SAMPLE, replace=False))
+    return NearestSeed(nodes, _kpp(gather_rows(plan, nodes, rows), plan.K, rng))
+
+
+def nearest_given_mean(plan: Plan, names: Sequence[str], means: np.ndarray) -> NearestSeed:
+    """Each row's nearest given mean, over the named continuous nodes, computed chunk by chunk."""
+    return NearestSeed(_seed_nodes(plan, names), means)

@@ -1,0 +1,297 @@
+r"""A Markov latent: forward–backward over whole sequences (a hidden Markov model).
+
+The latent is a first-order chain along one dimension of the data,
+
+.. math::
+
+    p(x, z) = \pi_{z_0} \prod_{t \ge 1} A_{z_{t-1} z_t} \prod_t p(x_t \mid z_t),
+
+with the emissions p(x_t | z_t = k) = exp(L_tk) from the same matrix product
+L = H Φ as a mixture (DESIGN.md §2), whose constant column is 0 here. The E-step is
+forward–backward (``_kernels.forward_backward``): γ_t = p(z_t | x) are the
+responsibilities (the weights of R Φᵀ), ξ_t = p(z_t, z_{t+1} | x) give the expected
+transition counts, γ at each sequence's first step the initial counts; all weighted
+by the sequence's weight. The M-step is π = Σ w γ_0 / Σ w and A_ij = Σ ξ_ij / Σ_j Σ ξ_ij
+(a zero in A gives ξ = 0 there, so it stays zero).
+
+The ELBO stays one dot product: the structure's natural parameters (log π, log A) are
+extra columns of H matching its statistics (initial counts, ξ), and its entropy term
+is what makes the ELBO equal ℓ at the E-step's θ:
+ℍ = ℓ − Σ w γ·L − Σ w γ_0·log π − Σ ξ·log A.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+
+from emdsl.errors import ModelError
+from emdsl.families._base import LatentFamily, Params
+from emdsl.families.categorical import log_probs
+from emdsl.latent._base import LatentStructure, held
+
+
+@dataclasses.dataclass(eq=False)
+class Sequences:
+    """How the rows of a plan form sequences: each sequence's rows are consecutive, in time order.
+
+    The data's (sequence dims..., markov dim) are flattened in C order; each sequence
+    keeps its rows up to its last observed step (NaN padding at the end is trimmed:
+    a chain past its last observation marginalizes to one), so sequence s is rows
+    ``starts[s]:starts[s+1]``, its step t at row ``starts[s] + t``.
+    """
+
+    dim: Hashable
+    sequence_dims: tuple[Hashable, ...]
+    sequence_shape: tuple[int, ...]
+    sequence_coords: dict[Hashable, Any]
+    #: the size of the markov dimension (the padded length)
+    length: int
+    time_coords: dict[Hashable, Any]
+    starts: np.ndarray
+    #: per-sequence weights (None: every sequence counts once)
+    weights: np.ndarray | None = None
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Observed length of each sequence (padding trimmed)."""
+        return np.diff(self.starts)
+
+    def blocks(self, rows: int) -> list[tuple[int, int]]:
+        """Row ranges of whole sequences, about ``rows`` long (a longer sequence is a block of its own)."""
+        out = []
+        first = 0
+        m = self.n_sequences
+        while first < m:
+            last = first + 1
+            while last < m and self.starts[last + 1] - self.starts[first] <= rows:
+                last += 1
+            out.append((int(self.starts[first]), int(self.starts[last])))
+            first = last
+        return out
+
+    def sequences_in(self, start: int, stop: int) -> tuple[int, int]:
+        """The sequences whose rows are [start, stop) (a block of whole sequences)."""
+        a, b = np.searchsorted(self.starts, [start, stop])
+        return int(a), int(b)
+
+    def weights_of(self, a: int, b: int) -> np.ndarray:
+        return np.ones(b - a) if self.weights is None else self.weights[a:b]
+
+    def scatter(self, values: np.ndarray, fill: Any = np.nan, dtype: Any = None) -> np.ndarray:
+        """Per-row values (N, ...) onto the padded grid (n_sequences, length, ...), ``fill`` in the padding."""
+        out = np.full((self.n_sequences, self.length) + values.shape[1:], fill,
+                      dtype=values.dtype if dtype is None else dtype)
+        mask = np.arange(self.length)[None, :] < self.lengths[:, None]
+        out[mask] = values
+        return out
+
+
+class Markov(LatentStructure):
+    """Initial distribution and transition matrix of a chain; forward–backward E-step."""
+
+    def __init__(self, family: LatentFamily, sequences: Sequences) -> None:
+        self.family = family
+        self.K = family.k
+        self.sequences = sequences
+        self.n_stats = 1 + self.K
+        #: With zeros fixed in the declaration, a step that the allowed states explain
+        #: 1e-290 times worse than the best state is reported as impossible: a fixed zero
+        #: emission probability is floored at 1e-300 (Categorical), which would otherwise
+        #: pass silently as a log-likelihood of −690. Zeros that EM learned are no error.
+        fixed = [np.asarray(value) for value in family.fixed.values()]
+        self.impossible = float(np.log(1e-290)) if any((value == 0).any() for value in fixed) else -np.inf
+
+    def log_weights(self, params: Params) -> np.ndarray:
+        return np.zeros(self.K)
+
+    def natural(self, params: Params) -> np.ndarray:
+        """[log π | log A] (K × (1 + K)): column 0 meets the initial counts, column 1 + j meets ξ_·j."""
+        return np.hstack([log_probs(np.asarray(params["initial"], dtype=float))[:, None],
+                          log_probs(np.asarray(params["transition"], dtype=float))])
+
+    def m_step(self, counts: np.ndarray, stats: np.ndarray, hold: Params,
+               previous: Params | None) -> Params:
+        initial, transition = held(hold, "initial"), held(hold, "transition")
+        if initial is None:
+            first = stats[:, 0]
+            initial = first / first.sum()
+        if transition is None:
+            xi = stats[:, 1:]
+            rows = xi.sum(axis=1, keepdims=True)
+            # A state never left (it only ends sequences, or is never visited) has no
+            # transition counts; Q does not depend on its row, which stays where it was.
+            empty = rows[:, 0] <= 1e-12 * max(float(rows.sum()), 1.0)
+            transition = xi / np.where(rows > 0, rows, 1.0)
+            if empty.any():
+                fallback = (previous or {}).get("transition")
+                fallback = self.default_params()["transition"] if fallback is None else np.asarray(fallback)
+                transition[empty] = fallback[empty]
+        return {"initial": initial, "transition": transition}
+
+    def stats_magnitude(self, plan: Any) -> np.ndarray:
+        seq = self.sequences
+        w = seq.weights_of(0, seq.n_sequences)
+        transitions = float(w @ np.maximum(seq.lengths - 1, 0))
+        return np.concatenate([[float(w.sum())], np.full(self.K, transitions)])
+
+    def default_params(self) -> Params:
+        return self.family.default_params()  # type: ignore[attr-defined]
+
+    # -- E-step of one block of whole sequences ---------------------------------------
+    def posterior(self, L: np.ndarray, starts: np.ndarray, weights: np.ndarray, params: Params,
+                  resp: np.ndarray, scratch: np.ndarray, peak: np.ndarray, scale: np.ndarray
+                  ) -> tuple[float, float, float, np.ndarray]:
+        """Forward–backward on L (n × K): writes w γ into ``resp`` (n × K).
+
+        Returns Σ w log p(x_s) (log h excluded), the entropy term, the magnitude of the
+        sums (for the rounding slack), and the latent's statistics (K × (1 + K)).
+        """
+        stats = np.zeros((self.K, 1 + self.K))
+        gamma_l, per_sequence, sizes = self._forward_backward(L, starts, weights, params, resp, scratch, peak, scale,
+                                                              stats[:, 0], stats[:, 1:])
+        loglik = float(per_sequence @ weights)
+        magnitude = float(sizes @ weights)
+        entropy = loglik - gamma_l - float(np.vdot(self.natural(params), stats))
+        return loglik, entropy, magnitude, stats
+
+    def _forward_backward(self, L: np.ndarray, starts: np.ndarray, weights: np.ndarray, params: Params,
+                          resp: np.ndarray, scratch: np.ndarray, peak: np.ndarray, scale: np.ndarray,
+                          init_out: np.ndarray, xi_out: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """The compiled recursion with numpy's exp and log around it.
+
+        Returns Σ w γ·L, and per sequence log p(x_s) (log h excluded) and Σ_t (|max_k L_tk| + |log c_t|).
+        """
+        from emdsl.latent._kernels import forward_backward, sequence_sums, shift_rows, states_key
+
+        n = L.shape[0]
+        shift_rows(L, peak, scratch)
+        np.exp(scratch, out=scratch)
+        initial = np.asarray(params["initial"], dtype=float)
+        transition = np.ascontiguousarray(params["transition"], dtype=float)
+        xi = np.zeros((self.K, self.K))
+        first = np.zeros(self.K)
+        bad = forward_backward(states_key(self.K), L, starts, weights, initial, transition, self.impossible,
+                               resp, scratch, peak, scale, first, xi)
+        if bad >= 0:
+            raise ImpossibleSequence(int(bad))
+        init_out += first
+        xi_out += xi
+        m = len(starts) - 1
+        per_sequence, sizes = np.empty(m), np.empty(m)
+        sequence_sums(peak, np.log(scale[:n]), starts, per_sequence, sizes)
+        return float(np.vdot(resp, L)), per_sequence, sizes
+
+    def factorized(self, resp: np.ndarray, starts: np.ndarray, weights: np.ndarray
+                   ) -> tuple[np.ndarray, float]:
+        """Statistics and entropy of a q that is independent across steps, from its marginals (K × n).
+
+        For starting responsibilities (k-means++ labels, random ones): E_q over
+        independent steps gives the transition counts Σ_t r_t r_{t+1}ᵀ, and ℍ[q] is
+        the sum of the steps' entropies, so the ELBO of θ⁽⁰⁾ is a true lower bound.
+        """
+        n = resp.shape[1]
+        lengths = np.diff(starts)
+        row_w = np.repeat(weights, lengths)
+        first = starts[:-1]
+        stats = np.zeros((self.K, 1 + self.K))
+        stats[:, 0] = resp[:, first] @ weights
+        follows = np.ones(n, dtype=bool)
+        follows[first] = False  # rows that have a predecessor in their sequence
+        later = np.flatnonzero(follows)
+        stats[:, 1:] = (resp[:, later - 1] * row_w[later]) @ resp[:, later].T
+        positive = resp > 0
+        terms = np.where(positive, resp * np.log(np.where(positive, resp, 1.0)), 0.0).sum(axis=0)
+        return stats, -float(terms @ row_w)
+
+    def evaluate(self, L: np.ndarray, starts: np.ndarray, params: Params, resp: np.ndarray,
+                 scratch: np.ndarray, peak: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Unweighted γ into ``resp`` and log p(x_s) per sequence (log h excluded)."""
+        weights = np.ones(len(starts) - 1)
+        return self._forward_backward(L, starts, weights, params, resp, scratch, peak, scale,
+                                      np.zeros(self.K), np.zeros((self.K, self.K)))[1]
+
+
+class ImpossibleSequence(ModelError):
+    """A sequence has probability 0 under the parameters (raised with the block row; the engine names it)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"row {row}")
+        self.row = row
+
+
+def impossible_message(sequences: Sequences, row: int, name: str) -> str:
+    """Say which sequence and time step cannot be reached, in the data's labels."""
+    s = int(np.searchsorted(sequences.starts, row, side="right") - 1)
+    t = row - int(sequences.starts[s])
+    where = []
+    if sequences.sequence_dims:
+        index = np.unravel_index(s, sequences.sequence_shape)
+        for dim, i in zip(sequences.sequence_dims, index, strict=True):
+            coords = sequences.sequence_coords.get(dim)
+            where.append(f"{dim}={_plain(coords[i]) if coords is not None else int(i)!r}")
+    coords = sequences.time_coords.get(sequences.dim)
+    where.append(f"{sequences.dim}={_plain(coords[t]) if coords is not None else t!r}")
+    return (f"latent({name!r}, ..., markov={sequences.dim!r}): the sequence at {', '.join(where)} has "
+            f"probability 0 under the parameters: no state allowed there by the initial distribution and "
+            "the transition matrix (e.g. its fixed zeros) can emit the observation. Check the zeros of "
+            "initial/transition, or the data at that step")
+
+
+def _plain(label: Any) -> Any:
+    if isinstance(label, np.datetime64 | np.timedelta64):
+        return str(label)
+    return label.item() if isinstance(label, np.generic) else label
+
+
+def fill_padding(grid: np.ndarray, lengths: np.ndarray, transition: np.ndarray) -> None:
+    """p(z_t | x) past each sequence's last observation (NaN padding): γ_t = γ_{t−1} A, in place.
+
+    grid (n_sequences, T, K) holds γ over each sequence's observed span.
+    """
+    T = grid.shape[1]
+    for t in range(int(lengths.min()) if len(lengths) else T, T):
+        past = lengths <= t
+        grid[past, t] = grid[past, t - 1] @ transition
+
+
+def viterbi_paths(L: np.ndarray, sequences: Sequences, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Most probable paths (n_sequences × T, state indices) and their log p(x, z) without log h.
+
+    The padded steps after a sequence's last observation are missing observations: the
+    path continues along the most probable transitions.
+    """
+    from emdsl.latent._kernels import states_key, viterbi
+
+    with np.errstate(divide="ignore"):
+        log_initial = np.log(np.asarray(params["initial"], dtype=float))
+        log_transition = np.log(np.ascontiguousarray(params["transition"], dtype=float))
+    m = sequences.n_sequences
+    path = np.empty((m, sequences.length), dtype=np.int64)
+    log_prob = np.empty(m)
+    lengths = np.full(m, sequences.length, dtype=np.int64)
+    viterbi(states_key(L.shape[1]), np.ascontiguousarray(L), sequences.starts, lengths, log_initial, log_transition,
+            path, log_prob)
+    return path, log_prob
+
+
+def sample_states(params: Params, n_sequences: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """State paths (n_sequences × length) drawn from the chain."""
+    initial = np.asarray(params["initial"], dtype=float)
+    cumulative = np.cumsum(np.asarray(params["transition"], dtype=float), axis=1)
+    states = np.empty((n_sequences, length), dtype=np.intp)
+    if length == 0:
+        return states
+    states[:, 0] = rng.choice(len(initial), size=n_sequences, p=initial / initial.sum())
+    for t in range(1, length):
+        u = rng.random(n_sequences)[:, None]
+        rows = cumulative[states[:, t - 1]]
+        states[:, t] = np.minimum((u * rows[:, -1:] > rows).sum(axis=1), len(initial) - 1)
+    return states

@@ -1,0 +1,951 @@
+r"""Covariates: a Normal observation whose mean is linear in covariates, per latent state.
+
+``observe("y", em.Normal, covariates=["dose", "sex"])`` makes y | z=k ~ N(x_nᵀβ_k, σ²_k)
+(a mixture of linear regressions, flexmix's ``FLXMRglm()``), with x_n the design row
+["intercept", dose, sex[male], ...]: an intercept unless ``intercept=False``, numeric
+covariates as they are, categorical ones one-hot against their first level, in labelled
+``term``\s. It stays an exponential family in the joint statistics of (y, x):
+
+.. math::
+
+    \log p(y \mid x, \beta, \sigma^2) = -\tfrac12\log\sigma^2
+        + \frac{y\, x^\top\beta}{\sigma^2} - \frac{y^2}{2\sigma^2}
+        - \frac{\beta^\top x x^\top \beta}{2\sigma^2} - \tfrac12\log 2\pi ,
+
+    \phi(y, x) = \big(1,\ y\,x,\ y^2,\ \mathrm{vech}(x x^\top)\big),
+
+so the node owns 1 + T + 1 + T(T+1)/2 rows of Φ (T terms), its sums are XᵀRy, yᵀRy and
+XᵀRX per state, and the M-step is weighted least squares in closed form:
+β_k = (XᵀR_kX)⁻¹ XᵀR_k y and σ²_k = (yᵀR_ky − 2β_kᵀXᵀR_ky + β_kᵀXᵀR_kXβ_k) / N_k — a sum
+over blocks like every other node. y is standardized internally (the covariates are
+used as they are); ``coef`` and ``variance`` are reported in the data's units.
+
+Validation (here, at compile time): a covariate that is missing from the data, not
+1-D over the samples, missing anywhere (NaN or None), constant (with an intercept),
+neither numeric nor categorical, or collinear with others is a ``ModelError`` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import xarray as xr
+
+from emdsl import labels
+from emdsl.errors import ModelError
+from emdsl.families._base import (
+    Axes,
+    Floored,
+    LatentFamily,
+    Marginal,
+    ObservedFamily,
+    Params,
+    empty_components,
+    safe_counts,
+)
+from emdsl.families.normal import LOG_2PI, apply_floor, gaussian_marginal
+
+#: families that take covariates, and those whose link is the log (they may take an offset)
+SUPPORTED = ("Normal", "Poisson", "Bernoulli", "Binomial")
+LOG_LINK = ("Poisson",)
+#: normalized singular value of the design below which its columns count as collinear
+_COLLINEAR = 1e-9
+
+
+def check_declaration(where: str, family: ObservedFamily, variables: Sequence[str], covariates: Any,
+                      intercept: Any, offset: Any) -> tuple[tuple[str, ...], bool, str | None]:
+    """Validate ``observe(..., covariates=, intercept=, offset=)``; return them normalized."""
+    if offset is not None:
+        if family.kind not in LOG_LINK:
+            raise ModelError(f"{where}: offset={offset!r} needs a family with a log link (em.Poisson); "
+                             f"{family.kind} has none (an offset is added to log E[y])")
+        if not isinstance(offset, str) or not offset:
+            raise ModelError(f"{where}: offset must name a data variable (log exposure), got {offset!r}")
+    if not isinstance(intercept, bool):
+        raise ModelError(f"{where}: intercept must be True or False, got {intercept!r}")
+    if covariates is None:
+        if offset is not None:
+            raise ModelError(f"{where}: offset={offset!r} is part of a regression; give covariates= too")
+        return (), True, None
+    if isinstance(covariates, str):
+        covariates = [covariates]
+    if not hasattr(covariates, "__iter__") or isinstance(covariates, Mapping | set | frozenset | bytes):
+        raise ModelError(f"{where}: covariates must be a list of data variable names, got {covariates!r}")
+    names = tuple(str(c) if isinstance(c, str) else c for c in covariates)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ModelError(f"{where}: covariates must be data variable names (non-empty strings), got {name!r}")
+    if len(set(names)) != len(names):
+        raise ModelError(f"{where}: a covariate is listed twice in {list(names)}")
+    clash = [name for name in names if name in variables]
+    if clash:
+        raise ModelError(f"{where}: {clash[0]!r} is both the response and a covariate")
+    if not names and not intercept:
+        raise ModelError(f"{where}: covariates=[] with intercept=False leaves no term to fit")
+    if family.kind not in SUPPORTED:
+        raise ModelError(f"{where}: covariates are implemented for em.Normal (linear regression), em.Poisson "
+                         f"(log link), em.Bernoulli and em.Binomial (logit link); not for {family.kind}")
+    fixed = sorted(set(family.fixed) - {"variance"})
+    if fixed:
+        raise ModelError(f"{where}: {fixed} fixed in {family!r} cannot go with covariates, "
+                         "which make them depend on each sample")
+    if len(variables) != 1:
+        raise ModelError(f"{where}: a regression has one response variable; observe each in its own node")
+    return names, intercept, offset
+
+
+def check_concomitant(where: str, family: LatentFamily, markov: str | None, covariates: Any) -> tuple[str, ...]:
+    """Validate ``latent(..., covariates=)``; return the names."""
+    if markov is not None:
+        raise ModelError(f"{where}: covariates on a Markov latent (transition rows that depend on covariates) "
+                         "are not supported; drop markov= or covariates=")
+    if family.k < 2:
+        raise ModelError(f"{where}: covariates move the weights of several states; {family!r} has one")
+    if family.fixed:
+        raise ModelError(f"{where}: fixed weights {family!r} cannot depend on covariates")
+    if isinstance(covariates, str):
+        covariates = [covariates]
+    if not hasattr(covariates, "__iter__") or isinstance(covariates, Mapping | set | frozenset | bytes):
+        raise ModelError(f"{where}: covariates must be a list of data variable names, got {covariates!r}")
+    names = tuple(covariates)
+    if not names:
+        raise ModelError(f"{where}: covariates=[] is the plain mixture; leave covariates out")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ModelError(f"{where}: covariates must be data variable names (non-empty strings), got {name!r}")
+    if len(set(names)) != len(names):
+        raise ModelError(f"{where}: a covariate is listed twice in {list(names)}")
+    return names
+
+
+class _NormalRegression(ObservedFamily):
+    """A Normal node whose mean is linear in covariates, bound to its terms (built by :func:`bind`)."""
+
+    param_names = ("coef", "variance")
+    standardize = True
+    continuous = True
+    constraints: ClassVar[dict[str, str]] = {"coef": "real", "variance": "positive"}
+
+    def __init__(self, base: ObservedFamily, covariates: tuple[str, ...], terms: tuple[str, ...],
+                 intercept: bool) -> None:
+        self.base, self.covariates, self.terms, self.intercept = base, covariates, terms, intercept
+        self.tied = getattr(base, "tied", None)
+        self.floor = base.floor
+        self._variance = getattr(base, "_variance", None)
+        if not intercept:
+            # Centering y would add an implicit intercept: without one, y stays in the data's units.
+            self.standardize = False  # type: ignore[misc]
+
+    @property
+    def kind(self) -> str:
+        return self.base.kind
+
+    def arguments(self) -> dict[str, Any]:
+        return {"variance": self._variance}
+
+    @property
+    def T(self) -> int:
+        return len(self.terms)
+
+    def param_axes(self) -> dict[str, Axes]:
+        variance: Axes = ("event",) if self.tied == "variance" else ("latent", "event")
+        return {"coef": ("latent", "term"), "variance": variance}  # type: ignore[dict-item]
+
+    def n_rows(self, D: int) -> int:
+        T = self.T
+        return 2 + T + T * (T + 1) // 2
+
+    def statistics(self, x: np.ndarray, out: np.ndarray, aux: Mapping[str, np.ndarray]) -> None:
+        T, X = self.T, aux["design"]
+        observed = ~np.isnan(x[0])
+        y = np.where(observed, x[0], 0.0)
+        out[0] = observed
+        np.multiply(X, y, out=out[1:1 + T])
+        np.multiply(y, y, out=out[1 + T])
+        upper = np.triu_indices(T)
+        np.multiply(X[upper[0]], X[upper[1]], out=out[2 + T:])
+        if not observed.all():
+            out[2 + T:] *= observed
+
+    def natural(self, params: Params) -> np.ndarray:
+        coef = np.asarray(params["coef"], dtype=float)
+        K, T = coef.shape
+        variance = np.broadcast_to(np.asarray(params["variance"], dtype=float).reshape(-1), (K,))
+        precision = 1.0 / variance
+        upper = np.triu_indices(T)
+        factor = np.where(upper[0] == upper[1], 1.0, 2.0)
+        return np.hstack([(-0.5 * np.log(variance))[:, None], coef * precision[:, None], (-0.5 * precision)[:, None],
+                          -0.5 * precision[:, None] * factor * coef[:, upper[0]] * coef[:, upper[1]]])
+
+    def log_base_measure(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        return -0.5 * LOG_2PI * (~np.isnan(x)).sum(axis=0)
+
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
+               prior: Any = None) -> tuple[Params, Floored]:
+        if prior is not None:
+            raise ModelError("a prior on a regression's coefficients is not supported")
+        K, T = stats.shape[0], self.T
+        nk, s_xy, s_yy = stats[:, 0], stats[:, 1:1 + T], stats[:, 1 + T]
+        gram = np.zeros((K, T, T))
+        upper = np.triu_indices(T)
+        gram[:, upper[0], upper[1]] = stats[:, 2 + T:]
+        gram[:, upper[1], upper[0]] = stats[:, 2 + T:]
+        empty = empty_components(nk)
+        before = previous or {}
+        fallback = self.default_params(K, 1)
+        if "coef" in hold:
+            coef = np.broadcast_to(np.asarray(hold["coef"], dtype=float), (K, T)).copy()
+        else:
+            coef = np.empty((K, T))
+            for k in range(K):
+                if empty[k]:
+                    coef[k] = before.get("coef", fallback["coef"])[k]
+                    continue
+                try:
+                    coef[k] = np.linalg.solve(gram[k], s_xy[k])
+                except np.linalg.LinAlgError:  # a state whose weighted rows do not span the terms
+                    coef[k] = np.linalg.lstsq(gram[k], s_xy[k], rcond=None)[0]
+        rss = s_yy - 2.0 * np.einsum("kt,kt->k", coef, s_xy) + np.einsum("kt,kts,ks->k", coef, gram, coef)
+        if "variance" in hold:
+            return {"coef": coef, "variance": np.asarray(hold["variance"], dtype=float)}, []
+        if self.tied == "variance":
+            total = max(float(nk.sum()), 1e-300)
+            pooled = np.array([max(float(rss.sum()), 0.0) / total])
+            variance, low = apply_floor(pooled, self.floor, mean_square=np.array([s_yy.sum() / total]), tied=True)
+            return {"coef": coef, "variance": variance}, [(-1, float(pooled[0]))] if low.any() else []
+        counts = safe_counts(nk)
+        raw = np.where(empty, before.get("variance", fallback["variance"]).reshape(-1), np.maximum(rss, 0.0) / counts)
+        variance, low = apply_floor(raw, self.floor, mean_square=np.where(empty, 0.0, s_yy / counts))
+        return {"coef": coef, "variance": variance[:, None]}, [(int(k), float(raw[k])) for k in np.flatnonzero(low)]
+
+    def default_params(self, K: int, D: int) -> Params:
+        variance = np.ones(1) if self.tied == "variance" else np.ones((K, 1))
+        return {"coef": np.zeros((K, self.T)), "variance": variance}
+
+    def n_free_params(self, K: int, D: int) -> int:
+        n_var = 0 if self._variance is not None else (1 if self.tied == "variance" else K)
+        return K * self.T + n_var
+
+    def to_original(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
+        if not self.standardize:
+            return dict(params)
+        c, s = float(center[0]), float(scale[0])
+        coef = s * np.asarray(params["coef"], dtype=float)
+        coef[:, 0] += c  # the intercept is the first term
+        return {"coef": coef, "variance": s * s * np.asarray(params["variance"], dtype=float)}
+
+    def to_standard(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
+        if not self.standardize:
+            return dict(params)
+        c, s = float(center[0]), float(scale[0])
+        out = {}
+        if "coef" in params:
+            coef = np.array(params["coef"], dtype=float)
+            coef[..., 0] -= c
+            out["coef"] = coef / s
+        if "variance" in params:
+            out["variance"] = np.asarray(params["variance"], dtype=float) / (s * s)
+        return out
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
+        if "coef" in params and not np.all(np.isfinite(params["coef"])):
+            raise ModelError(f"{where}: coef must be finite, got {np.asarray(params['coef']).tolist()}")
+        variance = params.get("variance")
+        if variance is not None and not (np.all(np.isfinite(variance)) and np.all(np.asarray(variance) > 0)):
+            raise ModelError(f"{where}: variance must be finite and positive, got {np.asarray(variance).tolist()}")
+
+    def mean(self, params: Params, design: np.ndarray) -> np.ndarray:
+        """E[y | x, z=k] for each row of ``design`` (n × T): (n × K)."""
+        return design @ np.asarray(params["coef"], dtype=float).T
+
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One draw per row; ``aux["design"]`` holds the rows' design (n × T)."""
+        design = np.asarray(aux["design"], dtype=float)
+        mean = self.mean(params, design)[np.arange(len(labels)), labels]
+        variance = np.broadcast_to(np.asarray(params["variance"], dtype=float).reshape(-1), (len(params["coef"]),))
+        return (mean + np.sqrt(variance[labels]) * rng.standard_normal(len(labels)))[:, None]
+
+    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Each missing y becomes Σ_k r_nk x_nᵀβ_k."""
+        filled = (resp * self.mean(params, aux["design"].T)).sum(axis=1)[None, :]
+        return np.where(np.isnan(x), filled, x)
+
+    def expected_value(self, params: Params) -> np.ndarray:
+        raise ModelError("a regression's expected value depends on each sample's covariates")
+
+    def marginal(self, values: Mapping[str, np.ndarray]) -> Marginal:
+        # For plots of y alone: each state's intercept, a line's value at zero covariates.
+        coef = np.asarray(values["coef"], dtype=float)
+        return gaussian_marginal(coef[:, 0], np.asarray(values["variance"], dtype=float).reshape(-1))
+
+
+def within_reach(design: np.ndarray | None, step: np.ndarray, delta: float) -> np.ndarray:
+    """``step`` (T, or K × T) shortened so that no row's linear predictor x_nᵀΔ moves by more than δ."""
+    if design is None:
+        return step
+    reach = float(np.abs(design @ np.atleast_2d(step).T).max()) if design.size else 0.0
+    return step if reach <= delta else step * (delta / reach)
+
+
+class _GLMRegression(ObservedFamily):
+    r"""A count or 0/1 node whose canonical parameter is linear in covariates (a GLM per latent state).
+
+    η_nk = x_nᵀβ_k + o_n (o the offset, 0 without one); log p(y | η) = yη − n·b(η) + log h(y),
+    with b(η) = e^η (Poisson, n = 1) or log(1 + e^η) (Bernoulli, n = 1; Binomial, n trials).
+
+    Its log-density is not linear in fixed statistics, so every row takes the engine's
+    per-row path (the one that holds the conditional Gaussian of partly missing events): the
+    E-step adds yη − n b(η) to L row by row (:meth:`_GLMTerms.log_density`) and sums, per state,
+    the coefficients of a quadratic *minorizer* of the expected complete log-likelihood at the
+    current β (:meth:`_GLMTerms.expected_statistics`):
+
+    .. math::
+
+        Q_k(\beta) \ge S_k(\beta) = Q_k(\beta^{old}) + g_k^\top\Delta - \tfrac12 \Delta^\top B_k \Delta,
+        \quad \Delta = \beta - \beta^{old},\quad
+        g_k = \textstyle\sum_n r_{nk}(y_n - \mu_{nk})x_n,\quad
+        B_k = \textstyle\sum_n r_{nk}\,\kappa_{nk}\, x_n x_n^\top,
+
+    with κ_nk ≥ n·b'' anywhere within |x_nᵀΔ| ≤ δ: e^δ μ_nk for the Poisson, and
+    e^δ n p(1 − p) for the logit (|d log p(1−p)/dη| ≤ 1). S_k is a quadratic in β
+    whose coefficients are sums over rows, so it is this node's block of the statistics
+    (H = [1, β, −½ββᵀ] against Φ = [S(β⁰) − …, g + Bβ⁰, B]); the M-step maximizes it within
+    the trust region |x_nᵀΔ| ≤ δ (a Newton step on S, shortened to ‖Δ‖ ≤ δ / max‖x_n‖):
+    generalized EM, since S_k(β_new) ≥ S_k(β_old) = Q_k(β_old) and Q_k ≥ S_k there, and the
+    ELBO the loop checks, vdot(H, stats), is S's value, a lower bound of the true one.
+    Near the optimum the steps are Newton's with curvature inflated by e^δ (δ = 0.5: the
+    coefficients converge linearly at rate ≤ 1 − e^−δ ≈ 0.4, whatever the data).
+    """
+
+    param_names = ("coef",)
+    multivariate = False  # rows are laid out by the compiler: response, design, offset or trials
+    constraints: ClassVar[dict[str, str]] = {"coef": "real"}
+    #: the trust region, in units of the linear predictor
+    delta = 0.5
+
+    def __init__(self, base: ObservedFamily, covariates: tuple[str, ...], terms: tuple[str, ...],
+                 intercept: bool, has_offset: bool, design: np.ndarray | None = None) -> None:
+        self.base, self.covariates, self.terms, self.intercept = base, covariates, terms, intercept
+        self.has_offset = has_offset
+        self.trials = getattr(base, "trials", None)  # Binomial: an int, or a data variable (a column)
+        self.floor = 0.0
+        #: the rows' design (N × T), for the trust region: no row's linear predictor moves by more than δ
+        self.design = design
+
+    @property
+    def kind(self) -> str:
+        return self.base.kind
+
+    def arguments(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def T(self) -> int:
+        return len(self.terms)
+
+    @property
+    def D(self) -> int:
+        return 1 + self.T + int(self.has_offset or isinstance(self.trials, str))
+
+    def param_axes(self) -> dict[str, Axes]:
+        return {"coef": ("latent", "term")}  # type: ignore[dict-item]
+
+    def n_rows(self, D: int) -> int:
+        T = self.T
+        return 1 + D + 1 + T + T * (T + 1) // 2
+
+    def statistics(self, x: np.ndarray, out: np.ndarray, aux: Mapping[str, np.ndarray]) -> None:
+        out[...] = 0.0  # every row enters through the per-row path (_GLMTerms)
+
+    def natural(self, params: Params) -> np.ndarray:
+        coef = np.asarray(params["coef"], dtype=float)
+        K, T = coef.shape
+        upper = np.triu_indices(T)
+        factor = np.where(upper[0] == upper[1], 1.0, 2.0)
+        return np.hstack([np.zeros((K, 1 + self.D)), np.ones((K, 1)), coef,
+                          -0.5 * factor * coef[:, upper[0]] * coef[:, upper[1]]])
+
+    # -- per-row pieces ----------------------------------------------------------------
+    def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Response y, design X (T × n), offset o and trials n from the node's rows (D × n)."""
+        y, X = x[0], x[1:1 + self.T]
+        extra = x[1 + self.T] if self.D > 1 + self.T else None
+        offset = extra if self.has_offset and extra is not None else np.zeros_like(y)
+        if isinstance(self.trials, str):
+            trials = extra if extra is not None else np.ones_like(y)
+        else:
+            trials = np.full_like(y, float(self.trials) if self.trials is not None else 1.0)
+        return y, X, offset, trials
+
+    def cumulant(self, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """b(η), b'(η) (the mean per trial) and b''(η), elementwise."""
+        if self.kind == "Poisson":
+            mu = np.exp(np.minimum(eta, 700.0))
+            return mu, mu, mu
+        p = 0.5 * (1.0 + np.tanh(0.5 * eta))  # the logistic function, without overflow
+        return np.logaddexp(0.0, eta), p, p * (1.0 - p)
+
+    def log_base_measure(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        from scipy.special import gammaln
+
+        y, _, _, trials = self.split(x)
+        observed = ~np.isnan(y)
+        safe = np.where(observed, y, 0.0)
+        if self.kind == "Poisson":
+            value = -gammaln(safe + 1.0)
+        elif self.kind == "Binomial":
+            value = gammaln(trials + 1.0) - gammaln(safe + 1.0) - gammaln(trials - safe + 1.0)
+        else:
+            value = np.zeros_like(safe)
+        return np.where(observed, value, 0.0)
+
+    def patterns(self, params: Params, observed: np.ndarray) -> _GLMTerms:
+        return _GLMTerms(self, np.asarray(params["coef"], dtype=float))
+
+    def second_moments(self, out: np.ndarray, D: int) -> None:
+        """Starting statistics (no θ yet): the minorizer's rows at β = 0, one column per sample."""
+        x = out[:D]
+        terms = _GLMTerms(self, np.zeros((1, self.T)))
+        out[D:] = terms.rows(x)[0, 1:]
+
+    # -- M-step ------------------------------------------------------------------------------
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
+               prior: Any = None) -> tuple[Params, Floored]:
+        if prior is not None:
+            raise ModelError("a prior on a regression's coefficients is not supported")
+        K, T = stats.shape[0], self.T
+        if "coef" in hold:
+            return {"coef": np.broadcast_to(np.asarray(hold["coef"], dtype=float), (K, T)).copy()}, []
+        start = 1 + self.D + 1
+        v = stats[:, start:start + T]
+        gram = np.zeros((K, T, T))
+        upper = np.triu_indices(T)
+        gram[:, upper[0], upper[1]] = stats[:, start + T:]
+        gram[:, upper[1], upper[0]] = stats[:, start + T:]
+        old = np.zeros((K, T)) if previous is None or "coef" not in previous else np.asarray(previous["coef"])
+        empty = empty_components(stats[:, 0])
+        coef = old.copy()
+        for k in range(K):
+            if empty[k]:
+                continue
+            try:
+                target = np.linalg.solve(gram[k], v[k])
+            except np.linalg.LinAlgError:
+                target = np.linalg.lstsq(gram[k], v[k], rcond=None)[0]
+            coef[k] = old[k] + within_reach(self.design, target - old[k], self.delta)
+        return {"coef": coef}, []
+
+    # -- the rest of the family interface --------------------------------------------------
+    def default_params(self, K: int, D: int) -> Params:
+        return {"coef": np.zeros((K, self.T))}
+
+    def n_free_params(self, K: int, D: int) -> int:
+        return K * self.T
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
+        if "coef" in params and not np.all(np.isfinite(params["coef"])):
+            raise ModelError(f"{where}: coef must be finite, got {np.asarray(params['coef']).tolist()}")
+
+    def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
+        y = x[:, :1]
+        if self.kind == "Binomial":
+            trials = x[:, -1:] if isinstance(self.trials, str) else np.full_like(y, float(self.trials))
+            return self.base.outside_support(y, {"trials": trials})
+        return self.base.outside_support(y, {})
+
+    def mean(self, params: Params, columns: np.ndarray) -> np.ndarray:
+        """E[y | x, z=k] for each row of the node's columns (n × D): (n × K)."""
+        _, X, offset, trials = self.split(np.asarray(columns, dtype=float).T)
+        eta = (np.asarray(params["coef"], dtype=float) @ X + offset).T
+        return self.cumulant(eta)[1] * trials[:, None]
+
+    def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
+               aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One draw per row; ``aux["columns"]`` holds the rows' node columns (n × D)."""
+        columns = np.asarray(aux["columns"], dtype=float)
+        _, X, offset, trials = self.split(columns.T)
+        eta = np.einsum("nt,nt->n", np.asarray(params["coef"], dtype=float)[labels], X.T) + offset
+        mean = self.cumulant(eta)[1]
+        if self.kind == "Poisson":
+            return rng.poisson(mean).astype(float)[:, None]
+        return rng.binomial(trials.astype(np.int64), mean).astype(float)[:, None]
+
+    def impute(self, params: Params, x: np.ndarray, resp: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        filled = x.copy()
+        filled[0] = np.where(np.isnan(x[0]), (resp * self.mean(params, np.nan_to_num(x).T)).sum(axis=1), x[0])
+        return filled
+
+    def expected_value(self, params: Params) -> np.ndarray:
+        raise ModelError("a regression's expected value depends on each sample's covariates")
+
+    def marginal(self, values: Mapping[str, np.ndarray]) -> Marginal:
+        raise ModelError(f"plots of a {self.kind} regression's response alone are not available")
+
+
+class _GLMTerms:
+    """One parameter value's per-row terms of a GLM node: log-densities and the minorizer's sums."""
+
+    def __init__(self, family: _GLMRegression, coef: np.ndarray) -> None:
+        self.family, self.coef = family, coef
+        self.o = np.arange(family.D)  # every column is observed: rows with a missing response are left out
+
+    def log_density(self, x: np.ndarray) -> np.ndarray:
+        """y η − n b(η) for every state and row (K × n); log h is the node's log_base_measure."""
+        y, X, offset, trials = self.family.split(x)
+        eta = self.coef @ X + offset
+        return y * eta - trials * self.family.cumulant(eta)[0]
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """Per state and row, the minorizer's coefficients [c, v, vech B] around the current β (K × R × n)."""
+        family = self.family
+        y, X, offset, trials = family.split(x)
+        T = family.T
+        linear = self.coef @ X  # η − o: x_nᵀβ_k (K × n)
+        eta = linear + offset
+        b, mean, curvature = family.cumulant(eta)
+        mu = trials * mean
+        # e^δ times the curvature here bounds it anywhere in the trust region; a smooth bound (no
+        # min with the logit's global n/4), so that the standard errors can differentiate these sums
+        kappa = np.exp(family.delta) * (mu if family.kind == "Poisson" else trials * curvature)
+        residual = y - mu
+        q = y * eta - trials * b
+        out = np.empty((len(self.coef), 2 + T + T * (T + 1) // 2, x.shape[1]))
+        out[:, 0] = 1.0
+        out[:, 1] = q - residual * linear - 0.5 * kappa * linear * linear
+        out[:, 2:2 + T] = (residual + kappa * linear)[:, None, :] * X[None]
+        upper = np.triu_indices(T)
+        out[:, 2 + T:] = kappa[:, None, :] * (X[upper[0]] * X[upper[1]])[None]
+        return out
+
+    def expected_statistics(self, x: np.ndarray, resp: np.ndarray) -> tuple[np.ndarray, float]:
+        """Σ_n r_nk (presence, columns, minorizer rows) (K × node rows), and nothing for the entropy."""
+        family = self.family
+        K = resp.shape[0]
+        stats = np.zeros((K, family.n_rows(family.D)))
+        rows = self.rows(x)
+        stats[:, 0] = resp.sum(axis=1)
+        stats[:, 1:1 + family.D] = resp @ x.T
+        stats[:, 1 + family.D:] = np.einsum("krn,kn->kr", rows[:, 1:], resp)
+        return stats, 0.0
+
+
+class _ConcomitantWeights(LatentFamily):
+    r"""A latent's weights as a multinomial logit of covariates (a concomitant model, a mixture of experts).
+
+    π_nk = exp(γ_kᵀx_n) / Σ_j exp(γ_jᵀx_n), with γ over (latent, term) and the first state as
+    the reference (γ_0 = 0). The per-row log-weights and the M-step's sums come from a hidden
+    node of the plan (:class:`_ConcomitantLogit`, named like the latent); this family only
+    stands for the parameters in the declaration's place: H's weight column is 0.
+    """
+
+    constraints: ClassVar[dict[str, str]] = {"coef": "reference"}
+
+    def __init__(self, base: LatentFamily, terms: tuple[str, ...]) -> None:
+        self.base, self.terms = base, terms
+        self.k, self.states = base.k, base.states
+
+    @property
+    def kind(self) -> str:
+        return self.base.kind
+
+    def arguments(self) -> dict[str, Any]:
+        return self.base.arguments()
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        return {}
+
+    def param_axes(self) -> dict[str, Axes]:
+        return {"coef": ("latent", "term")}  # type: ignore[dict-item]
+
+    def log_weights(self, params: Params) -> np.ndarray:
+        return np.zeros(self.k)  # each sample's log-weights enter through the hidden node
+
+    def weights_m_step(self, nk: np.ndarray, hold: Params, prior: Any = None) -> Params:
+        return {}  # the hidden node's M-step, run after this one, sets the coefficients
+
+    def n_free_params(self) -> int:
+        return (self.k - 1) * len(self.terms)
+
+    def check_params(self, params: Mapping[str, np.ndarray], where: str, size: int | None = None) -> None:
+        coef = params.get("coef")
+        if coef is not None and not np.all(np.isfinite(coef)):
+            raise ModelError(f"{where}: coef must be finite")
+
+
+class _ConcomitantLogit(ObservedFamily):
+    r"""The hidden node of a concomitant latent: log π_nk(γ) per row, and the M-step of γ.
+
+    Q(γ) = Σ_n Σ_k r_nk log π_nk(γ) is raised by a step on a quadratic minorizer valid in a
+    trust region |x_nᵀΔγ_k| ≤ δ: there π'_k ≤ e^{2δ} π_k, so the multinomial logit's curvature
+    at any point of the region is below e^{2δ} Σ_n w_n (diag π_n − π_nπ_nᵀ) ⊗ x_n x_nᵀ (the
+    variance of the one-hot state under π' is at most e^{2δ} times its spread under π). With
+    g_k = Σ_n (r_nk − w_n π_nk) x_n, S(γ) = Q(γ⁰) + gᵀΔ − ½ΔᵀBΔ: its coefficients are sums over
+    rows (this node's block of the statistics, with H_k = [1, γ_k, −½ vec(γ_k γ_lᵀ) for every l]),
+    and the M-step solves for its maximizer over the free γ_1..γ_{K−1} (γ_0 = 0), shortened to the
+    trust region: generalized EM, as for the GLM nodes.
+    """
+
+    param_names = ("coef",)
+    multivariate = False
+    delta = 0.5
+
+    def __init__(self, latent: _ConcomitantWeights, design: np.ndarray | None = None) -> None:
+        self.latent = latent
+        self.terms = latent.terms
+        self.K = latent.k
+        self.floor = 0.0
+        self.design = design
+
+    @property
+    def kind(self) -> str:
+        return "Categorical"
+
+    def arguments(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def T(self) -> int:
+        return len(self.terms)
+
+    def param_axes(self) -> dict[str, Axes]:
+        return {"coef": ("latent", "term")}  # type: ignore[dict-item]
+
+    def n_rows(self, D: int) -> int:
+        return 1 + D + 1 + self.T + self.K * self.T * self.T
+
+    def statistics(self, x: np.ndarray, out: np.ndarray, aux: Mapping[str, np.ndarray]) -> None:
+        out[...] = 0.0
+
+    def natural(self, params: Params) -> np.ndarray:
+        coef = np.asarray(params["coef"], dtype=float)
+        K, T = coef.shape
+        quadratic = -0.5 * np.einsum("kt,ls->klts", coef, coef).reshape(K, K * T * T)
+        return np.hstack([np.zeros((K, 1 + T)), np.ones((K, 1)), coef, quadratic])
+
+    def log_base_measure(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.zeros(x.shape[1])
+
+    def patterns(self, params: Params, observed: np.ndarray) -> _ConcomitantTerms:
+        return _ConcomitantTerms(self, np.asarray(params["coef"], dtype=float))
+
+    def second_moments(self, out: np.ndarray, D: int) -> None:
+        out[D:] = 0.0  # the start's M-step reads only the counts (see m_step)
+
+    def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
+               prior: Any = None) -> tuple[Params, Floored]:
+        K, T = self.K, self.T
+        if "coef" in hold:
+            return {"coef": np.broadcast_to(np.asarray(hold["coef"], dtype=float), (K, T)).copy()}, []
+        nk = stats[:, 0]
+        if previous is None or "coef" not in previous:
+            # The start: the intercepts of the weights the responsibilities give, the slopes 0.
+            coef = np.zeros((K, T))
+            if self.terms and self.terms[0] == "intercept":
+                share = np.maximum(nk, 1e-12 * max(float(nk.sum()), 1.0))
+                coef[:, 0] = np.log(share) - np.log(share[0])
+            return {"coef": coef}, []
+        start = 2 + T
+        v = stats[:, start:start + T]
+        curvature = stats[:, start + T:].reshape(K, K, T, T)  # B_kl
+        free = np.transpose(curvature[1:, 1:], (0, 2, 1, 3)).reshape((K - 1) * T, (K - 1) * T)
+        old = np.asarray(previous["coef"], dtype=float)
+        try:
+            target = np.linalg.solve(free, v[1:].ravel()).reshape(K - 1, T)
+        except np.linalg.LinAlgError:
+            target = np.linalg.lstsq(free, v[1:].ravel(), rcond=None)[0].reshape(K - 1, T)
+        coef = np.zeros((K, T))
+        coef[1:] = old[1:] + within_reach(self.design, target - old[1:], self.delta)
+        return {"coef": coef}, []
+
+    def default_params(self, K: int, D: int) -> Params:
+        return {"coef": np.zeros((K, self.T))}
+
+    def n_free_params(self, K: int, D: int) -> int:
+        return 0  # counted once, by the latent
+
+    def log_weights_per_row(self, coef: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """log π_nk (K × n) for design columns X (T × n)."""
+        eta = coef @ X
+        return eta - np.logaddexp.reduce(eta, axis=0)
+
+    def expected_value(self, params: Params) -> np.ndarray:
+        raise ModelError("a concomitant model has no expected value")
+
+
+class _ConcomitantTerms:
+    """One γ's per-row terms: log π_nk, and the minorizer's sums."""
+
+    def __init__(self, family: _ConcomitantLogit, coef: np.ndarray) -> None:
+        self.family, self.coef = family, coef
+        self.o = np.arange(family.T)
+
+    def log_density(self, x: np.ndarray) -> np.ndarray:
+        return self.family.log_weights_per_row(self.coef, x)
+
+    def expected_statistics(self, x: np.ndarray, resp: np.ndarray) -> tuple[np.ndarray, float]:
+        family = self.family
+        K, T = family.K, family.T
+        log_pi = family.log_weights_per_row(self.coef, x)
+        pi = np.exp(log_pi)
+        w = resp.sum(axis=0)
+        g = (resp - pi * w) @ x.T  # (K × T)
+        inflation = np.exp(2 * family.delta)
+        diagonal = np.einsum("n,kn,tn,sn->kts", w, pi, x, x)
+        cross = np.einsum("n,kn,ln,tn,sn->klts", w, pi, pi, x, x)
+        curvature = -cross
+        curvature[np.arange(K), np.arange(K)] += diagonal
+        curvature *= inflation  # B_kl (K × K × T × T)
+        m_old = np.einsum("klts,ls->kt", curvature, self.coef)
+        stats = np.zeros((K, family.n_rows(T)))
+        stats[:, 0] = resp.sum(axis=1)
+        stats[:, 1:1 + T] = resp @ x.T
+        q = (resp * log_pi).sum(axis=1)
+        stats[:, 1 + T] = q - np.einsum("kt,kt->k", g, self.coef) - 0.5 * np.einsum("kt,kt->k", self.coef, m_old)
+        stats[:, 2 + T:2 + 2 * T] = g + m_old
+        stats[:, 2 + 2 * T:] = curvature.reshape(K, K * T * T)
+        return stats, 0.0
+
+
+def bind_concomitant(plan: Any, covariates: Sequence[str], ds: xr.Dataset, sample_dim: Hashable,
+                     terms: Sequence[str] | None, fitting: bool) -> Any:
+    """The hidden node of ``latent(name, ..., covariates=[...])``; the plan's latent family becomes the logit's."""
+    from emdsl.compile import Node
+
+    latent = plan.latent
+    where = f"latent({latent.name!r}, ..., covariates={list(covariates)!r})"
+    for name in covariates:
+        if name not in ds.data_vars:
+            available = ", ".join(map(repr, ds.data_vars)) or "none"
+            raise ModelError(f"{where}: the covariate {name!r} is not in the data{' (new data)' if not fitting else ''}"
+                             f"; available: {available}")
+    design, found = design_matrix(ds, covariates, True, sample_dim, where, terms)
+    if fitting:
+        check_design(design, found, covariates, True, where)
+    family = _ConcomitantWeights(latent.family, tuple(found))
+    latent.family = family
+    T = len(found)
+    node = Node(latent.name, _ConcomitantLogit(family, design), tuple(covariates), True, ("column",), (T,),
+                {"column": list(found)}, [design], np.zeros(T), np.ones(T))
+    node.partial_rows = np.arange(plan.n_samples, dtype=np.intp)
+    node.partial_pattern = np.zeros(plan.n_samples, dtype=np.intp)
+    node.patterns = [np.ones(T, dtype=bool)]
+    return node
+
+
+def bind(node: Any, covariates: Sequence[str], intercept: bool, ds: xr.Dataset, sample_dim: Hashable,
+         terms: Sequence[str] | None = None, fitting: bool = True, offset: str | None = None) -> None:
+    """Turn a compiled node into a regression on ``covariates``: its family and its design.
+
+    ``terms`` are the fit's terms when new data are scored: the new design must have
+    the same columns (a categorical covariate's levels are read off the term names).
+    A Normal node keeps its rows of Φ (the design rides in ``node.aux``); a GLM node's
+    data become one (N × D) block of columns — response, design, then the offset or the
+    Binomial's trials — and every row with an observed response takes the per-row path.
+    """
+    where = node.where()
+    for name in tuple(covariates) + ((offset,) if offset is not None else ()):
+        if name not in ds.data_vars:
+            available = ", ".join(map(repr, ds.data_vars)) or "none"
+            what = "offset" if name == offset else "covariate"
+            raise ModelError(f"{where}: the {what} {name!r} is not in the data{' (new data)' if not fitting else ''}"
+                             f"; available: {available}")
+    design, found = design_matrix(ds, covariates, intercept, sample_dim, where, terms)
+    if fitting:
+        check_design(design, found, covariates, intercept, where)
+    if node.family.kind == "Normal":
+        node.family = _NormalRegression(node.family, tuple(covariates), tuple(found), intercept)
+        node.aux["design"] = design
+        return
+    columns = [np.asarray(node.sources[0], dtype=float).reshape(-1, 1), design]
+    names = [node.variables[0], *found]
+    if offset is not None:
+        values = np.asarray(ds[offset].values, dtype=float) if ds[offset].dtype.kind in "iufb" else None
+        if values is None or ds[offset].dims != (sample_dim,) or not np.all(np.isfinite(values)):
+            raise ModelError(f"{where}: the offset {offset!r} must be finite numbers over {sample_dim!r} "
+                             "(a log exposure; log 0 = −inf means no exposure: drop those samples)")
+        columns.append(values[:, None])
+        names.append(f"offset:{offset}")
+    elif isinstance(getattr(node.family, "trials", None), str):
+        columns.append(np.asarray(node.aux.pop("trials"), dtype=float)[:, :1])
+        names.append(f"trials:{node.family.trials}")
+    block = np.hstack(columns)
+    node.family = _GLMRegression(node.family, tuple(covariates), tuple(found), intercept, offset is not None, design)
+    node.sources = [block]
+    node.event_dims, node.event_shape, node.event_coords = ("column",), (block.shape[1],), {"column": names}
+    node.aux.clear()
+    observed = np.flatnonzero(~np.isnan(block[:, 0]))
+    node.partial_rows = observed.astype(np.intp)
+    node.partial_pattern = np.zeros(len(observed), dtype=np.intp)
+    node.patterns = [np.ones(block.shape[1], dtype=bool)]
+
+
+def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sample_dim: Hashable, where: str,
+                  terms: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The design (N × T) and its term names: intercept, numeric covariates, one-hot levels."""
+    n = int(ds.sizes[sample_dim])
+    columns: list[np.ndarray] = [np.ones(n)] if intercept else []
+    names: list[str] = ["intercept"] if intercept else []
+    for name in covariates:
+        da = ds[name]
+        if da.dims != (sample_dim,):
+            raise ModelError(f"{where}: the covariate {name!r} must be 1-D over {sample_dim!r}, got dims {da.dims}")
+        values = np.asarray(da.values)
+        kind = values.dtype.kind
+        if kind in "iuf" or kind == "b":
+            numbers = values.astype(float)
+            _no_missing(da, np.isnan(numbers), name, where)
+            if np.isinf(numbers).any():
+                raise ModelError(f"{where}: the covariate {name!r} has infinite values (first at "
+                                 f"{labels.describe_position(da, int(np.flatnonzero(np.isinf(numbers))[0]))})")
+            columns.append(numbers)
+            names.append(name)
+        elif kind in "OUS":
+            raw = [None if _missing(v) else v for v in values.tolist()]
+            _no_missing(da, np.array([v is None for v in raw]), name, where)
+            if kind == "O" and not all(isinstance(v, str | bool | int | np.integer) for v in raw):
+                bad = next(v for v in raw if not isinstance(v, str | bool | int | np.integer))
+                raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
+                                 f"{type(bad).__name__} values such as {bad!r}); convert it to numbers or to labels")
+            if terms is None:
+                levels = _levels(da, raw)
+                if len(levels) < 2 and intercept:
+                    raise ModelError(f"{where}: the covariate {name!r} is constant (every value is {levels[0]!r}); "
+                                     "it duplicates the intercept. Drop it")
+                kept = levels[1:] if intercept else levels
+            else:
+                kept = [t[len(name) + 1:-1] for t in terms if t.startswith(f"{name}[") and t.endswith("]")]
+                strings = {str(v) for v in raw}
+                outside = sorted(strings - set(kept))
+                if len(outside) > 1 or (outside and not intercept):
+                    raise ModelError(f"{where}: the covariate {name!r} has levels {outside} that the fit did not "
+                                     f"see (it knows {kept} and one baseline level)")
+            text = np.array([str(v) for v in raw], dtype=object)
+            for level in kept:
+                columns.append((text == str(level)).astype(float))
+                names.append(f"{name}[{level}]")
+        else:
+            raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (dtype "
+                             f"{values.dtype}); convert it to numbers (e.g. days since a date) or to labels")
+    if terms is not None and list(terms) != names:
+        raise ModelError(f"{where}: the new data give the terms {names}, but the fit has {list(terms)}")
+    return (np.column_stack(columns) if columns else np.zeros((n, 0))), names
+
+
+def check_design(design: np.ndarray, terms: Sequence[str], covariates: Sequence[str], intercept: bool,
+                 where: str) -> None:
+    """Refuse constant covariates (with an intercept) and collinear terms, naming them."""
+    if intercept:
+        for j, term in enumerate(terms[1:], start=1):
+            column = design[:, j]
+            if np.all(column == column[0]):
+                owner = next(c for c in covariates if term == c or term.startswith(f"{c}["))
+                raise ModelError(f"{where}: the covariate {owner!r} is constant (every value is "
+                                 f"{_show(column[0], term)}); it duplicates the intercept. Drop it")
+    norms = np.linalg.norm(design, axis=0)
+    norms = np.where(norms > 0, norms, 1.0)
+    _, singular, vt = np.linalg.svd(design / norms, full_matrices=False)
+    if len(singular) and singular[-1] <= _COLLINEAR * singular[0]:
+        null = vt[-1] / norms
+        involved = [terms[j] for j in np.flatnonzero(np.abs(vt[-1]) > 1e-6 * np.abs(vt[-1]).max())]
+        j = int(np.argmax(np.abs(vt[-1])))
+        relation = " + ".join(f"{-null[i] / null[j]:.4g}·{terms[i]}" for i in range(len(terms))
+                              if i != j and terms[i] in involved)
+        raise ModelError(f"{where}: the terms {involved} are collinear ({terms[j]} = {relation}); "
+                         "their coefficients cannot be told apart. Drop one of them")
+
+
+def _show(value: float, term: str) -> str:
+    return f"{value:g}" if "[" not in term else ("the baseline level" if value == 0 else term)
+
+
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+
+
+def _no_missing(da: xr.DataArray, missing: np.ndarray, name: str, where: str) -> None:
+    if missing.any():
+        count = int(missing.sum())
+        raise ModelError(f"{where}: the covariate {name!r} has {count} missing value{'s' if count > 1 else ''} "
+                         f"(first at {labels.describe_position(da, int(np.flatnonzero(missing)[0]))}); a covariate "
+                         "must be known for every sample: drop those samples or fill the covariate in")
+
+
+def _levels(da: xr.DataArray, raw: list[Any]) -> list[str]:
+    """A categorical covariate's levels: its distinct values (as text), sorted; the first is the baseline."""
+    return sorted({str(v) for v in raw})
+
+
+def stored_family(decl: Any, params: Any) -> Any:
+    """The family whose parameters a saved fit holds for ``decl`` (a regression's, with the stored terms)."""
+    covariates = tuple(getattr(decl, "covariates", ()))
+    if not covariates and getattr(decl, "intercept", True):
+        return decl.family
+    child = params.children.get(decl.name) if hasattr(params, "children") else None
+    terms = tuple(str(t) for t in child["term"].values) if child is not None and "term" in child.coords else covariates
+    if not hasattr(decl, "variables"):  # the latent
+        return _ConcomitantWeights(decl.family, terms)
+    if decl.family.kind == "Normal":
+        return _NormalRegression(decl.family, covariates, terms, decl.intercept)
+    return _GLMRegression(decl.family, covariates, terms, decl.intercept, decl.offset is not None)
+
+
+def simulate(fit: Any, data: Any, seed: int | None = None) -> xr.Dataset:
+    """Draw from ``fit`` at the covariates of ``data``: one draw per sample of ``data``.
+
+    The states are drawn from the weights (each sample's own, with a latent's covariates),
+    then each node's response given the state and the sample's covariates; ``data``'s
+    other variables are kept, and the states become a coordinate, as in ``Fit.sample``.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr, emdsl as em
+    >>> ds = xr.Dataset({"x": ("sample", np.arange(20.0)), "y": ("sample", 2 * np.arange(20.0) + np.sin(np.arange(20)))})
+    >>> fit = em.Model().observe("y", em.Normal, covariates=["x"]).fit(ds)
+    >>> simulate(fit, ds, seed=0)["y"].sizes["sample"]
+    20
+    """
+    ds = labels.as_dataset(data)
+    plan, theta, _ = fit._compiled(ds)
+    rng = np.random.default_rng(seed)
+    latent = plan.latent
+    hidden = {node.name: node for node in plan.nodes if latent is not None and node.name == latent.name}
+    if latent is None:
+        states = np.zeros(plan.n_samples, dtype=np.intp)
+    elif hidden:
+        node = hidden[latent.name]
+        log_pi = node.family.log_weights_per_row(np.asarray(theta[latent.name]["coef"]), node.sources[0].T)
+        cumulative = np.cumsum(np.exp(log_pi), axis=0)
+        states = np.minimum((rng.random(plan.n_samples) * cumulative[-1] > cumulative).sum(axis=0), plan.K - 1)
+    else:
+        states = latent.family.draw(theta[latent.name], plan.n_samples, rng)
+    out = ds.copy()
+    for node in plan.nodes:
+        if node.name in hidden:
+            continue
+        params = node.family.to_original(theta[node.name], node.center, node.scale)
+        if isinstance(node.family, _NormalRegression):
+            draws = node.family.sample(params, states, rng, {"design": node.aux["design"]})
+        elif isinstance(node.family, _GLMRegression):
+            draws = node.family.sample(params, states, rng, {"columns": node.sources[0]})
+        else:
+            draws = node.family.sample(params, states, rng, {key: value for key, value in node.aux.items()})
+        if node.levels is not None:
+            draws = np.asarray(node.levels, dtype=object)[draws.astype(np.intp)]
+        if node.stacked:
+            for d, variable in enumerate(node.variables):
+                out[variable] = ((plan.sample_dim,), draws[:, d])
+        else:
+            variable = node.variables[0]
+            template = ds[variable].transpose(plan.sample_dim, ...)
+            out[variable] = template.copy(data=draws[:, :1].reshape(template.shape) if isinstance(
+                node.family, _GLMRegression) else draws.reshape(template.shape)).transpose(*ds[variable].dims)
+    if latent is not None:
+        out = out.assign_coords({latent.name: ((plan.sample_dim,),
+                                               np.asarray(latent.family.states, dtype=object)[states])})
+    return out

@@ -1,0 +1,153 @@
+"""Parity with hmmlearn (an independent implementation) from the same starting parameters.
+
+After 20 EM iterations from the same θ⁽⁰⁾ the parameters, the log-likelihood trace and the
+Viterbi paths agree to 1e-6: Gaussian (diag and full), categorical and Poisson emissions,
+one sequence and several of different lengths (NaN-padded here, ``lengths`` there).
+hmmlearn's priors are set to their no-prior values so both run maximum likelihood.
+"""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import emdsl as em
+
+hmm = pytest.importorskip("hmmlearn.hmm")
+
+N_ITER = 20
+START = np.array([0.5, 0.3, 0.2])
+TRANSITION = np.array([[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])
+
+
+def _sample(reference, lengths, seed):
+    parts = [reference.sample(n, random_state=seed + i)[0] for i, n in enumerate(lengths)]
+    return parts
+
+
+def _padded(parts, dims, coords=None):
+    """Sequences of different lengths as one (sequence, time, ...) array, NaN-padded at the end."""
+    T = max(len(p) for p in parts)
+    out = np.full((len(parts), T) + parts[0].shape[1:], np.nan)
+    for i, p in enumerate(parts):
+        out[i, :len(p)] = p
+    return xr.DataArray(out, dims=dims, coords=coords or {})
+
+
+def _run_hmmlearn(model, parts):
+    X = np.concatenate(parts)
+    model.fit(X, [len(p) for p in parts])
+    return model, X
+
+
+def _same_trace(fit, reference):
+    ours = fit.trace["loglik"].values
+    theirs = np.asarray(reference.monitor_.history)
+    np.testing.assert_allclose(ours[:len(theirs)], theirs, rtol=1e-9)
+
+
+MEANS = np.array([[0.0, 0.0], [3.0, 1.0], [-2.0, 4.0]])
+COVARIANCES = np.array([[[1.0, 0.3], [0.3, 0.5]], [[0.7, -0.2], [-0.2, 1.2]], [[0.4, 0.0], [0.0, 0.4]]])
+MEANS0 = MEANS + np.array([[0.5, -0.3], [-0.4, 0.2], [0.3, 0.5]])
+COVARIANCES0 = COVARIANCES * 1.5
+A0 = np.array([[0.6, 0.2, 0.2], [0.3, 0.5, 0.2], [0.25, 0.25, 0.5]])
+PI0 = np.array([0.2, 0.5, 0.3])
+
+
+def _as_type(covariances, covariance_type):
+    return covariances if covariance_type == "full" else np.diagonal(covariances, axis1=1, axis2=2).copy()
+
+
+def _gaussian(covariance_type):
+    model = hmm.GaussianHMM(3, covariance_type=covariance_type)
+    model.n_features = 2
+    model.startprob_, model.transmat_, model.means_ = START, TRANSITION, MEANS
+    model.covars_ = _as_type(COVARIANCES, covariance_type)
+    return model
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "full"])
+@pytest.mark.parametrize("lengths", [[600], [300, 180, 250]])
+def test_gaussian_hmm(covariance_type, lengths):
+    parts = _sample(_gaussian(covariance_type), lengths, seed=len(lengths))
+    reference = hmm.GaussianHMM(3, covariance_type=covariance_type, n_iter=N_ITER, tol=-np.inf, init_params="",
+                                covars_prior=0.0, implementation="scaling")
+    reference.startprob_, reference.transmat_, reference.means_ = PI0, A0, MEANS0
+    reference.covars_ = _as_type(COVARIANCES0, covariance_type)
+    reference, X = _run_hmmlearn(reference, parts)
+
+    dims = ("time", "feature") if len(parts) == 1 else ("sequence", "time", "feature")
+    x = xr.DataArray(parts[0], dims=dims) if len(parts) == 1 else _padded(parts, dims)
+    family = em.MultivariateNormal(covariance=covariance_type)
+    model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", family)
+    start = {"z": {"initial": PI0, "transition": A0},
+             "x": {"mean": MEANS0, "covariance": _as_type(COVARIANCES0, covariance_type)}}
+    fit = model.fit(x.to_dataset(name="x"), init=start, max_iter=N_ITER, tol=0)
+
+    p = fit.params
+    np.testing.assert_allclose(p["z"]["initial"].values, reference.startprob_, atol=1e-6)
+    np.testing.assert_allclose(p["z"]["transition"].values, reference.transmat_, atol=1e-6)
+    np.testing.assert_allclose(p["x"]["mean"].values, reference.means_, atol=1e-6)
+    ours_cov = p["x"]["covariance"].values
+    theirs_cov = reference.covars_  # hmmlearn's property gives (K, D, D) for every type
+    np.testing.assert_allclose(ours_cov if ours_cov.ndim == 3 else np.apply_along_axis(np.diag, -1, ours_cov),
+                               theirs_cov, atol=1e-6)
+    _same_trace(fit, reference)
+    assert fit.loglik == pytest.approx(reference.score(X, [len(q) for q in parts]), rel=1e-9)
+
+    log_prob, states = reference.decode(X, [len(q) for q in parts], algorithm="viterbi")
+    path, ours = fit.viterbi(x.to_dataset(name="x"))
+    flat = path.values.reshape(len(parts), -1)
+    np.testing.assert_array_equal(np.concatenate([flat[i, :len(q)] for i, q in enumerate(parts)]), states)
+    total = ours if isinstance(ours, float) else float(ours.sum())
+    if all(len(q) == len(parts[0]) for q in parts):
+        assert total == pytest.approx(log_prob, rel=1e-9)
+
+
+def test_categorical_hmm():
+    emission = np.array([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    truth = hmm.CategoricalHMM(3)
+    truth.startprob_, truth.transmat_, truth.emissionprob_ = START, TRANSITION, emission
+    parts = _sample(truth, [400, 350], seed=3)
+    B0 = np.array([[0.4, 0.3, 0.2, 0.1], [0.2, 0.2, 0.3, 0.3], [0.3, 0.2, 0.3, 0.2]])
+    A0 = np.array([[0.6, 0.2, 0.2], [0.3, 0.5, 0.2], [0.25, 0.25, 0.5]])
+    pi0 = np.array([0.2, 0.5, 0.3])
+    reference = hmm.CategoricalHMM(3, n_iter=N_ITER, tol=-np.inf, init_params="", implementation="scaling")
+    reference.startprob_, reference.transmat_, reference.emissionprob_ = pi0, A0, B0
+    reference, X = _run_hmmlearn(reference, parts)
+
+    x = _padded([p[:, 0].astype(float) for p in parts], ("sequence", "time"))
+    model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Categorical)
+    fit = model.fit(x.to_dataset(name="x"), init={"z": {"initial": pi0, "transition": A0}, "x": {"probs": B0}},
+                    max_iter=N_ITER, tol=0)
+    np.testing.assert_allclose(fit.params["z"]["initial"].values, reference.startprob_, atol=1e-6)
+    np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-6)
+    np.testing.assert_allclose(fit.params["x"]["probs"].values, reference.emissionprob_, atol=1e-6)
+    _same_trace(fit, reference)
+    _, states = reference.decode(X, [len(p) for p in parts], algorithm="viterbi")
+    path = fit.viterbi(x.to_dataset(name="x"))[0].values
+    np.testing.assert_array_equal(np.concatenate([path[0, :400], path[1, :350]]), states)
+
+
+def test_poisson_hmm():
+    truth = hmm.PoissonHMM(3)
+    truth.startprob_, truth.transmat_ = START, TRANSITION
+    truth.lambdas_ = np.array([[1.0, 10.0], [5.0, 2.0], [15.0, 15.0]])
+    parts = _sample(truth, [500], seed=5)
+    lambdas0 = np.array([[2.0, 8.0], [4.0, 4.0], [12.0, 10.0]])
+    A0 = np.array([[0.6, 0.2, 0.2], [0.3, 0.5, 0.2], [0.25, 0.25, 0.5]])
+    pi0 = np.array([0.2, 0.5, 0.3])
+    reference = hmm.PoissonHMM(3, n_iter=N_ITER, tol=-np.inf, init_params="", implementation="scaling")
+    reference.startprob_, reference.transmat_, reference.lambdas_ = pi0, A0, lambdas0
+    reference, X = _run_hmmlearn(reference, parts)
+
+    ds = xr.Dataset({"counts": (("time", "station"), parts[0].astype(float))})
+    model = em.Model().latent("z", em.Categorical(3), markov="time").observe("counts", em.Poisson)
+    fit = model.fit(ds, init={"z": {"initial": pi0, "transition": A0}, "counts": {"rate": lambdas0}},
+                    max_iter=N_ITER, tol=0)
+    np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-6)
+    np.testing.assert_allclose(fit.params["counts"]["rate"].values, reference.lambdas_, rtol=1e-6)
+    _same_trace(fit, reference)
+    log_prob, states = reference.decode(X, algorithm="viterbi")
+    path, ours = fit.viterbi(ds)
+    np.testing.assert_array_equal(path.values, states)
+    assert ours == pytest.approx(log_prob, rel=1e-9)

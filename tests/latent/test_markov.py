@@ -1,0 +1,325 @@
+"""Markov latents (hidden Markov models): exact E-step, EM's guarantee, labels and bad input."""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import scipy.stats as st
+import xarray as xr
+from scipy.special import logsumexp
+
+import emdsl as em
+from tests.engine.test_monotone import check_trace
+
+INITIAL = np.array([0.6, 0.3, 0.1])
+TRANSITION = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+MEAN = np.array([-1.0, 0.5, 2.0])
+VARIANCE = np.array([0.5, 1.0, 2.0])
+
+
+def _hmm(K=3, markov="time", **fixed):
+    return em.Model().latent("z", em.Categorical(K, **fixed), markov=markov).observe("x", em.Normal)
+
+
+def _given(initial=INITIAL, transition=TRANSITION):
+    return {"z": {"initial": initial, "transition": transition}, "x": {"mean": MEAN, "variance": VARIANCE}}
+
+
+def _enumerate(x, initial, transition, log_emission):
+    """log p(x) and p(z_t | x) of one sequence by summing over all K^T paths (NaN: missing, emission 1)."""
+    K, T = len(initial), len(x)
+    paths = np.array(list(itertools.product(range(K), repeat=T)))
+    emission = np.where(np.isnan(x)[None, :], 0.0, log_emission(np.nan_to_num(x))[paths, np.arange(T)])
+    log_joint = (np.log(initial)[paths[:, 0]] + np.log(transition)[paths[:, :-1], paths[:, 1:]].sum(axis=1)
+                 + emission.sum(axis=1))
+    total = logsumexp(log_joint)
+    weights = np.exp(log_joint - total)
+    posterior = np.stack([np.bincount(paths[:, t], weights, minlength=K) for t in range(T)])
+    return total, posterior
+
+
+def _normal_emission(values):
+    return st.norm(MEAN[:, None], np.sqrt(VARIANCE)[:, None]).logpdf(values[None, :])
+
+
+@pytest.mark.filterwarnings("ignore::emdsl.DegenerateComponentWarning")  # 10 steps, 3 states: thin by design
+def test_brute_force_enumeration_equals_loglik_and_posterior():
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(size=6) * 2, np.r_[rng.normal(size=4), np.nan, np.nan]])  # second: padded
+    x[0, 2] = np.nan  # a hole in the middle: a missing observation
+    ds = xr.Dataset({"x": (("sequence", "time"), x)})
+    fit = _hmm().fit(ds, init=_given(), max_iter=0)
+    expected = [_enumerate(row[: 6 if i == 0 else 4], INITIAL, TRANSITION, _normal_emission) for i, row in enumerate(x)]
+    assert fit.loglik == pytest.approx(sum(e[0] for e in expected), rel=1e-12)
+    np.testing.assert_allclose(fit.score_samples(ds).values, [e[0] for e in expected], rtol=1e-12)
+    posterior = fit.posterior.values
+    np.testing.assert_allclose(posterior[0], expected[0][1], atol=1e-12)
+    np.testing.assert_allclose(posterior[1, :4], expected[1][1], atol=1e-12)
+    # past the end of the second sequence, the chain runs on unobserved: γ_t = γ_{t−1} A
+    np.testing.assert_allclose(posterior[1, 4], expected[1][1][3] @ TRANSITION, atol=1e-12)
+    # Viterbi: the most probable path of the enumeration
+    path, log_prob = fit.viterbi(ds)
+    K, T = 3, 6
+    paths = np.array(list(itertools.product(range(K), repeat=T)))
+    row = x[0]
+    emission = np.where(np.isnan(row)[None, :], 0.0, _normal_emission(np.nan_to_num(row))[paths, np.arange(T)])
+    scores = (np.log(INITIAL)[paths[:, 0]] + np.log(TRANSITION)[paths[:, :-1], paths[:, 1:]].sum(axis=1)
+              + emission.sum(axis=1))
+    np.testing.assert_array_equal(path.values[0], paths[np.argmax(scores)])
+    assert float(log_prob[0]) == pytest.approx(scores.max(), rel=1e-12)
+
+
+def test_weights_are_per_sequence_copies():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 40)) + np.repeat([0.0, 3.0], 20)
+    ds = xr.Dataset({"x": (("sequence", "time"), x), "w": ("sequence", [2.0, 1.0, 0.0])})
+    weighted = _hmm(2).fit(ds, weights="w", init=_given(INITIAL[:2] / INITIAL[:2].sum(),
+                                                         np.array([[0.9, 0.1], [0.2, 0.8]])) | {
+        "x": {"mean": MEAN[:2], "variance": VARIANCE[:2]}}, max_iter=5, tol=0)
+    copies = xr.Dataset({"x": (("sequence", "time"), x[[0, 0, 1]])})
+    expanded = _hmm(2).fit(copies, init=_given(INITIAL[:2] / INITIAL[:2].sum(), np.array([[0.9, 0.1], [0.2, 0.8]]))
+                           | {"x": {"mean": MEAN[:2], "variance": VARIANCE[:2]}}, max_iter=5, tol=0)
+    assert weighted.loglik == pytest.approx(expanded.loglik, rel=1e-10)
+    for node, param in (("z", "transition"), ("z", "initial"), ("x", "mean"), ("x", "variance")):
+        np.testing.assert_allclose(weighted.params[node][param].values, expanded.params[node][param].values,
+                                   rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", [em.Normal(), em.MultivariateNormal(), em.MultivariateNormal(covariance="diag")])
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_loglik_never_decreases(family, init):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 60, 2)) + rng.integers(0, 3, size=(4, 60, 1)) * 2.0
+    x[1, 50:] = np.nan  # padding
+    x[2, 10, 0] = np.nan  # a hole inside an event (the conditional Gaussian for MultivariateNormal)
+    ds = xr.Dataset({"x": (("sequence", "time", "feature"), x)})
+    model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", em.DegenerateComponentWarning)
+        fit = model.fit(ds, init=init, n_init=2, max_iter=40, tol=0, seed=3)
+    check_trace(fit)
+    assert fit.n_iter == 40
+
+
+def test_mixed_emissions_and_missing_levels_monotone():
+    rng = np.random.default_rng(4)
+    T = 150
+    state = (np.arange(T) // 25) % 2
+    ds = xr.Dataset({"y": ("time", rng.normal(state * 2.0)),
+                     "c": ("time", np.where(rng.random(T) < 0.8, state, 1 - state).astype(float)),
+                     "n": ("time", rng.poisson(1 + 4 * state).astype(float))})
+    ds["c"][5] = np.nan
+    model = (em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal)
+             .observe("c", em.Categorical).observe("n", em.Poisson))
+    fit = model.fit(ds, max_iter=30, tol=0, seed=0)
+    check_trace(fit)
+    assert (fit.predict(ds).values == state).mean() in (pytest.approx(1.0, abs=0.05), pytest.approx(0.0, abs=0.05))
+
+
+def test_long_sequence_stays_finite():
+    rng = np.random.default_rng(5)
+    T = 1_000_000
+    state = (np.arange(T) // 1000) % 2
+    ds = xr.Dataset({"x": ("time", rng.normal(state * 3.0))})
+    fit = _hmm(2).fit(ds, max_iter=2, tol=0, seed=0)
+    assert np.isfinite(fit.loglik) and fit.loglik < -1e6
+    assert np.isfinite(fit.trace["elbo"].values).all()
+    check_trace(fit)
+
+
+def test_structural_zeros_stay_zero_and_fixed_values_held():
+    rng = np.random.default_rng(6)
+    x = np.r_[rng.normal(0, 1, 50), rng.normal(4, 1, 50), rng.normal(8, 1, 50)]
+    ds = xr.Dataset({"x": ("time", x)})
+    left_right = np.array([[0.9, 0.1, 0.0], [0.0, 0.9, 0.1], [0.0, 0.0, 1.0]])
+    start = {"z": {"initial": [1.0, 0.0, 0.0], "transition": left_right}, "x": {"mean": [1.0, 3.0, 7.0]}}
+    fit = _hmm(3).fit(ds, init=start, max_iter=50, seed=0)
+    A = fit.params["z"]["transition"].values
+    assert np.all(A[left_right == 0] == 0)
+    np.testing.assert_array_equal(fit.predict(ds).values, np.repeat([0, 1, 2], 50))
+    fixed = _hmm(3, transition=left_right).fit(ds, init={"x": {"mean": [1.0, 3.0, 7.0]}}, max_iter=20, seed=0)
+    np.testing.assert_array_equal(fixed.params["z"]["transition"].values, left_right)
+    assert fixed.params["z"].attrs["fixed"] == "transition"
+    assert fixed.n_params == 2 + 3 * 2  # initial and the emissions
+
+
+def test_labels_and_round_trip(tmp_path):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 30)) + np.repeat([0.0, 3.0], 15)
+    ds = xr.Dataset({"x": (("run", "step"), x)}, coords={"run": ["a", "b"], "step": np.arange(30) * 0.5})
+    model = em.Model().latent("z", em.Categorical(["low", "high"]), markov="step").observe("x", em.Normal)
+    fit = model.fit(ds, seed=0)
+    assert fit.params["z"]["transition"].dims == ("z", "z_next")
+    assert fit.params["z"]["transition"].coords["z_next"].values.tolist() == ["low", "high"]
+    np.testing.assert_allclose(fit.params["z"]["transition"].sum("z_next"), 1.0)
+    assert fit.posterior.dims == ("run", "step", "z")
+    assert fit.posterior.coords["step"].values.tolist() == ds.step.values.tolist()
+    path, log_prob = fit.viterbi(ds)
+    assert path.dims == ("run", "step") and set(np.unique(path.values)) <= {"low", "high"}
+    assert log_prob.dims == ("run",)
+    assert fit.predict(ds).equals(path)
+    assert em.Model.from_json(model.to_json()) == model
+    assert "Markov along 'step'" in repr(model)
+    fit.save(tmp_path / "hmm.nc")
+    back = em.load(tmp_path / "hmm.nc")
+    xr.testing.assert_allclose(back.params["z"]["transition"], fit.params["z"]["transition"])
+    xr.testing.assert_allclose(back.predict_proba(ds), fit.posterior.rename("predict_proba"))
+
+
+def test_sample_sequences():
+    fit = _hmm(3).fit(xr.Dataset({"x": ("time", np.random.default_rng(8).normal(size=200))}),
+                      init=_given(), max_iter=0)
+    draws = fit.sample(400, 60, seed=1)
+    assert draws["x"].dims == ("sequence", "time") and draws["z"].shape == (400, 60)
+    z = np.asarray(draws["z"].values, dtype=int)
+    np.testing.assert_allclose(np.bincount(z[:, 0], minlength=3) / 400, INITIAL, atol=0.07)
+    counts = np.zeros((3, 3))
+    np.add.at(counts, (z[:, :-1], z[:, 1:]), 1)
+    np.testing.assert_allclose(counts / counts.sum(1, keepdims=True), TRANSITION, atol=0.03)
+    x = draws["x"].values[z == 2]
+    assert x.mean() == pytest.approx(MEAN[2], abs=0.1) and x.var() == pytest.approx(VARIANCE[2], rel=0.1)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+def test_markov_dim_missing_from_data():
+    ds = xr.Dataset({"x": ("sample", np.arange(5.0))})
+    with pytest.raises(em.ModelError, match="without the dimension 'time'"):
+        _hmm(2).fit(ds)
+
+
+def test_transition_rows_must_sum_to_one():
+    with pytest.raises(em.ModelError, match="row 1 sums to 0.9"):
+        em.Categorical(2, transition=[[0.5, 0.5], [0.3, 0.6]])
+    ds = xr.Dataset({"x": ("time", np.arange(10.0))})
+    with pytest.raises(em.ModelError, match="transition: row 0 sums to 1.2"):
+        _hmm(2).fit(ds, init={"z": {"transition": [[0.6, 0.6], [0.5, 0.5]]}})
+
+
+def test_fixed_zeros_that_make_a_sequence_impossible_name_the_step():
+    x = np.array([0.0, 0.1, 0.2, 5.0, 5.1, 0.0, 0.1])
+    ds = xr.Dataset({"x": ("time", x)}, coords={"time": np.arange(7) * 10})
+    model = em.Model().latent("z", em.Categorical(2, initial=[1.0, 0.0], transition=[[0.0, 1.0], [0.0, 1.0]]),
+                              markov="time").observe("c", em.Categorical)
+    ds["c"] = ("time", [0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    # state 0 only at t = 0 and emitting level 0 only, state 1 emitting level 1 only: step 5 is impossible
+    with pytest.raises(em.ModelError, match="time=50"):
+        model.fit(ds, init={"c": {"probs": [[1.0, 0.0], [0.0, 1.0]]}}, max_iter=0)
+
+
+def test_sequence_of_length_zero():
+    x = np.ones((3, 5)) * np.arange(5)
+    x[1] = np.nan
+    ds = xr.Dataset({"x": (("sequence", "time"), x)}, coords={"sequence": ["a", "b", "c"]})
+    with pytest.raises(em.ModelError, match="sequence='b' has no observation"):
+        _hmm(2).fit(ds)
+
+
+def test_viterbi_on_a_mixture():
+    ds = em.datasets.load("faithful")
+    fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(ds, seed=0)
+    with pytest.raises(em.ModelError, match="no Markov latent"):
+        fit.viterbi(ds)
+
+
+def test_declaration_errors():
+    with pytest.raises(em.ModelError, match="parameters of a Markov latent"):
+        em.Model().latent("z", em.Categorical(2, transition=[[1.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(em.ModelError, match="no mixture weights"):
+        em.Model().latent("z", em.Categorical(2, probs=[0.5, 0.5]), markov="time")
+    with pytest.raises(em.ModelError, match="initial and transition are parameters"):
+        em.Model().observe("x", em.Categorical(2, initial=[0.5, 0.5]))
+
+
+def test_responsibilities_as_a_start():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2, 30)) + np.repeat([0.0, 3.0], 15)
+    ds = xr.Dataset({"x": (("sequence", "time"), x)})
+    resp = xr.DataArray(rng.dirichlet([1.0, 1.0], size=(2, 30)), dims=("sequence", "time", "z"))
+    fit = _hmm(2).fit(ds, init=resp, max_iter=10, tol=0)
+    check_trace(fit)
+    # θ⁽⁰⁾ is the M-step of those responsibilities (emissions) and the sticky chain; the ELBO
+    # of the independent-steps q they define is a true lower bound of ℓ(θ⁽⁰⁾)
+    assert fit.trace["elbo"].values[0] < fit.trace["loglik"].values[0]
+    with pytest.raises(em.ModelError, match="must have dims"):
+        _hmm(2).fit(ds, init=resp.rename(time="t"))
+
+
+def test_known_states_are_refused():
+    ds = xr.Dataset({"x": ("time", np.arange(10.0)), "z": ("time", np.zeros(10))})
+    with pytest.raises(em.ModelError, match="known states are not supported for a Markov latent"):
+        _hmm(2).fit(ds)
+
+
+@pytest.mark.filterwarnings("ignore::emdsl.DegenerateComponentWarning")  # state 1 is never reached, by design
+def test_outlier_far_from_every_allowed_state_stays_exact():
+    """A step whose allowed states emit e^-2000 times worse than a ruled-out one: rescaled, not lost."""
+    x = np.array([0.0, 0.1, 60.0, 0.2])
+    ds = xr.Dataset({"x": ("time", x)})
+    initial, transition = np.array([1.0, 0.0]), np.array([[1.0, 0.0], [0.5, 0.5]])  # state 1 never reached
+    mean, variance = np.array([0.0, 60.0]), np.array([1.0, 1.0])
+    fit = _hmm(2).fit(ds, init={"z": {"initial": initial, "transition": transition},
+                                "x": {"mean": mean, "variance": variance}}, max_iter=0)
+    expected = st.norm(0.0, 1.0).logpdf(x).sum()  # the only path: state 0 throughout
+    assert fit.loglik == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(fit.posterior.sel(z=0).values, 1.0)
+
+
+def test_criteria_on_new_data_match_the_fit():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(3, 50)) + np.repeat([0.0, 3.0], 25)
+    x[0, 40:] = np.nan
+    ds = xr.Dataset({"x": (("sequence", "time"), x)})
+    fit = _hmm(2).fit(ds, seed=0)
+    assert fit.bic(ds) == pytest.approx(fit.bic(), rel=1e-10)
+    assert fit.aic(ds) == pytest.approx(fit.aic(), rel=1e-10)
+    assert fit.score(ds) == pytest.approx(fit.loglik / 3, rel=1e-10)  # mean per sequence
+    assert fit.n_samples == 140  # observed steps, the padding trimmed
+
+
+@pytest.mark.parametrize("threads, rows, keep_phi", [(1, 50, True), (2, 50, True), (2, 10_000, True), (1, 30, False)])
+def test_blocks_and_threads_do_not_change_the_result(threads, rows, keep_phi, monkeypatch):
+    """Blocks hold whole sequences (one longer than a block is a block of its own), on any number of threads;
+    a block whose Φ is not kept is read twice (for L, then for R Φᵀ)."""
+    if not keep_phi:
+        monkeypatch.setattr("emdsl.engine.estep._CHAIN_PHI_BYTES", 0)
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(7, 80)) + np.repeat([0.0, 3.0], 40)
+    x[3, 20:] = np.nan
+    ds = xr.Dataset({"x": (("sequence", "time"), x)})
+    reference = _hmm(2).fit(ds, seed=0, max_iter=15, tol=0)
+    with em.set_options(n_threads=threads, block_rows=rows):
+        fit = _hmm(2).fit(ds, seed=0, max_iter=15, tol=0)
+    assert fit.loglik == pytest.approx(reference.loglik, rel=1e-12)
+    np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.params["z"]["transition"].values,
+                               rtol=1e-10)
+
+
+def test_plots_of_a_chain():
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(2, 60)) + np.repeat([0.0, 3.0], 30)
+    x[1, 45:] = np.nan
+    ds = xr.Dataset({"x": (("sequence", "time"), x)}, coords={"sequence": ["a", "b"], "time": np.arange(60) * 2})
+    fit = _hmm(2).fit(ds, seed=0)
+    fig = fit.plot.states(sequence={"sequence": "b"})
+    top, bottom = fig.axes
+    # the data drawn over the padded grid, and the posterior filling [0, 1] at every step
+    assert top.lines[0].get_xdata().tolist() == (np.arange(60) * 2).tolist()
+    # every observed step drawn once, in the colour of its Viterbi state; the padding not at all
+    drawn = [np.asarray(c.get_offsets()) for c in top.collections]
+    assert sum(int(np.isfinite(d).all(axis=1).sum()) for d in drawn) == 45
+    path = fit.predict(ds).sel(sequence="b").values[:45]
+    for j, d in enumerate(drawn):
+        assert int(np.isfinite(d).all(axis=1).sum()) == int((path == j).sum())
+    assert len(bottom.collections) == 2  # one band of p(z_t | x) per state
+    assert len(fit.plot.posterior().axes) == 2  # a chain's posterior is drawn over time
+    # the components panel weighs each state by its share of the observed steps
+    weights = fit.plot._weights(fit.posterior.stack(row=("sequence", "time")).transpose("row", "z").values)
+    np.testing.assert_allclose(weights.sum(), 1.0)
+    assert len(fit.plot.components().axes) == 1
+    mixture = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(
+        em.datasets.load("faithful"), seed=0)
+    with pytest.raises(em.ModelError, match="no Markov latent"):
+        mixture.plot.states()

@@ -1,0 +1,290 @@
+"""Standard errors (observed and empirical information) and the bootstrap.
+
+References are independent of the engine: closed forms, and finite-difference
+derivatives of log-likelihoods written here with scipy.stats.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy import stats
+
+import emdsl as em
+from emdsl.bootstrap import _alignment
+
+
+def numerical_hessian(f, x: np.ndarray) -> np.ndarray:
+    """Central second differences with steps 1e-4 relative: an independent, plain reference."""
+    x = np.asarray(x, dtype=float)
+    h = 1e-4 * np.maximum(np.abs(x), 1.0)
+    P = len(x)
+    out = np.empty((P, P))
+    for i in range(P):
+        for j in range(i + 1):
+            def at(a: float, b: float, i: int = i, j: int = j) -> float:
+                y = x.copy()
+                y[i] += a * h[i]
+                y[j] += b * h[j]
+                return f(y)
+            out[i, j] = out[j, i] = (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1)) / (4 * h[i] * h[j])
+    return out
+
+
+def numerical_gradients(f, x: np.ndarray) -> np.ndarray:
+    """Jacobian (n × P) of a vector function by central differences."""
+    x = np.asarray(x, dtype=float)
+    h = 1e-6 * np.maximum(np.abs(x), 1.0)
+    columns = []
+    for i in range(len(x)):
+        up, down = x.copy(), x.copy()
+        up[i] += h[i]
+        down[i] -= h[i]
+        columns.append((f(up) - f(down)) / (2 * h[i]))
+    return np.stack(columns, axis=1)
+
+
+def two_normals(x: np.ndarray):
+    """log p(x_n) of a two-component 1-D mixture in (π₀, μ₀, μ₁, σ₀², σ₁²): the user's parameters."""
+    def per_sample(p: np.ndarray) -> np.ndarray:
+        w, m0, m1, v0, v1 = p
+        return np.logaddexp(np.log(w) + stats.norm.logpdf(x, m0, np.sqrt(v0)),
+                            np.log1p(-w) + stats.norm.logpdf(x, m1, np.sqrt(v1)))
+    return per_sample
+
+
+@pytest.fixture(scope="module")
+def waiting_fit(faithful):
+    model = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal)
+    return model.fit(faithful, seed=0, tol=1e-14)
+
+
+def _flat(fit) -> np.ndarray:
+    p = fit.params
+    return np.array([float(p["z"]["probs"][0]), *p["waiting"]["mean"].values, *p["waiting"]["variance"].values])
+
+
+def _reference_se(cov: np.ndarray) -> dict[str, np.ndarray]:
+    se = np.sqrt(np.diag(cov))
+    return {"probs": np.array([se[0], se[0]]), "mean": se[1:3], "variance": se[3:5]}
+
+
+def test_one_normal_matches_the_closed_form():
+    x = np.random.default_rng(0).normal(3.0, 2.0, 400)
+    fit = em.Model().observe("x", em.Normal).fit(xr.Dataset({"x": ("sample", x)}))
+    se = fit.standard_errors()
+    variance = x.var()
+    np.testing.assert_allclose(float(se["x"]["mean"]), np.sqrt(variance / 400), rtol=1e-9)
+    np.testing.assert_allclose(float(se["x"]["variance"]), variance * np.sqrt(2 / 400), rtol=1e-9)
+
+
+def test_observed_information_of_a_mixture_equals_the_hessian_of_the_likelihood(waiting_fit, faithful):
+    x = faithful["waiting"].values
+    theta = _flat(waiting_fit)
+    hessian = numerical_hessian(lambda p: float(two_normals(x)(p).sum()), theta)
+    reference = _reference_se(np.linalg.inv(-hessian))
+    se = waiting_fit.standard_errors()
+    for key in ("mean", "variance"):
+        np.testing.assert_allclose(se["waiting"][key].values, reference[key], rtol=1e-5)
+    # π₁ = 1 − π₀: both weights have the error of the one free weight
+    np.testing.assert_allclose(se["z"]["probs"].values, reference["probs"], rtol=1e-5)
+
+
+def test_empirical_information_is_the_outer_product_of_per_sample_scores(waiting_fit, faithful):
+    x = faithful["waiting"].values
+    scores = numerical_gradients(two_normals(x), _flat(waiting_fit))
+    reference = _reference_se(np.linalg.inv(scores.T @ scores))
+    se = waiting_fit.standard_errors(method="empirical")
+    np.testing.assert_allclose(se["waiting"]["mean"].values, reference["mean"], rtol=1e-6)
+    np.testing.assert_allclose(se["waiting"]["variance"].values, reference["variance"], rtol=1e-6)
+    np.testing.assert_allclose(se["z"]["probs"].values, reference["probs"], rtol=1e-6)
+    assert se.attrs["method"] == "empirical"
+
+
+def test_three_weights_respect_the_sum_to_one_constraint():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(-6, 1, 150), rng.normal(0, 1, 250), rng.normal(6, 1, 100)])
+    fit = em.Model().latent("z", em.Categorical(3)).observe("x", em.Normal).fit(
+        xr.Dataset({"x": ("sample", x)}), seed=0, tol=1e-14, n_init=3)
+    order = np.argsort(fit.params["x"]["mean"].values)
+    probs = fit.params["z"]["probs"].values[order]
+    mean, var = fit.params["x"]["mean"].values[order], fit.params["x"]["variance"].values[order]
+
+    def loglik(p: np.ndarray) -> float:  # the free weights π₀, π₁; π₂ = 1 − π₀ − π₁
+        w = np.array([p[0], p[1], 1 - p[0] - p[1]])
+        dens = [np.log(w[k]) + stats.norm.logpdf(x, p[2 + k], np.sqrt(p[5 + k])) for k in range(3)]
+        return float(np.logaddexp.reduce(dens, axis=0).sum())
+
+    cov = np.linalg.inv(-numerical_hessian(loglik, np.r_[probs[:2], mean, var]))
+    gradient = np.array([[1, 0], [0, 1], [-1, -1]])  # the delta method from (π₀, π₁) to all three
+    weights_cov = gradient @ cov[:2, :2] @ gradient.T
+    se = fit.standard_errors()
+    np.testing.assert_allclose(se["z"]["probs"].values[order], np.sqrt(np.diag(weights_cov)), rtol=1e-5)
+
+
+def test_weights_as_counts_give_the_errors_of_the_expanded_table():
+    rng = np.random.default_rng(1)
+    values = np.round(np.concatenate([rng.normal(0, 1, 60), rng.normal(5, 1, 40)]), 1)
+    distinct, counts = np.unique(values, return_counts=True)
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal)
+    expanded = model.fit(xr.Dataset({"x": ("sample", values)}), seed=0, tol=1e-14)
+    weighted = model.fit(xr.Dataset({"x": ("sample", distinct), "n": ("sample", counts)}), weights="n",
+                         init=expanded, tol=1e-14)
+    for method in ("observed", "empirical"):
+        a, b = expanded.standard_errors(method), weighted.standard_errors(method)
+        for node, key in (("z", "probs"), ("x", "mean"), ("x", "variance")):
+            np.testing.assert_allclose(b[node][key].values, a[node][key].values, rtol=1e-6)
+
+
+def test_fixed_parameters_have_no_standard_error():
+    x = np.random.default_rng(2).normal(1.0, 1.0, 200)
+    fit = em.Model().observe("x", em.Normal(variance=1.0)).fit(xr.Dataset({"x": ("sample", x)}))
+    se = fit.standard_errors()
+    assert list(se["x"].data_vars) == ["mean"]
+    np.testing.assert_allclose(float(se["x"]["mean"]), 1 / np.sqrt(200), rtol=1e-9)
+
+
+def test_a_probability_on_the_boundary_gets_zero_and_is_named():
+    x = np.r_[np.zeros(30), np.ones(20)]
+    fit = em.Model().observe("y", em.Bernoulli).fit(xr.Dataset({"y": ("sample", x)}))
+    se = fit.standard_errors()
+    np.testing.assert_allclose(float(se["y"]["probs"]), np.sqrt(0.4 * 0.6 / 50), rtol=1e-8)
+    all_zero = em.Model().observe("y", em.Bernoulli).fit(xr.Dataset({"y": ("sample", np.zeros(10))}))
+    with pytest.warns(RuntimeWarning, match="boundary"):
+        se = all_zero.standard_errors()
+    assert float(se["y"]["probs"]) == 0.0
+    assert se["y"].attrs["at_boundary"] == "probs[0, 0]"
+
+
+def test_holes_in_a_gaussian_event_enter_through_the_marginal_likelihood():
+    rng = np.random.default_rng(4)
+    X = rng.multivariate_normal([0, 1], [[1, 0.6], [0.6, 2]], 150)
+    X[rng.random(150) < 0.3, 1] = np.nan
+    ds = xr.Dataset({"x": (("sample", "feature"), X)}, coords={"feature": ["a", "b"]})
+    fit = em.Model().observe("x", em.MultivariateNormal).fit(ds, tol=1e-14, max_iter=5000)
+    observed = ~np.isnan(X[:, 1])
+
+    def loglik(p: np.ndarray) -> float:
+        mean, cov = p[:2], np.array([[p[2], p[3]], [p[3], p[4]]])
+        full = stats.multivariate_normal(mean, cov).logpdf(X[observed]).sum()
+        return float(full + stats.norm.logpdf(X[~observed, 0], mean[0], np.sqrt(cov[0, 0])).sum())
+
+    m, c = fit.params["x"]["mean"].values, fit.params["x"]["covariance"].values
+    se_ref = np.sqrt(np.diag(np.linalg.inv(-numerical_hessian(loglik, np.r_[m, c[0, 0], c[0, 1], c[1, 1]]))))
+    se = fit.standard_errors()
+    np.testing.assert_allclose(se["x"]["mean"].values, se_ref[:2], rtol=1e-5)
+    np.testing.assert_allclose(se["x"]["covariance"].values.ravel(), se_ref[[2, 3, 3, 4]], rtol=1e-5)
+
+
+def test_a_loaded_fit_needs_its_data(waiting_fit, faithful, tmp_path):
+    path = tmp_path / "fit.nc"
+    waiting_fit.save(path)
+    loaded = em.load(path)
+    with pytest.raises(em.ModelError, match="pass the data"):
+        loaded.standard_errors()
+    np.testing.assert_allclose(loaded.standard_errors(data=faithful)["waiting"]["mean"].values,
+                               waiting_fit.standard_errors()["waiting"]["mean"].values, rtol=1e-9)
+
+
+def test_bad_method_is_named(waiting_fit):
+    with pytest.raises(em.ModelError, match="'observed' or 'empirical'"):
+        waiting_fit.standard_errors(method="sandwich")
+
+
+# -- bootstrap -------------------------------------------------------------------------
+
+
+def test_alignment_undoes_a_relabelling(waiting_fit):
+    original = {name: dict(child.to_dataset().data_vars) for name, child in waiting_fit.params.children.items()}
+    swapped = {name: {key: da.isel(z=[1, 0]).assign_coords(z=[0, 1]) for key, da in values.items()}
+               for name, values in original.items()}
+    assert _alignment(original, swapped, "z", {}).tolist() == [1, 0]
+    assert _alignment(original, original, "z", {}).tolist() == [0, 1]
+
+
+def test_bootstrap_is_labelled_and_reproducible_across_workers(waiting_fit):
+    one = em.bootstrap(waiting_fit, n=6, seed=3, n_jobs=1)
+    two = em.bootstrap(waiting_fit, n=6, seed=3, n_jobs=2)
+    xr.testing.assert_identical(one, two)
+    assert one["waiting.mean"].dims == ("replicate", "z")
+    assert set(one.data_vars) >= {"z.probs", "waiting.mean", "waiting.variance", "loglik", "converged"}
+    interval = one["waiting.mean"].quantile([0.05, 0.95], dim="replicate")
+    assert (interval.sel(quantile=0.05) < waiting_fit.params["waiting"]["mean"] + 5).all()
+
+
+def test_bootstrap_spread_agrees_with_the_observed_information():
+    """Well-separated components, N = 800, B = 120 replicates (on every core).
+
+    The bootstrap's standard deviation has a Monte-Carlo relative error of about
+    1/√(2B) = 6.5%; the tolerance, 26%, is four of those (the asymptotic and bootstrap
+    errors also differ by O(1/N), negligible here).
+    """
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 1, 480), rng.normal(6, 1.5, 320)])
+    fit = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal).fit(
+        xr.Dataset({"x": ("sample", x)}), seed=0, tol=1e-12)
+    se = fit.standard_errors()
+    boot = em.bootstrap(fit, n=120, seed=0, tol=1e-10)
+    assert bool(boot["converged"].all())
+    for node, key in (("z", "probs"), ("x", "mean"), ("x", "variance")):
+        ratio = boot[f"{node}.{key}"].std("replicate").values / se[node][key].values
+        assert np.all(np.abs(ratio - 1) < 0.26), (node, key, ratio)
+
+
+def test_parametric_bootstrap_draws_from_the_fit(waiting_fit):
+    boot = em.bootstrap(waiting_fit, n=30, kind="parametric", seed=1, n_jobs=1)
+    se = waiting_fit.standard_errors()
+    # 30 replicates: a relative Monte-Carlo error of ~13% on a standard deviation; 50% is a loose sanity bound
+    ratio = boot["waiting.mean"].std("replicate") / se["waiting"]["mean"]
+    assert np.all(np.abs(ratio.values - 1) < 0.5)
+
+
+def _coverage(n_sim: int, n_boot: int, seed: int) -> float:
+    """Fraction of 90% percentile intervals (μ₁ of a two-component mixture) that cover the truth."""
+    rng = np.random.default_rng(seed)
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal)
+    covered = 0
+    for s in range(n_sim):
+        x = np.concatenate([rng.normal(0, 1, 120), rng.normal(5, 1, 80)])
+        fit = model.fit(xr.Dataset({"x": ("sample", x)}), seed=s, tol=1e-10)
+        boot = em.bootstrap(fit, n=n_boot, seed=s)
+        upper = int(np.argmax(fit.params["x"]["mean"].values))
+        low, high = np.quantile(boot["x.mean"].values[:, upper], [0.05, 0.95])
+        covered += low <= 5.0 <= high
+    return covered / n_sim
+
+
+def test_bootstrap_intervals_cover_near_the_nominal_rate():
+    """A small version (the slow test below is the real one): 10 simulations × 25 replicates.
+
+    Coverage of a 90% interval then has a binomial standard deviation of √(0.9·0.1/10) =
+    0.095, and a percentile interval from 25 replicates runs a little short; asserting
+    ≥ 0.6 (3 standard deviations) still catches a broken bootstrap (misaligned labels or
+    a wrong resampling give coverage near 0 or 0.5).
+    """
+    assert _coverage(10, 25, seed=11) >= 0.6
+
+
+@pytest.mark.slow
+def test_bootstrap_intervals_cover_near_the_nominal_rate_at_scale():
+    """200 simulations × 200 replicates: binomial s.d. 0.021; assert within 0.06 of 0.90."""
+    assert abs(_coverage(200, 200, seed=12) - 0.90) < 0.06
+
+
+def test_bootstrap_bad_input(waiting_fit):
+    with pytest.raises(em.ModelError, match="positive integer"):
+        em.bootstrap(waiting_fit, n=0)
+    with pytest.raises(em.ModelError, match="'nonparametric' or 'parametric'"):
+        em.bootstrap(waiting_fit, n=2, kind="jackknife")
+    with pytest.raises(em.ModelError, match="whole numbers"):
+        em.bootstrap(waiting_fit, n=2, weights_are_counts=True)
+
+
+def test_bootstrap_progress_line(waiting_fit, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        em.bootstrap(waiting_fit, n=3, seed=0, n_jobs=1, progress=True)
+    assert "bootstrap: 3/3 replicates" in capsys.readouterr().err
