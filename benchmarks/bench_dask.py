@@ -11,7 +11,8 @@ Three measurements, printed as one table at the end:
    its peak resident memory (``ru_maxrss``; target ≤ 2 GiB at 1e8, where the data are
    4 GB on disk).
 3. **LocalCluster** with 2 single-threaded workers (separate processes) against the
-   threaded scheduler, on the zarr store at N = 1e7.
+   threaded scheduler, on the zarr store at N = 1e7; again without the
+   ``MALLOC_TRIM_THRESHOLD_`` that distributed's nanny sets in its workers (see ``child``).
 
     python benchmarks/bench_dask.py            # N = 1e7 in memory; 1e6, 1e7, 1e8 out of core
     python benchmarks/bench_dask.py --quick    # N = 1e6 in memory; 1e5, 1e6 out of core
@@ -87,8 +88,17 @@ def child(kind: str, store: str, n: int, iterations: int) -> None:
 
     warnings.simplefilter("ignore")
     ds = xr.open_zarr(store, consolidated=False).isel(sample=slice(0, n))
-    if kind == "cluster":
+    if kind.startswith("cluster"):
+        import dask
         from dask.distributed import Client, LocalCluster
+
+        if kind == "cluster-notrim":
+            # distributed's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which turns off
+            # glibc's adaptive mmap threshold: every temporary above 128 kB is then mmapped and page-
+            # faulted afresh, block after block (measured: the E-step's tasks run ~2x slower).
+            env = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+            env.pop("MALLOC_TRIM_THRESHOLD_", None)
+            dask.config.set({"distributed.nanny.pre-spawn-environ": env})
 
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                 Client(cluster):
@@ -142,6 +152,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--child", nargs=4)
     parser.add_argument("--skip-memory", action="store_true", help="skip the in-memory comparison")
+    parser.add_argument("--only-cluster", action="store_true", help="out of core: only the cluster comparison")
     parser.add_argument("--keep-store", action="store_true", help="reuse a store already written, keep it after")
     args = parser.parse_args()
     if args.child:
@@ -167,7 +178,7 @@ def main() -> None:
             _generate(args.store, sizes[-1], min(args.chunk, sizes[-1] // 10))
             print(f"(wrote {sizes[-1]:.0e} × {D} float32 to {args.store} in {time.perf_counter() - t:.0f} s)",
                   flush=True)
-        for n in sizes:
+        for n in sizes if not args.only_cluster else ():
             found = _run_child("threads", args.store, n, args.iterations if n < 1e8 else 3)
             rows.append(f"| out of core (zarr), N={n:.0e} | {found['per_iteration']:.3f} s/it | "
                         f"peak RSS {found['rss'] / 2**30:.2f} GiB |")
@@ -175,9 +186,12 @@ def main() -> None:
         n = sizes[-2]
         threads = _run_child("threads", args.store, n, args.iterations)
         cluster = _run_child("cluster", args.store, n, args.iterations)
+        notrim = _run_child("cluster-notrim", args.store, n, args.iterations)
         rows.append(f"| N={n:.0e} zarr: threaded scheduler (2 threads) {threads['per_iteration']:.3f} s/it | "
-                    f"LocalCluster 2 workers × 1 thread {cluster['per_iteration']:.3f} s/it | ratio "
-                    f"{cluster['per_iteration'] / threads['per_iteration']:.2f} |")
+                    f"LocalCluster 2 workers × 1 thread {cluster['per_iteration']:.3f} s/it (ratio "
+                    f"{cluster['per_iteration'] / threads['per_iteration']:.2f}); without the nanny's "
+                    f"MALLOC_TRIM_THRESHOLD_ {notrim['per_iteration']:.3f} s/it (ratio "
+                    f"{notrim['per_iteration'] / threads['per_iteration']:.2f}) |")
         print(rows[-1], flush=True)
         if not args.keep_store:
             shutil.rmtree(args.store, ignore_errors=True)

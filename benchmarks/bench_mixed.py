@@ -21,7 +21,8 @@ c. Gaussian (diagonal) + binary + categorical with 20% holes against StepMix's
    its loop body ``_e_step`` + ``_m_step`` timed from ``set_parameters(θ⁽⁰⁾)``.
 
 emdsl's iteration time is the median step of ``fit.trace["time"]`` from
-``fit(..., max_iter=n, tol=0)``. The last column is the relative difference of the
+``fit(..., max_iter=n, tol=0, accelerate=None)``: one plain EM step, as the peers run
+(SQUAREM's accepted points cost several E-steps; see ``bench_accelerate.py``). The last column is the relative difference of the
 final log-likelihoods, a check that both sides ran the same EM (pomegranate's is
 float32, so ~1e-6 there). pomegranate's memory is not shown: torch's allocator is
 invisible to tracemalloc.
@@ -120,7 +121,7 @@ def as_dataset(data: dict[str, np.ndarray], names) -> xr.Dataset:
 
 def emdsl_iteration(ds: xr.Dataset, theta: dict, n_iter: int):
     names = list(ds.data_vars)
-    fit = emdsl_model(names).fit(ds, init=emdsl_init(theta, names), max_iter=n_iter, tol=0)
+    fit = emdsl_model(names).fit(ds, init=emdsl_init(theta, names), max_iter=n_iter, tol=0, accelerate=None)
     return float(np.median(np.diff(fit.trace["time"].values))), fit
 
 
@@ -272,7 +273,7 @@ def main() -> None:
         init = {"z": {"probs": weights}, name: {param: params}}
 
         def run(n, ds=ds, model=model, init=init):
-            fit = model.fit(ds, init=init, max_iter=n, tol=0)
+            fit = model.fit(ds, init=init, max_iter=n, tol=0, accelerate=None)
             return float(np.median(np.diff(fit.trace["time"].values))), fit
 
         ours, fit = best_of(args.repeat, run, n_iter)

@@ -688,13 +688,14 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
     center_u, spread_u = np.zeros(node.D), np.zeros(node.D)
     if chunked is not None:  # one pass, merged chunk by chunk (Chan et al.)
         center_u, spread_u = chunked.mean, chunked.m2
-    for rows, _, source in _element_blocks(node) if chunked is None else ():
+    mass = count
+    for rows, first, source in _element_blocks(node) if chunked is None else ():
         center_u[rows] += np.nansum(source / unit[rows], axis=0)
-    center_u /= count if chunked is None else 1.0
-    for rows, _, source in _element_blocks(node) if chunked is None else ():
+    center_u /= mass if chunked is None else 1.0
+    for rows, first, source in _element_blocks(node) if chunked is None else ():
         spread_u[rows] += np.nansum((source / unit[rows] - center_u[rows]) ** 2, axis=0)
     center = center_u * unit
-    sd_u = np.sqrt(spread_u / count)  # in units of each element's largest magnitude, ≤ 1
+    sd_u = np.sqrt(spread_u / mass)  # in units of each element's largest magnitude, ≤ 1
     sd = sd_u * unit
     if node.family.pool_scale:
         largest = sd.max()

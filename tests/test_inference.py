@@ -6,6 +6,7 @@ derivatives of log-likelihoods written here with scipy.stats.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -269,6 +270,7 @@ def test_bootstrap_intervals_cover_near_the_nominal_rate():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EMDSL_LONG"), reason="run by hand (EMDSL_LONG=1): 200 simulations × 200 replicates")
 def test_bootstrap_intervals_cover_near_the_nominal_rate_at_scale():
     """200 simulations × 200 replicates: binomial s.d. 0.021; assert within 0.06 of 0.90."""
     assert abs(_coverage(200, 200, seed=12) - 0.90) < 0.06

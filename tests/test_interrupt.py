@@ -122,13 +122,7 @@ def _interrupted_fit(monkeypatch, model, data, phase: str, at: int) -> em.Fit | 
 BEFORE_FIRST_LOGLIK = {"initialisation": 1, "E-step": 1, "M-step": 0, "M-step of the initialisation": 1,
                        "natural parameters": 1}
 
-# run_em computes the first natural parameters of a restart before its try block: an interrupt
-# there (restart 2 or later) loses the finished restarts. Remove the mark when loop.py is fixed.
-_NATURAL_OUTSIDE_TRY = pytest.mark.xfail(strict=True, reason="loop.run_em: natural_matrix(θ⁽⁰⁾) outside try")
-
-
-@pytest.mark.parametrize("phase", [pytest.param(p, marks=_NATURAL_OUTSIDE_TRY) if p == "natural parameters" else p
-                                   for p in PHASES])
+@pytest.mark.parametrize("phase", PHASES)
 def test_an_interrupt_in_any_call_of_a_phase_keeps_the_best_restart_so_far(monkeypatch, model, data, reference,
                                                                            phase):
     calls = _count_calls(monkeypatch, model, data, phase)

@@ -15,6 +15,13 @@ Whatever scheduler is active runs the tasks: the threaded scheduler by default, 
 ``dask.distributed`` cluster inside ``with Client(...)`` — the chunks are then read
 (from zarr, say) by the workers that compute on them, and a worker lost mid-pass has its
 tasks recomputed by dask from the source.
+
+On worker *processes*, distributed's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536``, which
+turns off glibc's adaptive mmap threshold: the E-step's per-block temporaries (above
+128 kB) are then mmapped and page-faulted afresh every block, and its tasks ran 1.3–2.6×
+slower than without it (measured on 2 cores, ``benchmarks/bench_dask.py``).
+Removing that variable from ``distributed.nanny.pre-spawn-environ`` before the cluster
+starts restores the speed, at the cost of memory the workers keep for reuse.
 """
 
 from __future__ import annotations

@@ -105,8 +105,8 @@ def run_em(
         raise ModelError(f"fit(accelerate={accelerate!r}): acceleration does not handle priors yet (its "
                          "objective is the log-likelihood); fit with priors without accelerate=")
     start = time.perf_counter()
-    previous_H = natural_matrix(plan, theta)
     try:
+        previous_H = natural_matrix(plan, theta)
         summary = estep.summarize(previous_H, theta)
     except KeyboardInterrupt:
         stop.interrupt()  # nothing of this restart is evaluated yet: the caller keeps the earlier ones
@@ -137,8 +137,7 @@ def run_em(
             accelerated.run(accelerate, plan, estep, first, result=result, max_iter=max_iter, tol=tol, stop=stop,
                             report=report, clock_start=start,
                             warn_collapsed=lambda floored, i: _warn_collapsed(plan, floored, i, collapsed))
-            result.logpost = list(result.loglik)  # no prior here (refused above): the objective is ℓ
-            return result
+            return _objective_is_loglik(result)
         for iteration in range(1, max_iter + 1):
             if stop.requested:
                 result.stopped = True
@@ -177,6 +176,12 @@ def run_em(
     except KeyboardInterrupt:
         stop.interrupt()
         result.stopped = True
+    return _objective_is_loglik(result) if accelerate is not None else result
+
+
+def _objective_is_loglik(result: RestartResult) -> RestartResult:
+    """An accelerated restart (never with a prior, refused above): its objective is ℓ at every step."""
+    result.logpost = list(result.loglik)
     return result
 
 

@@ -353,6 +353,8 @@ def continue_fit(fit: Any, data: Any, weights: Any = None) -> Any:
     new = last.assign({"loglik": ("step", [running]), "elbo": ("step", [running]), "kl": ("step", [0.0]),
                        "time": ("step", [float(last["time"].values[0]) + time.perf_counter() - start])})
     new = new.assign_coords(iteration=("step", last["iteration"].values + 1))
+    if "logpost" in new.variables:  # the running objective; log p(θ) of a stream is not tracked
+        new = new.assign_coords(logpost=("step", [running]))
     order = [int(i) for i in range(traces.sizes["step"]) if i <= mine[-1]]
     rest = [int(i) for i in range(traces.sizes["step"]) if i > mine[-1]]
     fit.traces = xr.concat([traces.isel(step=order), new, traces.isel(step=rest)], dim="step",

@@ -76,6 +76,7 @@ FIXED_POINT_ITERATIONS = {"gmm-full": 600, "gmm-diag": 300, "poisson": 300, "mix
 def _fit(model, ds, accelerate_, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", em.DegenerateComponentWarning)
+        warnings.simplefilter("ignore", em.ConvergenceWarning)  # asserted where it matters
         return model.fit(ds, accelerate=accelerate_, **kwargs)
 
 
@@ -244,7 +245,7 @@ def test_no_proposal_is_ever_invalid(names, K, holes, weighted, seed, method):
 def test_unknown_value_is_a_model_error_listing_the_choices(faithful):
     model = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal)
     for bad in ("bogus", "SQUAREM", True, 1):
-        with pytest.raises(em.ModelError, match=r"accelerate=.*'squarem', 'daarem', None"):
+        with pytest.raises(em.ModelError, match=r"accelerate=.*'squarem', 'daarem', 'auto', None"):
             model.fit(faithful, accelerate=bad)
 
 
@@ -333,3 +334,67 @@ def test_a_wrong_objective_is_caught_at_run_time(monkeypatch, method):
     model, ds, _ = _gmm("full")
     with pytest.raises(em.MonotonicityError):
         _fit(model, ds, method, seed=0, tol=0, max_iter=50)
+
+
+# -- the default, and where acceleration does not apply --------------------------------------------------
+def test_auto_is_squarem_for_em_and_plain_em_with_priors_or_online_methods(faithful):
+    model = em.Model().latent("z", em.Categorical(2)).observe(["eruptions", "waiting"], em.MultivariateNormal)
+    auto = model.fit(faithful, seed=0, tol=1e-12, accelerate="auto")
+    explicit = model.fit(faithful, seed=0, tol=1e-12, accelerate="squarem")
+    np.testing.assert_array_equal(auto.trace["loglik"].values, explicit.trace["loglik"].values)
+    assert auto.trace["extrapolated"].values.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kwargs in ({"prior": "weak"}, {"method": "stepwise"}):
+            fit = model.fit(faithful, seed=0, accelerate="auto", **kwargs)
+            assert not fit.trace["extrapolated"].values.any(), kwargs
+    with pytest.raises(em.ModelError, match="stepwise"):
+        model.fit(faithful, seed=0, method="stepwise", accelerate="squarem")
+
+
+# -- shown honestly: plot, monitor, text line -------------------------------------------------------------
+@pytest.fixture
+def accelerated_fit(faithful):
+    model = em.Model().latent("z", em.Categorical(2)).observe(["eruptions", "waiting"], em.MultivariateNormal)
+    return model.fit(faithful, seed=0, tol=1e-12, accelerate="squarem")
+
+
+def test_convergence_plot_marks_extrapolated_iterations_and_breaks_the_staircase(accelerated_fit):
+    import matplotlib.pyplot as plt
+
+    trace = accelerated_fit.trace
+    chosen = trace["extrapolated"].values
+    assert chosen.any() and not chosen.all()
+    fig = accelerated_fit.plot.convergence()
+    lines = {line.get_gid(): line for line in fig.axes[0].get_lines()}
+    marked = lines["extrapolated"]
+    np.testing.assert_array_equal(marked.get_xdata(), trace["iteration"].values[chosen])
+    np.testing.assert_array_equal(marked.get_ydata(), trace["loglik"].values[chosen])
+    x, y = lines["elbo"].get_data()
+    elbo_points = np.asarray(y[0::2], dtype=float)  # (t, elbo_t) then (t, loglik_t)
+    assert np.isnan(elbo_points[chosen]).all()  # no M-step riser into an extrapolated point
+    np.testing.assert_allclose(elbo_points[~chosen], trace["elbo"].values[~chosen])
+    kl = fig.axes[1].get_lines()[0].get_ydata()
+    assert np.isnan(np.asarray(kl, dtype=float)[chosen]).all()
+    plt.close(fig)
+
+
+def test_monitor_and_text_line_show_extrapolated_steps(faithful):
+    import io
+
+    from emdsl.widgets.monitor import ConvergenceMonitor
+    from emdsl.widgets.text import _line
+
+    model = em.Model().latent("z", em.Categorical(2)).observe(["eruptions", "waiting"], em.MultivariateNormal)
+    monitor, events = ConvergenceMonitor(), []
+    fit = model.fit(faithful, seed=0, tol=1e-12, accelerate="squarem", callbacks=[monitor, events.append])
+    chosen = fit.trace["extrapolated"].values
+    _, y = monitor._runs[0].staircase()
+    assert np.isnan(np.asarray(y[0::2])[chosen]).all()
+    np.testing.assert_allclose(np.asarray(y[0::2])[~chosen], fit.trace["elbo"].values[~chosen])
+    lines = [_line(event) for event in events]
+    assert all(("extrapolated" in line) == e.extrapolated for line, e in zip(lines, events, strict=True))
+    assert all(("ELBO" in line) != e.extrapolated for line, e in zip(lines, events, strict=True))
+    out = io.StringIO()
+    model.fit(faithful, seed=0, accelerate="squarem", callbacks=[em.widgets.TextMonitor(file=out)])
+    assert "converged" in out.getvalue()
