@@ -436,7 +436,7 @@ class Fit:
                              "use score_samples for the density")
 
     def _compiled(self, data: Any, weights: Any = None) -> tuple[Plan, Theta, np.ndarray]:
-        ds = labels.as_dataset(data)
+        ds = labels.as_dataset(data, like=self.model)
         variables = [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
         if self._markov is not None:
@@ -485,7 +485,7 @@ class Fit:
                 raise ModelError("impute: this fit was loaded from a file and holds no data; pass the data")
             data = self._data
         plan, theta, _ = self._compiled(data)
-        return impute(plan, theta, labels.as_dataset(data))
+        return impute(plan, theta, labels.as_dataset(data, like=self.model))
 
     def standard_errors(self, method: Literal["observed", "empirical"] = "observed", data: Any = None
                         ) -> xr.DataTree:

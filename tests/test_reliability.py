@@ -196,8 +196,6 @@ def test_every_family_argument_accepts_or_names_a_bad_value(cls, argument):
         repr(family), family == family, hash(family)  # an accepted value must not break these either
 
 
-@pytest.mark.xfail(strict=True, reason="engine/init.py: _held() calls next() over the plan's nodes, so a node "
-                   "the model lacks raises StopIteration before compile.start_values can name it")
 def test_init_with_a_fit_of_another_model_names_the_nodes():
     rng = np.random.default_rng(6)
     other = em.Model().latent("z", em.Categorical(2)).observe("y", em.Normal).fit(
@@ -378,7 +376,6 @@ def test_as_dataset_like_maps_array_columns_to_the_model_variables(wine_like):
     assert list(labels.as_dataset(array, like=em.Model().observe("x", em.Normal)).data_vars) == ["x"]
 
 
-@pytest.mark.xfail(strict=True, reason="results.Fit._compiled must call labels.as_dataset(data, like=self.model)")
 def test_a_fit_on_a_dataframe_predicts_a_numpy_array_of_its_columns(wine_like):
     fit = em.Model().latent("z", em.Categorical(2)).observe(list(wine_like.columns), em.MultivariateNormal).fit(
         wine_like, seed=0)

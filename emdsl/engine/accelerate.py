@@ -5,42 +5,51 @@ linearly, slowly when components overlap or data are missing. Both schemes here
 propose points from a few EM steps and keep a proposal only when the objective
 does not fall:
 
-* **SQUAREM** (Varadhan & Roland 2008, scheme S3): from the accepted θ₀, θ₁ = M(θ₀)
-  and θ₂ = M(θ₁); with r = θ₁ − θ₀ and v = θ₂ − 2θ₁ + θ₀, the step length
-  a = ‖r‖/‖v‖ (α = −a in the paper's sign) and the proposal θ' = θ₀ + 2a r + a² v
-  (a = 1 gives θ₂). One accepted point per cycle of three E-steps.
+* **SQUAREM** (Varadhan & Roland 2008, scheme S3, as R's SQUAREM runs it): from the
+  accepted θ₀, the EM step θ₁ = M(θ₀) (recorded as an iteration of its own) and
+  θ₂ = M(θ₁) (its M-step only); with r = θ₁ − θ₀ and v = θ₂ − 2θ₁ + θ₀, the step
+  length a = ‖r‖/‖v‖ (α = −a in the paper's sign), the proposal θ' = θ₀ + 2a r + a² v
+  (a = 1 gives θ₂), and if ℓ(θ') ≥ ℓ(θ₁) the stabilizing EM step M(θ'); else θ₂.
+  Three E-steps a cycle, two recorded iterations.
 * **DAAREM** (Henderson & Varadhan 2019): damped Anderson acceleration of the
   residual M(θ) − θ over the last few accepted points, restarted every ``order``
   steps, the damping relaxed while proposals keep being accepted. One E-step per
-  accepted proposal.
+  accepted proposal, two per rejected one (then the EM step is taken).
 
 **Why this is still (generalized) EM.** Every accepted point θ with its E-step
-q = p(z | x, θ) satisfies ELBO(q, θ) = ℓ(θ) ≥ ℓ(θ_prev) = ELBO(q_prev, θ_prev): a step
-of the pair (q, θ) that does not lower the ELBO, which is what DESIGN.md §1 asks
-of a generalized-EM step (Neal & Hinton's view: any move that does not decrease the
-free energy). A proposal that would lower ℓ is discarded for the plain EM step,
-and a SQUAREM proposal must beat θ₂ = M(M(θ₀)), so each accepted point gains at least
-as much as an EM step from the same point: the accepted sequence is monotone, the
-run-time check keeps its meaning, and EM's convergence argument carries over.
+q = p(z | x, θ) satisfies ELBO(q, θ) = ℓ(θ) ≥ ℓ(θ_prev) = ELBO(q_prev, θ_prev): a move
+of the pair (q, θ) that does not lower the ELBO, which is what DESIGN.md §1 asks of a
+generalized-EM step (in Neal & Hinton's view of EM as coordinate ascent on the ELBO,
+any move that does not lower it). It is not a partial M-step with q fixed, so the
+proof is the acceptance test itself, checked at run time: a proposal that would
+lower ℓ is discarded for the plain EM step. A SQUAREM point must beat the EM step θ₁
+from the same point, so it gains at least what EM would, and EM's convergence
+argument carries over. Every M-step inside is checked exactly as in the plain loop
+(ELBO ≥ previous ℓ, ℓ ≥ ELBO), and the accepted sequence once more.
 
 **Constraints.** Proposals live in the parameterization the families already
 use (weights, probabilities, variances, covariance matrices, rates), as the
-affine combination above; sums over a simplex are preserved by construction. A
-proposal outside the valid set (``family.check_params`` fails, a covariance has no
-Cholesky factor, a value is not finite) is shrunk towards the EM point (a halfway
-towards 1, which gives θ₂) until it is valid; nothing is renormalized. Held (fixed)
-parameters are equal in every EM point, so r = v = 0 there and they stay exactly.
-The fit never *ends* on a proposal: convergence is declared only after a plain EM
-step whose change of ℓ is at most tol·|ℓ| (the same test as plain EM), so the
-final parameters are an M-step's output, inside its constraint set (floors included).
+affine combination above. A proposal outside the valid set (``family.check_params``
+fails, a covariance has no Cholesky factor, a value is not finite, a row of
+probabilities is off 1 by more than rounding) is shrunk towards the EM point (a halfway
+towards 1) until it is valid; nothing is clipped. Rows that sum to 1 are divided by
+their sums only to undo rounding (see ``_Layout``). Held (fixed) parameters are equal
+in every EM point, so r = v = 0 there and they stay exactly. The fit never *ends* on
+a proposal: convergence is declared only on a plain EM step whose change of ℓ is at
+most tol·|ℓ| (plain EM's test), so the final parameters are an M-step's output, inside
+its constraint set (floors included).
 
-**The trace.** Every accepted point is one iteration. A plain EM step records the
-ELBO of its M-step; a proposal has no such bound (no M-step produced it), so it
-records elbo = loglik and kl = 0 and is flagged ``extrapolated``; ``e_steps`` counts
-the E-steps spent. No NaN reaches the results.
+**The trace.** Every accepted point is one iteration: a plain EM step from the
+previous one, with the ELBO of its M-step (the staircase), or a point that came
+through a proposal, flagged ``extrapolated``: for SQUAREM the output of the
+stabilizing M-step, whose ELBO is a genuine bound but from the proposal's posterior,
+not q⁽ᵗ⁻¹⁾; for DAAREM the proposal itself, which no M-step produced, so it records
+elbo = loglik and kl = 0. Plots leave extrapolated points out of the staircase. No
+NaN reaches the results. ``e_steps`` counts the E-steps (passes over the data) spent.
 
 The objective used for acceptance is :func:`evaluate`, the one place to change for
-priors (add log p(θ)), Markov latents (forward–backward) or dask sources.
+priors (add log p(θ) and its rounding slack, and the prior to ``em_step``'s check);
+Markov latents and dask sources already go through ``estep.summarize``.
 """
 
 from __future__ import annotations
@@ -61,9 +70,10 @@ from emdsl.errors import ModelError, MonotonicityError
 Method = Literal["squarem", "daarem"]
 #: the values ``fit(accelerate=...)`` takes besides None (plain EM) and "auto"
 METHODS: tuple[str, ...] = ("squarem", "daarem")
-#: what ``accelerate="auto"`` (the default) runs where acceleration applies. Measured with
-#: benchmarks/bench_accelerate.py: SQUAREM needs 5–17× fewer E-steps than plain EM on the slow
-#: cases and costs the same E-steps on Old Faithful; DAAREM is erratic (1.2–57×).
+#: what ``accelerate="auto"`` runs where acceleration applies. Measured with
+#: benchmarks/bench_accelerate.py: SQUAREM needs 4–17× fewer E-steps than plain EM on the slow
+#: cases (Hasselblad, overlapping Gaussians, 20% missing, HMM) and the same on Old Faithful;
+#: DAAREM ranges from 1.2× (missing values) to 57× (Hasselblad).
 DEFAULT: Method = "squarem"
 
 
@@ -186,7 +196,7 @@ def admissible(plan: Plan, theta: Theta | None) -> bool:
 
 # -- the driver ------------------------------------------------------------------------------
 class Accelerator:
-    """Runs accelerated iterations from an accepted point, one accepted iteration per :meth:`step`."""
+    """Runs accelerated iterations from an accepted point: :meth:`iterations` yields them one at a time."""
 
     #: SQUAREM: largest step length at first (1: the first cycle is two EM steps); multiplied by
     #: ``_STEP_FACTOR`` each time it is reached and kept, divided when a proposal at it is
@@ -278,7 +288,7 @@ class Accelerator:
             yield self._accept(self._plain(p1, iteration, theta2, floored2))
             return
         # The stabilizing EM step of scheme S3 (as in R's SQUAREM): it costs one E-step and
-        # measured, it pays (fits with holes need 2–4× fewer E-steps with it), and it makes
+        # measured, it pays (fits with holes needed 2–3× fewer E-steps with it), and it makes
         # every accepted point an M-step's output, with a genuine ELBO (of the proposal's posterior).
         q, elbo, floored, more = self.em_step(proposal, iteration)
         yield self._accept(Accepted(q, elbo, max(proposal.slack, p1.slack) + more, True, floored))

@@ -50,9 +50,10 @@ class IterationEvent:
     converged : bool
         Whether this iteration met the convergence test.
     extrapolated : bool
-        Whether the point is an accelerated proposal (``fit(accelerate=...)``) rather
-        than an EM step's output; it has no ELBO of its own, so ``elbo == loglik``
-        and ``kl == 0`` are recorded for it.
+        Whether the point came through an accelerated proposal (``fit(accelerate=...)``)
+        rather than one EM step from the previous point: its ``elbo`` is not
+        ELBO(q⁽ᵗ⁻¹⁾, θ⁽ᵗ⁾) (for DAAREM's proposals there is none: ``elbo == loglik``,
+        ``kl == 0``), so the staircase leaves it out.
     """
 
     restart: int

@@ -94,7 +94,7 @@ def _with_known_states(known: np.ndarray, resp_of: Any) -> Any:
 def _held(plan: Plan, name: str) -> dict[str, np.ndarray]:
     if plan.latent is not None and name == plan.latent.name:
         return plan.latent.held
-    return next(node.held for node in plan.nodes if node.name == name)
+    return next((node.held for node in plan.nodes if node.name == name), {})
 
 
 def _names(plan: Plan) -> list[str]:

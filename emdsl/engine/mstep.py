@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from emdsl.compile import Plan
+from emdsl.errors import ModelError
 from emdsl.families._base import Params
 
 Theta = dict[str, Params]
@@ -52,9 +53,12 @@ def maximize(plan: Plan, stats: np.ndarray, previous: Mapping[str, Params] | Non
             theta[latent.name] = latent.family.weights_m_step(stats[:, 0], held, prior=latent.prior)
     for node in plan.nodes:
         # With a bound prior, the family's step is the posterior mode (MAP-EM, DESIGN.md §1).
-        theta[node.name], low = node.family.m_step(
-            stats[:, node.offset:node.offset + node.n_rows],
-            {**hold.get(node.name, {}), **node.held}, previous.get(node.name), prior=node.prior)
+        try:
+            theta[node.name], low = node.family.m_step(
+                stats[:, node.offset:node.offset + node.n_rows],
+                {**hold.get(node.name, {}), **node.held}, previous.get(node.name), prior=node.prior)
+        except ModelError as error:
+            raise ModelError(f"{node.where()}: {error}") from None
         floored.extend((node.name, k, value) for k, value in low)
     return theta, floored
 

@@ -65,7 +65,7 @@ def fit_model(
     accelerate = check_method(accelerate)
     seed = normalize_seed(seed)
     callbacks = _callbacks(callbacks, monitor)
-    ds = labels.as_dataset(data)
+    ds = labels.as_dataset(data, like=model)
     method = online.check_method(method, batch_size, step_decay, None if accelerate == "auto" else accelerate)
     plan = compile_plan(model, ds, sample_dim=sample_dim, weights=weights, prior=prior)
     accelerate = resolve(accelerate, online=method != "em", prior=has_prior(plan))
@@ -265,7 +265,7 @@ def traces(runs: Sequence[RestartResult]) -> xr.Dataset:
                 "slack": ("step", stacked("slack"), {"long_name": "rounding bound of the monotonicity check"}),
                 # Coordinates like slack: they describe each step, and load() accepts exactly four variables.
                 "extrapolated": ("step", np.concatenate([np.asarray(run.extrapolated, dtype=bool) for run in runs]),
-                                 {"long_name": "accelerated proposal (no ELBO of its own: elbo = loglik, kl = 0)"}),
+                                 {"long_name": "came through an accelerated proposal (its elbo, if any, is not from q⁽ᵗ⁻¹⁾)"}),
                 "e_steps": ("step", np.concatenate([np.asarray(run.e_steps, dtype=np.int64) for run in runs]),
                             {"long_name": "E-steps spent since the restart began"}),
                 # The objective EM climbs; = loglik without a prior (a coordinate, like slack).

@@ -21,7 +21,7 @@ from hypothesis import strategies as hs
 
 import emdsl as em
 from emdsl.engine import accelerate
-from tests.engine.test_monotone_families import FAMILIES, MIXED, N, _case
+from tests.engine.test_monotone_families import FAMILIES, MIXED, _case
 
 METHODS = ["squarem", "daarem"]
 
@@ -82,19 +82,21 @@ def _fit(model, ds, accelerate_, **kwargs):
 
 def _matched(reference: xr.DataTree, other: xr.DataTree, latent: str) -> xr.DataTree:
     """``other`` with its latent states permuted to best match ``reference`` (label switching)."""
-    K = reference[latent]["probs"].sizes[latent]
+    K = reference[latent].to_dataset().sizes[latent]
+    state_dims = (latent, f"{latent}_next")  # a Markov latent's transitions run over both
+
+    def permuted(ds, order):
+        return ds.isel({d: list(order) for d in state_dims if d in ds.dims})
 
     def flat(tree, order):
         parts = []
         for node in tree.children.values():
-            for da in node.to_dataset().data_vars.values():
-                if latent in da.dims:
-                    da = da.isel({latent: list(order)})
+            for da in permuted(node.to_dataset(), order).data_vars.values():
                 parts.append(np.ravel(da.values) / max(float(np.abs(da.values).max()), 1e-12))
         return np.concatenate(parts)
 
     best = min(itertools.permutations(range(K)), key=lambda o: np.abs(flat(other, o) - flat(reference, range(K))).sum())
-    return other.map_over_datasets(lambda ds: ds.isel({latent: list(best)}) if latent in ds.dims else ds)
+    return other.map_over_datasets(lambda ds: permuted(ds, best))
 
 
 def check_accepted_trace(fit, tol: float | None = None) -> None:
@@ -268,7 +270,7 @@ def test_max_iter_counts_accepted_iterations(faithful, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fixed_parameters_stay_exactly(method):
-    model, ds, _ = _gmm("diag")
+    _, ds, _ = _gmm("diag")
     fixed = em.Model().latent("z", em.Categorical(3, probs=[0.5, 0.3, 0.2])).observe(
         "x", em.MultivariateNormal(covariance="diag"))
     fit = _fit(fixed, ds, method, seed=0, tol=1e-12, max_iter=500)
@@ -370,7 +372,7 @@ def test_convergence_plot_marks_extrapolated_iterations_and_breaks_the_staircase
     marked = lines["extrapolated"]
     np.testing.assert_array_equal(marked.get_xdata(), trace["iteration"].values[chosen])
     np.testing.assert_array_equal(marked.get_ydata(), trace["loglik"].values[chosen])
-    x, y = lines["elbo"].get_data()
+    y = lines["elbo"].get_ydata()
     elbo_points = np.asarray(y[0::2], dtype=float)  # (t, elbo_t) then (t, loglik_t)
     assert np.isnan(elbo_points[chosen]).all()  # no M-step riser into an extrapolated point
     np.testing.assert_allclose(elbo_points[~chosen], trace["elbo"].values[~chosen])
@@ -398,3 +400,32 @@ def test_monitor_and_text_line_show_extrapolated_steps(faithful):
     out = io.StringIO()
     model.fit(faithful, seed=0, accelerate="squarem", callbacks=[em.widgets.TextMonitor(file=out)])
     assert "converged" in out.getvalue()
+
+
+# -- other data sources and latent structures go through the same E-step ---------------------------------
+def test_dask_chunks_give_the_in_memory_accelerated_fit():
+    pytest.importorskip("dask")
+    model, ds, _ = _gmm("full")
+    memory = _fit(model, ds, "squarem", seed=0, tol=1e-12)
+    chunked = _fit(model, ds.chunk({"sample": 128}), "squarem", seed=0, tol=1e-12)
+    assert chunked.loglik == pytest.approx(memory.loglik, rel=1e-10)
+    np.testing.assert_allclose(chunked.params["x"]["mean"].values, memory.params["x"]["mean"].values, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hidden_markov_model_reaches_the_plain_optimum(method):
+    rng = np.random.default_rng(0)
+    T = 1500
+    A = np.array([[0.9, 0.07, 0.03], [0.05, 0.9, 0.05], [0.03, 0.07, 0.9]])
+    z = np.zeros(T, dtype=int)
+    for t in range(1, T):
+        z[t] = rng.choice(3, p=A[z[t - 1]])
+    ds = xr.Dataset({"x": ("time", np.array([-2.0, 0.0, 2.5])[z] + rng.normal(0, 0.8, T))})
+    model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Normal)
+    plain = _fit(model, ds, None, seed=0, tol=1e-13, max_iter=2000)
+    fast = _fit(model, ds, method, seed=0, tol=1e-13, max_iter=2000)
+    assert fast.converged
+    assert fast.loglik == pytest.approx(plain.loglik, rel=1e-9)
+    transition = _matched(plain.params, fast.params, "z")["z"]["transition"]
+    np.testing.assert_allclose(transition.values, plain.params["z"]["transition"].values, atol=1e-5)
+    check_accepted_trace(fast, tol=1e-13)
