@@ -389,7 +389,7 @@ def normal_inverse_wishart_terms(mean: np.ndarray, cov: np.ndarray, m: np.ndarra
              -0.5 * kappa * np.einsum("kd,kd->k", white, white)]
     inverse_scale = np.linalg.solve(covs[:1] if tied else covs, np.broadcast_to(scale, (1 if tied else K, D, D)))
     log_det_cov = log_det[:1] if tied else log_det
-    sign, log_det_scale = np.linalg.slogdet(scale)
+    log_det_scale = np.linalg.slogdet(scale)[1]  # Ψ is positive definite: its sign is +1
     terms += [np.full(len(log_det_cov), 0.5 * dof * log_det_scale - 0.5 * dof * D * np.log(2.0)
                       - multigammaln(0.5 * dof, D)),
               -0.5 * (dof + D + 1.0) * log_det_cov,

@@ -13,7 +13,14 @@ import numpy as np
 from emdsl.compile import Plan
 from emdsl.engine.estep import EStep
 from emdsl.engine.events import IterationEvent, dispatch
-from emdsl.engine.mstep import Theta, expected_complete_loglik, has_prior, log_prior, maximize, natural_matrix
+from emdsl.engine.mstep import (
+    Theta,
+    expected_complete_loglik,
+    has_prior,
+    log_prior,
+    maximize,
+    natural_matrix,
+)
 from emdsl.errors import DegenerateComponentWarning, ModelError, MonotonicityError
 
 #: ulps of rounding allowed per unit of magnitude summed, times the depth of the sums

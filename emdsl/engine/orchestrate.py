@@ -194,6 +194,14 @@ def degenerate_reasons(plan: Plan, run: RestartResult) -> list[str]:
         for k in np.flatnonzero(run.counts < _THIN):
             reasons.append(f"component {plan.latent.name}={plan.latent.family.states[k]!r} holds "
                            f"{run.counts[k]:.3g} samples' worth of responsibility")
+        # A full covariance over D features needs more than D samples: fewer span a flat
+        # subspace, and the likelihood (or a weak prior's posterior) rewards shrinking onto it.
+        for node in plan.nodes:
+            if getattr(node.family, "covariance_type", None) == "full" and node.D > 1:
+                for k in np.flatnonzero((run.counts >= _THIN) & (run.counts < node.D + 1)):
+                    reasons.append(f"{node.where()}: component {plan.latent.name}="
+                                   f"{plan.latent.family.states[k]!r} holds {run.counts[k]:.3g} samples' worth "
+                                   f"of responsibility, too few for a full covariance over {node.D} features")
     return reasons
 
 

@@ -21,7 +21,13 @@ from emdsl.families._base import (
     as_float,
     check_range,
 )
-from emdsl.families.bernoulli import beta_log_prior, beta_weak, fraction, log_odds, posterior_fraction
+from emdsl.families.bernoulli import (
+    beta_log_prior,
+    beta_weak,
+    fraction,
+    log_odds,
+    posterior_fraction,
+)
 from emdsl.families.poisson import discrete_marginal, non_integer_or_negative
 
 

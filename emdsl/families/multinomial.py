@@ -27,7 +27,6 @@ from emdsl.families.binomial import Binomial
 from emdsl.families.categorical import _check_rows, log_probs
 from emdsl.families.poisson import non_integer_or_negative
 
-
 #: the weak prior's pseudo-events (fit(prior="weak"))
 WEAK_EVENTS = 0.01
 
