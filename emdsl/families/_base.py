@@ -42,7 +42,7 @@ _FAMILIES: dict[str, type[Family]] = {}
 class BoundPrior:
     """A conjugate prior bound to a node: its hyperparameters as arrays in the internal units.
 
-    ``log_jacobian`` is the constant log |∂θ_internal / ∂θ_data| that turns the prior's
+    ``log_jacobian`` is the constant log ``|∂θ_internal / ∂θ_data|`` that turns the prior's
     density over the internal parameters into its density over the parameters in the
     data's units, so that log p(θ) is the same whatever units the fit works in.
     """
@@ -124,7 +124,7 @@ class Family:
         """Raise ``ModelError`` if bound hyperparameters cannot serve (e.g. too few degrees of freedom)."""
 
     def prior_jacobian(self, scale: np.ndarray | None, K: int) -> float:
-        """log |∂θ_internal / ∂θ_data| of all the parameters (0 for families fitted in the data's units)."""
+        """log ``|∂θ_internal / ∂θ_data|`` of all the parameters (0 for families fitted in the data's units)."""
         return 0.0
 
     def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
