@@ -275,6 +275,13 @@ class ObservedFamily(Family):
     def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
         """Raise ``ModelError`` naming ``where`` if a parameter value is invalid."""
 
+    def check_given(self, **given: Any) -> None:
+        """Validate parameter values given to the constructor (held, not learned), naming the argument."""
+        for name, value in given.items():
+            if value is not None:
+                where = f"{self.kind}({name}=...)"
+                self.check_params({name: as_float(value, where)}, where)
+
     def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
         """Elements of ``x`` (b × D, NaN = missing) outside the support, and what the support is."""
         return None

@@ -16,7 +16,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_range,
     empty_components,
     held_or,
@@ -114,8 +113,7 @@ class Bernoulli(ElementwiseFamily):
 
     def __init__(self, *, probs: ArrayLike | None = None, prior: priors.Beta | None = None) -> None:
         self._probs = probs
-        if probs is not None:
-            self.check_params({"probs": as_float(probs, "Bernoulli(probs=...)")}, "Bernoulli(probs=...)")
+        self.check_given(probs=probs)
         self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:

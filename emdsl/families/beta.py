@@ -15,7 +15,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_number,
     check_range,
     empty_components,
@@ -77,9 +76,7 @@ class Beta(ElementwiseFamily):
         self.accept_prior(prior)  # no conjugate prior: any prior is a ModelError that says so
         self.floor = check_number(floor, "Beta(floor=...)", low=0.0, low_open=True)
         self._alpha, self._beta = alpha, beta
-        for name, given in (("alpha", alpha), ("beta", beta)):
-            if given is not None:
-                self.check_params({name: as_float(given, f"Beta({name}=...)")}, f"Beta({name}=...)")
+        self.check_given(alpha=alpha, beta=beta)
 
     def arguments(self) -> dict[str, Any]:
         return {"alpha": self._alpha, "beta": self._beta, "floor": self.floor}

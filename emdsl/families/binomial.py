@@ -18,7 +18,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_range,
 )
 from emdsl.families.bernoulli import (
@@ -80,8 +79,7 @@ class Binomial(ElementwiseFamily):
                              f"name of a data variable holding them, got {trials!r}")
         self.trials: int | str = trials if isinstance(trials, str) else int(trials)
         self._probs = probs
-        if probs is not None:
-            self.check_params({"probs": as_float(probs, "Binomial(probs=...)")}, "Binomial(probs=...)")
+        self.check_given(probs=probs)
         self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:

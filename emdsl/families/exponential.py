@@ -16,7 +16,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_range,
     empty_components,
     held_or,
@@ -70,8 +69,7 @@ class Exponential(ElementwiseFamily):
 
     def __init__(self, *, rate: ArrayLike | None = None, prior: priors.Gamma | None = None) -> None:
         self._rate = rate
-        if rate is not None:
-            self.check_params({"rate": as_float(rate, "Exponential(rate=...)")}, "Exponential(rate=...)")
+        self.check_given(rate=rate)
         self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:

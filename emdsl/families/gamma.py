@@ -15,7 +15,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_number,
     check_range,
     empty_components,
@@ -98,9 +97,7 @@ class Gamma(ElementwiseFamily):
         self.accept_prior(prior)  # no conjugate prior: any prior is a ModelError that says so
         self.floor = check_number(floor, "Gamma(floor=...)", low=0.0, low_open=True)
         self._shape, self._rate = shape, rate
-        for name, given in (("shape", shape), ("rate", rate)):
-            if given is not None:
-                self.check_params({name: as_float(given, f"Gamma({name}=...)")}, f"Gamma({name}=...)")
+        self.check_given(shape=shape, rate=rate)
 
     def arguments(self) -> dict[str, Any]:
         return {"shape": self._shape, "rate": self._rate, "floor": self.floor}

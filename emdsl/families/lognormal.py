@@ -16,7 +16,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_number,
     check_range,
     empty_components,
@@ -90,9 +89,7 @@ class LogNormal(ElementwiseFamily):
                  floor: float = 1e-6, prior: priors.NormalInverseGamma | None = None) -> None:
         self.floor = check_number(floor, "LogNormal(floor=...)", low=0.0, low_open=True)
         self._mean, self._variance = mean, variance
-        for name, given in (("mean", mean), ("variance", variance)):
-            if given is not None:
-                self.check_params({name: as_float(given, f"LogNormal({name}=...)")}, f"LogNormal({name}=...)")
+        self.check_given(mean=mean, variance=variance)
         self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_range,
     empty_components,
     held_or,
@@ -86,8 +85,7 @@ class Poisson(ElementwiseFamily):
 
     def __init__(self, *, rate: ArrayLike | None = None, prior: priors.Gamma | None = None) -> None:
         self._rate = rate
-        if rate is not None:
-            self.check_params({"rate": as_float(rate, "Poisson(rate=...)")}, "Poisson(rate=...)")
+        self.check_given(rate=rate)
         self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from emdsl.families._base import (
     Floored,
     Marginal,
     Params,
-    as_float,
     check_number,
     check_range,
     empty_components,
@@ -94,9 +93,7 @@ class VonMises(ElementwiseFamily):
         self.accept_prior(prior)  # no conjugate prior: any prior is a ModelError that says so
         self.floor = check_number(floor, "VonMises(floor=...)", low=0.0, low_open=True)
         self._mean, self._kappa = mean, kappa
-        for name, given in (("mean", mean), ("kappa", kappa)):
-            if given is not None:
-                self.check_params({name: as_float(given, f"VonMises({name}=...)")}, f"VonMises({name}=...)")
+        self.check_given(mean=mean, kappa=kappa)
 
     def arguments(self) -> dict[str, Any]:
         return {"mean": self._mean, "kappa": self._kappa, "floor": self.floor}
