@@ -286,6 +286,15 @@ class ObservedFamily(Family):
         """Elements of ``x`` (b × D, NaN = missing) outside the support, and what the support is."""
         return None
 
+    def seed_features(self, x: np.ndarray) -> np.ndarray:
+        """The data (as :meth:`Node.read` gives them, NaN = missing) in the space k-means++ seeds in.
+
+        Where the family's geometry is that of log x (positive families), seeding on x would
+        let one far value decide every seed, and squared distances of data near 1e300
+        overflow; the engine then centres and scales these features per element.
+        """
+        return x
+
     def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
                aux: Mapping[str, np.ndarray]) -> np.ndarray:
         """Draw one sample (n × D) per entry of ``labels`` (component indices)."""

@@ -27,7 +27,13 @@ from emdsl.families.bernoulli import (
     log_odds,
     posterior_fraction,
 )
-from emdsl.families.poisson import discrete_marginal, non_integer_or_negative
+from emdsl.families.poisson import (
+    MAX_COUNT,
+    TOO_LARGE,
+    discrete_marginal,
+    non_integer_or_negative,
+    too_large,
+)
 
 
 class Binomial(ElementwiseFamily):
@@ -74,9 +80,9 @@ class Binomial(ElementwiseFamily):
         if isinstance(trials, str):
             if not trials:
                 raise ModelError("Binomial(trials=...): the name of the trials variable is empty")
-        elif isinstance(trials, bool) or not isinstance(trials, int | np.integer) or trials < 1:
-            raise ModelError("Binomial(trials=...): expected a positive integer number of trials or the "
-                             f"name of a data variable holding them, got {trials!r}")
+        elif isinstance(trials, bool) or not isinstance(trials, int | np.integer) or not 1 <= trials <= MAX_COUNT:
+            raise ModelError("Binomial(trials=...): expected a positive integer number of trials (up to "
+                             f"1e12) or the name of a data variable holding them, got {trials!r}")
         self.trials: int | str = trials if isinstance(trials, str) else int(trials)
         self._probs = probs
         self.check_given(probs=probs)
@@ -161,7 +167,10 @@ class Binomial(ElementwiseFamily):
         if bad_trials.any():
             problems.append(f"the number of trials ({self.trials!r}) must be a non-negative integer "
                             "wherever the count is observed")
-        return bad_counts | above | bad_trials, "; ".join(problems)
+        large = present & ~bad_trials & too_large(n)
+        if large.any():
+            problems.append(TOO_LARGE.replace("counts above", "numbers of trials above"))
+        return bad_counts | above | bad_trials | large, "; ".join(problems)
 
     def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
                aux: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -33,6 +33,52 @@ _TINY = 1e-300
 WEAK_COUNT = 0.01
 
 
+#: the most states (or levels) a Categorical takes: each gets a label, a column of H, a weight
+MAX_STATES = 1_000_000
+
+
+def _state_labels(k: Sequence[Any]) -> tuple[Any, ...]:
+    """The labels of ``Categorical(k=[...])``: distinct, present (not None, NaN, ``pd.NA``, NaT) hashable scalars."""
+    if len(k) > MAX_STATES:
+        raise ModelError(f"Categorical(k): at most {MAX_STATES:,} states or levels, got {len(k):,} labels")
+    states = tuple(v.item() if isinstance(v, np.generic) else v for v in k)
+    shown = _short_list(states)
+    for v in states:
+        if isinstance(v, str | bytes) or (np.ndim(v) == 0 and not isinstance(v, Sequence | Mapping | set)):
+            try:
+                hash(v)
+            except TypeError:
+                pass
+            else:
+                if _missing_label(v):
+                    raise ModelError(f"Categorical(k): state labels must not be missing (None, NaN or pd.NA), "
+                                     f"got {shown}")
+                continue
+        raise ModelError(f"Categorical(k): state labels must be scalars (numbers or strings), got {v!r} "
+                         f"in {shown}")
+    if len(states) < 1:
+        raise ModelError("Categorical(k): need at least one state, got an empty list")
+    if len(set(states)) != len(states):
+        raise ModelError(f"Categorical(k): state labels must be distinct, got {shown}")
+    return states
+
+
+def _missing_label(value: Any) -> bool:
+    """None, NaN, ``pd.NA`` or NaT: a label that marks a missing value, never a state."""
+    if value is None:
+        return True
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _short_list(values: Sequence[Any]) -> str:
+    return repr(list(values)) if len(values) <= 20 else repr(list(values[:20]))[:-1] + ", …]"
+
+
 def log_probs(probs: np.ndarray) -> np.ndarray:
     """log p with probabilities floored at 1e-300, so that log 0 stays finite."""
     return np.log(np.maximum(probs, _TINY))
@@ -72,7 +118,8 @@ class Categorical(LatentFamily):
         row i holds p(z_t = j | z_{t-1} = i)); held, not learned.
     prior : emdsl.priors.Dirichlet, optional
         A conjugate prior on the weights (α per state) or on each element's level
-        probabilities (α per level); the M-step becomes the MAP estimate.
+        probabilities (α per level); the M-step becomes the MAP estimate. For a Markov
+        latent, the same α (per state) is on ``initial`` and on every row of ``transition``.
 
     Examples
     --------
@@ -97,16 +144,13 @@ class Categorical(LatentFamily):
         elif isinstance(k, bool) or not isinstance(k, int | np.integer | Sequence) or isinstance(k, str):
             raise ModelError(f"Categorical(k): k must be a number of states or a list of state labels, got {k!r}")
         elif isinstance(k, Sequence):
-            states = tuple(v.item() if isinstance(v, np.generic) else v for v in k)
-            if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in states):
-                raise ModelError(f"Categorical(k): state labels must not be missing (None or NaN), got {list(states)!r}")
-            if len(set(states)) != len(states):
-                raise ModelError(f"Categorical(k): state labels must be distinct, got {list(states)!r}")
-            if len(states) < 1:
-                raise ModelError("Categorical(k): need at least one state, got an empty list")
+            states = _state_labels(k)
         else:
             if int(k) < 1:
                 raise ModelError(f"Categorical(k): need at least one state, got k={k!r}")
+            if int(k) > MAX_STATES:
+                raise ModelError(f"Categorical(k): at most {MAX_STATES:,} states or levels (one label each), "
+                                 f"got k={k!r}")
             states = tuple(range(int(k)))
         self._probs = probs
         if probs is not None:
@@ -144,14 +188,11 @@ class Categorical(LatentFamily):
 
     def markov_form(self, where: str) -> _MarkovCategorical:
         """This declaration as the states of a Markov chain (used by ``Model.latent(..., markov=dim)``)."""
-        if self.prior is not None:
-            raise ModelError(f"{where}: a Markov latent takes no prior= yet (its Dirichlet prior would be on the "
-                             "initial distribution and the rows of the transition matrix)")
         if self._probs is not None:
             raise ModelError(f"{where}: a Markov latent has no mixture weights probs; fix its "
                              "initial distribution and transition matrix instead: "
                              "em.Categorical(k, initial=..., transition=...)")
-        return _MarkovCategorical(self._k_arg, initial=self._initial, transition=self._transition)
+        return _MarkovCategorical(self._k_arg, initial=self._initial, transition=self._transition, prior=self.prior)
 
     def check_latent(self, where: str) -> None:
         """Raise ``ModelError`` unless this declaration can serve as a latent variable."""
@@ -216,23 +257,33 @@ class _MarkovCategorical(Categorical):
     starting values) stays zero under EM, so a left-to-right chain stays left-to-right.
     The forward–backward E-step and the M-step live in :mod:`emdsl.latent.markov`.
     Users do not build this class: ``Model.latent(..., markov=dim)`` does.
+
+    ``prior=em.priors.Dirichlet(alpha)`` is, as for a mixture's weights, a Dirichlet over
+    the states (α a number, or one per state): here over ``initial`` and over each row
+    of ``transition`` (α_j the pseudo-counts of moving *into* state j, from any state).
+    The M-steps become π_k = (N⁰_k + α_k − 1) / Σ (…) and
+    A_ij = (ξ_ij + α_j − 1) / Σ_j (…); a zero of A or π (fixed, or in the starting
+    values) stays zero and lies outside the prior's support (the Dirichlet is over the
+    row's other entries). ``fit(prior="weak")`` puts Dirichlet(1 + 0.01/K) on both.
     """
 
     param_names = ("initial", "transition")
 
     def __init__(self, k: int | Sequence[Hashable] | None = None, probs: ArrayLike | None = None, *,
-                 initial: ArrayLike | None = None, transition: ArrayLike | None = None) -> None:
+                 initial: ArrayLike | None = None, transition: ArrayLike | None = None,
+                 prior: priors.Dirichlet | None = None) -> None:
         if probs is not None:
             raise ModelError("Categorical(probs=...): a Markov latent has no mixture weights; fix initial "
                              "and transition instead")
-        super().__init__(k, None, initial=initial, transition=transition)
+        super().__init__(k, None, initial=initial, transition=transition, prior=prior)
 
     @property
     def kind(self) -> str:
         return "Categorical"
 
     def arguments(self) -> dict[str, Any]:
-        return {"k": self._k_arg, "probs": None, "initial": self._initial, "transition": self._transition}
+        return self.with_prior({"k": self._k_arg, "probs": None, "initial": self._initial,
+                                "transition": self._transition})
 
     def param_axes(self) -> dict[str, Axes]:
         return {"initial": ("latent",), "transition": ("latent", "latent_next")}
@@ -240,6 +291,12 @@ class _MarkovCategorical(Categorical):
     def log_weights(self, params: Params) -> np.ndarray:
         """0: a chain's log-probabilities are not a per-sample constant but the structure's business."""
         return np.zeros(self.k)
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), each over its support (see the class)."""
+        from emdsl.latent.markov import chain_log_prior
+
+        return chain_log_prior(params, prior["alpha"])
 
     def n_free_params(self) -> int:  # type: ignore[override]
         initial = 0 if self._initial is not None else self.k - 1

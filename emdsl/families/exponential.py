@@ -27,8 +27,9 @@ from emdsl.families._base import (
 # 1/λ is bounded below by this value, the exact M-step under the constraint λ ≤ 1e100
 # (Q is concave in λ), so EM stays monotone and −λx stays far from overflow.
 _SMALLEST_MEAN = 1e-100
-# ... and λ → 0 (a huge mean) keeps A = −log λ finite.
-_TINY = 1e-300
+# ... and λ → 0 keeps A = −log λ finite. Not larger: 1/x̄ of data near 1.8e308 is 5.6e-309
+# (subnormal), and a floor above it would change A for such a state, and with it EM's monotonicity.
+_TINY = float(np.finfo(float).smallest_subnormal)
 #: the weak prior's pseudo-samples (fit(prior="weak"))
 WEAK_COUNT = 0.01
 

@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special
 
+from emdsl.errors import ModelError
 from emdsl.families._base import (
     Axes,
     ElementwiseFamily,
@@ -21,7 +22,6 @@ from emdsl.families._base import (
     keep_empty,
     safe_counts,
 )
-
 from emdsl.families._newton import Fn, newton_ascent
 
 
@@ -129,8 +129,13 @@ class Gamma(ElementwiseFamily):
             problem = _shape_given_rate(mean_log + np.log(rate)) if rate is not None else _profile(spread)
             raw = newton_ascent(start[..., None], 1e-10, 1.0 / self.floor, *problem, steps=self.newton_steps)[..., 0]
             shape = keep_empty(raw, before.get("shape"), fallback["shape"], empty)
-        rate = held["rate"] if "rate" in held else keep_empty(
-            shape / mean_x, before.get("rate"), fallback["rate"], empty)
+        if "rate" in held:
+            rate = held["rate"]
+        else:
+            with np.errstate(over="ignore"):
+                raw_rate = shape / mean_x
+            _check_rate(raw_rate, mean_x, shape, empty)
+            rate = keep_empty(raw_rate, before.get("rate"), fallback["rate"], empty)
         capped = (shape >= (1.0 - 1e-9) / self.floor) & ~empty & ("shape" not in held)
         floored = [(int(k), float(2 * spread[k][capped[k]].min())) for k in np.flatnonzero(capped.any(axis=1))]
         return {"shape": shape, "rate": rate}, floored
@@ -147,6 +152,10 @@ class Gamma(ElementwiseFamily):
 
     def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
         return (x <= 0) | np.isinf(x), "Gamma data must be positive and finite (x > 0)"
+
+    def seed_features(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(x)  # the family's own geometry; positive data (checked) give finite logs
 
     def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
                aux: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -166,6 +175,18 @@ class Gamma(ElementwiseFamily):
             return np.where(inside, np.exp(log_p), 0.0)
 
         return Marginal(mean=(shape / rate)[:, 0], density=density)
+
+
+def _check_rate(rate: np.ndarray, mean_x: np.ndarray, shape: np.ndarray, empty: np.ndarray) -> None:
+    """Refuse a rate a/x̄ beyond the float range: data too small (e.g. subnormal) for Gamma in their units."""
+    bad = ~np.isfinite(rate) & ~empty
+    if bad.any():
+        k, d = (int(i[0]) for i in np.nonzero(bad))
+        power = int(np.ceil(np.log10(shape[k, d]) - np.log10(mean_x[k, d]) - 300)) if mean_x[k, d] > 0 else 20
+        raise ModelError(f"Gamma's rate (shape / mean) overflows floating point for component {k}"
+                         f"{f', element {d}' if rate.shape[1] > 1 else ''}: its values' mean is "
+                         f"{float(mean_x[k, d])!r}, too small for Gamma fitted in the data's units "
+                         f"(whose rate must stay below 1.8e308); multiply the data by 1e{max(power, 10)}")
 
 
 def _profile(spread: np.ndarray) -> tuple[Fn, Fn, Fn]:

@@ -25,7 +25,12 @@ from emdsl.families._base import (
 )
 from emdsl.families.binomial import Binomial
 from emdsl.families.categorical import _check_rows, log_probs
-from emdsl.families.poisson import non_integer_or_negative
+from emdsl.families.poisson import (
+    MAX_COUNT,
+    TOO_LARGE,
+    non_integer_or_negative,
+    too_large,
+)
 
 #: the weak prior's pseudo-events (fit(prior="weak"))
 WEAK_EVENTS = 0.01
@@ -79,8 +84,11 @@ class Multinomial(ObservedFamily):
     def __init__(self, dim: Hashable | None = None, *, probs: ArrayLike | None = None,
                  trials: int | None = None, prior: priors.Dirichlet | None = None) -> None:
         if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int | np.integer)
-                                   or trials < 1):
-            raise ModelError(f"Multinomial(trials=...): expected a positive integer, got {trials!r}")
+                                   or not 1 <= trials <= MAX_COUNT):
+            raise ModelError(f"Multinomial(trials=...): expected a positive integer up to 1e12, "
+                             f"got {trials!r}")
+        if dim is not None and not (isinstance(dim, str) and dim):
+            raise ModelError(f"Multinomial(dim=...): expected the name of a dimension (a string), got {dim!r}")
         if probs is not None:
             _check_rows(as_float(probs, "Multinomial(probs=...)"), "Multinomial(probs=...)", None)
         self.dim, self._probs = dim, probs
@@ -160,6 +168,11 @@ class Multinomial(ObservedFamily):
                     x.sum(axis=1, keepdims=True) != self.trials)
             bad |= off
             problems[0] += f" summing to trials={self.trials} over the event"
+        with np.errstate(invalid="ignore"):  # the total n enters log n!: it is a count too
+            large = too_large(x) | (~missing & (np.nansum(np.where(bad, 0.0, x), axis=1, keepdims=True) > MAX_COUNT))
+        if large.any():
+            bad |= large
+            problems.append(TOO_LARGE.replace("counts above", "counts (or event totals) above"))
         if partial.any():
             problems.append("an event with some but not all counts missing (NaN) cannot be marginalized "
                             "for a multinomial: the total count n is unknown; drop or fill those events")

@@ -32,10 +32,26 @@ WEAK_COUNT = 0.01
 _TINY = 1e-300
 
 
+#: the largest count the count families take. Their log-likelihood sums terms of size
+#: x·log λ and log x! ≈ x log x that cancel to O(log x) per value; float64 rounds those
+#: terms by ε·x·log x, 0.006 at 1e12 but 150 at 2^53 (and x·log λ overflows near 1e306)
+MAX_COUNT = 1e12
+#: the reason given when a count exceeds MAX_COUNT
+TOO_LARGE = ("counts above 1e12 cannot be fitted in float64 (the log-likelihood's terms x·log λ "
+             "and log x! then carry rounding errors beyond 0.01 per value, and overflow near 1e306); "
+             "model such counts as continuous values (e.g. LogNormal or Normal)")
+
+
 def non_integer_or_negative(x: np.ndarray) -> np.ndarray:
     """Present values that are not finite non-negative integers (NaN is missing, never bad)."""
     with np.errstate(invalid="ignore"):
         return ~np.isnan(x) & ~(np.isfinite(x) & (x >= 0) & (x == np.round(x)))
+
+
+def too_large(x: np.ndarray) -> np.ndarray:
+    """Present finite counts above :data:`MAX_COUNT`."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(x) & (x > MAX_COUNT)
 
 
 def discrete_marginal(mean: np.ndarray, log_pmf: Any) -> Marginal:
@@ -140,7 +156,9 @@ class Poisson(ElementwiseFamily):
         check_range(params, "rate", where, low=0.0, low_open=False)
 
     def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
-        return non_integer_or_negative(x), "Poisson counts must be non-negative integers"
+        bad, large = non_integer_or_negative(x), too_large(x)
+        reason = "Poisson counts must be non-negative integers"
+        return bad | large, reason + (f"; {TOO_LARGE}" if large.any() else "")
 
     def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
                aux: Mapping[str, np.ndarray]) -> np.ndarray:
