@@ -314,9 +314,31 @@ def test_weak_prior_has_the_documented_hyperparameters():
     expected = st.dirichlet.logpdf(p["z"]["probs"], np.full(K, 1 + 0.01 / K))
     for k in range(K):
         expected += st.multivariate_normal.logpdf(p["x"]["mean"][k], x.mean(axis=0), p["x"]["covariance"][k] / 0.01)
-        expected += st.invwishart.logpdf(p["x"]["covariance"][k], df=D + 2, scale=cov * K ** (-2 / D))
+        # ν = D + 2 and Ψ = ν · cov / K^(2/D): ν times mclust's scale, E[Σ⁻¹] = (cov / K^(2/D))⁻¹
+        expected += st.invwishart.logpdf(p["x"]["covariance"][k], df=D + 2, scale=(D + 2) * cov * K ** (-2 / D))
         expected += st.gamma.logpdf(p["y"]["rate"][k], 1 + 0.01 * y.mean(), scale=1 / 0.01)
     np.testing.assert_allclose(float(fit.trace.logpost[-1] - fit.trace.loglik[-1]), expected, rtol=1e-9)
+
+
+def test_weak_prior_of_a_normal_is_the_multivariate_one_in_one_dimension():
+    """Normal: NIG(mean, 0.01, 3/2, 3 var / (2K²)), which is the MultivariateNormal's weak prior with D = 1."""
+    x = np.concatenate([RNG.normal(0.0, 1.0, 70), RNG.normal(6.0, 2.0, 50)]) * 10.0 + 3.0
+    ds = xr.Dataset({"x": ("sample", x)})
+    K = 2
+
+    def expected(probs, mean, variance):
+        return (st.dirichlet.logpdf(probs, np.full(K, 1 + 0.01 / K))
+                + (st.norm.logpdf(mean, x.mean(), np.sqrt(variance / 0.01))
+                   + st.invgamma.logpdf(variance, 1.5, scale=3 * x.var() / (2 * K**2))).sum())
+
+    fits = [em.Model().latent("z", em.Categorical(K)).observe("x", em.Normal).fit(ds, seed=0, prior="weak"),
+            em.Model().latent("z", em.Categorical(K)).observe("x", em.MultivariateNormal)
+            .fit(ds.expand_dims(feature=1, axis=1), seed=0, prior="weak")]
+    for fit in fits:
+        p = fit.params
+        variance = p["x"]["variance"] if "variance" in p["x"] else p["x"]["covariance"]
+        want = expected(p["z"]["probs"].values, np.ravel(p["x"]["mean"].values), np.ravel(variance.values))
+        np.testing.assert_allclose(float(fit.trace.logpost[-1] - fit.trace.loglik[-1]), want, rtol=1e-9)
 
 
 def test_weighted_weak_prior_equals_the_expanded_table():
@@ -324,9 +346,11 @@ def test_weighted_weak_prior_equals_the_expanded_table():
     counts = RNG.integers(1, 4, size=30)
     start = {"z": {"probs": [0.5, 0.5]}, "x": {"mean": [-0.5, 0.5], "variance": [1.0, 1.0]}}
     model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal)
+    # plain EM (accelerate=None): the same M-steps on both sides, so the same stopping iteration
     weighted = model.fit(xr.Dataset({"x": ("sample", x), "n": ("sample", counts.astype(float))}),
-                         weights="n", init=start, prior="weak")
-    expanded = model.fit(xr.Dataset({"x": ("sample", np.repeat(x, counts))}), init=start, prior="weak")
+                         weights="n", init=start, prior="weak", accelerate=None)
+    expanded = model.fit(xr.Dataset({"x": ("sample", np.repeat(x, counts))}), init=start, prior="weak",
+                         accelerate=None)
     for node, param in [("z", "probs"), ("x", "mean"), ("x", "variance")]:
         np.testing.assert_allclose(weighted.params[node][param].values, expanded.params[node][param].values,
                                    rtol=1e-9)

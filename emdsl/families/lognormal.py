@@ -163,6 +163,10 @@ class LogNormal(ElementwiseFamily):
     def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
         return (x <= 0) | np.isinf(x), "LogNormal data must be positive and finite (x > 0)"
 
+    def seed_features(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(x)  # the family's own geometry; positive data (checked) give finite logs
+
     def sample(self, params: Params, labels: np.ndarray, rng: np.random.Generator,
                aux: Mapping[str, np.ndarray]) -> np.ndarray:
         mean, variance = params["mean"][labels], params["variance"][labels]

@@ -331,7 +331,14 @@ class MultivariateNormal(ObservedFamily):
         return -(K * log_scale + n_covariances * per_covariance)
 
     def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
-        """mclust's ``defaultPrior``: m = the data's mean, κ = 0.01, ν = D + 2, Ψ = var(x) / K^(2/D).
+        """m = the data's mean, κ = 0.01, ν = D + 2, Ψ = ν · var(x) / K^(2/D).
+
+        mclust's ``defaultPrior`` with its scale var(x) / K^(2/D) multiplied by ν: the prior
+        mean of the precision, E[Σ⁻¹] = ν Ψ⁻¹, is then the precision of var(x) / K^(2/D) (a
+        K-th of the data's volume). mclust's Ψ makes the prior *mean* E[Σ] that matrix,
+        but the MAP is pulled towards the mode Ψ / (ν + D + 1), 2D + 3 times smaller: in
+        many dimensions a handful of points then outscore a true cluster (docs/design.md,
+        "The weak prior").
 
         var(x) is the covariance of the complete events (their diagonal when there are no
         more of them than D, or when it is singular) for ``"full"`` and ``"tied"``; each
@@ -354,7 +361,8 @@ class MultivariateNormal(ObservedFamily):
             scale = np.diag(np.where(variance > 0, variance, 1.0))
             if self.covariance_type in ("full", "tied") and n > D and np.linalg.eigvalsh(cov)[0] > 0:
                 scale = 0.5 * (cov + cov.T)
-        return {"mean": mean, "kappa": normal.WEAK_KAPPA, "dof": D + 2.0, "scale": K ** (-2.0 / D) * scale}
+        dof = D + 2.0
+        return {"mean": mean, "kappa": normal.WEAK_KAPPA, "dof": dof, "scale": dof * K ** (-2.0 / D) * scale}
 
     def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
         mean, cov = params["mean"], params["covariance"]

@@ -125,17 +125,18 @@ def nig_log_prior(mean: np.ndarray, variance: np.ndarray, prior: BoundPrior) -> 
 
 
 def nig_weak(nk: np.ndarray, s_x: np.ndarray, s_xx: np.ndarray, K: int, smallest: float) -> dict[str, np.ndarray]:
-    """The weak prior of a univariate normal per element (mclust's ``defaultPrior`` in one dimension).
+    """The weak prior of a univariate normal per element (the MultivariateNormal's with D = 1).
 
-    m = the data's mean, κ = 0.01, and mclust's inverse-gamma of dof ν = 3 and scale
-    ς² = var(x) / K²: shape a = ν/2 = 1.5, scale b = ς²/2 = var(x) / (2K²). A variance not
-    above ``smallest`` (constant data) is replaced by it.
+    m = the data's mean, κ = 0.01, and an inverse-gamma of dof ν = 3 and scale
+    ς² = ν · var(x) / K² (ν times mclust's ``defaultPrior`` scale, so that E[1/σ²] = K² / var(x)):
+    shape a = ν/2 = 1.5, scale b = ς²/2 = 3 var(x) / (2K²). A variance not above ``smallest``
+    (constant data) is replaced by it.
     """
     count = np.where(nk > 0, nk, 1.0)
     mean = np.where(nk > 0, s_x / count, 0.0)
     variance = np.maximum(np.where(nk > 0, s_xx / count - mean * mean, 1.0), smallest)
     ones = np.ones_like(mean)
-    return {"mean": mean, "kappa": WEAK_KAPPA * ones, "shape": 1.5 * ones, "scale": variance / (2.0 * K * K)}
+    return {"mean": mean, "kappa": WEAK_KAPPA * ones, "shape": 1.5 * ones, "scale": 3.0 * variance / (2.0 * K * K)}
 
 
 class Normal(ElementwiseFamily):
