@@ -443,8 +443,12 @@ def skeleton(plan: Any) -> Any:
     return dataclasses.replace(plan, sample_coords={}, nodes=nodes, weights=None, clamp=None)
 
 
-def local_plan(skeleton_plan: Any, slots: Sequence[Slot], blocks: Sequence[np.ndarray]) -> Any:
-    """An in-memory plan over one chunk, from that chunk's numpy blocks (one per slot)."""
+def local_plan(skeleton_plan: Any, slots: Sequence[Slot], blocks: Sequence[np.ndarray], offset: int = 0) -> Any:
+    """An in-memory plan over one chunk, from that chunk's numpy blocks (one per slot).
+
+    ``offset`` is the chunk's first global row: a Markov latent's chunk holds whole
+    sequences, whose layout it takes from the skeleton's (:func:`local_sequences`).
+    """
     sources: dict[int, dict[int, np.ndarray]] = {}
     aux: dict[int, dict[str, np.ndarray]] = {}
     weights = clamp = None
@@ -468,6 +472,8 @@ def local_plan(skeleton_plan: Any, slots: Sequence[Slot], blocks: Sequence[np.nd
             local.partial_rows, local.partial_pattern = local_patterns(local)
         nodes.append(local)
     plan = dataclasses.replace(skeleton_plan, n_samples=int(n or 0), nodes=nodes, weights=weights, clamp=clamp)
+    if plan.sequences is not None:
+        plan.sequences = local_sequences(plan.sequences, offset, plan.n_samples)
     return plan
 
 
@@ -475,7 +481,7 @@ def _totals_part(skeleton_plan: Any, slots: Sequence[Slot], start: int, *blocks:
                  ) -> tuple[float, np.ndarray]:
     from emdsl.compile import SCAN_ROWS
 
-    plan = local_plan(skeleton_plan, slots, blocks)
+    plan = local_plan(skeleton_plan, slots, blocks, start)
     log_base, magnitude = 0.0, np.zeros(plan.n_stats)
     for a in range(0, plan.n_samples, SCAN_ROWS):  # blocks: memory bounded by the block, not the chunk
         b = min(a + SCAN_ROWS, plan.n_samples)
@@ -500,3 +506,118 @@ def plan_totals(plan: Any) -> tuple[float, np.ndarray]:
     """One pass: Σ_n w_n log h(x_n) and Σ_n w_n |Φ_sn| (S,) of a dask-backed plan."""
     slots, arrays = layout(plan)
     return scan(arrays, functools.partial(_totals_part, skeleton(plan), slots), _add_totals)
+
+
+# -- a Markov latent: every chunk holds whole sequences ------------------------------------------
+def chain_layout(arrays: dict[Hashable, Any], observed: Sequence[Hashable], n_sequences: int, T: int,
+                 n_sequence_dims: int, dim: Hashable, where: str) -> tuple[dict[Hashable, Any], np.ndarray]:
+    """The data of a Markov latent as lazy rows, each chunk a run of whole sequences.
+
+    ``arrays`` maps each variable to its data over (sequence dims..., ``dim``, event dims...)
+    (dask or numpy); a sequence's length is judged on the ``observed`` ones. The forward–backward recursion runs along a whole sequence, so a
+    chunk must hold whole sequences: the chunks along the *first* sequence dim are the
+    user's (``ds.chunk({"sequence": 100})``), every other sequence dim, the markov dim
+    and the event dims become one chunk each. Chunks along the markov dim are merged with
+    a warning (a chunk then holds its sequences' every step: chunk along the sequences
+    instead); one sequence chunked along time becomes one chunk. Returns each variable as
+    a dask array of rows (Σ lengths, event...) over sequences laid out as in memory (each
+    one's steps up to its last observed one, consecutive) and every sequence's length
+    (one pass over the data).
+    """
+    import warnings
+
+    da = _dask().array
+    if not n_sequence_dims:  # one sequence: a sequence axis of size 1
+        arrays = {name: (value[None] if isinstance(value, da.Array) else np.asarray(value)[None])
+                  for name, value in arrays.items()}
+    axis_t = max(n_sequence_dims, 1)
+    lazy = [value for value in arrays.values() if isinstance(value, da.Array)]
+    if any(len(value.chunks[axis_t]) > 1 for value in lazy):
+        advice = (f"chunk along the sequence dims instead (and ds.chunk({{{dim!r}: -1}}))" if n_sequence_dims
+                  else "the data are one sequence, which is one chunk")
+        warnings.warn(f"{where}: the data are chunked along the markov dimension {dim!r}; a chunk must hold whole "
+                      f"sequences, so those chunks are merged (each chunk then holds every step of its "
+                      f"sequences): {advice}", UserWarning, stacklevel=4)
+    reference = lazy[0]
+    sequence_chunks = reference.chunks[0]
+    inner = int(np.prod(reference.shape[1:axis_t], dtype=np.int64))
+    seq_chunks = tuple(int(c) * inner for c in sequence_chunks)  # sequences per chunk, inner dims flattened
+    out: dict[Hashable, Any] = {}
+    for name, value in arrays.items():
+        if isinstance(value, da.Array):
+            value = value.rechunk({0: sequence_chunks, **{axis: -1 for axis in range(1, value.ndim)}})
+        else:
+            value = da.from_array(value, chunks=(sequence_chunks,) + tuple(-1 for _ in range(value.ndim - 1)))
+        out[name] = value.reshape((n_sequences, T) + value.shape[axis_t + 1:])
+        out[name] = out[name].rechunk({0: seq_chunks})  # no-op: the merged leading axes keep their chunks
+    names = list(out)
+    grids = [out[name] for name in names]
+    judged = [out[name] for name in dict.fromkeys(observed)]
+    lengths_parts = [_dask().delayed(_chain_lengths, pure=True)(*blocks)
+                     for blocks in zip(*(list(g.to_delayed().reshape(len(g.chunks[0]))) for g in judged), strict=True)]
+    lengths = np.concatenate(_dask().compute(*lengths_parts)).astype(np.int64)
+    bounds = np.concatenate([[0], np.cumsum(seq_chunks)])
+    for name, grid in zip(names, grids, strict=True):
+        pieces = []
+        for i, block in enumerate(grid.to_delayed().reshape(len(grid.chunks[0]))):
+            mine = lengths[bounds[i]:bounds[i + 1]]
+            rows = int(mine.sum())
+            task = _dask().delayed(_trim_chain, pure=True)(block, mine)
+            pieces.append(da.from_delayed(task, shape=(rows,) + grid.shape[2:], dtype=grid.dtype))
+        out[name] = da.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+    return out, lengths
+
+
+def _chain_lengths(*grids: np.ndarray) -> np.ndarray:
+    """Each sequence's length (its last observed step + 1; 0: nothing observed) in one chunk (c, T, ...)."""
+    present = None
+    for grid in grids:
+        values = np.asarray(grid)
+        flat = values.reshape(values.shape[:2] + (-1,))
+        if flat.dtype.kind == "f":
+            observed = ~np.isnan(flat)
+        elif flat.dtype.kind == "O":
+            observed = ~_missing(flat)
+        else:
+            observed = np.ones(flat.shape, dtype=bool)
+        observed = observed.any(axis=2)
+        present = observed if present is None else present | observed
+    assert present is not None
+    T = present.shape[1]
+    return np.where(present.any(axis=1), T - np.argmax(present[:, ::-1], axis=1), 0)
+
+
+def _trim_chain(grid: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A chunk's (c, T, ...) data as rows: each sequence's steps up to its length, consecutive."""
+    values = np.asarray(grid)
+    keep = np.arange(values.shape[1])[None, :] < lengths[:, None]
+    return values[keep]
+
+
+def local_sequences(sequences: Any, offset: int, n: int) -> Any:
+    """The :class:`~emdsl.latent.markov.Sequences` of the rows [offset, offset + n) (whole sequences)."""
+    a, b = sequences.sequences_in(offset, offset + n)
+    if sequences.starts[a] != offset or sequences.starts[b] != offset + n:
+        raise RuntimeError(f"rows {offset}–{offset + n - 1} do not hold whole sequences")
+    weights = None if sequences.weights is None else sequences.weights[a:b]
+    return dataclasses.replace(sequences, starts=sequences.starts[a:b + 1] - offset, weights=weights,
+                               first=sequences.first + a)
+
+
+def _statistics_part(skeleton_plan: Any, slots: Sequence[Slot], start: int, *blocks: np.ndarray) -> np.ndarray:
+    from emdsl.compile import SCAN_ROWS
+
+    plan = local_plan(skeleton_plan, slots, blocks, start)
+    total = np.zeros(plan.n_stats)
+    for a in range(0, plan.n_samples, SCAN_ROWS):
+        b = min(a + SCAN_ROWS, plan.n_samples)
+        phi = np.empty((plan.n_stats, b - a))
+        plan.read(a, b, phi, np.empty(plan.max_D * (b - a)))
+        total += phi.sum(axis=1) if plan.weights is None else phi @ plan.weights[a:b]
+    return total
+
+
+def data_statistics(plan: Any) -> np.ndarray:
+    """One pass: Σ_n w_n Φ_n (S,) of a dask-backed plan (what fit(prior="weak") scales its priors from)."""
+    slots, arrays = layout(plan)
+    return scan(arrays, functools.partial(_statistics_part, skeleton(plan), slots), np.add)

@@ -11,6 +11,11 @@ a worker is the K × S statistics and three scalars: statistics add up (DESIGN.m
 and a sum over chunks is the same EM step as a sum over blocks, up to the order of
 floating-point additions (the fits agree to ~1e-13; tests/test_dask.py).
 
+A hidden Markov model's chunks are runs of whole sequences (the recursion runs along
+each one; :func:`emdsl.data.dask_source.chain_layout`), and each task localizes the plan's
+sequence layout to its rows; its posterior, paths and scores come back lazily over the
+sequences (:meth:`ChunkedEStep.lazy_chain`).
+
 Whatever scheduler is active runs the tasks: the threaded scheduler by default, a
 ``dask.distributed`` cluster inside ``with Client(...)`` — the chunks are then read
 (from zarr, say) by the workers that compute on them, and a worker lost mid-pass has its
@@ -68,14 +73,14 @@ def _estep(plan: Plan) -> Any:
 
 def _summarize_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.ndarray,
                      theta: Mapping[str, Any] | None, *blocks: np.ndarray) -> Summary:
-    plan = dask_source.local_plan(skeleton, slots, blocks)
+    plan = dask_source.local_plan(skeleton, slots, blocks, offset)
     with _working_on(plan, offset), _estep(plan) as estep:
         return estep.summarize(H, theta)
 
 
 def _statistics_chunk(skeleton: Plan, slots: Sequence[Any], offset: int,
                       resp_of: Callable[[int, int], np.ndarray], *blocks: np.ndarray) -> Summary:
-    plan = dask_source.local_plan(skeleton, slots, blocks)
+    plan = dask_source.local_plan(skeleton, slots, blocks, offset)
 
     def local(start: int, stop: int) -> np.ndarray:
         return resp_of(offset + start, offset + stop)
@@ -87,7 +92,7 @@ def _statistics_chunk(skeleton: Plan, slots: Sequence[Any], offset: int,
 def _evaluate_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.ndarray,
                     theta: Mapping[str, Any] | None, what: str, *blocks: np.ndarray) -> np.ndarray:
     """Per-sample results of one chunk: ``resp`` (n × K), ``loglik`` (n,) or ``score`` (n,, with log h)."""
-    plan = dask_source.local_plan(skeleton, slots, blocks)
+    plan = dask_source.local_plan(skeleton, slots, blocks, offset)
     n = plan.n_samples
     with _working_on(plan, offset), _estep(plan) as estep:
         if what == "resp":
@@ -99,6 +104,44 @@ def _evaluate_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.nda
     if what == "score":
         out += plan.log_base_measure(0, n)
     return out
+
+
+def _chain_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.ndarray, theta: Mapping[str, Any],
+                 what: str, *blocks: np.ndarray) -> Any:
+    """A Markov latent's results for one chunk (a run of whole sequences, m of them, T steps).
+
+    ``posterior``: p(z_t | x) over (m, T, K), the padding filled (γ_t = γ_{t−1} A);
+    ``score``: log p(x_s) per sequence (m,), with log h; ``viterbi``: the most probable
+    paths (m, T) and their log p(x, z*) (m,), with log h.
+    """
+    from emdsl.compile import SCAN_ROWS
+    from emdsl.errors import ModelError
+    from emdsl.latent.markov import fill_padding, viterbi_paths
+
+    plan = dask_source.local_plan(skeleton, slots, blocks, offset)
+    sequences, n, name = plan.sequences, plan.n_samples, plan.latent.name
+    with _working_on(plan, offset), _estep(plan) as estep:
+        if what == "posterior":
+            out = np.empty((n, plan.K))
+            estep.evaluate(H, theta, resp_out=out)
+            grid = sequences.scatter(out, np.nan)
+            fill_padding(grid, sequences.lengths, theta[name]["transition"])
+            return grid
+        base = np.concatenate([plan.log_base_measure(a, min(a + SCAN_ROWS, n)) for a in range(0, n, SCAN_ROWS)])
+        base = np.add.reduceat(base, sequences.starts[:-1])
+        if what == "score":
+            out = np.empty(sequences.n_sequences)
+            estep.evaluate(H, theta, loglik_out=out)
+            return out + base
+        L = np.empty((n, plan.K))
+        estep.emissions(H, theta, L)
+    path, log_prob = viterbi_paths(L, sequences, theta[name])
+    log_prob += base
+    if not np.all(np.isfinite(log_prob)):
+        s = sequences.first + int(np.flatnonzero(~np.isfinite(log_prob))[0])
+        raise ModelError(f"viterbi: sequence {s} has probability 0 under the fitted parameters "
+                         "(no path avoids the zeros of initial/transition)")
+    return path, log_prob
 
 
 def _add(a: Summary, b: Summary) -> Summary:
@@ -168,6 +211,34 @@ class ChunkedEStep:
             pieces.append(da.from_delayed(task, shape=shape, dtype=float))
         return da.concatenate(pieces, axis=0)
 
+    def lazy_chain(self, H: np.ndarray, theta: Mapping[str, Any], what: str) -> Any:
+        """A Markov latent's results as dask arrays over the sequences, a chunk per run of whole sequences.
+
+        ``posterior`` (n_sequences, T, K); ``score`` (n_sequences,); ``viterbi``: a pair,
+        paths (n_sequences, T) of state indices and log p(x, z*) (n_sequences,).
+        """
+        import dask
+        import dask.array as da
+
+        sequences = self.plan.sequences
+        assert sequences is not None
+        H_key, theta_key = self._shared(H, "H"), self._shared(theta, "theta")
+        T, first, second = sequences.length, [], []
+        for start, size, chunk in zip(self.starts, self.chunks, self.blocks, strict=True):
+            a, b = sequences.sequences_in(start, start + size)
+            task = dask.delayed(_chain_chunk, pure=False)(self.skeleton, self.slots, start, H_key, theta_key,
+                                                         what, *chunk)
+            if what == "posterior":
+                first.append(da.from_delayed(task, shape=(b - a, T, self.K), dtype=float))
+            elif what == "score":
+                first.append(da.from_delayed(task, shape=(b - a,), dtype=float))
+            else:
+                first.append(da.from_delayed(task[0], shape=(b - a, T), dtype=np.int64))
+                second.append(da.from_delayed(task[1], shape=(b - a,), dtype=float))
+        if what == "viterbi":
+            return da.concatenate(first, axis=0), da.concatenate(second, axis=0)
+        return da.concatenate(first, axis=0)
+
     def evaluate(self, H: np.ndarray, theta: Mapping[str, Any] | None = None, *,
                  resp_out: np.ndarray | None = None, loglik_out: np.ndarray | None = None) -> None:
         """Per-sample results written into in-memory arrays (N × K responsibilities, N log-likelihoods)."""
@@ -202,7 +273,7 @@ def _standardized(plan: Plan, nodes: Sequence[int], start: int, stop: int) -> np
 
 def _gather_part(skeleton: Plan, slots: Sequence[Any], nodes: Sequence[int], rows: np.ndarray,
                  start: int, *blocks: np.ndarray) -> np.ndarray:
-    plan = dask_source.local_plan(skeleton, slots, blocks)
+    plan = dask_source.local_plan(skeleton, slots, blocks, start)
     local = rows[(rows >= start) & (rows < start + plan.n_samples)] - start
     if not len(local):
         return np.zeros((0, sum(plan.nodes[i].D for i in nodes)))

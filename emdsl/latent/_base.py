@@ -43,8 +43,8 @@ class LatentStructure:
         return np.zeros((self.K, 0))
 
     def m_step(self, counts: np.ndarray, stats: np.ndarray, hold: Params,
-               previous: Params | None) -> Params:
-        """The latent's parameters from N_k (K,) and its own statistics (K × n_stats)."""
+               previous: Params | None, prior: Any = None) -> Params:
+        """The latent's parameters from N_k (K,) and its own statistics (K × n_stats); MAP with a bound prior."""
         raise NotImplementedError
 
     def stats_magnitude(self, plan: Any) -> np.ndarray:

@@ -14,6 +14,15 @@ transition counts, γ at each sequence's first step the initial counts; all weig
 by the sequence's weight. The M-step is π = Σ w γ_0 / Σ w and A_ij = Σ ξ_ij / Σ_j Σ ξ_ij
 (a zero in A gives ξ = 0 there, so it stays zero).
 
+With a Dirichlet(α) prior (``em.Categorical(k, prior=em.priors.Dirichlet(alpha))``, α a
+number or one per state, as for a mixture's weights) the M-step is the posterior mode
+π_k ∝ Σ w γ_0k + α_k − 1 and A_ij ∝ Σ ξ_ij + α_j − 1: the same α on the initial
+distribution and on every row of A. A zero of the parameters the E-step used (a
+structural zero: fixed, or in the starting values) stays zero: the prior is a
+Dirichlet over the other entries of that row (:func:`chain_log_prior`), so MAP-EM stays
+a constrained maximization and the log-posterior never decreases. A row with no
+transition counts is then α's mode (uniform for the weak prior), not a leftover.
+
 The ELBO stays one dot product: the structure's natural parameters (log π, log A) are
 extra columns of H matching its statistics (initial counts, ξ), and its entropy term
 is what makes the ELBO equal ℓ at the E-step's θ:
@@ -29,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from emdsl.errors import ModelError
-from emdsl.families._base import LatentFamily, Params
+from emdsl.families._base import BoundPrior, LatentFamily, Params
 from emdsl.families.categorical import log_probs
 from emdsl.latent._base import LatentStructure, held
 
@@ -54,6 +63,8 @@ class Sequences:
     starts: np.ndarray
     #: per-sequence weights (None: every sequence counts once)
     weights: np.ndarray | None = None
+    #: the index of the first sequence among the data's (a chunk of dask-backed data holds a run of them)
+    first: int = 0
 
     @property
     def n_sequences(self) -> int:
@@ -118,8 +129,10 @@ class Markov(LatentStructure):
                           log_probs(np.asarray(params["transition"], dtype=float))])
 
     def m_step(self, counts: np.ndarray, stats: np.ndarray, hold: Params,
-               previous: Params | None) -> Params:
+               previous: Params | None, prior: BoundPrior | None = None) -> Params:
         initial, transition = held(hold, "initial"), held(hold, "transition")
+        if prior is not None:
+            return self._posterior_mode(stats, initial, transition, previous, np.asarray(prior["alpha"], dtype=float))
         if initial is None:
             first = stats[:, 0]
             initial = first / first.sum()
@@ -135,6 +148,29 @@ class Markov(LatentStructure):
                 fallback = self.default_params()["transition"] if fallback is None else np.asarray(fallback)
                 transition[empty] = fallback[empty]
         return {"initial": initial, "transition": transition}
+
+    def _posterior_mode(self, stats: np.ndarray, initial: np.ndarray | None, transition: np.ndarray | None,
+                        previous: Params | None, alpha: np.ndarray) -> Params:
+        """MAP of π and of each row of A under Dirichlet(α), zeros of ``previous`` kept (see the module)."""
+        previous = previous or {}
+        out = {}
+        for name, counts, fixed in (("initial", stats[:, :1].T, initial), ("transition", stats[:, 1:], transition)):
+            if fixed is not None:
+                out[name] = fixed
+                continue
+            support = np.ones(counts.shape, dtype=bool)
+            if previous.get(name) is not None:
+                support = np.reshape(np.asarray(previous[name], dtype=float), counts.shape) > 0
+            pseudo = np.where(support, counts + alpha - 1.0, 0.0)  # α ≥ 1: every entry ≥ 0
+            rows = pseudo.sum(axis=1, keepdims=True)
+            value = pseudo / np.where(rows > 0, rows, 1.0)
+            empty = rows[:, 0] <= 0  # no counts and α = 1 on its support: every row is a mode; keep the last
+            if empty.any():
+                fallback = previous.get(name)
+                fallback = self.default_params()[name] if fallback is None else fallback
+                value[empty] = np.reshape(np.asarray(fallback, dtype=float), counts.shape)[empty]
+            out[name] = value[0] if name == "initial" else value
+        return out
 
     def stats_magnitude(self, plan: Any) -> np.ndarray:
         seq = self.sequences
@@ -229,8 +265,9 @@ class ImpossibleSequence(ModelError):
 
 def impossible_message(sequences: Sequences, row: int, name: str) -> str:
     """Say which sequence and time step cannot be reached, in the data's labels."""
-    s = int(np.searchsorted(sequences.starts, row, side="right") - 1)
-    t = row - int(sequences.starts[s])
+    local = int(np.searchsorted(sequences.starts, row, side="right") - 1)
+    t = row - int(sequences.starts[local])
+    s = sequences.first + local
     where = []
     if sequences.sequence_dims:
         index = np.unravel_index(s, sequences.sequence_shape)
@@ -249,6 +286,29 @@ def _plain(label: Any) -> Any:
     if isinstance(label, np.datetime64 | np.timedelta64):
         return str(label)
     return label.item() if isinstance(label, np.generic) else label
+
+
+def chain_log_prior(params: Params, alpha: np.ndarray) -> tuple[float, float]:
+    """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), and the magnitude of its terms.
+
+    Each density is over its row's support: the entries that are > 0, or whose α is 1
+    (those add nothing but Γ(Σα)); a zero with α > 1 is a structural zero, outside the
+    support. EM never moves an entry across that line (a zero stays zero; with α > 1 an
+    entry stays > 0), so the normalizing constants do not change over a fit.
+    """
+    from scipy.special import gammaln, xlogy
+
+    from emdsl.priors import total
+
+    alpha = np.asarray(alpha, dtype=float)
+    terms = []
+    for value in (np.atleast_2d(np.asarray(params["initial"], dtype=float)),
+                  np.asarray(params["transition"], dtype=float)):
+        a = np.broadcast_to(alpha, value.shape)
+        support = (value > 0) | (a == 1.0)
+        terms += [gammaln(np.where(support, a, 0.0).sum(axis=1)), -np.where(support, gammaln(a), 0.0).sum(axis=1),
+                  np.where(support, xlogy(a - 1.0, np.where(support, value, 1.0)), 0.0).sum(axis=1)]
+    return total(terms)
 
 
 def fill_padding(grid: np.ndarray, lengths: np.ndarray, transition: np.ndarray) -> None:
@@ -295,3 +355,28 @@ def sample_states(params: Params, n_sequences: int, length: int, rng: np.random.
         rows = cumulative[states[:, t - 1]]
         states[:, t] = np.minimum((u * rows[:, -1:] > rows).sum(axis=1), len(initial) - 1)
     return states
+
+
+def chain_sizes(fit: Any) -> tuple[str, int | None, int] | None:
+    """A Markov fit's (markov dim, number of sequences or None when unknown, observed steps); None for a mixture.
+
+    The sequences are counted from the training data (the dims before the markov dim, as
+    the compiler finds them); a fit loaded from a file holds no data, only its steps.
+    """
+    latent = fit.model.latent_var
+    if latent is None or latent.markov is None:
+        return None
+    data, n_sequences = getattr(fit, "_data", None), None
+    if data is not None and fit.model.observed:
+        variable = fit.model.observed[0].variables[0]
+        if variable in data and latent.markov in data[variable].dims:
+            dims = data[variable].dims
+            n_sequences = int(np.prod([data.sizes[d] for d in dims[:dims.index(latent.markov)]], dtype=np.int64))
+    return str(latent.markov), n_sequences, int(fit.n_samples)
+
+
+def describe_sizes(sizes: tuple[str, int | None, int]) -> str:
+    """``3 sequences, 140 steps along 'time'`` (the steps observed, NaN padding excluded)."""
+    dim, n_sequences, steps = sizes
+    head = "" if n_sequences is None else f"{n_sequences} sequence{'s' if n_sequences != 1 else ''}, "
+    return f"{head}{steps} steps along {dim!r}"

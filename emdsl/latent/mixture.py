@@ -8,6 +8,8 @@ reference the inline path is tested against.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from emdsl.families._base import LatentFamily, Params
@@ -27,8 +29,8 @@ class Mixture(LatentStructure):
         return self.family.log_weights(params)  # type: ignore[attr-defined]
 
     def m_step(self, counts: np.ndarray, stats: np.ndarray, hold: Params,
-               previous: Params | None) -> Params:
-        return self.family.weights_m_step(counts, hold)  # type: ignore[attr-defined]
+               previous: Params | None, prior: Any = None) -> Params:
+        return self.family.weights_m_step(counts, hold, prior=prior)  # type: ignore[attr-defined]
 
 
 def posterior(log_joint: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:

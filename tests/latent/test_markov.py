@@ -288,9 +288,11 @@ def test_blocks_and_threads_do_not_change_the_result(threads, rows, keep_phi, mo
     x = rng.normal(size=(7, 80)) + np.repeat([0.0, 3.0], 40)
     x[3, 20:] = np.nan
     ds = xr.Dataset({"x": (("sequence", "time"), x)})
-    reference = _hmm(2).fit(ds, seed=0, max_iter=15, tol=0)
+    # plain EM (accelerate=None): fifteen M-steps, whose sums differ by rounding only (an accelerated
+    # path takes step lengths that amplify such differences, a² times)
+    reference = _hmm(2).fit(ds, seed=0, max_iter=15, tol=0, accelerate=None)
     with em.set_options(n_threads=threads, block_rows=rows):
-        fit = _hmm(2).fit(ds, seed=0, max_iter=15, tol=0)
+        fit = _hmm(2).fit(ds, seed=0, max_iter=15, tol=0, accelerate=None)
     assert fit.loglik == pytest.approx(reference.loglik, rel=1e-12)
     np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.params["z"]["transition"].values,
                                rtol=1e-10)
@@ -323,3 +325,19 @@ def test_plots_of_a_chain():
         em.datasets.load("faithful"), seed=0)
     with pytest.raises(em.ModelError, match="no Markov latent"):
         mixture.plot.states()
+
+
+def test_text_and_html_name_the_chain_sequences_and_steps(tmp_path):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, 40))
+    x[1, 30:] = np.nan  # padding: the steps counted are the observed ones
+    ds = xr.Dataset({"x": (("run", "time"), x)})
+    fit = _hmm(2).fit(ds, seed=0)
+    assert "3 sequences, 110 steps along 'time'" in repr(fit) and "samples" not in repr(fit).splitlines()[0]
+    card = fit._repr_html_()
+    assert "Markov along" in card and ">time</code>" in card and "sequences</span> <b>3</b>" in card
+    assert "steps (time)</span> <b>110</b>" in card and ">samples<" not in card
+    one = _hmm(2).fit(ds.isel(run=0), seed=0)
+    assert "1 sequence, 40 steps along 'time'" in repr(one)
+    fit.save(tmp_path / "chain.nc")  # no training data in the file: the steps only
+    assert "110 steps along 'time'" in repr(em.load(tmp_path / "chain.nc"))
