@@ -325,6 +325,8 @@ class _GLMRegression(ObservedFamily):
     constraints: ClassVar[dict[str, str]] = {"coef": "real"}
     #: the trust region, in units of the linear predictor
     delta = 0.5
+    #: how far the start's IRLS step may move any row's linear predictor from the anchor
+    start_reach = 5.0
 
     def __init__(self, base: ObservedFamily, covariates: tuple[str, ...], terms: tuple[str, ...],
                  intercept: bool, has_offset: bool, design: np.ndarray | None = None) -> None:
@@ -334,6 +336,8 @@ class _GLMRegression(ObservedFamily):
         self.floor = 0.0
         #: the rows' design (N × T), for the trust region: no row's linear predictor moves by more than δ
         self.design = design
+        #: where the start's Newton step begins (T): the intercept-only MLE (set by :func:`bind`), else 0
+        self.anchor = np.zeros(len(terms))
 
     @property
     def kind(self) -> str:
@@ -406,9 +410,13 @@ class _GLMRegression(ObservedFamily):
         return _GLMTerms(self, np.asarray(params["coef"], dtype=float))
 
     def second_moments(self, out: np.ndarray, D: int) -> None:
-        """Starting statistics (no θ yet): the minorizer's rows at β = 0, one column per sample."""
+        """Starting statistics (no θ yet): one column per sample, the rows of an IRLS step from the anchor.
+
+        The exact curvature (no e^δ inflation): the start's M-step takes a full Newton step from
+        :attr:`anchor` weighted by each state's starting responsibilities (see :meth:`m_step`).
+        """
         x = out[:D]
-        terms = _GLMTerms(self, np.zeros((1, self.T)))
+        terms = _GLMTerms(self, np.asarray(self.anchor, dtype=float)[None], inflate=False)
         out[D:] = terms.rows(x)[0, 1:]
 
     # -- M-step ------------------------------------------------------------------------------
@@ -425,9 +433,14 @@ class _GLMRegression(ObservedFamily):
         upper = np.triu_indices(T)
         gram[:, upper[0], upper[1]] = stats[:, start + T:]
         gram[:, upper[1], upper[0]] = stats[:, start + T:]
-        old = np.zeros((K, T)) if previous is None or "coef" not in previous else np.asarray(previous["coef"])
+        starting = previous is None or "coef" not in previous
+        # The start: one full IRLS (Newton) step per state from the anchor, weighted by the starting
+        # responsibilities (second_moments), only kept within a wide reach; afterwards, trust-region steps.
+        old = np.broadcast_to(np.asarray(self.anchor, dtype=float), (K, T)) if starting else np.asarray(
+            previous["coef"])
+        reach = self.start_reach if starting else self.delta
         empty = empty_components(stats[:, 0])
-        coef = old.copy()
+        coef = np.array(old, dtype=float)
         for k in range(K):
             if empty[k]:
                 continue
@@ -435,7 +448,7 @@ class _GLMRegression(ObservedFamily):
                 target = np.linalg.solve(gram[k], v[k])
             except np.linalg.LinAlgError:
                 target = np.linalg.lstsq(gram[k], v[k], rcond=None)[0]
-            coef[k] = old[k] + within_reach(self.design, target - old[k], self.delta)
+            coef[k] = old[k] + within_reach(self.design, target - old[k], reach)
         return {"coef": coef}, []
 
     # -- the rest of the family interface --------------------------------------------------
@@ -488,8 +501,8 @@ class _GLMRegression(ObservedFamily):
 class _GLMTerms:
     """One parameter value's per-row terms of a GLM node: log-densities and the minorizer's sums."""
 
-    def __init__(self, family: _GLMRegression, coef: np.ndarray) -> None:
-        self.family, self.coef = family, coef
+    def __init__(self, family: _GLMRegression, coef: np.ndarray, inflate: bool = True) -> None:
+        self.family, self.coef, self.inflate = family, coef, inflate
         self.o = np.arange(family.D)  # every column is observed: rows with a missing response are left out
 
     def log_density(self, x: np.ndarray) -> np.ndarray:
@@ -509,7 +522,8 @@ class _GLMTerms:
         mu = trials * mean
         # e^δ times the curvature here bounds it anywhere in the trust region; a smooth bound (no
         # min with the logit's global n/4), so that the standard errors can differentiate these sums
-        kappa = np.exp(family.delta) * (mu if family.kind == "Poisson" else trials * curvature)
+        exact = mu if family.kind == "Poisson" else trials * curvature
+        kappa = np.exp(family.delta) * exact if self.inflate else exact
         residual = y - mu
         q = y * eta - trials * b
         out = np.empty((len(self.coef), 2 + T + T * (T + 1) // 2, x.shape[1]))
@@ -781,6 +795,28 @@ def bind(node: Any, covariates: Sequence[str], intercept: bool, ds: xr.Dataset, 
     node.partial_rows = observed.astype(np.intp)
     node.partial_pattern = np.zeros(len(observed), dtype=np.intp)
     node.patterns = [np.ones(block.shape[1], dtype=bool)]
+    if fitting:
+        node.family.anchor = start_anchor(node.family, block[observed])
+
+
+def start_anchor(family: _GLMRegression, rows: np.ndarray) -> np.ndarray:
+    """Where the start's IRLS step begins: the intercept-only MLE of the observed rows (T).
+
+    With an intercept, Poisson's log(Σy / Σe^o) and the logit of Σy / Σn; the other terms 0
+    (no intercept: all 0). Every state's starting coefficients are then one Newton step from
+    here, weighted by that state's starting responsibilities (``_GLMRegression.m_step``).
+    """
+    anchor = np.zeros(family.T)
+    if not len(rows) or not family.intercept:
+        return anchor
+    y, _, offset, trials = family.split(rows.T)
+    total = max(float(y.sum()), 0.5)
+    if family.kind == "Poisson":
+        anchor[0] = np.log(total / float(np.exp(offset).sum()))
+    else:
+        share = min(max(total / float(trials.sum()), 1e-3), 1.0 - 1e-3)
+        anchor[0] = np.log(share / (1.0 - share))
+    return anchor
 
 
 def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sample_dim: Hashable, where: str,

@@ -298,3 +298,45 @@ def test_bad_declarations_are_named():
         em.Model().latent("z", em.Categorical(1), covariates=["x"])
     with pytest.raises(em.ModelError, match="leaves no term"):
         em.Model().observe("y", em.Normal, covariates=[], intercept=False)
+
+
+def test_a_glm_node_starts_from_one_irls_step_off_the_intercept_only_fit():
+    """max_iter=0 shows the start: β⁰ = β_a + (Xᵀ W X)⁻¹ Xᵀ (y − μ_a), W = diag(μ_a), from β_a = (log Σy/Σe^o, 0)."""
+    ds, X = design_data(n=300, seed=8)
+    ds = glm_response("poisson-offset", ds, X, [0.2, 0.7, -0.5, 0.3], seed=9)
+    fit = em.Model().observe("y", em.Poisson, covariates=["dose", "group"], offset="log_exposure").fit(ds, max_iter=0)
+    y, offset = ds["y"].values, ds["log_exposure"].values
+    anchor = np.r_[np.log(y.sum() / np.exp(offset).sum()), 0.0, 0.0, 0.0]
+    mu = np.exp(X @ anchor + offset)
+    expected = anchor + np.linalg.solve(X.T @ (mu[:, None] * X), X.T @ (y - mu))
+    np.testing.assert_allclose(fit.params["y"]["coef"].values.ravel(), expected, rtol=1e-10)
+
+
+def test_a_two_state_poisson_regression_is_recovered_from_one_default_start():
+    """20 simulated data sets, each fitted once with the default start (k-means++; here random hard labels,
+    as a count node gives k-means++ nothing to look at). Every state's coefficients start at one weighted
+    IRLS step from the intercept-only fit (above); the old start (a trust-region step of 0.5 from β = 0)
+    recovered 2 of these 20, the new one all 20. Recovered: the log-likelihood of the fit started at the
+    true coefficients (to 1e-3; the local optima found before were ~100 lower), and each state's
+    coefficients within 4 standard errors of statsmodels' GLM fitted on that state's true samples."""
+    truth = np.array([[0.5, 1.0], [2.0, -0.8]])
+    model = em.Model().latent("z", em.Categorical(2)).observe("y", em.Poisson, covariates=["dose"],
+                                                              offset="log_exposure")
+    recovered = 0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        n = 800
+        dose, exposure, first = rng.uniform(0, 2, n), np.log(rng.uniform(0.5, 3, n)), rng.random(n) < 0.5
+        y = rng.poisson(np.exp(np.where(first, truth[0, 0] + truth[0, 1] * dose, truth[1, 0] + truth[1, 1] * dose)
+                               + exposure))
+        ds = xr.Dataset({"y": ("sample", y), "dose": ("sample", dose), "log_exposure": ("sample", exposure)})
+        fit = model.fit(ds, seed=seed)
+        reference = model.fit(ds, init={"z": {"probs": [0.5, 0.5]}, "y": {"coef": truth}})
+        X = np.column_stack([np.ones(n), dose])
+        known = [sm.GLM(y[part], X[part], family=sm.families.Poisson(), offset=exposure[part]).fit()
+                 for part in (first, ~first)]
+        coef = fit.params["y"]["coef"].values
+        coef = coef[np.argsort(coef[:, 1])[::-1]]  # the rising line first, as in truth
+        z = max(np.abs((coef[k] - known[k].params) / known[k].bse).max() for k in range(2))
+        recovered += fit.loglik >= reference.loglik - 1e-3 and z < 4
+    assert recovered >= 19, recovered
