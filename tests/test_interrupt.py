@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 
 import emdsl as em
-from emdsl.engine import estep, init, loop, mstep, orchestrate
+from emdsl.engine import accelerate, estep, init, loop, mstep, orchestrate
 
 N_INIT, MAX_ITER, SEED = 3, 4, 3
 
@@ -35,9 +35,11 @@ def model() -> em.Model:
     return em.Model().latent("z", em.Categorical(2)).observe("x", em.MultivariateNormal(covariance="diag"))
 
 
-def _fit(model: em.Model, data: xr.Dataset, callbacks=()) -> em.Fit:
-    # init="random": every restart starts elsewhere, so which restart is kept matters
-    return model.fit(data, init="random", n_init=N_INIT, max_iter=MAX_ITER, tol=0, seed=SEED, callbacks=callbacks)
+def _fit(model: em.Model, data: xr.Dataset, callbacks=(), accelerate=None) -> em.Fit:
+    # init="random": every restart starts elsewhere, so which restart is kept matters. Plain EM
+    # (accelerate=None) by default: PHASES are the plain loop's (loop.maximize, loop.natural_matrix).
+    return model.fit(data, init="random", n_init=N_INIT, max_iter=MAX_ITER, tol=0, seed=SEED, callbacks=callbacks,
+                     accelerate=accelerate)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +138,38 @@ def test_an_interrupt_in_any_call_of_a_phase_keeps_the_best_restart_so_far(monke
         _check_interrupted(fit, reference, data)
 
 
+# the phases of an accelerated fit: the E-steps (shared with the plain loop) and its own M-steps
+ACCELERATED_PHASES = {"E-step": (estep.EStep, "summarize"), "M-step": (accelerate, "maximize")}
+
+
+@pytest.mark.parametrize("phase", ACCELERATED_PHASES)
+def test_an_interrupt_in_an_accelerated_fit_keeps_the_best_restart_so_far(monkeypatch, model, data, phase):
+    reference = _fit(model, data, accelerate="squarem")
+    owner, name = ACCELERATED_PHASES[phase]
+
+    def patched(raiser: _Raiser) -> Callable:
+        return _method(raiser) if isinstance(owner, type) else raiser
+
+    counter = _Raiser(getattr(owner, name), None)
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, patched(counter))
+        _fit(model, data, accelerate="squarem")
+    assert counter.calls >= N_INIT
+    for at in range(1, counter.calls + 1):
+        with monkeypatch.context() as patch, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            patch.setattr(owner, name, patched(_Raiser(getattr(owner, name), at)))
+            try:
+                fit = _fit(model, data, accelerate="squarem")
+            except KeyboardInterrupt:
+                fit = None
+        if at <= BEFORE_FIRST_LOGLIK[phase]:
+            assert fit is None, f"{phase}: call {at} returned a fit before any log-likelihood was known"
+            continue
+        assert fit is not None, f"{phase}: call {at} raised instead of returning the restarts so far"
+        _check_interrupted(fit, reference, data)
+
+
 def test_an_interrupt_in_a_callback_between_iterations_and_restarts(model, data, reference):
     events: list[tuple[int, int]] = []
 
@@ -192,3 +226,4 @@ def test_an_interrupt_before_any_log_likelihood_propagates(monkeypatch, model, d
 def test_mstep_module_is_what_the_loop_calls():
     # The M-step patched above is the one the loop uses (imported by name into loop).
     assert loop.maximize is mstep.maximize and init.maximize is mstep.maximize
+    assert accelerate.maximize is mstep.maximize

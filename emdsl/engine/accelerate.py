@@ -34,7 +34,10 @@ fails, a covariance has no Cholesky factor, a value is not finite, a row of
 probabilities is off 1 by more than rounding) is shrunk towards the EM point (a halfway
 towards 1) until it is valid; nothing is clipped. Rows that sum to 1 are divided by
 their sums only to undo rounding (see ``_Layout``). Held (fixed) parameters are equal
-in every EM point, so r = v = 0 there and they stay exactly. The fit never *ends* on
+in every EM point, so r = v = 0 there and they stay exactly. A proposal is also refused
+when the M-step from it has to floor a variance or cap a shape (``_unfloored_m_step``):
+the floors bound the set EM maximizes over, and beyond them ℓ can exceed anything EM
+reaches (a collapsing component), so that the next EM step would lose ground. The fit never *ends* on
 a proposal: convergence is declared only on a plain EM step whose change of ℓ is at
 most tol·|ℓ| (plain EM's test), so the final parameters are an M-step's output, inside
 its constraint set (floors included).
@@ -47,9 +50,15 @@ not q⁽ᵗ⁻¹⁾; for DAAREM the proposal itself, which no M-step produced, s
 elbo = loglik and kl = 0. Plots leave extrapolated points out of the staircase. No
 NaN reaches the results. ``e_steps`` counts the E-steps (passes over the data) spent.
 
-The objective used for acceptance is :func:`evaluate`, the one place to change for
-priors (add log p(θ) and its rounding slack, and the prior to ``em_step``'s check);
-Markov latents and dask sources already go through ``estep.summarize``.
+**The objective.** Acceptance reads the objective from :func:`evaluate` only: ℓ(θ),
+or with priors (MAP-EM) the log-posterior ℓ(θ) + log p(θ), the quantity the plain loop
+monitors (DESIGN.md §3, "Objective"), with the rounding slack of the prior's terms
+added. A proposal is compared with the EM step on that same objective, every EM step
+inside is checked as the plain loop checks it (ELBO + log p(M(θ)) ≥ the previous
+objective, and the new objective ≥ ELBO + log p), and the convergence test is plain
+EM's on it. The argument above holds with ELBO + log p(θ) for the ELBO: the MAP M-step
+maximizes it over θ with q fixed, and at q = p(z | x, θ) it equals ℓ(θ) + log p(θ).
+Markov latents and dask sources go through ``estep.summarize`` like the plain loop.
 """
 
 from __future__ import annotations
@@ -63,8 +72,15 @@ import numpy as np
 
 from emdsl.compile import Plan
 from emdsl.engine.estep import EStep, Summary
-from emdsl.engine.loop import _check_guarantee, rounding_slack
-from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
+from emdsl.engine.loop import _check_guarantee, prior_slack, rounding_slack
+from emdsl.engine.mstep import (
+    Theta,
+    expected_complete_loglik,
+    has_prior,
+    log_prior,
+    maximize,
+    natural_matrix,
+)
 from emdsl.errors import ModelError, MonotonicityError
 
 Method = Literal["squarem", "daarem"]
@@ -85,12 +101,14 @@ def check_method(accelerate: Any) -> Method | Literal["auto"] | None:
     raise ModelError(f"fit(accelerate=...): expected one of {choices} (None is plain EM), got {accelerate!r}")
 
 
-def resolve(accelerate: Method | Literal["auto"] | None, *, online: bool, prior: bool) -> Method | None:
-    """"auto": :data:`DEFAULT` for full-batch EM, plain EM for online methods and with priors,
-    where acceleration does not apply (yet); an explicit choice is kept (and refused there)."""
+def resolve(accelerate: Method | Literal["auto"] | None, *, online: bool, max_iter: int = 1) -> Method | None:
+    """"auto": :data:`DEFAULT` for full-batch EM; plain EM, quietly, where acceleration does not
+    apply: online methods (minibatch steps, nothing to extrapolate; an explicit choice is refused
+    there) and ``max_iter=0`` (no step at all). Priors are accelerated too (the objective is then
+    the log-posterior, see :func:`evaluate`)."""
     if accelerate != "auto":
         return accelerate
-    return None if online or prior else DEFAULT
+    return None if online or max_iter == 0 else DEFAULT
 
 
 @dataclasses.dataclass
@@ -100,18 +118,33 @@ class Point:
     theta: Theta
     H: np.ndarray
     summary: Summary
-    #: the objective: ℓ(θ) (log p(x | θ) including log h)
+    #: the objective EM climbs: ℓ(θ) + log p(θ) with priors, else ℓ(θ)
     objective: float
-    #: rounding bound of this E-step's sums (see loop.rounding_slack)
+    #: rounding bound of this E-step's sums (see loop.rounding_slack), plus the prior's (loop.prior_slack)
     slack: float
+    #: ℓ(θ) = log p(x | θ) including log h (what the trace records as loglik)
+    loglik: float
+    #: log p(θ) (0 without priors)
+    log_prior: float
 
 
 def evaluate(plan: Plan, estep: EStep, theta: Theta) -> Point:
-    """The objective at θ, from one E-step; the single place acceptance reads it."""
+    """The objective at θ, from one E-step; the single place acceptance reads it.
+
+    With priors it is the log-posterior ℓ(θ) + log p(θ), as in the plain loop, and the
+    slack adds the rounding bound of log p's terms.
+    """
     H = natural_matrix(plan, theta)
     summary = estep.summarize(H, theta)
-    return Point(theta, H, summary, summary.loglik + plan.log_base_total,
-                 rounding_slack(plan, H, summary.magnitude))
+    return point(plan, theta, H, summary)
+
+
+def point(plan: Plan, theta: Theta, H: np.ndarray, summary: Summary) -> Point:
+    """The :class:`Point` of θ from its E-step (``summary``, computed with ``H``)."""
+    loglik = summary.loglik + plan.log_base_total
+    prior, size = log_prior(plan, theta)
+    slack = rounding_slack(plan, H, summary.magnitude) + (prior_slack(plan, size) if size else 0.0)
+    return Point(theta, H, summary, loglik + prior, slack, loglik, prior)
 
 
 @dataclasses.dataclass
@@ -213,6 +246,8 @@ class Accelerator:
                  warn_collapsed: Callable[[list[tuple[str, int, float]], int], None],
                  order: int = 5, kappa: float = 25.0, alpha: float = 1.2) -> None:
         self.method, self.plan, self.estep, self.tol = method, plan, estep, tol
+        #: what the checks' messages call the objective
+        self.objective = "log-posterior" if has_prior(plan) else "log-likelihood"
         self.current = start
         self.e_steps = 1
         self.warn_collapsed = warn_collapsed
@@ -225,6 +260,8 @@ class Accelerator:
         self.lam = 1e5
         self.cycle_start: float | None = None
         self.confirm = False  # DAAREM: take a plain EM step next, to test convergence
+        #: DAAREM: (accepted proposal, M-step from it, its floored variances), computed on acceptance
+        self.next_m_step: tuple[Point, Theta, list[tuple[str, int, float]]] | None = None
         #: the number of the iteration being computed (for messages)
         self.iteration = 1
 
@@ -233,7 +270,9 @@ class Accelerator:
                 floored: list[tuple[str, int, float]] | None = None
                 ) -> tuple[Point, float, list[tuple[str, int, float]], float]:
         """θ ↦ M(θ) with its E-step (``theta``: M(θ) when already computed); checks EM's guarantee
-        like the plain loop. Returns the new point, its ELBO, the floored variances and the slack."""
+        like the plain loop (with priors: ELBO + log p(M(θ)) ≥ the previous log-posterior, and the
+        new log-posterior ≥ ELBO + log p). Returns the new point, its ELBO (without log p, as the
+        trace records it), the floored variances and the slack."""
         if theta is None:
             theta, floored = maximize(self.plan, p.summary.stats, p.theta)
             self.warn_collapsed(floored, iteration)
@@ -241,7 +280,7 @@ class Accelerator:
         self.e_steps += 1
         elbo = expected_complete_loglik(q.H, p.summary.stats) + self.plan.log_base_total + p.summary.entropy
         slack = max(q.slack, p.slack)
-        _check_guarantee(iteration, p.objective, elbo, q.objective, slack)
+        _check_guarantee(iteration, p.objective, elbo + q.log_prior, q.objective, slack, objective=self.objective)
         return q, elbo, floored or [], slack
 
     def _plain(self, p: Point, iteration: int, theta: Theta | None = None,
@@ -262,7 +301,7 @@ class Accelerator:
         before = self.current
         if accepted.point.objective < before.objective - accepted.slack:
             raise MonotonicityError(
-                f"iteration {self.iteration} ({self.method}): the accepted log-likelihood decreased from "
+                f"iteration {self.iteration} ({self.method}): the accepted {self.objective} decreased from "
                 f"{before.objective!r} to {accepted.point.objective!r} (beyond the rounding bound "
                 f"{accepted.slack:.3g}); acceleration must never do this, so this is a bug")
         self.current = accepted.point
@@ -283,18 +322,34 @@ class Accelerator:
         self.warn_collapsed(floored2, iteration)
         layout = _Layout(p1.theta, theta2)
         proposal = self._squarem_proposal(layout, p0, p1, theta2)
-        if proposal is None:
+        stabilizing = None if proposal is None else self._unfloored_m_step(proposal)
+        if proposal is None or stabilizing is None:
             # θ₂ after all, evaluated only now (as R's SQUAREM does): a plain EM step from θ₁
             yield self._accept(self._plain(p1, iteration, theta2, floored2))
             return
         # The stabilizing EM step of scheme S3 (as in R's SQUAREM): it costs one E-step and
         # measured, it pays (fits with holes needed 2–3× fewer E-steps with it), and it makes
         # every accepted point an M-step's output, with a genuine ELBO (of the proposal's posterior).
-        q, elbo, floored, more = self.em_step(proposal, iteration)
+        q, elbo, floored, more = self.em_step(proposal, iteration, *stabilizing)
         yield self._accept(Accepted(q, elbo, max(proposal.slack, p1.slack) + more, True, floored))
 
+    def _unfloored_m_step(self, proposal: Point) -> tuple[Theta, list[tuple[str, int, float]]] | None:
+        """M(θ') from a proposal that passed the objective's test, or None (the proposal is refused)
+        when that M-step had to floor a variance or cap a shape.
+
+        The floors bound the set the M-steps maximize over; a proposal may lie outside it (a
+        covariance's eigenvalue extrapolated below the floor), where ℓ can exceed anything EM
+        reaches from there, since a collapsing component's likelihood grows without bound. The
+        floored M-step would then lower the ELBO below the proposal's ℓ: such a proposal was
+        never a point of the constrained problem, and EM's step is taken instead. (Plain EM never
+        meets this: its points are M-steps' outputs, inside the floors.)
+        """
+        theta, floored = maximize(self.plan, proposal.summary.stats, proposal.theta)
+        return None if floored else (theta, floored)
+
     def _squarem_proposal(self, layout: _Layout, p0: Point, p1: Point, theta2: Theta) -> Point | None:
-        """θ' = θ₀ + 2a r + a² v, shrunk until valid, evaluated; None unless ℓ(θ') ≥ ℓ(θ₁)."""
+        """θ' = θ₀ + 2a r + a² v, shrunk until valid, evaluated; None unless its objective (ℓ, or
+        ℓ + log p with priors) is at least θ₁'s."""
         try:
             x0 = layout.flat(p0.theta)
         except ValueError:  # a starting value that does not broadcast: no proposal this cycle
@@ -337,8 +392,12 @@ class Accelerator:
 
     def _daarem_step(self, iteration: int) -> Accepted:
         p = self.current
-        theta_f, floored = maximize(self.plan, p.summary.stats, p.theta)  # F(x): free, the E-step is done
-        self.warn_collapsed(floored, iteration)
+        computed, self.next_m_step = self.next_m_step, None
+        if computed is not None and computed[0] is p:  # computed when p, a proposal, was accepted
+            theta_f, floored = computed[1], computed[2]
+        else:
+            theta_f, floored = maximize(self.plan, p.summary.stats, p.theta)  # F(x): free, the E-step is done
+            self.warn_collapsed(floored, iteration)
         self._check_m_step(p, theta_f, iteration)
         layout = _Layout(theta_f, p.theta)
         try:
@@ -370,23 +429,33 @@ class Accelerator:
         self.e_steps += 1
         if not (np.isfinite(proposal.objective) and proposal.objective >= p.objective):
             return self._daarem_fallback(p, iteration, theta_f, floored, restart)
+        following = self._unfloored_m_step(proposal)  # the next iteration's F(x), needed now: see there
+        if following is None:
+            return self._daarem_fallback(p, iteration, theta_f, floored, restart)
+        self.next_m_step = (proposal, *following)
         self.shrink += 1
         self._end_cycle(restart, proposal.objective)
         # a small accepted change is not EM's convergence test: confirm it with a plain step
         self.confirm = self.tol > 0 and proposal.objective - p.objective <= self.tol * abs(proposal.objective)
-        return Accepted(proposal, proposal.objective, max(proposal.slack, p.slack), True, floored)
+        # no M-step produced the proposal: its recorded ELBO is ℓ itself (KL = 0)
+        return Accepted(proposal, proposal.loglik, max(proposal.slack, p.slack), True, floored)
 
     def _check_m_step(self, p: Point, theta_f: Theta, iteration: int) -> None:
-        """The M-step half of EM's guarantee at an accepted point: ELBO(q, M(θ)) ≥ ℓ(θ).
+        """The M-step half of EM's guarantee at an accepted point: ELBO(q, M(θ)) ≥ ℓ(θ)
+        (with priors: ELBO(q, M(θ)) + log p(M(θ)) ≥ ℓ(θ) + log p(θ)).
 
         A run of accepted proposals compares proposals only with each other; this check,
-        which costs no E-step, is what would catch an overstated ℓ of the current point.
+        which costs no E-step, is what would catch an overstated objective of the current point.
         """
         H = natural_matrix(self.plan, theta_f)
-        elbo = expected_complete_loglik(H, p.summary.stats) + self.plan.log_base_total + p.summary.entropy
-        slack = max(p.slack, rounding_slack(self.plan, H, p.summary.magnitude))
+        prior, size = log_prior(self.plan, theta_f)
+        elbo = (expected_complete_loglik(H, p.summary.stats) + self.plan.log_base_total + p.summary.entropy
+                + prior)
+        slack = max(p.slack, rounding_slack(self.plan, H, p.summary.magnitude)
+                    + (prior_slack(self.plan, size) if size else 0.0))
         if elbo < p.objective - slack:
-            raise MonotonicityError(f"iteration {iteration} ({self.method}): the M-step lowered the ELBO from "
+            name = "ELBO + log-prior" if self.objective == "log-posterior" else "ELBO"
+            raise MonotonicityError(f"iteration {iteration} ({self.method}): the M-step lowered the {name} from "
                                     f"{p.objective!r} to {elbo!r} (beyond the rounding bound {slack:.3g}); "
                                     "this is a bug in an M-step or in the objective of an accepted point")
 
@@ -455,20 +524,21 @@ def run(method: Method, plan: Plan, estep: EStep, start: Point, *, result: Any, 
         if stop.requested:
             result.stopped = True
             break
-        before = accelerator.current.objective
+        before = accelerator.current.loglik
         accepted = next(iterations)
         point = accepted.point
         result.theta = point.theta
         result.floored = accepted.floored
         result.counts = point.summary.stats[:, 0].copy()
-        result.loglik.append(point.objective)
+        result.loglik.append(point.loglik)
+        result.logpost.append(point.objective)
         result.elbo.append(accepted.elbo)
-        result.kl.append(point.objective - accepted.elbo)
+        result.kl.append(point.loglik - accepted.elbo)
         result.time.append(time.perf_counter() - clock_start)
         result.slack.append(accepted.slack)
         result.extrapolated.append(accepted.extrapolated)
         result.e_steps.append(accelerator.e_steps)
         result.converged = accepted.converged
-        report(point.objective - before)
+        report(point.loglik - before)  # the log-likelihood's change, as the plain loop reports it
         if result.converged:
             break

@@ -16,12 +16,11 @@ from emdsl.engine.events import IterationEvent, dispatch
 from emdsl.engine.mstep import (
     Theta,
     expected_complete_loglik,
-    has_prior,
     log_prior,
     maximize,
     natural_matrix,
 )
-from emdsl.errors import DegenerateComponentWarning, ModelError, MonotonicityError
+from emdsl.errors import DegenerateComponentWarning, MonotonicityError
 
 #: ulps of rounding allowed per unit of magnitude summed, times the depth of the sums
 _ULPS = 16.0
@@ -101,16 +100,14 @@ def run_em(
     M-step does not lower the ELBO below ℓ(θ⁽ᵗ⁻¹⁾), and the new log-likelihood is
     not below the ELBO (KL ≥ 0); together, ℓ never decreases. With ``accelerate``
     ("squarem" or "daarem", see ``accelerate.py``) an iteration is an accepted point
-    instead, at most ``max_iter`` of them, with every EM step inside checked the same way.
+    instead, at most ``max_iter`` of them, with every EM step inside checked the same way
+    and the accepted sequence checked on the same objective (the log-posterior with priors).
 
     With priors (MAP-EM) the M-step maximizes Q + log p(θ), and the quantity that never
     decreases is the log-posterior ℓ(θ) + log p(θ) (DESIGN.md §3, "Objective"): the checks
     and the convergence test use it, with the rounding slack of the prior's own terms
     added, and ``logpost`` records it next to ``loglik``.
     """
-    if accelerate is not None and has_prior(plan):
-        raise ModelError(f"fit(accelerate={accelerate!r}): acceleration does not handle priors yet (its "
-                         "objective is the log-likelihood); fit with priors without accelerate=")
     start = time.perf_counter()
     try:
         previous_H = natural_matrix(plan, theta)
@@ -140,11 +137,11 @@ def run_em(
             # imported here: the accelerated loop builds on this module's checks
             from emdsl.engine import accelerate as accelerated
 
-            first = accelerated.Point(theta, previous_H, summary, loglik, result.slack[0])
+            first = accelerated.point(plan, theta, previous_H, summary)
             accelerated.run(accelerate, plan, estep, first, result=result, max_iter=max_iter, tol=tol, stop=stop,
                             report=report, clock_start=start,
                             warn_collapsed=lambda floored, i: _warn_collapsed(plan, floored, i, collapsed))
-            return _objective_is_loglik(result)
+            return result
         for iteration in range(1, max_iter + 1):
             if stop.requested:
                 result.stopped = True
@@ -183,12 +180,6 @@ def run_em(
     except KeyboardInterrupt:
         stop.interrupt()
         result.stopped = True
-    return _objective_is_loglik(result) if accelerate is not None else result
-
-
-def _objective_is_loglik(result: RestartResult) -> RestartResult:
-    """An accelerated restart (never with a prior, refused above): its objective is ℓ at every step."""
-    result.logpost = list(result.loglik)
     return result
 
 
@@ -245,10 +236,8 @@ def _warn_collapsed(plan: Plan, floored: list[tuple[str, int, float]], iteration
         node = nodes[name]
         if k < 0:
             what = "the shared (tied) covariance"
-        elif plan.latent is not None:
-            what = f"component {plan.latent.name}={plan.latent.family.states[k]!r}"
         else:
-            what = "the single component"
+            what = plan.component_label(node, k)
         warnings.warn(
             f"{node.where()}: {what} collapsed at iteration {iteration} (smallest variance "
             f"{max(smallest, 0.0):.3g} of the data's); it is held at the floor {node.family.floor:g}. "

@@ -164,6 +164,9 @@ class ConvergenceMonitor(widgets.VBox, Callback):
     the log-likelihood per iteration of every restart with the ELBO as a
     staircase under it (each E-step closes the KL gap, each M-step raises the
     ELBO), and the mixture weights (or the first parameter) over iterations.
+    In an accelerated fit (the default, ``accelerate="auto"``) an iteration that
+    came through an extrapolation had no M-step from the last posterior: the
+    staircase skips it, and the numbers say "extrapolated" instead of an ELBO.
     Restarts are drawn in black and greys, with a legend, so that they never
     share a colour with the states in the weights panel (whose colours are those
     of every emdsl plot). At the end the kept restart is emphasised, and the
@@ -219,7 +222,7 @@ class ConvergenceMonitor(widgets.VBox, Callback):
     ...     ["eruptions", "waiting"], em.MultivariateNormal, name="x")
     >>> fit = model.fit(em.datasets.load("faithful"), seed=0, callbacks=[monitor])
     >>> monitor
-    ConvergenceMonitor(converged after 6 iterations, log-likelihood -1130.26)
+    ConvergenceMonitor(converged after 5 iterations, log-likelihood -1130.26)
     >>> monitor.progress.value == monitor.progress.max
     True
     """

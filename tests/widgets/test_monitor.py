@@ -108,7 +108,9 @@ def test_image_is_a_png_of_the_figure_size(model, faithful) -> None:
 
 def test_plot_draws_every_restart_and_the_staircase(model, faithful) -> None:
     monitor = ConvergenceMonitor()
-    fit = model.fit(faithful, seed=1, n_init=3, init="random", callbacks=[monitor])
+    # plain EM (accelerate=None): every iteration an M-step from q⁽ᵗ⁻¹⁾, a full staircase
+    # (accelerated fits: tests/engine/test_accelerate.py)
+    fit = model.fit(faithful, seed=1, n_init=3, init="random", callbacks=[monitor], accelerate=None)
     likelihood, parameters = monitor._plots.figure.axes
     # per restart: the staircase (2 points per iteration) and the log-likelihood
     lines = likelihood.get_lines()
