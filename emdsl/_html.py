@@ -121,13 +121,18 @@ def model_card(model: Model) -> str:
     for x in model.latents:
         n = x.family.n_free_params()
         counts.append(n)
-        states = ", ".join(_e(s) for s in x.family.states[:MAX_CELLS]) + (", …" if k > MAX_CELLS else "")
-        params = "<br>".join(f"{_e(p)} ({_e(x.name)}: {k})" + (" <i>fixed</i>" if p in x.family.fixed else "")
-                             for p in x.family.param_names)
+        kx = x.family.k
+        states = ", ".join(_e(s) for s in x.family.states[:MAX_CELLS]) + (", …" if kx > MAX_CELLS else "")
+        params = "<br>".join(f"{_e(p)} ({_e(x.name)}: {kx})" + (" <i>fixed</i>" if p in x.family.fixed else "")
+                             for p in x.family.param_names if len(model.latents) == 1 or p == "probs")
         rows.append(["latent", f"<b>{_e(x.name)}</b>", f"<code style='{_CODE}'>{_e(repr(x.family))}</code>",
-                     f"{k} states: {states}", params, str(n)])
+                     f"{kx} states: {states}", params, str(n)])
     unknown_d = False
     for x in model.observed:
+        parents = [y for y in model.latents if x.given is None or y.name in x.given]
+        if x.given is not None or len(model.latents) > 1:  # the latents this node depends on
+            k = int(np.prod([y.family.k for y in parents], dtype=int))
+            shape_latent = (", ".join(y.name for y in parents), k) if parents else None
         n, shown = _free_count(x, k)
         counts.append(n)
         unknown_d |= n is None
@@ -135,7 +140,7 @@ def model_card(model: Model) -> str:
         params = "<br>".join(f"{_e(p)} {_shape_text(axes[p], shape_latent, x)}"
                              + (" <i>fixed</i>" if p in x.family.fixed else "") for p in x.family.param_names)
         dims = (f"{_e(', '.join(x.variables))} → {_e(_event_dim(x))}" if x.stacked else _e(x.variables[0]))
-        given = f" | {_e(latent.name)}" if latent is not None else ""
+        given = f" | {_e(', '.join(y.name for y in parents))}" if parents else ""
         rows.append(["observed", f"<b>{_e(x.name)}</b>",
                      f"<code style='{_CODE}'>{_e(repr(x.family))}</code>{given}", dims, params, shown])
     table = _table(["role", "name", "family", "variables / states", "parameters", "free"], rows)
@@ -188,7 +193,7 @@ def _summary(fit: Fit) -> str:
         ("log-likelihood", _stat(fit.loglik)),
         ("BIC", _stat(fit.bic())),
         ("AIC", _stat(fit.aic())),
-        ("samples", f"{fit.n_samples}"),
+        *_size_items(fit),
         ("free parameters", f"{fit.n_params}"),
         ("seed", _e(fit.seed)),
     ]
@@ -198,6 +203,20 @@ def _summary(fit: Fit) -> str:
     return (f"<div style='margin:4px 0;display:flex;flex-wrap:wrap;align-items:center;gap:10px'>"
             f"<span>{badge} <span style='{_MUTED}'>after {fit.n_iter} iterations{restarts}</span></span>"
             f"{line}</div><div style='margin:2px 0 4px 0'>{cells}</div>")
+
+
+def _size_items(fit: Fit) -> list[tuple[str, str]]:
+    """How much data: samples, or for a hidden Markov model its markov dim, sequences and observed steps."""
+    from emdsl.latent.markov import chain_sizes
+
+    sizes = chain_sizes(fit)
+    if sizes is None:
+        return [("samples", f"{fit.n_samples}")]
+    dim, n_sequences, steps = sizes
+    items = [("Markov along", f"<code style='{_CODE}'>{_e(dim)}</code>")]
+    if n_sequences is not None:
+        items.append(("sequences", f"{n_sequences}"))
+    return items + [(f"steps ({_e(dim)})", f"{steps}")]
 
 
 def _labels(da: xr.DataArray, dim: Any) -> list[str]:

@@ -93,6 +93,10 @@ def bootstrap(
     >>> boot["waiting.mean"].dims
     ('replicate', 'z')
     """
+    if len(fit.model.latents) > 1:
+        raise ModelError(f"bootstrap: the model has several latents {[x.name for x in fit.model.latents]}; aligning "
+                         "the replicates' states is done for one latent (not yet for several); "
+                         "fit.standard_errors() gives the observed-information errors")
     if kind not in ("nonparametric", "parametric"):
         raise ModelError(f"bootstrap(kind=...): expected 'nonparametric' or 'parametric', got {kind!r}")
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:

@@ -24,6 +24,7 @@ from emdsl.data import is_chunked, is_dask
 from emdsl.errors import ModelError
 from emdsl.families._base import BoundPrior, LatentFamily, ObservedFamily, Params
 from emdsl.latent import LatentStructure, Markov, Mixture, Sequences
+from emdsl.latent.joint import Given, JointCategorical
 from emdsl.model import Model, Observed
 
 #: rows per block when scanning data outside EM iterations (validation, units, log h, seeding)
@@ -60,6 +61,9 @@ class Node:
     partial_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.intp))
     partial_pattern: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.intp))
     patterns: list[np.ndarray] = dataclasses.field(default_factory=list)
+    #: the latents the node depends on when not all of them, or when there are several
+    #: (its parameters have one row per state of that subset; see emdsl.latent.joint)
+    given: Given | None = None
 
     @property
     def D(self) -> int:
@@ -221,6 +225,7 @@ class Plan:
             out += phi.sum(axis=1) if self.weights is None else phi @ self.weights[a:b]
         if is_chunked(self):
             out = self._chunked_totals[1].copy()
+        _check_sums(self, out)
         if self.latent is not None and self.latent.structure is not None and self.latent.structure.n_stats:
             out = np.concatenate([out, self.latent.structure.stats_magnitude(self)])
         return out
@@ -235,7 +240,31 @@ class Plan:
     def n_free_params(self) -> int:
         """Number of learned scalars, for BIC and AIC."""
         latent = self.latent.family.n_free_params() if self.latent is not None else 0
-        return latent + sum(node.family.n_free_params(self.K, node.D) for node in self.nodes)
+        return latent + sum(node.family.n_free_params(self.components(node), node.D) for node in self.nodes)
+
+    def components(self, node: Node) -> int:
+        """Rows of a node's parameters: K, or the states of the latents it depends on."""
+        return node.given.K if node.given is not None else self.K
+
+    def component_label(self, node: Node | None, k: int) -> str:
+        """``"component z='a'"`` for row k of a node's parameters (of the latent's states when node is None)."""
+        if node is not None and node.given is not None:
+            if not node.given.latents:
+                return "the shared component"
+            where = np.unravel_index(k, node.given.shape)
+            return "component " + ", ".join(f"{name}={member.states[i]!r}" for (name, member), i
+                                             in zip(node.given.latents, where, strict=True))
+        if self.latent is None:
+            return "the single component"
+        family = self.latent.family
+        if isinstance(family, JointCategorical):
+            return "component " + ", ".join(f"{name}={member.states[i]!r}" for name, member, i
+                                            in zip(family.names, family.members, family.unravel(k), strict=True))
+        return f"component {self.latent.name}={family.states[k]!r}"
+
+    def expand(self, node: Node, params: Params) -> Params:
+        """A node's parameters with one row per joint state, as the E-step uses them."""
+        return params if node.given is None else node.given.expand(params, node.family.param_axes())
 
 
 def blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -317,6 +346,7 @@ def compile_plan(
         node.offset = offset
         offset += node.n_rows
         _check_values(node, ds, sample_dim)
+        node.given = _given(model, decl)
         if standardization is not None and node.name in standardization:
             node.center, node.scale = _given_units(plan, node, standardization)
         else:
@@ -335,11 +365,30 @@ def compile_plan(
 
         dask_source.align(plan)
     _bind_fixed(plan)
+    if fitting and not is_chunked(plan):
+        plan.phi_magnitude  # noqa: B018 - sums that overflow are refused before θ⁽⁰⁾ is computed from them
     if fitting:
         _bind_priors(plan, weak=prior == "weak")
     if latent is not None and latent.name in ds.data_vars:
         plan.clamp = _known_states(plan, ds[latent.name])
     return plan
+
+
+def _given(model: Model, decl: Any) -> Given | None:
+    """The node's map to the joint states: set with several latents, or for a node shared by all samples."""
+    names = [x.name for x in model.latents]
+    if decl.given is None and len(names) <= 1:
+        return None
+    given = names if decl.given is None else decl.given
+    missing = [name for name in given if name not in names]
+    if missing:
+        raise ModelError(f"observe({decl.name!r}, ..., given={tuple(given)!r}): {missing} "
+                         f"{'is not a latent' if len(missing) == 1 else 'are not latents'} of this model "
+                         f"(latents: {names})")
+    if decl.covariates and len(given) != len(names):
+        raise ModelError(f"observe({decl.name!r}, ..., given={tuple(given)!r}): a regression node depends on "
+                         "every latent (given= is not supported with covariates=)")
+    return Given(names, [x.family for x in model.latents], given)
 
 
 def _known_states(plan: Plan, da: xr.DataArray) -> np.ndarray:
@@ -438,10 +487,15 @@ def _check_latent_name(model: Model, ds: xr.Dataset, sample_dim: Hashable) -> No
     Reserved alongside the data's own dims: each event dim ``d`` and its second axis
     ``d_`` (covariances), and ``level`` (categorical levels).
     """
-    latent = model.latent_var
-    if latent is None:
-        return
+    for latent in model.latents:
+        _check_one_latent_name(model, latent, ds, sample_dim)
+
+
+def _check_one_latent_name(model: Model, latent: Any, ds: xr.Dataset, sample_dim: Hashable) -> None:
     where = f"latent({latent.name!r}, ...)"
+    if len(model.latents) > 1 and latent.name in ds.data_vars:
+        raise ModelError(f"{where}: the data have a variable {latent.name!r}, which would give known states; "
+                         "known states are supported for a model with one latent only: rename or drop it")
     if latent.name == sample_dim:
         raise ModelError(f"{where}: the latent has the name of the sample dimension {sample_dim!r}; "
                          "give the latent another name")
@@ -725,6 +779,26 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
     return center, np.where(constant | (sd < _TINY_SCALE), 1.0, sd)
 
 
+def _check_sums(plan: Plan, magnitude: np.ndarray) -> None:
+    """Refuse a node whose Σ_n w_n |Φ_sn| overflows: the E-step's sums R Φᵀ and H Φ would be ±inf or NaN.
+
+    Families fitted in the data's units (Gamma, Exponential, counts) sum x itself over the
+    samples, so values near 1e308 overflow even though each one is a float.
+    """
+    for node in plan.nodes:
+        rows = magnitude[node.offset:node.offset + node.n_rows]
+        if np.isfinite(rows).all():
+            continue
+        largest = max((float(np.nanmax(np.abs(np.where(np.isfinite(s), s, np.nan)), initial=0.0))
+                       for _, _, s in _element_blocks(node)), default=0.0) if node.sources else 0.0
+        total = plan.total_weight
+        power = int(np.ceil(np.log10(max(largest, 1.0)) + np.log10(max(total, 1.0)) - 300))
+        label = f"variable {node.variables[0]!r}" if len(node.variables) == 1 else f"variables {list(node.variables)!r}"
+        raise ModelError(f"{node.where()}: {label} reaches {largest!r}, and summed over the {total:g} (weighted) "
+                         f"samples its statistics overflow float64 (beyond {_HUGE:.4g}); {node.family.kind} works "
+                         f"in the data's units: divide it by 1e{max(power, 1)}")
+
+
 def _extent(node: Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per element: how many values are observed, the smallest, the largest and the largest magnitude."""
     count, low, high = np.zeros(node.D), np.full(node.D, np.inf), np.full(node.D, -np.inf)
@@ -809,9 +883,9 @@ def _bind_priors(plan: Plan, weak: bool) -> None:
     frequencies off its block of that sum.
     """
     stats = _data_statistics(plan) if weak else None
-    if plan.latent is not None and plan.latent.structure is not None and plan.latent.structure.n_stats:
-        pass  # a Markov latent's prior lives on its chain (none yet: markov_form refuses prior=)
-    elif plan.latent is not None:
+    if plan.latent is not None and isinstance(plan.latent.family, JointCategorical):
+        plan.latent.prior = _member_priors(plan.latent.family, stats)
+    elif plan.latent is not None:  # a Markov latent's Dirichlet is on initial and each row of transition
         family = plan.latent.family
         where = f"latent({plan.latent.name!r}, {family!r})"
         if family.prior is not None:
@@ -824,10 +898,24 @@ def _bind_priors(plan: Plan, weak: bool) -> None:
         if family.prior is not None:
             where = node.where()
             values = _hyperparameters(plan, node, family, where)
-            node.prior = family.bind_prior(values, node.center, node.scale, plan.K, f"{where}: {family.prior!r}")
+            node.prior = family.bind_prior(values, node.center, node.scale, plan.components(node),
+                                           f"{where}: {family.prior!r}")
         elif stats is not None:
             node.prior = family.weak_prior(stats[node.offset:node.offset + node.n_rows],
-                                           node.scale if family.standardize else None, plan.K)
+                                           node.scale if family.standardize else None, plan.components(node))
+
+
+def _member_priors(joint: JointCategorical, stats: np.ndarray | None) -> dict[str, BoundPrior] | None:
+    """Each of several latents' Dirichlet prior on its weights (declared, or the weak one), by name."""
+    out = {}
+    for name, member in zip(joint.names, joint.members, strict=True):
+        where = f"latent({name!r}, {member!r})"
+        if member.prior is not None:
+            alpha = np.broadcast_to(np.asarray(member.prior.alpha, dtype=float), (member.k,))
+            out[name] = member.bind_prior({"alpha": alpha}, None, None, member.k, where)
+        elif stats is not None:
+            out[name] = member.weak_prior(stats[:1], None, member.k)
+    return {name: prior for name, prior in out.items() if prior is not None} or None
 
 
 def _hyperparameters(plan: Plan, node: Node | None, family: Any, where: str) -> dict[str, np.ndarray]:
@@ -849,6 +937,10 @@ def _hyperparameters(plan: Plan, node: Node | None, family: Any, where: str) -> 
 
 def _data_statistics(plan: Plan) -> np.ndarray:
     """Σ_n w_n Φ_n (S,): the whole data's sufficient statistics, from which weak priors are scaled."""
+    if is_chunked(plan):  # one dask pass, chunk by chunk
+        from emdsl.data import dask_source
+
+        return dask_source.data_statistics(plan)
     total = np.zeros(plan.n_stats)
     for a, b in blocks(plan.n_samples, SCAN_ROWS):
         phi = np.empty((plan.n_stats, b - a))
@@ -867,6 +959,18 @@ def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str 
     known = ([plan.latent.name] if plan.latent is not None else []) + list(nodes)
     if not isinstance(values, Mapping):
         raise ModelError(f"{what}: expected a mapping {{node: {{param: value}}}}, got {type(values).__name__}")
+    joint = plan.latent.family if plan.latent is not None else None
+    if isinstance(joint, JointCategorical):  # several latents: each one's weights, under its own name
+        values = dict(values)
+        members = {name: values.pop(name) for name in joint.names if name in values}
+        if plan.latent.name in values:  # the joint's own (internal) entry, e.g. its fixed weights
+            members.update({name: {"probs": v} for name, v in values.pop(plan.latent.name).items()})
+        if what == "init":
+            fixed = [name for name in members if name in joint.fixed]
+            if fixed:
+                raise ModelError(f"init: the weights of {fixed} are fixed by the declaration; a fixed parameter "
+                                 "takes no starting value, drop it from init")
+        known = list(joint.names) + list(nodes)
     unknown_nodes = [name for name in values if name not in known]
     if unknown_nodes:
         missing = [name for name in known if name not in values]
@@ -876,6 +980,8 @@ def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str 
                          + (f"; not given: {', '.join(map(repr, missing))}" if missing else "")
                          + "); starting values from another model's fit need the same node names")
     out: dict[str, Params] = {}
+    if isinstance(joint, JointCategorical) and members:
+        out[plan.latent.name] = _member_weights(joint, members, what)
     for name, params in values.items():
         is_latent = plan.latent is not None and name == plan.latent.name
         family = plan.latent.family if is_latent else nodes[name].family
@@ -901,6 +1007,35 @@ def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str 
         elif node is not None:
             converted = family.to_standard(converted, node.center, node.scale)
         out[name] = converted
+    return out
+
+
+def _member_weights(joint: JointCategorical, values: Mapping[str, Any], what: str) -> Params:
+    """Starting or fixed weights of several latents ``{name: {"probs": value}}`` as internal arrays."""
+    out = {}
+    for name, params in values.items():
+        member = joint.members[joint.names.index(name)]
+        where = f"{what}[{name!r}]"
+        if not isinstance(params, Mapping) or set(params) - {"probs"}:
+            raise ModelError(f"{where}: a latent's parameter is probs, got {params!r}")
+        value = params.get("probs")
+        if value is None:
+            continue
+        if isinstance(value, xr.DataArray):
+            if value.dims != (name,):
+                raise ModelError(f"{where}['probs']: expected dims ({name!r},), got {value.dims}")
+            if name in value.coords:
+                have = [labels._plain(v) for v in value[name].values]
+                if sorted(map(str, have)) != sorted(map(str, member.states)):
+                    raise ModelError(f"{where}['probs']: states {have}, expected {list(member.states)}")
+                value = value.sel({name: list(member.states)})
+            value = value.values
+        try:
+            array = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            raise ModelError(f"{where}['probs']: expected numbers, got {value!r}") from None
+        member.check_params({"probs": array}, f"{where}['probs']")
+        out[name] = array
     return out
 
 
@@ -1009,34 +1144,45 @@ def markov_layout(model: Model, ds: xr.Dataset, sample_dim: Any, weights: Any
     template = xr.DataArray(np.zeros(shape + (T,), dtype=bool), dims=grid)
     arrays = {}
     present = np.zeros((n_sequences, T), dtype=bool)
+    # dask-backed data stay lazy: each chunk a run of whole sequences (emdsl/data/dask_source.py)
+    chunked = any(is_dask(ds[v].data) for v in dict.fromkeys(variables + extra))
     for variable in dict.fromkeys(variables + extra):
         da = ds[variable]
         if variable in extra:
             da = da.broadcast_like(template)
         da = da.transpose(*grid, ...)
+        if chunked:
+            arrays[variable] = (da, None)
+            continue
         values = np.asarray(da.values).reshape((n_sequences, T) + da.shape[len(grid):])
         arrays[variable] = (da, values)
         if variable in variables:
             present |= _observed_mask(values).reshape(n_sequences, T, -1).any(axis=2)
-    lengths = np.where(present.any(axis=1), T - np.argmax(present[:, ::-1], axis=1), 0)
+    if chunked:
+        from emdsl.data import dask_source
+
+        lazy, lengths = dask_source.chain_layout({v: da.data for v, (da, _) in arrays.items()}, list(variables),
+                                                 n_sequences, T, len(sequence_dims), dim, where)
+    else:
+        lengths = np.where(present.any(axis=1), T - np.argmax(present[:, ::-1], axis=1), 0)
     if not lengths.all():
         s = int(np.flatnonzero(lengths == 0)[0])
         raise ModelError(f"{where}: the sequence at {_sequence_label(ds, sequence_dims, shape, s)} has no "
                          f"observation (every value along {dim!r} is missing, a sequence of length 0 once its "
                          "NaN padding is removed); drop it from the data")
-    keep = (np.arange(T)[None, :] < lengths[:, None]).ravel()
+    keep = (np.arange(T)[None, :] < lengths[:, None]).ravel() if not chunked else None
     rows = dim if not sequence_dims else "(" + ", ".join(map(str, grid)) + ")"
     flat = xr.Dataset()
     for variable, (da, values) in arrays.items():
         rest = da.dims[len(grid):]
-        kept = values.reshape((n_sequences * T,) + values.shape[2:])[keep]
+        kept = lazy[variable] if chunked else values.reshape((n_sequences * T,) + values.shape[2:])[keep]
         flat[variable] = xr.DataArray(kept, dims=(rows,) + rest,
                                       coords={d: da[d].values for d in rest if d in da.coords}, attrs=da.attrs)
     coords: dict[Hashable, Any] = {}
     if not sequence_dims:
         if dim in ds.coords:
             coords[rows] = ds[dim].values[:int(lengths[0])]
-    else:
+    elif not chunked:  # (dask: rows are unlabelled; results are labelled over the (sequence, time) grid)
         axes = [ds[d].values if d in ds.coords else np.arange(ds.sizes[d]) for d in grid]
         index = np.flatnonzero(keep)
         labels_ = np.empty(len(index), dtype=object)

@@ -479,9 +479,12 @@ def _tree(fit: Fit, problem: _Problem, se: np.ndarray, method: str) -> xr.DataTr
     by_param: dict[tuple[str, str], np.ndarray] = {}
     start = 0
     boundary: dict[str, list[str]] = {}
+    joint = fit.model.latent_var if len(fit.model.latents) > 1 else None
     for block in space.blocks:
         size = block.value.size
-        by_param[block.name, block.param] = se[start:start + size]
+        # several latents: the joint's blocks are each latent's weights, shown under its own name
+        key = (block.param, "probs") if joint is not None and block.name == joint.name else (block.name, block.param)
+        by_param[key] = se[start:start + size]
         start += size
         for index in block.boundary:
             where = np.unravel_index(int(index), block.value.shape)

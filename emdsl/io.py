@@ -187,7 +187,10 @@ class _Reader:
         from emdsl.regression import stored_family
 
         params = {}
-        if model.latent_var is not None:
+        if len(model.latents) > 1:  # several latents: their weights, one child each
+            for x in model.latents:
+                params[x.name] = self.params(groups["params"], x.name, x.family, model, None)
+        elif model.latent_var is not None:
             params[model.latent_var.name] = self.params(groups["params"], model.latent_var.name,
                                                         stored_family(model.latent_var, groups["params"]), model, None)
         for decl in model.observed:
@@ -407,9 +410,9 @@ class _Reader:
         if scale.dims != center.dims:
             raise self.fail(f"{field}/scale", f"dims {scale.dims} differ from center's {center.dims}")
         dims = center.dims
-        latent = model.latent_var.name if model.latent_var is not None else None
+        latents = {x.name for x in model.latents}
         for dim in dims:
-            if dim in (latent, sample_dim):
+            if dim in latents or dim == sample_dim:
                 raise self.fail(f"{field}/center", f"dimension {dim!r} cannot be an event dimension: "
                                 "it is the latent's or the samples'")
         if decl.stacked:
@@ -446,7 +449,18 @@ class _Reader:
         axes = family.param_axes()
         self.exact_variables(ds, tuple(axes), field)
         latent = model.latent_var
-        K = latent.family.k if latent is not None else 1
+        from emdsl.compile import _given
+
+        decl = next((x for x in model.observed if x.name == name), None)
+        given = _given(model, decl) if decl is not None else None
+        if given is not None:  # the node depends on some of several latents (or on none)
+            latent_dims = [(n, member.k) for n, member in given.latents]
+        elif len(model.latents) > 1:  # one of several latents: its own weights
+            member = next(x.family for x in model.latents if x.name == name)
+            latent_dims = [(name, member.k)]
+        else:
+            latent_dims = [(latent.name, latent.family.k)] if latent is not None else []
+        K = int(np.prod([k for _, k in latent_dims], dtype=np.int64))
         event_dims: tuple[Hashable, ...] = center.dims if center is not None else ()
         event_sizes = dict(center.sizes) if center is not None else {}
         D = int(np.prod(list(event_sizes.values()), dtype=np.int64))
@@ -455,17 +469,17 @@ class _Reader:
         for key, symbolic in axes.items():
             da = ds[key]
             where = f"{field}/{key}"
-            dims, shape, internal = self.expected_layout(da, symbolic, latent.name if latent else None, K,
+            dims, shape, internal = self.expected_layout(da, symbolic, latent_dims, K,
                                                          event_dims, event_sizes, D, others, where)
             if da.dims != dims or da.shape != shape:
                 raise self.fail(where, f"expected dims {dict(zip(dims, shape, strict=True))} for "
                                 f"{kind}, got {dict(da.sizes)}")
             self.numbers(da, where)
             flat[key] = np.asarray(da.values, dtype=float).reshape(internal)
-        if latent is not None and latent.name in ds.coords:
-            if [str(s) for s in ds[latent.name].values] != [str(s) for s in latent.family.states]:
-                raise self.fail(f"{field}/{latent.name}", f"the states {_describe(ds[latent.name].values.tolist())} "
-                                f"differ from the declaration's {list(latent.family.states)}")
+        for x in (model.latents if len(model.latents) > 1 else [latent] if latent is not None else []):
+            if x.name in ds.coords and [str(s) for s in ds[x.name].values] != [str(s) for s in x.family.states]:
+                raise self.fail(f"{field}/{x.name}", f"the states {_describe(ds[x.name].values.tolist())} "
+                                f"differ from the declaration's {list(x.family.states)}")
         self.coordinates(ds, field, center)
         checker = self.bound(family, ds, others, field)
         for key, values in flat.items():
@@ -473,7 +487,8 @@ class _Reader:
         self.family_check(checker, flat, field)
         return ds
 
-    def expected_layout(self, da: xr.DataArray, symbolic: Sequence[str], latent: Hashable | None, K: int,
+    def expected_layout(self, da: xr.DataArray, symbolic: Sequence[str], latents: Sequence[tuple[Hashable, int]],
+                        K: int,
                         event_dims: tuple[Hashable, ...], event_sizes: Mapping[Hashable, int], D: int,
                         others: dict[str, tuple[Hashable, int]], where: str
                         ) -> tuple[tuple[Hashable, ...], tuple[int, ...], list[int]]:
@@ -484,9 +499,9 @@ class _Reader:
         for axis in symbolic:
             if axis == "latent":
                 internal.append(K)
-                if latent is not None:
+                for latent, k in latents:
                     dims.append(latent)
-                    shape.append(K)
+                    shape.append(k)
             elif axis == "event":
                 dims.extend(event_dims)
                 shape.extend(event_sizes[d] for d in event_dims)

@@ -127,7 +127,12 @@ def axis_labels(plan: Plan, node: Node | None, axes: Sequence[str]) -> tuple[lis
     shape: list[int] = []
     coords: dict[Hashable, Any] = {}
     for axis in axes:
-        if axis == "latent":
+        if axis == "latent" and node is not None and node.given is not None:
+            for name, member in node.given.latents:  # exactly the latents the node depends on
+                dims.append(name)
+                shape.append(member.k)
+                coords[name] = list(member.states)
+        elif axis == "latent":
             if plan.latent is not None:
                 dims.append(plan.latent.name)
                 shape.append(plan.K)
@@ -210,7 +215,7 @@ def internal(plan: Plan, node: Node | None, axes: Sequence[str], value: Any, whe
     except ValueError:
         raise ModelError(f"{where}: expected shape {tuple(shape)} (dims {tuple(dims)}), "
                          f"got {np.shape(value)}") from None
-    flat = [plan.K] if "latent" in axes else []
+    flat = [plan.K if node is None else plan.components(node)] if "latent" in axes else []
     for axis in axes:
         if axis == "latent_next":
             flat.append(plan.K)
@@ -228,7 +233,15 @@ def internal(plan: Plan, node: Node | None, axes: Sequence[str], value: Any, whe
 def params_tree(plan: Plan, params: Mapping[str, Mapping[str, np.ndarray]]) -> xr.DataTree:
     """Labelled parameters: one DataTree node per latent and observed node."""
     children: dict[str, xr.Dataset] = {}
-    if plan.latent is not None:
+    if plan.latent is not None and hasattr(plan.latent.family, "members"):  # several latents: one child each
+        joint = plan.latent.family
+        for name, member in zip(joint.names, joint.members, strict=True):
+            probs = xr.DataArray(np.asarray(params[plan.latent.name][name], dtype=float), dims=(name,),
+                                 coords={name: list(member.states)}, name="probs")
+            ds = xr.Dataset({"probs": probs})
+            ds.attrs = {"family": member.kind, "role": "latent", "fixed": ",".join(member.fixed)}
+            children[name] = ds
+    elif plan.latent is not None:
         family = plan.latent.family
         ds = xr.Dataset({key: labelled(plan, None, axes, params[plan.latent.name][key], key)
                          for key, axes in family.param_axes().items()})
@@ -256,9 +269,15 @@ def tree_values(tree: xr.DataTree | Mapping[str, Any]) -> dict[str, dict[str, An
     return {name: dict(values) for name, values in tree.items()}
 
 
-def states_array(plan: Plan, values: np.ndarray, name: str) -> xr.DataArray:
-    """(sample, latent) array of per-state values, labelled."""
+def states_array(plan: Plan, values: Any, name: str) -> xr.DataArray:
+    """(sample, latent) array of per-state values, labelled; (sample, a, b, ...) for several latents."""
     assert plan.latent is not None
+    joint = plan.latent.family
+    if hasattr(joint, "members"):
+        return xr.DataArray(values.reshape((values.shape[0], *joint.shape)), dims=(plan.sample_dim, *joint.names),
+                            coords={**plan.sample_coords, **{n: list(m.states) for n, m in
+                                                             zip(joint.names, joint.members, strict=True)}},
+                            name=name)
     return xr.DataArray(values, dims=(plan.sample_dim, plan.latent.name),
                         coords={**plan.sample_coords, plan.latent.name: list(plan.latent.family.states)},
                         name=name)

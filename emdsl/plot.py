@@ -169,6 +169,12 @@ def elements(fit: Fit) -> list[Element]:
     latent = fit.model.latent_var.name if fit.model.latent_var is not None else None
     out: list[Element] = []
     for decl in fit.model.observed:
+        if _is_regression(decl):
+            from emdsl.regression import stored_family
+
+            family = stored_family(decl, fit.params)
+            out.append(Element(decl.variables[0], decl.name, decl.variables[0], family, {}, {}))
+            continue
         params = fit.params[decl.name].to_dataset()
         reference = _event_reference(params, decl.family)
         dims = [d for d in reference.dims if d not in (latent, "level")]
@@ -186,6 +192,11 @@ def elements(fit: Fit) -> list[Element]:
             aliases = tuple(names) if len(names) == 1 and dims[0] in reference.coords else ()
             out.append(Element(label, decl.name, variable, decl.family, where, where, aliases))
     return out
+
+
+def _is_regression(decl: Any) -> bool:
+    """Whether an observed declaration is a regression (``observe(..., covariates=...)``)."""
+    return bool(getattr(decl, "covariates", ())) or not getattr(decl, "intercept", True)
 
 
 def find_element(fit: Fit, name: str) -> Element:
@@ -237,6 +248,13 @@ class FitPlotter:
     @property
     def _states(self) -> list[Any]:
         latent = self._fit.model.latent_var
+        if latent is not None and len(self._fit.model.latents) > 1:
+            from emdsl.errors import ModelError
+
+            raise ModelError(f"plot: the model has several latents {[x.name for x in self._fit.model.latents]}; "
+                             "component and posterior plots draw one latent's states (not yet for several): "
+                             "plot fit.posterior summed over the others, e.g. fit.posterior.sum('b'), or "
+                             "fit.plot.convergence()")
         return list(latent.family.states) if latent is not None else [None]
 
     def _weights(self, resp: np.ndarray | None = None) -> np.ndarray:
@@ -249,6 +267,9 @@ class FitPlotter:
             if resp is not None and len(resp):
                 return resp.mean(axis=0)
             return stationary(np.asarray(params["transition"].values, dtype=float))
+        if "probs" not in params:
+            # Weights that depend on covariates (a concomitant latent): the share of the samples shown.
+            return resp.mean(axis=0) if resp is not None and len(resp) else np.full(len(self._states), np.nan)
         return np.asarray(params["probs"].values, dtype=float)
 
     @property
@@ -295,9 +316,10 @@ class FitPlotter:
         ℓ(θ⁽ᵗ⁾) = ``loglik[t]`` (a vertical step of height KL). The KL gap itself
         is shown on a log axis.
 
-        In an accelerated fit (``fit(accelerate=...)``) the iterations that came from an
-        extrapolated proposal are drawn as open diamonds on the log-likelihood; no M-step
-        raised a bound from q⁽ᵗ⁻¹⁾ there, so the staircase and the KL gap skip them.
+        In an accelerated fit (``fit(accelerate=...)``, by default ``"auto"``) the iterations
+        that came from an extrapolated proposal are drawn as open diamonds on the
+        log-likelihood; no M-step raised a bound from q⁽ᵗ⁻¹⁾ there, so the staircase and the
+        KL gap skip them. A plain EM fit (``accelerate=None``) draws the whole staircase.
 
         Parameters
         ----------
@@ -321,8 +343,8 @@ class FitPlotter:
         >>> fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(
         ...     em.datasets.load("faithful"), seed=0, n_init=2)
         >>> fig = fit.plot.convergence()
-        >>> len(fig.axes[0].get_lines())   # one log-likelihood line per restart + the ELBO
-        3
+        >>> len(fig.axes[0].get_lines())   # a log-likelihood line per restart, the ELBO, the extrapolated
+        4
         """
         fig, main, kl_ax = self._convergence_axes(ax, kl, figsize)
         self._draw_logliks(main)
@@ -464,13 +486,17 @@ class FitPlotter:
         >>> len(ax.get_lines())   # two weighted components and the mixture
         3
         """
-        first, second = self._chosen_elements(x, y)
+        self._states  # noqa: B018 -- raises, naming the remedy, for several latents
+        regression = self._regression_choice(x, y)
+        first, second = self._chosen_elements(x, y) if regression is None else (regression[0], None)
         ds, resp = self._responsibilities(data, "components")
         fig = new_figure(figsize or (6.0, 4.8)) if ax is None else None
         if ax is None:
             assert fig is not None
             ax = fig.add_subplot()
-        if second is None:
+        if regression is not None:
+            self._draw_regression(ax, regression[0], regression[1], ds, resp)
+        elif second is None:
             self._draw_1d(ax, first, ds, resp, bins)
         else:
             self._draw_2d(ax, first, second, ds, resp)
@@ -485,11 +511,130 @@ class FitPlotter:
             if second is not None and second == first:
                 raise ModelError(f"plot.components: x and y are the same element {first.label!r}")
             return first, second
-        found = elements(self._fit)
+        found = [e for e in elements(self._fit) if not _regression_family(e.family)]
         continuous = [e for e in found if getattr(e.family, "continuous", False)] or found
         if not continuous:
             raise ModelError("plot.components: the model observes no variable that can be plotted")
         return continuous[0], (continuous[1] if len(continuous) > 1 else None)
+
+    # -- regression nodes -------------------------------------------------------------------
+    def _regression_choice(self, x: str | None, y: str | None) -> tuple[Element, str] | None:
+        """The regression element and the covariate to draw it against, or None for the other plots.
+
+        ``components()`` picks the first regression node when the first plottable element is one;
+        ``components("y")`` draws the regression node of ``y`` against its first numeric covariate;
+        ``components(x="dose", y="y")`` (either order) against the covariate ``dose``.
+        """
+        found = {e.label: e for e in elements(self._fit) if _regression_family(e.family)}
+        if not found:
+            return None
+        if x is None and y is None:
+            every = elements(self._fit)
+            first = next((e for e in every if getattr(e.family, "continuous", False)), every[0] if every else None)
+            if first is None or first.label not in found:
+                return None
+            return first, _default_covariate(first.family)
+        named = [name for name in (x, y) if name is not None]
+        chosen = [found[name] for name in named if name in found]
+        if not chosen:
+            return None
+        element = chosen[0]
+        others = [name for name in named if name != element.label]
+        if not others:
+            return element, _default_covariate(element.family)
+        (other,) = others
+        if other in element.family.covariates:
+            return element, other
+        raise ModelError(f"plot.components: {element.label!r} is a regression on {list(element.family.covariates)}; "
+                         f"it is drawn against one of its covariates, e.g. components(x="
+                         f"{_default_covariate(element.family)!r}, y={element.label!r}), not against {other!r}")
+
+    def _draw_regression(self, ax: Axes, element: Element, covariate: str, ds: xr.Dataset,
+                         resp: np.ndarray) -> None:
+        """The response against one covariate, coloured by p(z | data), with each state's fitted mean.
+
+        Normal: each state's line x_nᵀβ_k with a ±1σ band; Poisson: e^{xᵀβ_k}, against y e^{−o} (a rate per
+        unit exposure) when there is an offset; Bernoulli and Binomial: the logistic curve, against the
+        observed share y / n. The other terms are held at their mean over the data shown.
+        """
+        from emdsl.regression import design_matrix
+
+        fit, family = self._fit, element.family
+        decl = next(d for d in fit.model.observed if d.name == element.node)
+        params = fit.params[element.node].to_dataset()
+        k = resp.shape[1]
+        terms = [str(t) for t in params["term"].values]
+        coef = _per_state(params["coef"].transpose(..., "term"), self._latent, k)  # (K, T)
+        where = f"plot.components({element.label!r})"
+        design, _ = design_matrix(ds, decl.covariates, decl.intercept, fit.sample_dim, where, terms)
+        y = np.asarray(ds[element.variable].transpose(fit.sample_dim).values, dtype=float)
+        offset = (np.asarray(ds[decl.offset].values, dtype=float) if getattr(decl, "offset", None)
+                  else np.zeros(len(y)))
+        trials = getattr(family, "trials", None)
+        if family.kind == "Binomial":
+            n = (np.asarray(ds[trials].values, dtype=float) if isinstance(trials, str)
+                 else np.full(len(y), float(trials)))
+            y = y / n
+        if family.kind == "Poisson" and getattr(decl, "offset", None):
+            y = y * np.exp(-offset)
+        columns = [j for j, t in enumerate(terms) if t == covariate or t.startswith(f"{covariate}[")]
+        numeric = terms[columns[0]] == covariate if columns else True
+        base = design.mean(axis=0) if len(design) else np.zeros(len(terms))
+        if numeric:
+            xv = np.asarray(ds[covariate].values, dtype=float)
+            pad = 0.03 * (np.ptp(xv) or 1.0)
+            grid = np.linspace(xv.min() - pad, xv.max() + pad, 200)
+            rows = np.tile(base, (len(grid), 1))
+            rows[:, columns[0]] = grid
+        else:  # a categorical covariate: its levels at 0, 1, …; the baseline level has no column
+            kept = [terms[j][len(covariate) + 1:-1] for j in columns]
+            text = np.array([str(v) for v in ds[covariate].values.tolist()], dtype=object)
+            levels = [v for v in sorted(set(text)) if v not in kept][:1] + kept if decl.intercept else kept
+            codes = {level: i for i, level in enumerate(levels)}
+            xv = np.array([codes[v] for v in text], dtype=float)
+            xv = xv + np.random.default_rng(0).uniform(-0.15, 0.15, len(xv))  # jitter, reproducibly
+            grid = np.arange(len(levels), dtype=float)
+            rows = np.tile(base, (len(grid), 1))
+            rows[:, columns] = 0.0
+            for i, level in enumerate(levels):
+                if level in kept:
+                    rows[i, columns[kept.index(level)]] = 1.0
+            ax.set_xticks(grid, levels)
+        eta = rows @ coef.T  # (grid, K)
+        if family.kind == "Poisson":
+            curve = np.exp(np.minimum(eta, 700.0))
+        elif family.kind in ("Bernoulli", "Binomial"):
+            curve = 0.5 * (1.0 + np.tanh(0.5 * eta))
+        else:
+            curve = eta
+        keep = np.isfinite(y)
+        colors = state_colors(k)
+        ax.scatter(xv[keep], y[keep], c=np.clip(resp[keep] @ colors, 0, 1), s=12, alpha=0.6, linewidths=0,
+                   gid="data")
+        weights = self._weights(resp)
+        style = {} if numeric else {"marker": "o"}
+        sd = None
+        if family.kind == "Normal":
+            sd = np.sqrt(np.broadcast_to(np.asarray(params["variance"].values, dtype=float).reshape(-1), (k,)))
+        for j in range(k):
+            label = self._state_label(j) + (f" (π={weights[j]:.2f})" if self._latent else "")
+            ax.plot(grid, curve[:, j], color=colors[j], lw=2, label=label, gid=f"line-{j}", **style)
+            if sd is not None and numeric:
+                ax.fill_between(grid, curve[:, j] - sd[j], curve[:, j] + sd[j], color=colors[j], alpha=0.12,
+                                linewidth=0, gid=f"band-{j}")
+        ax.set_xlabel(self._axis_label(ds, Element(covariate, element.node, covariate, family, {}, {})))
+        response = self._axis_label(ds, element)
+        if family.kind == "Binomial":
+            response = f"{element.label} / {trials if isinstance(trials, str) else f'{trials} trials'}"
+        elif family.kind == "Poisson" and getattr(decl, "offset", None):
+            response = f"{element.label} · exp(−{decl.offset})"
+        ax.set_ylabel(response)
+        what = {"Normal": "lines (±1σ)" if numeric else "means", "Poisson": "mean rates" if getattr(decl, "offset", None) else "means",
+                "Bernoulli": "probabilities", "Binomial": "probabilities"}.get(family.kind, "means")
+        held = " (other terms at their mean)" if len(terms) - int(decl.intercept) > len(columns) else ""
+        coloured = f"coloured by p({self._latent} | data), " if self._latent else ""
+        ax.set_title(f"{element.node}: {coloured}fitted {what}{held}", fontsize="medium")
+        ax.legend(fontsize="small", loc="best")
 
     def _marginal(self, element: Element) -> Marginal:
         params = self._fit.params[element.node].to_dataset()
@@ -626,6 +771,7 @@ class FitPlotter:
         """
         if kind not in (None, "stacked", "certainty"):
             raise ModelError(f"plot.posterior(kind=...): expected 'stacked' or 'certainty', got {kind!r}")
+        self._states  # noqa: B018 -- raises, naming the remedy, for several latents
         if self._latent is None:
             raise ModelError("plot.posterior: the model declares no latent variable, so there are no "
                              "responsibilities to show")
@@ -762,6 +908,21 @@ class FitPlotter:
         ax.set_xlabel(f"max p({self._latent} | x)")
         ax.set_ylabel("samples")
         ax.set_title("certainty of the assignments")
+
+
+def _regression_family(family: Any) -> bool:
+    """Whether an element's family is a regression's (it has terms and covariates)."""
+    return hasattr(family, "terms") and hasattr(family, "covariates") and hasattr(family, "intercept")
+
+
+def _default_covariate(family: Any) -> str:
+    """The covariate a regression is drawn against: its first numeric one, else its first."""
+    covariates = list(family.covariates)
+    if not covariates:
+        raise ModelError("plot.components: a regression without covariates (intercept only) has nothing to "
+                         "draw it against")
+    numeric = [c for c in covariates if c in family.terms]
+    return numeric[0] if numeric else covariates[0]
 
 
 def stationary(transition: np.ndarray) -> np.ndarray:

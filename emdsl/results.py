@@ -223,6 +223,9 @@ class Fit:
         self._need_latent("predict_proba")
         if is_chunked(plan):  # dask-backed data: a lazy result with the data's chunks
             with engine(plan) as estep:
+                if plan.sequences is not None:  # over (sequence, time), a chunk per run of whole sequences
+                    return labels.chain_array(plan, estep.lazy_chain(H, theta, "posterior"), "predict_proba",
+                                              states=True)
                 return labels.states_array(plan, estep.lazy(H, theta, "resp"), "predict_proba")
         out = np.empty((plan.n_samples, plan.K))
         with engine(plan) as estep:
@@ -246,6 +249,8 @@ class Fit:
         proba = self.predict_proba(data)
         latent = self.model.latent_var
         assert latent is not None
+        if hasattr(latent.family, "members"):
+            return self._predict_joint(proba, latent)
         states = np.asarray(latent.family.states)
         if proba.chunks is not None:
             best = proba.argmax(latent.name).data.map_blocks(states.take, dtype=states.dtype)
@@ -253,6 +258,24 @@ class Fit:
             best = states[np.asarray(proba.argmax(latent.name).values)]
         return xr.DataArray(best, dims=proba.dims[:1], coords={d: c for d, c in proba.coords.items()
                                                                if d != latent.name}, name=latent.name)
+
+    @staticmethod
+    def _predict_joint(proba: xr.DataArray, latent: Any) -> xr.Dataset:
+        """Several latents: each one's state in the most probable joint state, a variable per latent."""
+        joint = latent.family
+        flat = proba.stack({latent.name: list(joint.names)})
+        best = flat.argmax(latent.name)
+        index = best.data if best.chunks is not None else np.asarray(best.values)
+        out = xr.Dataset(coords={d: c for d, c in best.coords.items() if d in best.dims})
+        for axis, (name, member) in enumerate(zip(joint.names, joint.members, strict=True)):
+            states = np.asarray(member.states)
+            if best.chunks is not None:
+                labels_ = index.map_blocks(lambda i, axis=axis, states=states: states[joint.unravel(i)[axis]],
+                                           dtype=states.dtype)
+            else:
+                labels_ = states[joint.unravel(index)[axis]]
+            out[name] = xr.DataArray(labels_, dims=best.dims)
+        return out
 
     def viterbi(self, data: Any) -> tuple[xr.DataArray, float | xr.DataArray]:
         """The most probable path of a Markov latent and its log-probability log p(x, z*).
@@ -283,21 +306,25 @@ class Fit:
 
         plan, theta, H = self._compiled(data)
         assert plan.sequences is not None and plan.latent is not None
-        L = np.empty((plan.n_samples, plan.K))
-        with engine(plan) as estep:
-            estep.emissions(H, theta, L)
-        path, log_prob = viterbi_paths(L, plan.sequences, theta[plan.latent.name])
-        log_prob += self._base_per_sequence(plan)
-        if not np.all(np.isfinite(log_prob)):
+        if is_chunked(plan):  # dask-backed data: lazy paths, a chunk per run of whole sequences
+            with engine(plan) as estep:
+                path, log_prob = estep.lazy_chain(H, theta, "viterbi")
+        else:
+            L = np.empty((plan.n_samples, plan.K))
+            with engine(plan) as estep:
+                estep.emissions(H, theta, L)
+            path, log_prob = viterbi_paths(L, plan.sequences, theta[plan.latent.name])
+            log_prob += self._base_per_sequence(plan)
+        if not is_chunked(plan) and not np.all(np.isfinite(log_prob)):
             s = int(np.flatnonzero(~np.isfinite(log_prob))[0])
             raise ModelError(f"viterbi: sequence {s} has probability 0 under the fitted parameters "
                              "(no path avoids the zeros of initial/transition)")
         states = np.asarray(self.model.latent_var.family.states, dtype=object)  # type: ignore[union-attr]
-        labelled = states[path]
         if all(isinstance(v, int | np.integer) for v in states):
-            labelled = labelled.astype(np.int64)
+            states = states.astype(np.int64)
         elif all(isinstance(v, str) for v in states):
-            labelled = labelled.astype(str)
+            states = states.astype(str)
+        labelled = path.map_blocks(states.take, dtype=states.dtype) if is_chunked(plan) else states[path]
         out = labels.chain_array(plan, labelled, plan.latent.name)
         per_sequence = labels.sequences_array(plan, log_prob, "log_prob")
         return out, (float(per_sequence) if per_sequence.ndim == 0 else per_sequence)
@@ -322,6 +349,9 @@ class Fit:
         For a Markov latent, log p(x_s | θ̂) of each sequence: over the sequence dims (0-d for one).
         """
         plan, theta, H = self._compiled(data)
+        if plan.sequences is not None and is_chunked(plan):  # lazy, a chunk per run of whole sequences
+            with engine(plan) as estep:
+                return labels.sequences_array(plan, estep.lazy_chain(H, theta, "score"), "log_likelihood")
         if plan.sequences is not None:
             out = np.empty(plan.sequences.n_sequences)
             with engine(plan) as estep:
@@ -389,7 +419,10 @@ class Fit:
         if regression is not None:
             raise ModelError(f"sample: node {regression.name!r} is a regression on {list(regression.covariates)}; "
                              "its draws need each sample's covariates: use emdsl.regression.simulate(fit, data)")
-        if latent is not None:
+        if latent is not None and hasattr(latent.family, "members"):
+            states = latent.family.draw({name: values[name]["probs"].values for name in latent.family.names},
+                                        int(n), rng)
+        elif latent is not None:
             states = latent.family.draw({"probs": values[latent.name]["probs"].values}, int(n), rng)
         else:
             states = np.zeros(int(n), dtype=np.intp)
@@ -402,9 +435,14 @@ class Fit:
                 raise ModelError(f"sample: {decl.family!r} reads {sorted(family.data_arguments().values())} from the "
                                  "data, which a simulation does not have; fix them in the declaration "
                                  "(e.g. em.Binomial(trials=10)) to sample")
-            draws = family.sample(flat, states, rng, {})
+            draws = _named(decl, family.sample, layout.expand(flat), states, rng, {})
             out.update(layout.dataset(decl, draws))
-        if latent is not None:
+        if latent is not None and hasattr(latent.family, "members"):  # several latents: one coordinate each
+            for name, member, index in zip(latent.family.names, latent.family.members,
+                                           latent.family.unravel(states), strict=True):
+                out = out.assign_coords({name: ((self.sample_dim,), np.asarray(member.states, dtype=object)[index]
+                                                .tolist())})
+        elif latent is not None:
             state_labels = np.asarray(latent.family.states, dtype=object)[states].tolist()
             out = out.assign_coords({latent.name: ((self.sample_dim,), state_labels)})
         return out
@@ -423,7 +461,7 @@ class Fit:
             if layout.family.data_arguments():
                 raise ModelError(f"sample: {decl.family!r} reads {sorted(layout.family.data_arguments().values())} "
                                  "from the data, which a simulation does not have; fix them in the declaration")
-            drawn = layout.dataset(decl, layout.family.sample(flat, paths.ravel(), rng, {}))
+            drawn = layout.dataset(decl, _named(decl, layout.family.sample, flat, paths.ravel(), rng, {}))
             for variable, da in drawn.data_vars.items():
                 out[variable] = xr.DataArray(da.values.reshape((n, length) + da.shape[1:]), dims=grid + da.dims[1:],
                                              coords={d: da[d].values for d in da.dims[1:] if d in da.coords})
@@ -551,8 +589,12 @@ class Fit:
         return FitPlotter(self)
 
     def __repr__(self) -> str:
+        from emdsl.latent.markov import chain_sizes, describe_sizes
+
+        sizes = chain_sizes(self)  # a hidden Markov model counts sequences and steps, not samples
         lines = [f"Fit: {self.status} after {self.n_iter} iterations (restart {self.restart + 1} of {self.n_init}), "
-                 f"log-likelihood {self.loglik:.6g}, BIC {self.bic():.6g}, {self.n_samples} samples"]
+                 f"log-likelihood {self.loglik:.6g}, BIC {self.bic():.6g}, "
+                 + (describe_sizes(sizes) if sizes is not None else f"{self.n_samples} samples")]
         for name, node in self.params.children.items():
             for key, da in node.to_dataset().data_vars.items():
                 if da.size <= 6:
@@ -572,6 +614,14 @@ load = Fit.load
 
 
 
+def _named(decl: Any, draw: Any, *args: Any) -> Any:
+    """``draw(*args)``, with a family's ModelError prefixed by the node it was drawing for."""
+    try:
+        return draw(*args)
+    except ModelError as error:
+        raise ModelError(f"sample: node {decl.name!r} ({decl.family!r}): {error}") from None
+
+
 class _Layout:
     """A node's event dims, coordinates and levels, read off its labelled parameters (works for loaded fits)."""
 
@@ -580,11 +630,15 @@ class _Layout:
         self.axes = decl.family.param_axes()
         latent = fit.model.latent_var
         self.latent = latent.name if latent is not None else None
-        self.K = latent.family.k if latent is not None else 1
+        from emdsl.compile import _given
+
+        self.given = _given(fit.model, decl)  # the latents the node depends on, when not simply "the latent"
+        self.K = self.given.K if self.given is not None else (latent.family.k if latent is not None else 1)
         self.sample_dim = fit.sample_dim
         key = next(k for k, axes in self.axes.items() if "event" in axes)
         reference = fit.params[name][key]
-        self.dims = [d for d in reference.dims if d not in (self.latent, "level")]
+        latent_dims = {x.name for x in fit.model.latents}
+        self.dims = [d for d in reference.dims if d not in latent_dims | {"level"}]
         self.shape = [reference.sizes[d] for d in self.dims]
         self.coords = {d: reference[d].values for d in self.dims if d in reference.coords}
         self.D = int(np.prod(self.shape, dtype=int))
@@ -595,6 +649,10 @@ class _Layout:
         """The internal array: latent axis first (K = 1 without a latent), each event axis flattened to D."""
         sizes = {"latent": self.K, "level": len(self.levels or ())}
         return da.values.reshape([sizes.get(axis, self.D) for axis in self.axes[key]])
+
+    def expand(self, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Internal parameters with one row per joint state of the model's latents."""
+        return flat if self.given is None else self.given.expand(flat, self.axes)
 
     def dataset(self, decl: Any, draws: np.ndarray) -> xr.Dataset:
         n = draws.shape[0]

@@ -26,7 +26,7 @@ def test_unknown_variable(faithful):
     (lambda m: m.observe("a", em.Normal).observe(["a", "b"], em.MultivariateNormal), "'a' is already"),
     (lambda m: m.latent("z", em.Categorical(2)).observe("z", em.Normal), "'z' is already declared"),
     (lambda m: m.observe(["a", "a"], em.MultivariateNormal), "listed twice"),
-    (lambda m: m.latent("z", em.Categorical(2)).latent("w", em.Categorical(2)), "several latent"),
+    (lambda m: m.latent("z", em.Categorical(2)).latent("w", em.Categorical(2), markov="t"), "only latent"),
     (lambda m: m.latent("z", em.Normal), "latent needs a latent family"),
     (lambda m: m.latent("z", em.Categorical), "needs its number of states"),
     (lambda m: m.latent("z", em.Categorical(2, probs=[[0.5, 0.5], [0.1, 0.9]])), "probs are its K weights"),

@@ -123,7 +123,8 @@ class EStep:
             return {}
         if theta is None:
             raise ValueError("an E-step over partly observed events needs the parameters θ")
-        return {node.name: [node.family.patterns(theta[node.name], observed) for observed in node.patterns]
+        return {node.name: [node.family.patterns(self.plan.expand(node, theta[node.name]), observed)
+                            for observed in node.patterns]
                 for node in self.partial}
 
     def _partial_rows(self, start: int, stop: int) -> list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]]:

@@ -17,6 +17,7 @@ from emdsl.data import is_chunked
 from emdsl.engine.estep import EStep, Summary
 from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
 from emdsl.errors import DegenerateComponentWarning, ModelError
+from emdsl.latent.joint import JointCategorical
 
 
 def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator) -> tuple[Theta, float | None]:
@@ -110,8 +111,15 @@ def _complete(plan: Plan, given: Mapping[str, Mapping[str, np.ndarray]]) -> bool
                for name, family in families)
 
 
-def _continuous(plan: Plan, nodes: list | None = None) -> np.ndarray | None:
-    """Standardized data of the continuous nodes, (N × D) — for seeding only."""
+def _continuous(plan: Plan, nodes: list | None = None, rescale: bool = True) -> np.ndarray | None:
+    """Seeding features of the continuous nodes, (N × D) — for seeding only.
+
+    Each family maps its data (standardized, or in the data's units) to the space it seeds
+    in (:meth:`~emdsl.families._base.ObservedFamily.seed_features`: log x for positive
+    families); with ``rescale`` the features of families fitted in the data's units are then
+    centred and scaled per element, so that k-means++ never sees values near 1e±300 (whose
+    squared distances overflow) and no element outweighs the others by its units alone.
+    """
     chosen = [node for node in (nodes if nodes is not None else plan.nodes) if node.family.continuous]
     if not chosen:
         return None
@@ -121,24 +129,79 @@ def _continuous(plan: Plan, nodes: list | None = None) -> np.ndarray | None:
         for node in chosen:
             node.read(start, stop, z[row:row + node.D, start:stop])
             row += node.D
+    return _seed_space(chosen, z, rescale).T
+
+
+def _seed_space(chosen: list, z: np.ndarray, rescale: bool = True) -> np.ndarray:
+    """The chosen nodes' data ``z`` (D × n, as read) as seeding features, in place; holes at 0."""
+    row = 0
+    for node in chosen:
+        part = z[row:row + node.D]
+        part[...] = node.family.seed_features(part)
+        if rescale and not node.family.standardize:
+            _centre_and_scale(part)
+        row += node.D
     # A hole sits at the element's mean (0 in standardized units): seeding needs a point
     # for every sample, and the mean moves no seed towards or away from it.
-    np.nan_to_num(z, copy=False, nan=0.0)
-    return z.T
+    np.nan_to_num(z, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return z
+
+
+def _centre_and_scale(rows: np.ndarray) -> None:
+    """Each row (an element over the samples) centred and scaled to unit spread, in place; non-finite → NaN."""
+    rows[~np.isfinite(rows)] = np.nan
+    for values in rows:
+        present = values[~np.isnan(values)]
+        if not len(present):
+            continue
+        unit = float(np.abs(present).max()) or 1.0  # divided first: no square overflows or underflows
+        centre = float(np.mean(present / unit))
+        spread = float(np.sqrt(np.mean((present / unit - centre) ** 2)))
+        values /= unit
+        values -= centre
+        if spread > 1e-12:
+            values /= spread
 
 
 def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
-    """Each sample's nearest k-means++ seed (scipy), on the standardized continuous data."""
+    """Each sample's nearest k-means++ seed (scipy), on the continuous nodes' seeding features."""
     if is_chunked(plan):  # dask-backed: seeded on a sample of rows, labels computed chunk by chunk
         from emdsl.engine import chunked
 
-        return chunked.kmeans_plusplus(plan, rng, lambda z: _scipy_kmeans_plusplus(plan, z, rng))
+        chosen = [node for node in plan.nodes if node.family.continuous]
+        return chunked.kmeans_plusplus(
+            plan, rng, lambda z: _scipy_kmeans_plusplus(plan, _seed_space(chosen, np.array(z.T)).T, rng))
     if plan.K == 1:
         return np.zeros(plan.n_samples, dtype=np.intp)
+    if isinstance(plan.latent.family, JointCategorical):
+        return _kmeans_per_latent(plan, plan.latent.family, rng)
     z = _continuous(plan)
     if z is None:
         return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
     return _scipy_kmeans_plusplus(plan, z, rng)
+
+
+def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Generator) -> np.ndarray:
+    """Several latents: each seeded by k-means++ on the nodes that depend on it alone (on every
+    continuous node when none does); a sample's joint state combines its seeds' labels.
+
+    Seeding the Π k joint states as one clustering would ignore that they form a product,
+    and start far from any product-shaped optimum.
+    """
+    parts = []
+    for name, member in zip(joint.names, joint.members, strict=True):
+        own = [node for node in plan.nodes if node.given is not None and node.given.names == (name,)]
+        z = _continuous(plan, own) if own else None
+        z = _continuous(plan) if z is None else z
+        if member.k == 1:
+            parts.append(np.zeros(plan.n_samples, dtype=np.intp))
+        elif z is None:
+            parts.append(rng.integers(member.k, size=plan.n_samples))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # duplicated points: some states start empty
+                parts.append(np.asarray(kmeans2(z, member.k, iter=1, minit="++", rng=rng)[1], dtype=np.intp))
+    return np.ravel_multi_index(tuple(parts), joint.shape).astype(np.intp)
 
 
 def _scipy_kmeans_plusplus(plan: Plan, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -164,7 +227,7 @@ def _nearest_given_mean(plan: Plan, given: Mapping[str, Mapping[str, np.ndarray]
         from emdsl.engine import chunked
 
         return chunked.nearest_given_mean(plan, [node.name for node in nodes], means)  # type: ignore[return-value]
-    return vq(_continuous(plan, nodes), means, check_finite=False)[0].astype(np.intp)
+    return vq(_continuous(plan, nodes, rescale=False), means, check_finite=False)[0].astype(np.intp)
 
 
 def _one_hot(K: int, hard: np.ndarray) -> Any:

@@ -25,7 +25,8 @@ def natural_matrix(plan: Plan, theta: Mapping[str, Params]) -> np.ndarray:
     H = np.empty((plan.K, plan.n_stats + extra))
     H[:, 0] = plan.latent.family.log_weights(theta[plan.latent.name]) if plan.latent is not None else 0.0
     for node in plan.nodes:
-        H[:, node.offset:node.offset + node.n_rows] = node.family.natural(theta[node.name])
+        # A node that depends on some of several latents: its rows repeated over the others'.
+        H[:, node.offset:node.offset + node.n_rows] = node.family.natural(plan.expand(node, theta[node.name]))
     if extra:
         H[:, plan.n_stats:] = structure.natural(theta[plan.latent.name])
     return H
@@ -48,14 +49,15 @@ def maximize(plan: Plan, stats: np.ndarray, previous: Mapping[str, Params] | Non
         held = {**hold.get(latent.name, {}), **latent.held}
         if latent.structure is not None and latent.structure.n_stats:
             theta[latent.name] = latent.structure.m_step(stats[:, 0], stats[:, plan.n_stats:], held,
-                                                         previous.get(latent.name))
+                                                         previous.get(latent.name), prior=latent.prior)
         else:
             theta[latent.name] = latent.family.weights_m_step(stats[:, 0], held, prior=latent.prior)
     for node in plan.nodes:
         # With a bound prior, the family's step is the posterior mode (MAP-EM, DESIGN.md §1).
         try:
+            block = stats[:, node.offset:node.offset + node.n_rows]
             theta[node.name], low = node.family.m_step(
-                stats[:, node.offset:node.offset + node.n_rows],
+                block if node.given is None else node.given.reduce(block),
                 {**hold.get(node.name, {}), **node.held}, previous.get(node.name), prior=node.prior)
         except ModelError as error:
             raise ModelError(f"{node.where()}: {error}") from None

@@ -24,8 +24,9 @@ from emdsl.engine.events import FitInfo, dispatch
 from emdsl.engine.init import initial_theta
 from emdsl.engine.loop import RestartResult, StopFlag, restart_seeds, run_em
 from emdsl.engine import online
-from emdsl.engine.mstep import Theta, has_prior
+from emdsl.engine.mstep import Theta
 from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError
+from emdsl.latent.joint import JointCategorical
 
 if TYPE_CHECKING:
     from emdsl.model import Model
@@ -50,7 +51,7 @@ def fit_model(
     weights: Any,
     callbacks: Sequence[Callable[..., Any]] | None,
     monitor: bool,
-    accelerate: Any = None,
+    accelerate: Any = "auto",
     prior: Any = None,
     method: Any = "em",
     batch_size: Any = None,
@@ -68,7 +69,7 @@ def fit_model(
     ds = labels.as_dataset(data, like=model)
     method = online.check_method(method, batch_size, step_decay, None if accelerate == "auto" else accelerate)
     plan = compile_plan(model, ds, sample_dim=sample_dim, weights=weights, prior=prior)
-    accelerate = resolve(accelerate, online=method != "em", prior=has_prior(plan))
+    accelerate = resolve(accelerate, online=method != "em", max_iter=max_iter)
     plan.dtype = online.check_dtype(dtype)
     dispatch(callbacks, "on_fit_start", FitInfo(model, n_init, max_iter, tol, plan.n_samples, plan.sample_dim, seed))
     stop = StopFlag()
@@ -186,11 +187,23 @@ def degenerate_reasons(plan: Plan, run: RestartResult) -> list[str]:
     reasons = []
     nodes = {node.name: node for node in plan.nodes}
     for name, k, _ in run.floored:
-        what = "the shared covariance" if k < 0 else (
-            f"component {plan.latent.name}={plan.latent.family.states[k]!r}" if plan.latent is not None
-            else "the single component")
+        what = "the shared covariance" if k < 0 else plan.component_label(nodes[name], k)
         reasons.append(f"{nodes[name].where()}: {what} has a variance held at the floor")
-    if plan.latent is not None and run.counts is not None and "probs" not in plan.latent.held:
+    joint = plan.latent.family if plan.latent is not None else None
+    if isinstance(joint, JointCategorical) and run.counts is not None:
+        # Several latents: a latent's state is lost when its marginal count is; a combination of
+        # states may rightly be rare. A node's component counts are its reduced ones.
+        for name, member, counts in zip(joint.names, joint.members, joint.marginal_counts(run.counts), strict=True):
+            for k in np.flatnonzero(counts < _THIN) if name not in plan.latent.held else ():
+                reasons.append(f"state {name}={member.states[k]!r} holds {counts[k]:.3g} samples' worth of "
+                               "responsibility")
+        for node in plan.nodes:
+            if getattr(node.family, "covariance_type", None) == "full" and node.D > 1 and node.given is not None:
+                counts = node.given.reduce(run.counts)
+                for k in np.flatnonzero(counts < node.D + 1):
+                    reasons.append(f"{node.where()}: {plan.component_label(node, k)} holds {counts[k]:.3g} samples' "
+                                   f"worth of responsibility, too few for a full covariance over {node.D} features")
+    elif plan.latent is not None and run.counts is not None and "probs" not in plan.latent.held:
         for k in np.flatnonzero(run.counts < _THIN):
             reasons.append(f"component {plan.latent.name}={plan.latent.family.states[k]!r} holds "
                            f"{run.counts[k]:.3g} samples' worth of responsibility")
@@ -209,6 +222,8 @@ def _warn_degenerate(plan: Plan, reasons: list[str], n_runs: int) -> None:
     """Say that every restart collapsed, why, and what to pass instead."""
     k = plan.K
     fewer = f", or fewer components (em.Categorical({k - 1}))" if k > 1 else ""
+    if isinstance(plan.latent.family if plan.latent is not None else None, JointCategorical):
+        fewer = ", or fewer states for a latent"
     floors = sorted({node.family.floor for node in plan.nodes if node.family.floor > 0})
     larger = f"a larger floor (e.g. floor={max(floors) * 1000:g} in the family)" if floors else "a larger floor="
     warnings.warn(f"{'every restart' if n_runs > 1 else 'the fit'} collapsed ({'; '.join(reasons[:3])}"
@@ -220,6 +235,16 @@ def _warn_degenerate(plan: Plan, reasons: list[str], n_runs: int) -> None:
 
 def _warn_lost_components(plan: Plan, theta: Theta) -> None:
     """Name every component whose weight corresponds to (almost) no sample."""
+    joint = plan.latent.family if plan.latent is not None else None
+    if isinstance(joint, JointCategorical):  # several latents: each one's weights
+        for name, member in zip(joint.names, joint.members, strict=True):
+            probs = np.asarray(theta[plan.latent.name][name], dtype=float)
+            lost = np.flatnonzero(probs * plan.total_weight < _LOST)
+            if len(lost) and name not in plan.latent.held:
+                warnings.warn(f"latent({name!r}): state(s) {[member.states[k] for k in lost]} lost all "
+                              f"responsibility (weight {probs[lost].max():.3g}); use fewer states, or another "
+                              "initialisation (init='random', n_init > 1)", DegenerateComponentWarning, stacklevel=3)
+        return
     if plan.latent is None or "probs" not in theta[plan.latent.name]:
         return  # a Markov latent has no weights: its states' occupancy is the E-step's counts
     probs = np.asarray(theta[plan.latent.name]["probs"], dtype=float)
