@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -167,6 +167,7 @@ def _event_reference(params: xr.Dataset, family: Any) -> xr.DataArray:
 def elements(fit: Fit) -> list[Element]:
     """Every plottable scalar element of the model's observed nodes, in declaration order."""
     latent = fit.model.latent_var.name if fit.model.latent_var is not None else None
+    latent_dims = {latent, "level", *(x.name for x in fit.model.latents)}
     out: list[Element] = []
     for decl in fit.model.observed:
         if _is_regression(decl):
@@ -177,7 +178,7 @@ def elements(fit: Fit) -> list[Element]:
             continue
         params = fit.params[decl.name].to_dataset()
         reference = _event_reference(params, decl.family)
-        dims = [d for d in reference.dims if d not in (latent, "level")]
+        dims = [d for d in reference.dims if d not in latent_dims]
         if decl.stacked:
             (dim,) = dims
             out.extend(Element(v, decl.name, v, decl.family, {}, {dim: i}) for i, v in enumerate(decl.variables))
@@ -247,19 +248,41 @@ class FitPlotter:
 
     @property
     def _states(self) -> list[Any]:
+        """The latent's states; with several latents, their joint states (tuples), which the plots draw."""
         latent = self._fit.model.latent_var
-        if latent is not None and len(self._fit.model.latents) > 1:
-            from emdsl.errors import ModelError
-
-            raise ModelError(f"plot: the model has several latents {[x.name for x in self._fit.model.latents]}; "
-                             "component and posterior plots draw one latent's states (not yet for several): "
-                             "plot fit.posterior summed over the others, e.g. fit.posterior.sum('b'), or "
-                             "fit.plot.convergence()")
         return list(latent.family.states) if latent is not None else [None]
+
+    @property
+    def _several(self) -> list[Any]:
+        """The declared latents when there are several (the plots then draw their joint states), else []."""
+        latents = self._fit.model.latents
+        return list(latents) if len(latents) > 1 else []
+
+    def _node_params(self, node: str) -> xr.Dataset:
+        """A node's parameters with one row per state the plots draw: with several latents, per joint
+        state (a node that depends on some of them repeats its rows over the others)."""
+        ds = self._fit.params[node].to_dataset()
+        several = self._several
+        if not several:
+            return ds
+        names = [x.name for x in several]
+        joint = xr.Dataset(attrs=ds.attrs)
+        for key, da in ds.data_vars.items():
+            missing = {x.name: list(x.family.states) for x in several if x.name not in da.dims}
+            da = (da.expand_dims(missing) if missing else da).transpose(*names, ...)
+            rest = da.dims[len(names):]
+            joint[key] = xr.DataArray(da.values.reshape((-1, *da.shape[len(names):])), dims=(self._latent, *rest),
+                                      coords={d: da[d].values for d in rest if d in da.coords})
+        return joint
 
     def _weights(self, resp: np.ndarray | None = None) -> np.ndarray:
         if self._latent is None:
             return np.ones(1)
+        if self._several:  # independent latents: p(a, b) = π_a π_b, over the joint states
+            weights = np.ones(1)
+            for x in self._several:
+                weights = np.multiply.outer(weights, np.asarray(self._fit.params[x.name]["probs"].values, dtype=float))
+            return weights.ravel()
         params = self._fit.params[self._latent]
         if "transition" in params:
             # A Markov latent has no weights: the share of the steps shown in each state
@@ -278,6 +301,8 @@ class FitPlotter:
         return latent.markov if latent is not None else None
 
     def _state_label(self, k: int) -> str:
+        if self._several:
+            return ", ".join(f"{x.name}={state}" for x, state in zip(self._several, self._states[k], strict=True))
         return f"{self._latent}={self._states[k]}" if self._latent is not None else "model"
 
     def _data(self, data: Any, what: str) -> xr.Dataset:
@@ -303,6 +328,10 @@ class FitPlotter:
             steps = [d for d in proba.dims if d != self._latent]
             proba = proba.stack({self._fit.sample_dim: steps})
             ds = ds.transpose(*steps, ...).stack({self._fit.sample_dim: steps})
+        if self._several:  # the joint posterior (sample, a, b, ...) over the joint states
+            names = [x.name for x in self._several]
+            values = np.asarray(proba.transpose(self._fit.sample_dim, *names).values)
+            return ds, values.reshape(values.shape[0], -1)
         return ds, np.asarray(proba.transpose(self._fit.sample_dim, self._latent).values)
 
     # -- convergence --------------------------------------------------------------------
@@ -486,7 +515,6 @@ class FitPlotter:
         >>> len(ax.get_lines())   # two weighted components and the mixture
         3
         """
-        self._states  # noqa: B018 -- raises, naming the remedy, for several latents
         regression = self._regression_choice(x, y)
         first, second = self._chosen_elements(x, y) if regression is None else (regression[0], None)
         ds, resp = self._responsibilities(data, "components")
@@ -561,7 +589,7 @@ class FitPlotter:
 
         fit, family = self._fit, element.family
         decl = next(d for d in fit.model.observed if d.name == element.node)
-        params = fit.params[element.node].to_dataset()
+        params = self._node_params(element.node)
         k = resp.shape[1]
         terms = [str(t) for t in params["term"].values]
         coef = _per_state(params["coef"].transpose(..., "term"), self._latent, k)  # (K, T)
@@ -637,7 +665,7 @@ class FitPlotter:
         ax.legend(fontsize="small", loc="best")
 
     def _marginal(self, element: Element) -> Marginal:
-        params = self._fit.params[element.node].to_dataset()
+        params = self._node_params(element.node)
         family = element.family
         if "level" in params.dims:
             family = family.bound(list(params["level"].values))
@@ -689,7 +717,7 @@ class FitPlotter:
         cross = np.zeros(k)
         # Nodes are independent given z; within a MultivariateNormal node the covariance couples them.
         if a.node == b.node and "covariance" in self._fit.params[a.node].data_vars:
-            cov = self._fit.params[a.node]["covariance"]
+            cov = self._node_params(a.node)["covariance"]
             cross = _per_state(_covariance_entry(cov, a.param_index, b.param_index), self._latent, k)
         return np.stack([np.column_stack([ma.variance, cross]), np.column_stack([cross, mb.variance])], axis=1)
 
@@ -771,7 +799,6 @@ class FitPlotter:
         """
         if kind not in (None, "stacked", "certainty"):
             raise ModelError(f"plot.posterior(kind=...): expected 'stacked' or 'certainty', got {kind!r}")
-        self._states  # noqa: B018 -- raises, naming the remedy, for several latents
         if self._latent is None:
             raise ModelError("plot.posterior: the model declares no latent variable, so there are no "
                              "responsibilities to show")
@@ -898,7 +925,7 @@ class FitPlotter:
         ax.legend(fontsize="small", loc="lower left", framealpha=0.8)
 
     def _draw_certainty(self, ax: Axes, resp: np.ndarray, threshold: float) -> None:
-        n, k = resp.shape
+        _, k = resp.shape
         best, top = resp.argmax(axis=1), resp.max(axis=1)
         edges = np.linspace(1.0 / k, 1.0, 21)
         colors = state_colors(k)

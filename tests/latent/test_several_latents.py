@@ -190,15 +190,36 @@ def test_bad_declarations_name_the_problem(build, message):
         build()
 
 
-def test_known_states_and_plots_with_several_latents_are_clear_errors():
+def test_known_states_with_several_latents_are_a_clear_error():
     ds, a, _ = _crossed(n=100)
     model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
              .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",)))
     with pytest.raises(ModelError, match="known states"):
         model.fit(ds.assign(a=("sample", a.astype(float))))
-    fit = model.fit(ds, seed=0)
-    with pytest.raises(ModelError, match="several latents"):
-        fit.plot.components()
+
+
+def test_plots_draw_the_joint_states():
+    """Component and posterior plots of several latents draw their joint states, weighted π_a π_b."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ds, _, _ = _crossed(n=200, seed=3)
+    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",)))
+    fit = model.fit(ds, seed=0, n_init=3)
+    ax = fit.plot.components("y").axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:6] == [f"π·p(x | a={i}, b={j})" for i in range(2) for j in range(3)]
+    # the six weighted curves sum to the mixture's density (the dashed line)
+    lines = ax.get_lines()
+    np.testing.assert_allclose(sum(line.get_ydata() for line in lines[:6]), lines[6].get_ydata(), rtol=1e-10)
+    grid = lines[6].get_xdata()
+    pi = np.multiply.outer(fit.params["a"]["probs"].values, fit.params["b"]["probs"].values)
+    mean, sd = fit.params["y"]["mean"].values, np.sqrt(fit.params["y"]["variance"].values)
+    expected = sum(pi[i, j] * stats.norm.pdf(grid, mean[j], sd[j]) for i in range(2) for j in range(3))
+    np.testing.assert_allclose(lines[6].get_ydata(), expected, rtol=1e-8)
+    assert len(fit.plot.components("x", "y").axes) == 1
+    assert len(fit.plot.posterior().axes) >= 1
     assert fit.plot.convergence() is not None
 
 
