@@ -93,10 +93,6 @@ def bootstrap(
     >>> boot["waiting.mean"].dims
     ('replicate', 'z')
     """
-    if len(fit.model.latents) > 1:
-        raise ModelError(f"bootstrap: the model has several latents {[x.name for x in fit.model.latents]}; aligning "
-                         "the replicates' states is done for one latent (not yet for several); "
-                         "fit.standard_errors() gives the observed-information errors")
     if kind not in ("nonparametric", "parametric"):
         raise ModelError(f"bootstrap(kind=...): expected 'nonparametric' or 'parametric', got {kind!r}")
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
@@ -241,18 +237,19 @@ def _collect(fit: Fit, results: list[dict[str, Any]], kind: str, seed: int) -> x
     fixed = _fixed(fit)
     stacked: dict[str, list[np.ndarray]] = {}
     perms = []
+    # several latents: each one's states are aligned on its own dim (see _aligned)
+    dims = [x.name for x in fit.model.latents] if len(fit.model.latents) > 1 else \
+        ([latent.name] if latent is not None else [])
     for result in results:
-        perm = _alignment(original, result["params"], latent.name, fixed) if latent is not None else None
+        perm = _aligned(original, result["params"], dims, fixed) if dims else {}
         perms.append(perm)
         for name, values in original.items():
             for key, da in values.items():
                 if key in fixed.get(name, set()):
                     continue
-                rep = result["params"][name][key]
-                if perm is not None and latent is not None and latent.name in rep.dims:
-                    rep = rep.isel({latent.name: perm})
-                    if name == latent.name and key == "coef":  # a logit's reference is the (new) first state
-                        rep = rep - rep.isel({latent.name: 0})
+                rep = _permuted(result["params"][name][key], perm)
+                if latent is not None and name == latent.name and key == "coef" and latent.name in rep.dims:
+                    rep = rep - rep.isel({latent.name: 0})  # a logit's reference is the (new) first state
                 stacked.setdefault(f"{name}.{key}", []).append(np.asarray(rep.transpose(*da.dims).values))
     out = xr.Dataset()
     for name, values in original.items():
@@ -270,7 +267,8 @@ def _collect(fit: Fit, results: list[dict[str, Any]], kind: str, seed: int) -> x
     out["converged"] = ("replicate", np.array([r["converged"] for r in results]))
     out["degenerate"] = ("replicate", np.array([r["degenerate"] for r in results]))
     if latent is not None:
-        out["relabelled"] = ("replicate", np.array([bool(np.any(p != np.arange(len(p)))) for p in perms]))
+        out["relabelled"] = ("replicate", np.array([any(np.any(p != np.arange(len(p))) for p in perm.values())
+                                                    for perm in perms]))
     out = out.assign_coords(replicate=np.arange(len(results)))
     out.attrs = {"kind": kind, "seed": seed, "n": len(results),
                  "description": f"{kind} bootstrap of the fit's learned parameters (data units); components "
@@ -286,6 +284,29 @@ def _fixed(fit: Fit) -> dict[str, set[str]]:
     """The parameters the declaration fixes, per node (they take no starting value and do not vary)."""
     return {name: set(filter(None, child.attrs.get("fixed", "").split(","))) for name, child in
             fit.params.children.items()}
+
+
+def _permuted(da: xr.DataArray, perm: Mapping[str, np.ndarray]) -> xr.DataArray:
+    """A replicate's parameter with each latent dim it has put in the original's order."""
+    chosen = {dim: p for dim, p in perm.items() if dim in da.dims}
+    return da.isel(chosen) if chosen else da
+
+
+def _aligned(original: Mapping[str, Mapping[str, xr.DataArray]], replicate: Mapping[str, Mapping[str, Any]],
+             dims: list[str], fixed: Mapping[str, set[str]]) -> dict[str, np.ndarray]:
+    """Each latent dim's permutation of a replicate's states onto the fit's.
+
+    With several latents a parameter over (a, b) is compared on a's states with b's as
+    they stand, so two rounds: the second matches each latent with the others aligned.
+    """
+    perm = {dim: None for dim in dims}
+    for _ in range(2 if len(dims) > 1 else 1):
+        for dim in dims:
+            current = {name: {key: _permuted(v, {d: p for d, p in perm.items() if p is not None})
+                              for key, v in values.items()} for name, values in replicate.items()}
+            found = _alignment(original, current, dim, fixed)
+            perm[dim] = found if perm[dim] is None else perm[dim][found]
+    return perm  # type: ignore[return-value]
 
 
 def _alignment(original: Mapping[str, Mapping[str, xr.DataArray]], replicate: Mapping[str, Mapping[str, Any]],

@@ -262,8 +262,6 @@ def test_impute_and_dask_with_several_latents():
     eager = model.fit(ds, init=fit, max_iter=3, accelerate=None)
     assert lazy.loglik == pytest.approx(eager.loglik, rel=1e-10)
     np.testing.assert_allclose(lazy.posterior.values, eager.posterior.values, atol=1e-10)
-    with pytest.raises(ModelError, match="several latents"):
-        em.bootstrap(fit, ds, n=2, seed=0)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -280,3 +278,29 @@ def test_each_latent_is_seeded_on_its_own_variables(seed):
     assert fit.status == "converged"
     np.testing.assert_allclose(np.sort(fit.params["x"]["mean"].values), [-3.0, 3.0], atol=0.2)
     np.testing.assert_allclose(np.sort(fit.params["y"]["mean"].values), [-5.0, 0.0, 5.0], atol=0.2)
+
+
+def test_bootstrap_aligns_each_latent_and_agrees_with_standard_errors():
+    from emdsl import labels
+    from emdsl.bootstrap import _aligned
+
+    ds, _, _ = _crossed(n=400, seed=1)
+    ds["w"] = ("sample", ds["x"].values + ds["y"].values + np.random.default_rng(1).normal(size=400))
+    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",)).observe("w", em.Normal))
+    fit = model.fit(ds, seed=0, n_init=3)
+    original = labels.tree_values(fit.params)
+    # a replicate whose states came out relabelled, a ↦ [1, 0] and b ↦ [2, 0, 1], slightly moved
+    swap = {"a": np.array([1, 0]), "b": np.array([2, 0, 1])}
+    replicate = {name: {key: (da.isel({d: p for d, p in swap.items() if d in da.dims}) * 1.01)
+                        for key, da in values.items()} for name, values in original.items()}
+    perm = _aligned(original, replicate, ["a", "b"], {})
+    np.testing.assert_array_equal(swap["a"][perm["a"]], [0, 1])
+    np.testing.assert_array_equal(swap["b"][perm["b"]], [0, 1, 2])
+    boot = em.bootstrap(fit, ds, n=30, seed=0, kind="parametric")
+    se = fit.standard_errors()
+    # 30 replicates: the spread of a standard deviation's estimate is about 1/sqrt(2 · 29) ≈ 13%
+    ratio = boot["x.mean"].std("replicate").values / se["x"]["mean"].values
+    assert np.all((ratio > 0.6) & (ratio < 1.6))
+    ratio = boot["w.mean"].std("replicate").values / se["w"]["mean"].values
+    assert np.all((ratio > 0.6) & (ratio < 1.6))
