@@ -369,7 +369,15 @@ def compile_plan(
         plan.phi_magnitude  # noqa: B018 - sums that overflow are refused before θ⁽⁰⁾ is computed from them
     if fitting:
         _bind_priors(plan, weak=prior == "weak")
-    if latent is not None and latent.name in ds.data_vars:
+    if latent is not None and isinstance(latent.family, JointCategorical):
+        # several latents, any of them partly labelled: one column of known states per latent
+        named = [name for name in latent.family.names if name in ds.data_vars]
+        if named:
+            plan.clamp = np.full((n_samples, len(latent.family.names)), -1, dtype=np.intp)
+            for i, (name, member) in enumerate(zip(latent.family.names, latent.family.members, strict=True)):
+                if name in ds.data_vars:
+                    plan.clamp[:, i] = _known_states(plan, ds[name], name, member.states)
+    elif latent is not None and latent.name in ds.data_vars:
         plan.clamp = _known_states(plan, ds[latent.name])
     return plan
 
@@ -391,10 +399,12 @@ def _given(model: Model, decl: Any) -> Given | None:
     return Given(names, [x.family for x in model.latents], given)
 
 
-def _known_states(plan: Plan, da: xr.DataArray) -> np.ndarray:
+def _known_states(plan: Plan, da: xr.DataArray, name: str | None = None,
+                  states: Sequence[Any] | None = None) -> np.ndarray:
     """The known state of each sample from a data variable named like the latent (−1 = unknown)."""
     assert plan.latent is not None
-    name, states = plan.latent.name, plan.latent.family.states
+    name = plan.latent.name if name is None else name
+    states = plan.latent.family.states if states is None else states
     where = f"latent({name!r}, ...): the data's variable {name!r} (known states)"
     if da.dims != (plan.sample_dim,):
         raise ModelError(f"{where} must be 1-D over {plan.sample_dim!r}, got dims {da.dims}")
@@ -493,9 +503,6 @@ def _check_latent_name(model: Model, ds: xr.Dataset, sample_dim: Hashable) -> No
 
 def _check_one_latent_name(model: Model, latent: Any, ds: xr.Dataset, sample_dim: Hashable) -> None:
     where = f"latent({latent.name!r}, ...)"
-    if len(model.latents) > 1 and latent.name in ds.data_vars:
-        raise ModelError(f"{where}: the data have a variable {latent.name!r}, which would give known states; "
-                         "known states are supported for a model with one latent only: rename or drop it")
     if latent.name == sample_dim:
         raise ModelError(f"{where}: the latent has the name of the sample dimension {sample_dim!r}; "
                          "give the latent another name")

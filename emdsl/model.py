@@ -109,7 +109,9 @@ class Model:
         the latent's name, its known values (state labels or indices) clamp the
         posterior of those samples, and NaN or None means unknown. ℓ is then the
         log-likelihood of the data and the known labels together, and when every
-        state has a label the fit starts from the labelled samples alone.
+        state has a label the fit starts from the labelled samples alone. With several
+        latents, each may be partly labelled this way: a sample keeps the joint states
+        that agree with its known labels.
 
         Returns
         -------

@@ -144,7 +144,7 @@ class EStep:
         self.plan.read(start, stop, phi, buf.scratch)
         np.matmul(H, phi, out=log_joint)
         if self.plan.clamp is not None:
-            _clamp(log_joint, self.plan.clamp[start:stop])
+            _clamp(log_joint, self.plan.clamp[start:stop], self.plan)
         partial = self._partial_rows(start, stop) if patterns else []
         for node, pattern, columns, x in partial:
             # These rows' presence row in Φ is 0: their observed block enters here instead.
@@ -449,17 +449,34 @@ def default_block_rows(n_stats: int, K: int) -> int:
 _RULED_OUT = -1e300
 
 
-def _clamp(log_joint: np.ndarray, known: np.ndarray) -> None:
+def _clamp(log_joint: np.ndarray, known: np.ndarray, plan: Plan | None = None) -> None:
     """Rule out every state but the known one for labelled samples (semi-supervised EM).
 
     Their likelihood term becomes log p(x, z = label), so that the posterior is the
     label itself and ℓ is the log-likelihood of the data and the labels together.
+    With several latents ``known`` has a column per latent, and a sample keeps the joint
+    states that agree with each of its known labels.
     """
+    if known.ndim == 2:
+        rows = np.flatnonzero((known >= 0).any(axis=1))
+        if len(rows):
+            block = log_joint[:, rows]
+            block[~allowed_states(plan, known[rows]).T] = _RULED_OUT
+            log_joint[:, rows] = block
+        return
     columns = np.flatnonzero(known >= 0)
     if len(columns):
         kept = log_joint[known[columns], columns]
         log_joint[:, columns] = _RULED_OUT
         log_joint[known[columns], columns] = kept
+
+
+def allowed_states(plan: Plan | None, known: np.ndarray) -> np.ndarray:
+    """(n × K) whether each joint state of several latents agrees with a sample's known labels (n × L)."""
+    assert plan is not None and plan.latent is not None
+    family = plan.latent.family
+    table = np.stack(family.unravel(np.arange(family.k)))  # (L × K): each latent's state in each joint state
+    return ~((known[:, :, None] >= 0) & (table[None, :, :] != known[:, :, None])).any(axis=1)
 
 
 def _total(parts: list[Summary], K: int, S: int) -> Summary:

@@ -190,14 +190,6 @@ def test_bad_declarations_name_the_problem(build, message):
         build()
 
 
-def test_known_states_with_several_latents_are_a_clear_error():
-    ds, a, _ = _crossed(n=100)
-    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
-             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",)))
-    with pytest.raises(ModelError, match="known states"):
-        model.fit(ds.assign(a=("sample", a.astype(float))))
-
-
 def test_plots_draw_the_joint_states():
     """Component and posterior plots of several latents draw their joint states, weighted π_a π_b."""
     import matplotlib
@@ -304,3 +296,38 @@ def test_bootstrap_aligns_each_latent_and_agrees_with_standard_errors():
     assert np.all((ratio > 0.6) & (ratio < 1.6))
     ratio = boot["w.mean"].std("replicate").values / se["w"]["mean"].values
     assert np.all((ratio > 0.6) & (ratio < 1.6))
+
+
+def test_known_states_of_one_of_several_latents_clamp_the_joint_posterior():
+    """Labels of ``a`` in the data (NaN = unknown): labelled samples keep the joint states with that a;
+    loglik is then log p(x, labels), checked against enumeration."""
+    ds, a, b = _crossed(n=300, seed=8)
+    labels_a = a.astype(float)
+    labels_a[np.random.default_rng(0).random(300) < 0.8] = np.nan
+    data = ds.assign(a=("sample", labels_a))
+    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",)))
+    fit = model.fit(data, seed=0, n_init=2)
+    known = ~np.isnan(labels_a)
+    post_a = fit.posterior.sum("b").values
+    np.testing.assert_array_equal(post_a[known].argmax(axis=1), a[known])
+    np.testing.assert_allclose(post_a[known].max(axis=1), 1.0, rtol=1e-12)
+    # the labels fix the meaning of a's states: no label switching on a
+    assert fit.params["x"]["mean"].values[0] < 0 < fit.params["x"]["mean"].values[1]
+    # log p(x, y, labels) by enumeration at the fitted parameters
+    P = fit.params
+    x, y = ds["x"].values, ds["y"].values
+    joint = np.empty((300, 2, 3))
+    for i, j in itertools.product(range(2), range(3)):
+        joint[:, i, j] = (np.log(P["a"]["probs"].values[i]) + np.log(P["b"]["probs"].values[j])
+                          + stats.norm.logpdf(x, P["x"]["mean"].values[i], np.sqrt(P["x"]["variance"].values[i]))
+                          + stats.norm.logpdf(y, P["y"]["mean"].values[j], np.sqrt(P["y"]["variance"].values[j])))
+    joint[known & (a == 0), 1, :] = -np.inf
+    joint[known & (a == 1), 0, :] = -np.inf
+    expected = np.logaddexp.reduce(joint.reshape(300, -1), axis=1).sum()
+    assert fit.loglik == pytest.approx(expected, rel=1e-9)
+    lazy = model.fit(data.chunk(sample=80), init=fit, max_iter=2, accelerate=None)
+    eager = model.fit(data, init=fit, max_iter=2, accelerate=None)
+    assert lazy.loglik == pytest.approx(eager.loglik, rel=1e-10)
+    with pytest.raises(ModelError, match="not states of 'b'"):
+        model.fit(ds.assign(b=("sample", np.full(300, 7.0))))
