@@ -301,7 +301,7 @@ def test_bootstrap_aligns_each_latent_and_agrees_with_standard_errors():
 def test_known_states_of_one_of_several_latents_clamp_the_joint_posterior():
     """Labels of ``a`` in the data (NaN = unknown): labelled samples keep the joint states with that a;
     loglik is then log p(x, labels), checked against enumeration."""
-    ds, a, b = _crossed(n=300, seed=8)
+    ds, a, _ = _crossed(n=300, seed=8)
     labels_a = a.astype(float)
     labels_a[np.random.default_rng(0).random(300) < 0.8] = np.nan
     data = ds.assign(a=("sample", labels_a))
