@@ -174,3 +174,20 @@ def test_names_and_labels_are_escaped() -> None:
         assert "&lt;script&gt;" in card and "&lt;b&gt;z&amp;" in card
         text = " ".join(parser.text)
         assert hostile in text and "<i>lo" in text  # shown literally to the reader
+
+
+@pytest.mark.parametrize("family", [em.Categorical, em.Poisson, em.Bernoulli, em.Binomial(trials=5), em.Gamma,
+                                    em.Exponential, em.LogNormal, em.Beta, em.VonMises])
+def test_model_card_of_every_family_lists_its_own_parameters(family) -> None:
+    card = em.Model().latent("z", em.Categorical(2)).observe("v", family)._repr_html_()
+    text = " ".join(checked(card).text)
+    for name in em.Model().observe("v", family).observed[0].family.param_axes():
+        assert name in text
+
+
+def test_model_card_of_several_latents_shows_what_each_variable_depends_on() -> None:
+    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal).observe("s", em.Normal, given=()))
+    text = " ".join(checked(model._repr_html_()).text)
+    assert "probs (a: 2)" in text and "probs (b: 3)" in text
+    assert "mean (a: 2" in text and "mean (a, b: 6" in text

@@ -264,7 +264,8 @@ class _MarkovCategorical(Categorical):
     The M-steps become π_k = (N⁰_k + α_k − 1) / Σ (…) and
     A_ij = (ξ_ij + α_j − 1) / Σ_j (…); a zero of A or π (fixed, or in the starting
     values) stays zero and lies outside the prior's support (the Dirichlet is over the
-    row's other entries). ``fit(prior="weak")`` puts Dirichlet(1 + 0.01/K) on both.
+    row's other entries). ``fit(prior="weak")`` puts Dirichlet(1 + 0.01/K) on both; a fixed
+    ``initial`` or ``transition`` gets no prior term.
     """
 
     param_names = ("initial", "transition")
@@ -293,10 +294,14 @@ class _MarkovCategorical(Categorical):
         return np.zeros(self.k)
 
     def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
-        """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), each over its support (see the class)."""
+        """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), each over its support (see the class).
+
+        A fixed ``initial`` or ``transition`` has no prior term (its M-step holds it).
+        """
         from emdsl.latent.markov import chain_log_prior
 
-        return chain_log_prior(params, prior["alpha"])
+        fixed = self.fixed
+        return chain_log_prior({name: value for name, value in params.items() if name not in fixed}, prior["alpha"])
 
     def n_free_params(self) -> int:  # type: ignore[override]
         initial = 0 if self._initial is not None else self.k - 1
@@ -365,6 +370,7 @@ class _ObservedCategorical(Categorical, ElementwiseFamily):
 
     role = "observed"  # type: ignore[assignment]
     categorical = True
+    param_names = ("probs",)  # initial and transition belong to a Markov latent
 
     def __init__(self, k: int | Sequence[Hashable] | None = None, probs: ArrayLike | None = None,
                  prior: priors.Dirichlet | None = None) -> None:
