@@ -23,10 +23,19 @@ used as they are); ``coef`` and ``variance`` are reported in the data's units.
 Validation (here, at compile time): a covariate that is missing from the data, not
 1-D over the samples, missing anywhere (NaN or None), constant (with an intercept),
 neither numeric nor categorical, or collinear with others is a ``ModelError`` naming it.
+
+Dask-backed covariates stay lazy (:func:`lazy_design_matrix`): one pass finds holes,
+infinities and a categorical covariate's levels, one more (when fitting) the columns'
+ranges and the R of the design's tall-skinny QR (the collinearity check reads R's
+singular values, which are the design's), and the design is built chunk by chunk inside
+each pass. A GLM's columns (response, design, offset or trials) become one lazy block
+whose rows with an observed response each chunk's task finds for itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -65,6 +74,13 @@ def check_declaration(where: str, family: ObservedFamily, variables: Sequence[st
             raise ModelError(f"{where}: offset must name a data variable (log exposure), got {offset!r}")
     if not isinstance(intercept, bool):
         raise ModelError(f"{where}: intercept must be True or False, got {intercept!r}")
+    prior = getattr(family, "prior", None)
+    if getattr(prior, "on_coefficients", False) and covariates is None:
+        raise ModelError(f"{where}: {prior!r} is a prior on a regression's coefficients; give covariates= "
+                         "(or a prior on the family's own parameters, see em.priors)")
+    if prior is not None and covariates is not None and not getattr(prior, "on_coefficients", False):
+        raise ModelError(f"{where}: {prior!r} is a prior on a plain {family.kind}'s parameters; with covariates= "
+                         "put em.priors.Normal(mean, scale) on the coefficients instead")
     if covariates is None:
         if offset is not None:
             raise ModelError(f"{where}: offset={offset!r} is part of a regression; give covariates= too")
@@ -120,7 +136,60 @@ def check_concomitant(where: str, family: LatentFamily, markov: str | None, cova
     return names
 
 
-class _NormalRegression(ObservedFamily):
+class _CoefficientPrior:
+    """A Gaussian prior on ``coef`` (em.priors.Normal), bound per term: mean m and precision 1/s² (0: flat)."""
+
+    prior: Any = None
+    prior_type = None  # no weak prior for coefficients (docs/design.md, "The weak prior")
+    terms: tuple[str, ...]
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"mean": ("term",), "scale": ("term",)}  # type: ignore[dict-item]
+
+    def standard_prior(self, values: Mapping[str, np.ndarray], center: np.ndarray | None,
+                       scale: np.ndarray | None) -> Params:
+        mean = np.array(values["mean"], dtype=float).reshape(-1)
+        sd = np.array(values["scale"], dtype=float).reshape(-1)
+        if getattr(self, "standardize", False) and center is not None and scale is not None:
+            # coef' = (coef − c e₀) / s: the intercept's mean moves, every mean and scale shrinks by s
+            mean[0] -= float(center[0])
+            mean /= float(scale[0])
+            sd = sd / float(scale[0])
+        return {"mean": mean, "precision": np.where(np.isinf(sd), 0.0, 1.0 / sd**2)}
+
+    def check_prior(self, values: Mapping[str, np.ndarray], where: str) -> None:
+        if not np.all(np.isfinite(values["mean"])):
+            raise ModelError(f"{where}: the mean must be finite for every term")
+
+    def prior_jacobian(self, scale: np.ndarray | None, K: int) -> float:
+        # coef = s coef' (+ c for the intercept): −log s per coefficient under a proper prior
+        if not getattr(self, "standardize", False) or scale is None:
+            return 0.0
+        sd = np.broadcast_to(np.asarray(self.prior.scale, dtype=float), (len(self.terms),))
+        return -K * int(np.isfinite(sd).sum()) * float(np.log(scale[0]))
+
+    def log_prior(self, params: Params, prior: Any) -> tuple[float, float]:
+        from emdsl import priors
+
+        proper = prior["precision"] > 0
+        coef = np.asarray(params["coef"], dtype=float)[:, proper]
+        terms = priors.normal_terms(coef, prior["mean"][proper], 1.0 / prior["precision"][proper])
+        value, size = priors.total(terms)
+        return value + prior.log_jacobian, size + abs(prior.log_jacobian)
+
+
+def _penalized(gram: np.ndarray, rhs: np.ndarray, precision: np.ndarray, mean: np.ndarray,
+               weight: float = 1.0) -> np.ndarray:
+    """argmax of −½βᵀGβ + βᵀv − ½ w (β − m)ᵀ diag(P) (β − m): (G + w P) β = v + w P m."""
+    system = gram + weight * np.diag(precision)
+    target = rhs + weight * precision * mean
+    try:
+        return np.linalg.solve(system, target)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(system, target, rcond=None)[0]
+
+
+class _NormalRegression(_CoefficientPrior, ObservedFamily):
     """A Normal node whose mean is linear in covariates, bound to its terms (built by :func:`bind`)."""
 
     param_names = ("coef", "variance")
@@ -134,6 +203,7 @@ class _NormalRegression(ObservedFamily):
         self.tied = getattr(base, "tied", None)
         self.floor = base.floor
         self._variance = getattr(base, "_variance", None)
+        self.prior = base.prior  # a coefficient prior (check_declaration refuses any other)
         if not intercept:
             # Centering y would add an implicit intercept: without one, y stays in the data's units.
             self.standardize = False  # type: ignore[misc]
@@ -184,8 +254,6 @@ class _NormalRegression(ObservedFamily):
 
     def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
                prior: Any = None) -> tuple[Params, Floored]:
-        if prior is not None:
-            raise ModelError("a prior on a regression's coefficients is not supported")
         K, T = stats.shape[0], self.T
         nk, s_xy, s_yy = stats[:, 0], stats[:, 1:1 + T], stats[:, 1 + T]
         gram = np.zeros((K, T, T))
@@ -207,6 +275,10 @@ class _NormalRegression(ObservedFamily):
                     coef[k] = np.linalg.solve(gram[k], s_xy[k])
                 except np.linalg.LinAlgError:  # a state whose weighted rows do not span the terms
                     coef[k] = np.linalg.lstsq(gram[k], s_xy[k], rcond=None)[0]
+            if prior is not None:  # ECM: the ridge-like MAP of β given the current σ², then σ² given β
+                given = self._conditioning_variance(hold, before, coef, nk, s_xy, s_yy, gram)
+                for k in np.flatnonzero(~empty):
+                    coef[k] = _penalized(gram[k], s_xy[k], prior["precision"], prior["mean"], float(given[k]))
         rss = s_yy - 2.0 * np.einsum("kt,kt->k", coef, s_xy) + np.einsum("kt,kts,ks->k", coef, gram, coef)
         if "variance" in hold:
             return {"coef": coef, "variance": np.asarray(hold["variance"], dtype=float)}, []
@@ -219,6 +291,20 @@ class _NormalRegression(ObservedFamily):
         raw = np.where(empty, before.get("variance", fallback["variance"]).reshape(-1), np.maximum(rss, 0.0) / counts)
         variance, low = apply_floor(raw, self.floor, mean_square=np.where(empty, 0.0, s_yy / counts))
         return {"coef": coef, "variance": variance[:, None]}, [(int(k), float(raw[k])) for k in np.flatnonzero(low)]
+
+    def _conditioning_variance(self, hold: Params, before: Params, ols: np.ndarray, nk: np.ndarray,
+                               s_xy: np.ndarray, s_yy: np.ndarray, gram: np.ndarray) -> np.ndarray:
+        """σ²_k that the MAP step of β conditions on (K,): held, else the current one (ECM), else at the
+        start (no σ² yet) the state's least-squares residual variance."""
+        K = len(nk)
+        if "variance" in hold:
+            return np.broadcast_to(np.asarray(hold["variance"], dtype=float).reshape(-1), (K,))
+        if "variance" in before:
+            return np.broadcast_to(np.asarray(before["variance"], dtype=float).reshape(-1), (K,))
+        rss = np.maximum(s_yy - np.einsum("kt,kt->k", ols, s_xy), 0.0)
+        if self.tied == "variance":
+            return np.full(K, max(float(rss.sum()) / max(float(nk.sum()), 1e-300), 1e-12))
+        return np.maximum(rss / safe_counts(nk), 1e-12)
 
     def default_params(self, K: int, D: int) -> Params:
         variance = np.ones(1) if self.tied == "variance" else np.ones((K, 1))
@@ -282,15 +368,64 @@ class _NormalRegression(ObservedFamily):
         return gaussian_marginal(coef[:, 0], np.asarray(values["variance"], dtype=float).reshape(-1))
 
 
-def within_reach(design: np.ndarray | None, step: np.ndarray, delta: float) -> np.ndarray:
-    """``step`` (T, or K × T) shortened so that no row's linear predictor x_nᵀΔ moves by more than δ."""
+def within_reach(design: Any, step: np.ndarray, delta: float, joint: bool = True) -> np.ndarray:
+    """``step`` (T, or m × T) shortened so that no row's linear predictor x_nᵀΔ moves by more than δ.
+
+    ``joint``: one factor for all the rows of ``step`` (a concomitant's states move together);
+    otherwise each row of ``step`` (a GLM state's Δ_k) is shortened on its own. ``design`` is the
+    (N × T) design in memory, or a :class:`LazyDesign` over dask chunks (see there: a pass over
+    the chunks only when a cheap bound cannot show that the step is within reach).
+    """
     if design is None:
         return step
-    reach = float(np.abs(design @ np.atleast_2d(step).T).max()) if design.size else 0.0
-    return step if reach <= delta else step * (delta / reach)
+    steps = np.atleast_2d(np.asarray(step, dtype=float))
+    reach = design.reaches(steps, delta) if isinstance(design, LazyDesign) else (
+        np.abs(design @ steps.T).max(axis=0) if design.size else np.zeros(len(steps)))
+    if joint:
+        reach = np.full(len(steps), reach.max() if len(reach) else 0.0)
+    factor = np.where(reach <= delta, 1.0, delta / np.where(reach > 0, reach, 1.0))
+    out = steps * factor[:, None]
+    return out.reshape(np.shape(step))
 
 
-class _GLMRegression(ObservedFamily):
+class LazyDesign:
+    """A dask-backed design (N × T) for the trust region of the GLM and concomitant M-steps.
+
+    max_n |x_nᵀΔ| is bounded without touching the data by the design's bounding box:
+    |cᵀΔ| + Σ_t r_t |Δ_t|, with c and r the centre and half-width of each column's range
+    (exact with one covariate and an intercept, whose column has r = 0). Only when that
+    bound exceeds δ is the exact reach computed, in one dask pass over the chunks, so the
+    steps (and the fit) are the in-memory path's; near the optimum the steps are small
+    and the M-step needs no pass at all.
+    """
+
+    def __init__(self, array: Any, low: np.ndarray, high: np.ndarray) -> None:
+        self.array, self.low, self.high = array, np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+        #: how many exact passes the M-steps have made (for tests and benchmarks)
+        self.passes = 0
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.array.shape))
+
+    def reaches(self, steps: np.ndarray, delta: float) -> np.ndarray:
+        """max_n |x_nᵀs| for each row s of ``steps`` (m × T): exact where the box bound exceeds δ."""
+        centre, half = (self.high + self.low) / 2, (self.high - self.low) / 2
+        bound = np.abs(steps @ centre) + np.abs(steps) @ half
+        unsure = bound > delta
+        if not unsure.any():
+            return bound
+        import dask
+        import dask.array as da
+
+        self.passes += 1
+        exact = dask.compute(da.abs(self.array @ steps[unsure].T).max(axis=0))[0]
+        out = bound.copy()
+        out[unsure] = np.asarray(exact, dtype=float)
+        return out
+
+
+class _GLMRegression(_CoefficientPrior, ObservedFamily):
     r"""A count or 0/1 node whose canonical parameter is linear in covariates (a GLM per latent state).
 
     η_nk = x_nᵀβ_k + o_n (o the offset, 0 without one); log p(y | η) = yη − n·b(η) + log h(y),
@@ -318,10 +453,20 @@ class _GLMRegression(ObservedFamily):
     ELBO the loop checks, vdot(H, stats), is S's value, a lower bound of the true one.
     Near the optimum the steps are Newton's with curvature inflated by e^δ (δ = 0.5: the
     coefficients converge linearly at rate ≤ 1 − e^−δ ≈ 0.4, whatever the data).
+
+    On dask-backed data every chunk's task sums its own rows' minorizer coefficients, so an
+    iteration's E-step is one pass. The trust region needs max_n |x_nᵀΔ_k| over all rows: it is
+    bounded from the design's column ranges (:class:`LazyDesign`), and only when that bound
+    exceeds δ does the M-step make a second pass, computing the exact reach of every state's
+    step at once. The steps are then exactly the in-memory ones, so the run-time monotonicity
+    check holds as it does in memory (measured: no second pass in any iteration of the
+    tests' Poisson, Binomial and concomitant fits; a few, early on, from a start far off).
     """
 
     param_names = ("coef",)
     multivariate = False  # rows are laid out by the compiler: response, design, offset or trials
+    #: every row whose first column (the response) is observed takes the per-row path
+    row_by_row = True
     constraints: ClassVar[dict[str, str]] = {"coef": "real"}
     #: the trust region, in units of the linear predictor
     delta = 0.5
@@ -332,6 +477,7 @@ class _GLMRegression(ObservedFamily):
                  intercept: bool, has_offset: bool, design: np.ndarray | None = None) -> None:
         self.base, self.covariates, self.terms, self.intercept = base, covariates, terms, intercept
         self.has_offset = has_offset
+        self.prior = base.prior  # a coefficient prior (check_declaration refuses any other)
         self.trials = getattr(base, "trials", None)  # Binomial: an int, or a data variable (a column)
         self.floor = 0.0
         #: the rows' design (N × T), for the trust region: no row's linear predictor moves by more than δ
@@ -422,8 +568,6 @@ class _GLMRegression(ObservedFamily):
     # -- M-step ------------------------------------------------------------------------------
     def m_step(self, stats: np.ndarray, hold: Params, previous: Params | None,
                prior: Any = None) -> tuple[Params, Floored]:
-        if prior is not None:
-            raise ModelError("a prior on a regression's coefficients is not supported")
         K, T = stats.shape[0], self.T
         if "coef" in hold:
             return {"coef": np.broadcast_to(np.asarray(hold["coef"], dtype=float), (K, T)).copy()}, []
@@ -441,14 +585,21 @@ class _GLMRegression(ObservedFamily):
         reach = self.start_reach if starting else self.delta
         empty = empty_components(stats[:, 0])
         coef = np.array(old, dtype=float)
+        steps = np.zeros((K, T))
         for k in range(K):
             if empty[k]:
                 continue
-            try:
-                target = np.linalg.solve(gram[k], v[k])
-            except np.linalg.LinAlgError:
-                target = np.linalg.lstsq(gram[k], v[k], rcond=None)[0]
-            coef[k] = old[k] + within_reach(self.design, target - old[k], reach)
+            if prior is not None:  # the prior's curvature Λ⁻¹ and gradient Λ⁻¹(m − β) join the minorizer's
+                target = _penalized(gram[k], v[k], prior["precision"], prior["mean"])
+            else:
+                try:
+                    target = np.linalg.solve(gram[k], v[k])
+                except np.linalg.LinAlgError:
+                    target = np.linalg.lstsq(gram[k], v[k], rcond=None)[0]
+            steps[k] = target - old[k]
+        moving = ~empty
+        if moving.any():  # every state's step shortened on its own (one pass over dask chunks, if any)
+            coef[moving] = old[moving] + within_reach(self.design, steps[moving], reach, joint=False)
         return {"coef": coef}, []
 
     # -- the rest of the family interface --------------------------------------------------
@@ -605,6 +756,8 @@ class _ConcomitantLogit(ObservedFamily):
 
     param_names = ("coef",)
     multivariate = False
+    #: every row takes the per-row path (its first column, a design's, is never missing)
+    row_by_row = True
     delta = 0.5
 
     def __init__(self, latent: _ConcomitantWeights, design: np.ndarray | None = None) -> None:
@@ -736,16 +889,31 @@ def bind_concomitant(plan: Any, covariates: Sequence[str], ds: xr.Dataset, sampl
             available = ", ".join(map(repr, ds.data_vars)) or "none"
             raise ModelError(f"{where}: the covariate {name!r} is not in the data{' (new data)' if not fitting else ''}"
                              f"; available: {available}")
-    design, found = design_matrix(ds, covariates, True, sample_dim, where, terms)
-    if fitting:
-        check_design(design, found, covariates, True, where)
+    if lazy(ds, covariates):  # dask-backed: the design stays lazy, with the covariates' chunks
+        import dask.array as da
+
+        chunks = _chunks_of(ds, covariates, plan.n_samples)
+        design, found = lazy_design_matrix(ds, covariates, True, sample_dim, where, terms, chunks)
+        summary = design_summary(design) if fitting else None
+        if summary is not None:
+            check_design(summary, found, covariates, True, where)
+        reach: Any = LazyDesign(design, summary.low, summary.high) if summary is not None else None
+        rows = da.arange(plan.n_samples, chunks=(chunks,), dtype=np.intp)
+        pattern = da.zeros(plan.n_samples, chunks=(chunks,), dtype=np.intp)
+    else:
+        design, found = design_matrix(ds, covariates, True, sample_dim, where, terms)
+        if fitting:
+            check_design(design, found, covariates, True, where)
+        reach = design
+        rows = np.arange(plan.n_samples, dtype=np.intp)
+        pattern = np.zeros(plan.n_samples, dtype=np.intp)
     family = _ConcomitantWeights(latent.family, tuple(found))
     latent.family = family
     T = len(found)
-    node = Node(latent.name, _ConcomitantLogit(family, design), tuple(covariates), True, ("column",), (T,),
+    node = Node(latent.name, _ConcomitantLogit(family, reach), tuple(covariates), True, ("column",), (T,),
                 {"column": list(found)}, [design], np.zeros(T), np.ones(T))
-    node.partial_rows = np.arange(plan.n_samples, dtype=np.intp)
-    node.partial_pattern = np.zeros(plan.n_samples, dtype=np.intp)
+    # Every row takes the per-row path (on dask data each chunk's task finds its own rows again).
+    node.partial_rows, node.partial_pattern = rows, pattern
     node.patterns = [np.ones(T, dtype=bool)]
     return node
 
@@ -767,36 +935,103 @@ def bind(node: Any, covariates: Sequence[str], intercept: bool, ds: xr.Dataset, 
             what = "offset" if name == offset else "covariate"
             raise ModelError(f"{where}: the {what} {name!r} is not in the data{' (new data)' if not fitting else ''}"
                              f"; available: {available}")
-    design, found = design_matrix(ds, covariates, intercept, sample_dim, where, terms)
-    if fitting:
-        check_design(design, found, covariates, intercept, where)
+    from emdsl.data import is_dask
+
+    n = int(ds.sizes[sample_dim])
+    trials = node.aux.get("trials") if isinstance(getattr(node.family, "trials", None), str) else None
+    chunked = lazy(ds, covariates) or is_dask(node.sources[0]) or lazy(ds, [offset]) or is_dask(trials)
+    summary = None
+    if lazy(ds, covariates):  # dask-backed covariates: a lazy design with their chunks, checked in one pass
+        design, found = lazy_design_matrix(ds, covariates, intercept, sample_dim, where, terms,
+                                           _chunks_of(ds, covariates, n))
+        if fitting:
+            summary = design_summary(design)
+            check_design(summary, found, covariates, intercept, where)
+    else:
+        design, found = design_matrix(ds, covariates, intercept, sample_dim, where, terms)
+        if fitting:
+            check_design(design, found, covariates, intercept, where)
     if node.family.kind == "Normal":
         node.family = _NormalRegression(node.family, tuple(covariates), tuple(found), intercept)
         node.aux["design"] = design
         return
-    columns = [np.asarray(node.sources[0], dtype=float).reshape(-1, 1), design]
     names = [node.variables[0], *found]
     if offset is not None:
-        values = np.asarray(ds[offset].values, dtype=float) if ds[offset].dtype.kind in "iufb" else None
-        if values is None or ds[offset].dims != (sample_dim,) or not np.all(np.isfinite(values)):
+        bad = ds[offset].dtype.kind not in "iufb" or ds[offset].dims != (sample_dim,)
+        if not bad and is_dask(ds[offset].data):
+            from emdsl.data import dask_source
+
+            values = dask_source.values_of(ds[offset]).astype(float)
+            bad = dask_source.first_bad(values[:, None], lambda x: ~np.isfinite(x))[0] > 0
+        elif not bad:
+            values = np.asarray(ds[offset].values, dtype=float)
+            bad = not np.all(np.isfinite(values))
+        if bad:
             raise ModelError(f"{where}: the offset {offset!r} must be finite numbers over {sample_dim!r} "
                              "(a log exposure; log 0 = −inf means no exposure: drop those samples)")
-        columns.append(values[:, None])
+        extra = values[:, None]
         names.append(f"offset:{offset}")
-    elif isinstance(getattr(node.family, "trials", None), str):
-        columns.append(np.asarray(node.aux.pop("trials"), dtype=float)[:, :1])
+    elif trials is not None:
+        node.aux.pop("trials")
+        extra = trials.astype(float)[:, :1]
         names.append(f"trials:{node.family.trials}")
-    block = np.hstack(columns)
-    node.family = _GLMRegression(node.family, tuple(covariates), tuple(found), intercept, offset is not None, design)
+    else:
+        extra = None
+    if chunked:
+        block = _lazy_block(node.sources[0], design, extra, n)
+    else:
+        columns = [np.asarray(node.sources[0], dtype=float).reshape(-1, 1), design]
+        block = np.hstack(columns + ([np.asarray(extra, dtype=float)] if extra is not None else []))
+        observed = np.flatnonzero(~np.isnan(block[:, 0])).astype(np.intp)
+    reach: Any = design
+    if chunked and not isinstance(design, np.ndarray):
+        reach = LazyDesign(design, summary.low, summary.high) if summary is not None else None
+    node.family = _GLMRegression(node.family, tuple(covariates), tuple(found), intercept, offset is not None, reach)
+    if chunked:  # one pass: each chunk's count of observed responses, and the sums the start's anchor needs
+        from emdsl.data import dask_source
+
+        counts, totals = dask_source.scan([block], functools.partial(_observed_part, node.family), _observed_combine)
+        observed = _lazy_rows(block, counts)
     node.sources = [block]
     node.event_dims, node.event_shape, node.event_coords = ("column",), (block.shape[1],), {"column": names}
     node.aux.clear()
-    observed = np.flatnonzero(~np.isnan(block[:, 0]))
-    node.partial_rows = observed.astype(np.intp)
-    node.partial_pattern = np.zeros(len(observed), dtype=np.intp)
+    # Every row with an observed response takes the per-row path (on dask data: a lazy array of
+    # those rows, whose length is known; each chunk's task finds its own rows again).
+    node.partial_rows = observed
+    node.partial_pattern = (np.zeros(len(observed), dtype=np.intp) if isinstance(observed, np.ndarray)
+                            else observed * 0)
     node.patterns = [np.ones(block.shape[1], dtype=bool)]
     if fitting:
-        node.family.anchor = start_anchor(node.family, block[observed])
+        node.family.anchor = (start_anchor(node.family, block[observed]) if not chunked
+                              else _anchor(node.family, *totals) if sum(counts) else np.zeros(node.family.T))
+
+
+def _lazy_block(response: Any, design: Any, extra: Any, n: int) -> Any:
+    """A GLM node's columns (response, design, then the offset or the trials) as one lazy (N × D) dask array."""
+    import dask.array as da
+
+    from emdsl.data import dask_source, is_dask
+
+    arrays = [a for a in (response, design, extra) if a is not None]
+    chunks = next((tuple(a.chunks[0]) for a in arrays if is_dask(a)), (n,))
+    parts = [dask_source.as_rows(np.asarray(a, dtype=float) if not is_dask(a) else a.astype(float), chunks)
+             for a in arrays]
+    parts[0] = parts[0].reshape(n, -1)[:, :1] if parts[0].ndim > 1 else parts[0][:, None]
+    return dask_source.as_rows(da.concatenate(parts, axis=1), chunks)
+
+
+def _anchor(family: _GLMRegression, total_y: float, total_exposure: float, total_trials: float) -> np.ndarray:
+    """:func:`start_anchor` from the sums over the rows with an observed response."""
+    anchor = np.zeros(family.T)
+    if not family.intercept:
+        return anchor
+    total = max(float(total_y), 0.5)
+    if family.kind == "Poisson":
+        anchor[0] = np.log(total / float(total_exposure))
+    else:
+        share = min(max(total / float(total_trials), 1e-3), 1.0 - 1e-3)
+        anchor[0] = np.log(share / (1.0 - share))
+    return anchor
 
 
 def start_anchor(family: _GLMRegression, rows: np.ndarray) -> np.ndarray:
@@ -871,19 +1106,27 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
     return (np.column_stack(columns) if columns else np.zeros((n, 0))), names
 
 
-def check_design(design: np.ndarray, terms: Sequence[str], covariates: Sequence[str], intercept: bool,
+def check_design(design: Any, terms: Sequence[str], covariates: Sequence[str], intercept: bool,
                  where: str) -> None:
-    """Refuse constant covariates (with an intercept) and collinear terms, naming them."""
+    """Refuse constant covariates (with an intercept) and collinear terms, naming them.
+
+    ``design`` is the (N × T) design, or a :class:`DesignSummary` of a dask-backed one: the
+    columns' ranges and the R of its QR decomposition, whose singular values and right
+    singular vectors are the design's.
+    """
+    if isinstance(design, DesignSummary):
+        low, high, matrix = design.low, design.high, design.r
+    else:
+        low, high, matrix = design.min(axis=0), design.max(axis=0), design
     if intercept:
         for j, term in enumerate(terms[1:], start=1):
-            column = design[:, j]
-            if np.all(column == column[0]):
+            if low[j] == high[j]:
                 owner = next(c for c in covariates if term == c or term.startswith(f"{c}["))
                 raise ModelError(f"{where}: the covariate {owner!r} is constant (every value is "
-                                 f"{_show(column[0], term)}); it duplicates the intercept. Drop it")
-    norms = np.linalg.norm(design, axis=0)
+                                 f"{_show(low[j], term)}); it duplicates the intercept. Drop it")
+    norms = np.linalg.norm(matrix, axis=0)
     norms = np.where(norms > 0, norms, 1.0)
-    _, singular, vt = np.linalg.svd(design / norms, full_matrices=False)
+    _, singular, vt = np.linalg.svd(matrix / norms, full_matrices=False)
     if len(singular) and singular[-1] <= _COLLINEAR * singular[0]:
         null = vt[-1] / norms
         involved = [terms[j] for j in np.flatnonzero(np.abs(vt[-1]) > 1e-6 * np.abs(vt[-1]).max())]
@@ -915,6 +1158,202 @@ def _no_missing(da: xr.DataArray, missing: np.ndarray, name: str, where: str) ->
 def _levels(da: xr.DataArray, raw: list[Any]) -> list[str]:
     """A categorical covariate's levels: its distinct values (as text), sorted; the first is the baseline."""
     return sorted({str(v) for v in raw})
+
+
+# -- dask-backed covariates: the design stays lazy, its checks are passes over the chunks -------------
+@dataclasses.dataclass
+class DesignSummary:
+    """One pass over a dask-backed design: each column's range and the R of its QR decomposition (T × T)."""
+
+    low: np.ndarray
+    high: np.ndarray
+    r: np.ndarray
+
+
+def lazy(ds: xr.Dataset, names: Sequence[str | None]) -> bool:
+    """Whether any of the named data variables is dask-backed."""
+    from emdsl.data import is_dask
+
+    return any(name is not None and name in ds.data_vars and is_dask(ds[name].data) for name in names)
+
+
+def _chunks_of(ds: xr.Dataset, names: Sequence[str | None], n: int) -> tuple[int, ...]:
+    """The sample chunks of the first dask-backed variable among ``names`` (one chunk if none is)."""
+    from emdsl.data import is_dask
+
+    for name in names:
+        if name is not None and name in ds.data_vars and is_dask(ds[name].data):
+            return tuple(int(c) for c in ds[name].data.chunks[0])
+    return (n,)
+
+
+def _covariate_part(kinds: list[str], start: int, *blocks: np.ndarray) -> list[list[Any]]:
+    """Per covariate of one chunk: [(missing, first), (infinite, first), (first bad index, value), labels]."""
+    out = []
+    for kind, block in zip(kinds, blocks, strict=True):
+        values = np.asarray(block)
+        if kind == "numeric":
+            numbers = values.astype(float)
+            found = [_first(np.isnan(numbers), start), _first(np.isinf(numbers), start), (-1, None), set()]
+        else:
+            raw = values.tolist()
+            missing = np.array([_missing(v) for v in raw], dtype=bool)
+            bad = (-1, None)
+            if values.dtype.kind == "O":
+                wrong = [i for i, v in enumerate(raw) if not missing[i]
+                         and not isinstance(v, str | bool | int | np.integer)]
+                bad = (start + wrong[0], raw[wrong[0]]) if wrong else (-1, None)
+            found = [_first(missing, start), (0, -1), bad,
+                     {str(v) for v, gone in zip(raw, missing, strict=True) if not gone}]
+        out.append(found)
+    return out
+
+
+def _first(flags: np.ndarray, start: int) -> tuple[int, int]:
+    count = int(flags.sum())
+    return (count, start + int(np.flatnonzero(flags)[0])) if count else (0, -1)
+
+
+def _earlier(a: tuple[int, Any], b: tuple[int, Any]) -> tuple[int, Any]:
+    return a if a[0] >= 0 and (b[0] < 0 or a[0] <= b[0]) else b
+
+
+def _covariate_combine(a: list[list[Any]], b: list[list[Any]]) -> list[list[Any]]:
+    from emdsl.data.dask_source import _add_first
+
+    return [[_add_first(x[0], y[0]), _add_first(x[1], y[1]), _earlier(x[2], y[2]), x[3] | y[3]]
+            for x, y in zip(a, b, strict=True)]
+
+
+def _design_chunk(specs: list[list[str] | None], intercept: bool, like: np.ndarray, *columns: np.ndarray
+                  ) -> np.ndarray:
+    """One chunk's design rows, as :func:`design_matrix` builds them (``specs``: None numeric, else levels)."""
+    n = len(like)
+    parts: list[np.ndarray] = [np.ones(n)] if intercept else []
+    for spec, values in zip(specs, columns, strict=True):
+        values = np.asarray(values)
+        if spec is None:
+            parts.append(values.astype(float))
+        else:
+            text = np.array([str(v) for v in values.tolist()], dtype=object)
+            parts.extend((text == str(level)).astype(float) for level in spec)
+    return np.column_stack(parts) if parts else np.zeros((n, 0))
+
+
+def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sample_dim: Hashable,
+                       where: str, terms: Sequence[str] | None, chunks: tuple[int, ...]) -> tuple[Any, list[str]]:
+    """:func:`design_matrix` over dask-backed covariates: a lazy (N × T) design with sample ``chunks``.
+
+    One pass over the covariates finds what the in-memory path checks (holes, infinities,
+    non-categorical values) and a categorical covariate's levels; the same messages, the
+    same terms. The design is then built chunk by chunk, whenever a pass reads it.
+    """
+    import dask.array as da
+
+    from emdsl.data import dask_source
+
+    n = int(ds.sizes[sample_dim])
+    kinds, arrays = [], []
+    for name in covariates:
+        array = ds[name]
+        if array.dims != (sample_dim,):
+            raise ModelError(f"{where}: the covariate {name!r} must be 1-D over {sample_dim!r}, got dims {array.dims}")
+        kind = array.dtype.kind
+        if kind not in "iufbOUS":
+            raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (dtype "
+                             f"{array.dtype}); convert it to numbers (e.g. days since a date) or to labels")
+        kinds.append("numeric" if kind in "iufb" else "categorical")
+        arrays.append(dask_source.as_rows(dask_source.values_of(array), chunks))
+    found = dask_source.scan(arrays, functools.partial(_covariate_part, kinds), _covariate_combine) if arrays else []
+    names: list[str] = ["intercept"] if intercept else []
+    specs: list[list[str] | None] = []
+    for name, kind, (missing, infinite, bad, strings) in zip(covariates, kinds, found, strict=True):
+        da_ = ds[name]
+        if missing[0]:
+            count = missing[0]
+            raise ModelError(f"{where}: the covariate {name!r} has {count} missing value{'s' if count > 1 else ''} "
+                             f"(first at {labels.describe_position(da_, missing[1])}); a covariate must be known "
+                             "for every sample: drop those samples or fill the covariate in")
+        if kind == "numeric":
+            if infinite[0]:
+                raise ModelError(f"{where}: the covariate {name!r} has infinite values (first at "
+                                 f"{labels.describe_position(da_, infinite[1])})")
+            specs.append(None)
+            names.append(name)
+            continue
+        if bad[0] >= 0:
+            raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
+                             f"{type(bad[1]).__name__} values such as {bad[1]!r}); convert it to numbers or to labels")
+        if terms is None:
+            levels = sorted(strings)
+            if len(levels) < 2 and intercept:
+                raise ModelError(f"{where}: the covariate {name!r} is constant (every value is {levels[0]!r}); "
+                                 "it duplicates the intercept. Drop it")
+            kept = levels[1:] if intercept else levels
+        else:
+            kept = [t[len(name) + 1:-1] for t in terms if t.startswith(f"{name}[") and t.endswith("]")]
+            outside = sorted(strings - set(kept))
+            if len(outside) > 1 or (outside and not intercept):
+                raise ModelError(f"{where}: the covariate {name!r} has levels {outside} that the fit did not "
+                                 f"see (it knows {kept} and one baseline level)")
+        specs.append(list(kept))
+        names.extend(f"{name}[{level}]" for level in kept)
+    if terms is not None and list(terms) != names:
+        raise ModelError(f"{where}: the new data give the terms {names}, but the fit has {list(terms)}")
+    like = da.zeros(n, chunks=(chunks,))
+    design = da.map_blocks(functools.partial(_design_chunk, specs, intercept), like, *arrays, new_axis=1,
+                           chunks=(chunks, (len(names),)), dtype=float, meta=np.empty((0, 0)))
+    return design, names
+
+
+def _summary_part(start: int, design: np.ndarray) -> DesignSummary:
+    X = np.asarray(design, dtype=float)
+    T = X.shape[1]
+    if not len(X):
+        return DesignSummary(np.full(T, np.inf), np.full(T, -np.inf), np.zeros((0, T)))
+    return DesignSummary(X.min(axis=0), X.max(axis=0), np.linalg.qr(X, mode="r"))
+
+
+def _summary_combine(a: DesignSummary, b: DesignSummary) -> DesignSummary:
+    # R of [Xa; Xb] from R of [Ra; Rb] (a tall-skinny QR, tree-combined)
+    return DesignSummary(np.minimum(a.low, b.low), np.maximum(a.high, b.high),
+                         np.linalg.qr(np.vstack([a.r, b.r]), mode="r"))
+
+
+def design_summary(design: Any) -> DesignSummary:
+    """One pass over a dask-backed design: column ranges and R (for :func:`check_design` and the trust region)."""
+    from emdsl.data import dask_source
+
+    return dask_source.scan([design], _summary_part, _summary_combine)
+
+
+def _observed_part(family: _GLMRegression, start: int, block: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """One chunk of a GLM's columns: [its count of rows with an observed response], Σy, Σe^o and Σn over them."""
+    x = np.asarray(block, dtype=float)
+    rows = x[~np.isnan(x[:, 0])]
+    y, _, offset, trials = family.split(rows.T)
+    return [len(rows)], np.array([y.sum(), np.exp(offset).sum(), trials.sum()])
+
+
+def _observed_combine(a: tuple[list[int], np.ndarray], b: tuple[list[int], np.ndarray]
+                      ) -> tuple[list[int], np.ndarray]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _observed_rows(start: int, block: np.ndarray) -> np.ndarray:
+    return (start + np.flatnonzero(~np.isnan(np.asarray(block, dtype=float)[:, 0]))).astype(np.intp)
+
+
+def _lazy_rows(block: Any, counts: Sequence[int]) -> Any:
+    """The global rows with an observed response, as a lazy dask array (its chunk sizes are known)."""
+    import dask
+    import dask.array as da
+
+    starts = np.concatenate([[0], np.cumsum(block.chunks[0])[:-1]]).astype(int)
+    pieces = [da.from_delayed(dask.delayed(_observed_rows, pure=True)(int(start), part), shape=(int(count),),
+                              dtype=np.intp)
+              for start, part, count in zip(starts, block.to_delayed().ravel(), counts, strict=True)]
+    return da.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def stored_family(decl: Any, params: Any) -> Any:

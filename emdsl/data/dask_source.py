@@ -22,6 +22,7 @@ runs unchanged (:mod:`emdsl.engine.chunked`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Hashable, Sequence
@@ -317,7 +318,14 @@ def partial_rows(node: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def local_patterns(node: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A chunk's partly observed rows (local) and the index of their pattern in ``node.patterns``."""
+    """A chunk's partly observed rows (local) and the index of their pattern in ``node.patterns``.
+
+    A node whose family works row by row (a GLM, a concomitant's logit: ``row_by_row``) has
+    one pattern, and its rows are those whose first column (the response) is observed.
+    """
+    if getattr(node.family, "row_by_row", False):
+        rows = np.flatnonzero(~np.isnan(np.asarray(node.sources[0][:, 0], dtype=float))).astype(np.intp)
+        return rows, np.zeros(len(rows), dtype=np.intp)
     rows, observed = _pattern_part(0, *node.sources)
     if not len(rows):
         return rows, np.zeros(0, dtype=np.intp)
@@ -430,7 +438,8 @@ def layout(plan: Any) -> tuple[list[Slot], list[Any]]:
         arrays.append(plan.weights[:, None])
     if plan.clamp is not None:
         slots.append(("clamp",))
-        arrays.append(as_rows(np.asarray(plan.clamp)[:, None], sample_chunks(plan)))
+        known = np.asarray(plan.clamp)  # one column per latent when there are several
+        arrays.append(as_rows(known.reshape(len(known), -1), sample_chunks(plan)))
     return slots, arrays
 
 
@@ -440,6 +449,9 @@ def skeleton(plan: Any) -> Any:
     for node in nodes:
         node.partial_rows = np.zeros(0, dtype=np.intp)
         node.partial_pattern = np.zeros(0, dtype=np.intp)
+        if getattr(node.family, "design", None) is not None:  # a regression's design: for its M-step only
+            node.family = copy.copy(node.family)
+            node.family.design = None
     return dataclasses.replace(plan, sample_coords={}, nodes=nodes, weights=None, clamp=None)
 
 
@@ -463,7 +475,7 @@ def local_plan(skeleton_plan: Any, slots: Sequence[Slot], blocks: Sequence[np.nd
         elif slot[0] == "weights":
             weights = np.ascontiguousarray(block[:, 0], dtype=float)
         else:
-            clamp = np.ascontiguousarray(block[:, 0], dtype=np.intp)
+            clamp = np.ascontiguousarray(block[:, 0] if block.shape[1] == 1 else block, dtype=np.intp)
     nodes = []
     for i, node in enumerate(skeleton_plan.nodes):
         local = dataclasses.replace(node, sources=[sources[i][j] for j in range(len(sources[i]))],
