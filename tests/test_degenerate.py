@@ -12,9 +12,13 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 @pytest.fixture(scope="module")
 def wine():
+    """Five components with full covariances on the 178 wines (13 features): about half the default
+    starts collapse (measured 10 of 20 single starts; the seeds below are ones that do). With the
+    three cultivars' components none of 20 does since the start runs k-means to convergence (8 of
+    20 from k-means++ seeds with one assignment step): no collapsed restarts to test with."""
     frame = sklearn_datasets.load_wine(as_frame=True).frame
     features = [c for c in frame.columns if c != "target"]
-    model = em.Model().latent("z", em.Categorical(3)).observe(features, em.MultivariateNormal, name="x")
+    model = em.Model().latent("z", em.Categorical(5)).observe(features, em.MultivariateNormal, name="x")
     return model, frame[features]
 
 
@@ -24,8 +28,8 @@ def final_logliks(fit: em.Fit) -> np.ndarray:
 
 def test_a_lone_collapsed_restart_is_marked_degenerate_and_the_warning_names_the_remedy(wine):
     model, data = wine
-    with pytest.warns(em.DegenerateComponentWarning, match=r"prior='weak'.*floor=.*em\.Categorical\(2\)") as caught:
-        fit = model.fit(data, seed=0)
+    with pytest.warns(em.DegenerateComponentWarning, match=r"prior='weak'.*floor=.*em\.Categorical\(4\)") as caught:
+        fit = model.fit(data, seed=5)  # a start that collapses
     assert fit.status == "degenerate" and fit.degenerate
     assert "degenerate" in repr(fit) and "degenerate" in fit._repr_html_()
     # the collapsed component holds a handful of the 178 wines
@@ -33,7 +37,7 @@ def test_a_lone_collapsed_restart_is_marked_degenerate_and_the_warning_names_the
     assert any("collapsed" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 3])
+@pytest.mark.parametrize("seed", [0, 2, 3])
 def test_a_collapsed_restart_is_never_kept_over_a_sound_one(wine, seed):
     model, data = wine
     with warnings.catch_warnings():
@@ -51,7 +55,7 @@ def test_degenerate_round_trips_through_a_file(wine, tmp_path):
     model, data = wine
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", em.DegenerateComponentWarning)
-        fit = model.fit(data, seed=0)
+        fit = model.fit(data, seed=5)
     fit.save(tmp_path / "wine.nc")
     assert em.load(tmp_path / "wine.nc").status == "degenerate"
 

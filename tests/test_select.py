@@ -52,9 +52,11 @@ def test_a_degenerate_fit_is_never_the_best():
     frame = sklearn_datasets.load_wine(as_frame=True).frame.drop(columns="target")
     features = list(frame.columns)
     models = {k: em.Model().latent("z", em.Categorical(k)).observe(features, em.MultivariateNormal, name="x")
-              for k in (2, 3)}
+              for k in (2, 6)}
     sel = em.select(models, frame, seed=0)
-    assert bool(sel.table["degenerate"].sel(model=3))  # K = 3 collapses from this seed
+    # K = 6 collapses from this seed (14 of 20 single starts do; K = 3 none of 20 since the
+    # start runs k-means to convergence, tests/test_degenerate.py)
+    assert bool(sel.table["degenerate"].sel(model=6))
     assert not sel.best.degenerate and sel.best_label == 2
 
 

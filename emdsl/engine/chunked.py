@@ -251,7 +251,7 @@ class ChunkedEStep:
 
 
 # -- seeding on dask-backed data (called by engine/init.py) --------------------------------------
-#: k-means++ on dask-backed data runs on at most this many rows, a uniform sample drawn with the fit's seed
+#: k-means on dask-backed data runs on at most this many rows, a uniform sample drawn with the fit's seed
 SEED_SAMPLE = 100_000
 
 
@@ -260,15 +260,16 @@ def _seed_nodes(plan: Plan, names: Sequence[str] | None = None) -> list[int]:
             if node.family.continuous and (names is None or node.name in names)]
 
 
-def _standardized(plan: Plan, nodes: Sequence[int], start: int, stop: int) -> np.ndarray:
-    """The chosen nodes' standardized data for rows [start, stop) of a (local) plan, holes at 0: (n × D)."""
+def _read_rows(plan: Plan, nodes: Sequence[int], start: int, stop: int) -> np.ndarray:
+    """The chosen nodes' data as read (standardized or in the data's units, holes NaN) for rows [start, stop)
+    of a (local) plan: (n × D)."""
     parts = []
     for i in nodes:
         node = plan.nodes[i]
         x = np.empty((node.D, stop - start))
         node.read(start, stop, x)
         parts.append(x)
-    return np.nan_to_num(np.vstack(parts), nan=0.0).T
+    return np.vstack(parts).T
 
 
 def _gather_part(skeleton: Plan, slots: Sequence[Any], nodes: Sequence[int], rows: np.ndarray,
@@ -277,7 +278,7 @@ def _gather_part(skeleton: Plan, slots: Sequence[Any], nodes: Sequence[int], row
     local = rows[(rows >= start) & (rows < start + plan.n_samples)] - start
     if not len(local):
         return np.zeros((0, sum(plan.nodes[i].D for i in nodes)))
-    return _standardized(plan, nodes, 0, plan.n_samples)[local]
+    return _read_rows(plan, nodes, 0, plan.n_samples)[local]
 
 
 def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -285,7 +286,7 @@ def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def gather_rows(plan: Plan, nodes: Sequence[int], rows: np.ndarray) -> np.ndarray:
-    """Standardized data of the given (sorted) rows, holes at 0, in one dask pass: (len(rows) × D)."""
+    """The data of the given (sorted) rows as read, holes NaN, in one dask pass: (len(rows) × D)."""
     import functools
 
     slots, arrays = dask_source.layout(plan)
@@ -297,19 +298,27 @@ class NearestSeed:
     """Each row's nearest centre, computed inside the chunk's task: ``labels[start:stop]`` (global rows).
 
     Used like the array of k-means labels the in-memory path builds, without an N-long
-    array: it only answers inside a chunked E-step's task (:func:`current_chunk`).
+    array: it only answers inside a chunked E-step's task (:func:`current_chunk`). Rows are
+    compared with the centres in the seeding space of engine/init.py (each family's
+    ``seed_features``, then the per-element ``scaling`` of the sample the centres came from,
+    when given).
     """
 
-    def __init__(self, nodes: Sequence[int], centres: np.ndarray) -> None:
+    def __init__(self, nodes: Sequence[int], centres: np.ndarray, scaling: np.ndarray | None = None) -> None:
         self.nodes = list(nodes)
         self.centres = np.asarray(centres, dtype=float)
+        self.scaling = scaling
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         from scipy.cluster.vq import vq
 
+        from emdsl.engine.init import _seed_space
+
         plan, offset = current_chunk()
-        z = _standardized(plan, self.nodes, rows.start - offset, rows.stop - offset)
-        return vq(z, self.centres, check_finite=False)[0].astype(np.intp)
+        raw = _read_rows(plan, self.nodes, rows.start - offset, rows.stop - offset)
+        z, _ = _seed_space([plan.nodes[i] for i in self.nodes], np.array(raw.T),
+                           rescale=self.scaling is not None, scaling=self.scaling)
+        return vq(z.T, self.centres, check_finite=False)[0].astype(np.intp)
 
 
 class RandomState:
@@ -323,38 +332,18 @@ class RandomState:
         return np.argmax(rng.random((rows.stop - rows.start, self.K)), axis=1)
 
 
-def _kpp(z: np.ndarray, K: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++ seeds (Arthur & Vassilvitskii 2007, as scikit-learn runs it).
+def kmeans_plusplus(plan: Plan, rng: np.random.Generator,
+                    seeding: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Any:
+    """k-means labels of a dask-backed plan: an array (N ≤ :data:`SEED_SAMPLE`) or a :class:`NearestSeed`.
 
-    Each next seed is the best of 2 + ⌊ln K⌋ candidates drawn ∝ squared distance to the
-    nearest seed (the one that lowers the total squared distance most): plain k-means++
-    puts two seeds in one of four well-separated clusters about a third of the time.
-    """
-    trials = 2 + int(np.log(K))
-    seeds = np.empty((K, z.shape[1]))
-    seeds[0] = z[rng.integers(len(z))]
-    nearest = ((z - seeds[0]) ** 2).sum(axis=1)
-    for k in range(1, K):
-        total = nearest.sum()
-        if total <= 0:  # fewer distinct points than states
-            seeds[k] = z[rng.integers(len(z))]
-            continue
-        picks = np.minimum(np.searchsorted(np.cumsum(nearest), rng.uniform(size=trials) * total), len(z) - 1)
-        candidates = np.minimum(nearest[None, :], ((z[None, :, :] - z[picks][:, None, :]) ** 2).sum(axis=2))
-        best = int(np.argmin(candidates.sum(axis=1)))
-        seeds[k] = z[picks[best]]
-        nearest = candidates[best]
-    return seeds
-
-
-def kmeans_plusplus(plan: Plan, rng: np.random.Generator, scipy_seeding: Callable[[np.ndarray], np.ndarray]
-                    ) -> Any:
-    """k-means++ labels of a dask-backed plan: an array (N ≤ :data:`SEED_SAMPLE`) or a :class:`NearestSeed`.
-
-    Up to :data:`SEED_SAMPLE` rows, every row is gathered (one pass) and seeded exactly as
-    in memory (``scipy_seeding``), so the fit is the in-memory fit. Beyond, k-means++ runs
-    on a uniform sample of that many rows drawn with the fit's seed (greedy k-means++, see
-    :func:`_kpp`), and every row is assigned to its nearest seed inside its chunk's task.
+    ``seeding`` runs the in-memory k-means (engine/init.py: seeding features, k-means++
+    seeds, Lloyd's iterations to convergence) on rows as read, and returns their labels,
+    the centres and the per-element scaling of the seeding space. Up to
+    :data:`SEED_SAMPLE` rows, every row is gathered (one pass) and seeded exactly as in
+    memory, so the fit is the in-memory fit. Beyond, k-means runs on a uniform sample of
+    that many rows drawn with the fit's seed, and every row is assigned to its nearest
+    converged centre inside its chunk's task, in the same seeding space (scaled as the
+    sample was).
     """
     nodes = _seed_nodes(plan)
     if plan.K == 1:
@@ -364,11 +353,12 @@ def kmeans_plusplus(plan: Plan, rng: np.random.Generator, scipy_seeding: Callabl
             return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
         return RandomState(plan.K, int(rng.integers(2**63)))
     if plan.n_samples <= SEED_SAMPLE:
-        return scipy_seeding(gather_rows(plan, nodes, np.arange(plan.n_samples)))
+        return seeding(gather_rows(plan, nodes, np.arange(plan.n_samples)))[0]
     rows = np.sort(rng.choice(plan.n_samples, SEED_SAMPLE, replace=False))
-    return NearestSeed(nodes, _kpp(gather_rows(plan, nodes, rows), plan.K, rng))
+    _, centres, scaling = seeding(gather_rows(plan, nodes, rows))
+    return NearestSeed(nodes, centres, scaling)
 
 
 def nearest_given_mean(plan: Plan, names: Sequence[str], means: np.ndarray) -> NearestSeed:
-    """Each row's nearest given mean, over the named continuous nodes, computed chunk by chunk."""
+    """Each row's nearest given mean, over the named continuous nodes (their seeding features), chunk by chunk."""
     return NearestSeed(_seed_nodes(plan, names), means)

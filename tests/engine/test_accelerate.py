@@ -138,6 +138,13 @@ def _plain_fixed_point(case: str):
     return _fit(model, ds, None, seed=0, tol=0, max_iter=FIXED_POINT_ITERATIONS[case], **kwargs)
 
 
+@functools.cache
+def _plain_own_stop(case: str):
+    """Plain EM from the same start, stopped by its own rule at tol=1e-14."""
+    model, ds, kwargs = CASES[case]()
+    return _fit(model, ds, None, seed=0, tol=1e-14, max_iter=5000, **kwargs)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", CASES)
 def test_reaches_the_optimum_of_plain_em(case, method):
@@ -149,11 +156,16 @@ def test_reaches_the_optimum_of_plain_em(case, method):
     assert np.ptp(plain.trace["loglik"].values[-20:]) <= 1e-12 * abs(plain.loglik)
     assert fast.loglik == pytest.approx(plain.loglik, rel=1e-8)
     matched = _matched(plain.params, fast.params, "z")
+    # Where ℓ is flat (gmm-full's weights), the stopping rule on ℓ leaves parameters ~1e-6 short
+    # of the fixed point, by an amount that depends on the start: the accelerated fit must be
+    # within 1e-6, or no further than twice as far as plain EM's own stop from the same start.
+    own = _matched(plain.params, _plain_own_stop(case).params, "z")
     for name, node in plain.params.children.items():
         for key, expected in node.to_dataset().data_vars.items():
             got = matched[name][key]
             scale = float(np.abs(expected.values).max())
-            np.testing.assert_allclose(got.values, expected.values, rtol=1e-6, atol=1e-6 * scale,
+            short = float(np.abs(own[name][key].values - expected.values).max())
+            np.testing.assert_allclose(got.values, expected.values, rtol=1e-6, atol=max(1e-6 * scale, 2 * short),
                                        err_msg=f"{case}: {name}.{key}")
     check_accepted_trace(fast, tol=1e-14)
 
