@@ -971,7 +971,12 @@ def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str 
         values = dict(values)
         members = {name: values.pop(name) for name in joint.names if name in values}
         if plan.latent.name in values:  # the joint's own (internal) entry, e.g. its fixed weights
-            members.update({name: {"probs": v} for name, v in values.pop(plan.latent.name).items()})
+            entry = values.pop(plan.latent.name)
+            if not isinstance(entry, Mapping) or set(entry) - set(joint.names):
+                raise ModelError(f"{what}[{plan.latent.name!r}]: the joint states of several latents take "
+                                 f"each latent's weights under its own name ({what}={{name: {{'probs': ...}}}} "
+                                 f"for a name in {list(joint.names)}), got {entry!r}")
+            members.update({name: {"probs": v} for name, v in entry.items()})
         if what == "init":
             fixed = [name for name in members if name in joint.fixed]
             if fixed:

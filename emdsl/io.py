@@ -44,6 +44,9 @@ FORMAT_VERSION = 1
 
 _TRACE_VARIABLES = ("loglik", "elbo", "kl", "time")
 _TRACE_COORDS = ("restart", "iteration")
+#: per-step coordinates a trace may carry (older files lack them): the check's rounding bound, whether
+#: the point was an accelerated proposal, the E-steps spent so far, and the log-posterior with priors
+_TRACE_OPTIONAL = ("slack", "extrapolated", "e_steps", "logpost")
 # Deflate, the compression netCDF-4 offers everywhere, expands at most about 1032:1, and
 # chunks never written cost nothing on disk; so arrays declaring more bytes than this
 # multiple of the file's size were not written by save() and would only exhaust memory.
@@ -564,6 +567,26 @@ class _Reader:
             self.numbers(ds[name], f"traces/{name}")
         if np.any(ds["time"].values < 0):
             raise self.fail("traces/time", "must be >= 0 (seconds since the restart began)")
+        extra = [str(name) for name in ds.coords if name not in (*_TRACE_COORDS, *_TRACE_OPTIONAL)]
+        if extra:
+            raise self.fail(f"traces/{extra[0]}", "unexpected coordinate; expected only "
+                            f"{list(_TRACE_COORDS + _TRACE_OPTIONAL)}")
+        for name in _TRACE_OPTIONAL:
+            if name not in ds.coords:
+                continue
+            if ds[name].dims != ("step",):
+                raise self.fail(f"traces/{name}", f"expected dims ('step',), got {ds[name].dims}")
+            if name == "extrapolated":
+                if ds[name].dtype.kind != "b" and not (ds[name].dtype.kind in "iu" and np.isin(ds[name].values,
+                                                                                                  (0, 1)).all()):
+                    raise self.fail("traces/extrapolated", f"expected booleans, got {_describe(ds[name].values)}")
+            elif name == "e_steps":
+                if np.any(self.indices(ds[name], "traces/e_steps") < 1):
+                    raise self.fail("traces/e_steps", "must be >= 1 (a restart's first point costs one E-step)")
+            else:
+                self.numbers(ds[name], f"traces/{name}")
+                if name == "slack" and np.any(ds[name].values < 0):
+                    raise self.fail("traces/slack", "must be >= 0 (a rounding bound)")
         restart, iteration = (self.indices(ds[name], f"traces/{name}") for name in _TRACE_COORDS)
         # Restarts are stored one after another, each counting its iterations from 0.
         starts = np.flatnonzero(np.diff(restart, prepend=-1) != 0)

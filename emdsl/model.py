@@ -307,9 +307,9 @@ class Model:
             the sample dimension; an unnamed array becomes the variable ``"x"``
             with dims ``("sample",)`` or ``("sample", "feature")``.
         init : {"kmeans++", "random"}, DataArray, mapping or Fit, default "kmeans++"
-            Starting point. ``"kmeans++"``: k-means++ seeding (scipy) on the
-            continuous variables, each point assigned to its nearest seed, then an
-            M-step. ``"random"``: random responsibilities. A DataArray of
+            Starting point. ``"kmeans++"``: k-means on the continuous variables,
+            from greedy k-means++ seeds run to convergence (at most 100 Lloyd
+            iterations), then an M-step on its labels. ``"random"``: random responsibilities. A DataArray of
             responsibilities with dims (sample, latent). A mapping of starting values
             ``{"z": {"probs": ...}, "x": {"mean": ..., "covariance": ...}}``; a
             parameter left out is estimated from the data (points are assigned to

@@ -48,6 +48,8 @@ _SETTINGS = settings(max_examples=int(_EXAMPLES), deadline=None,
     settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 OUTCOMES: collections.Counter[str] = collections.Counter()
+#: the fit's outcome per model structure (mixture, markov, two latents) and per accelerate=, for the report
+BY_FORM: collections.Counter[str] = collections.Counter()
 #: with EMDSL_FUZZ_REPORT set, bugs are recorded there (with a reproducer) instead of failing the run,
 #: so that one long run counts every outcome
 BUGS: list[dict[str, Any]] = []
@@ -60,7 +62,8 @@ def _report():
     path = os.environ.get("EMDSL_FUZZ_REPORT")
     if path:
         with open(path, "w") as out:
-            json.dump({"outcomes": dict(OUTCOMES.most_common()), "bugs": BUGS}, out, indent=1, default=repr)
+            json.dump({"outcomes": dict(OUTCOMES.most_common()), "by_form": dict(sorted(BY_FORM.items())),
+                       "bugs": BUGS}, out, indent=1, default=repr)
 
 
 # -- generated cases ---------------------------------------------------------------------
@@ -70,15 +73,6 @@ POSITIVE = ("exponential", "gamma", "lognormal")
 COUNTS = ("poisson", "binomial", "multinomial")
 KINDS = REAL + POSITIVE + COUNTS + ("bernoulli", "beta", "categorical")
 FIT_ARGUMENTS = ("init", "n_init", "max_iter", "tol", "seed", "weights", "sample_dim", "callbacks", "data")
-
-
-# Known bugs in code owned elsewhere, reported with reproducers (issue 7): a value near the
-# largest float (1.7e308) in these families gives a NaN log-likelihood or parameters (Poisson,
-# Multinomial) or an infinite rounding slack, which turns the monotonicity check off (the
-# positive and count families, whose Σ|Φ| overflows). Left out of the default runs, so that
-# CI stays meaningful; a collecting run (EMDSL_FUZZ_REPORT) still tries them. Empty this set
-# when they are fixed.
-KNOWN_HUGE_BUGS = frozenset(POSITIVE + COUNTS + ("bernoulli",))
 
 
 @dataclasses.dataclass
@@ -93,8 +87,13 @@ class Case:
 
 
 @st.composite
-def node_specs(draw, index: int, N: int, K: int, rng: np.random.Generator, labels: np.ndarray):
-    """One observed node: (variables {name: DataArray}, observe args, family, culprits, faults)."""
+def node_specs(draw, index: int, N: int, K: int, rng: np.random.Generator, labels: np.ndarray,
+               K_node: int | None = None):
+    """One observed node: (variables {name: DataArray}, observe args, family, culprits, faults).
+
+    ``K`` states generate the values (``labels``); ``K_node`` is the number of parameter sets
+    of the node (fewer with ``given=`` a subset of several latents), which fixed values follow.
+    """
     kind = draw(st.sampled_from(KINDS))
     name = f"v{index}"
     width = draw(st.integers(1, 3))
@@ -106,7 +105,8 @@ def node_specs(draw, index: int, N: int, K: int, rng: np.random.Generator, label
         width = max(width, 2)
     latent = rng.normal(0, 2.5, (K, width))[labels] + rng.normal(size=(N, width))  # a mixture, per component
     faults: list[str] = []
-    family, values = _family_and_values(draw, kind, index, latent, K, width, rng, faults)
+    family, values = _family_and_values(draw, kind, index, latent, K if K_node is None else K_node, width, rng,
+                                        faults)
     values = _perturb(draw, kind, values, rng, faults)
     culprits = {name} | ({"floor"} if "floor=0" in faults else set())
     if layout == "stacked":
@@ -171,8 +171,17 @@ def _family_and_values(draw, kind: str, index: int, latent: np.ndarray, K: int, 
     # categorical: levels learned from the data, or given
     levels = ["a", "b", "c", "d"]
     codes = np.clip((latent + 4).astype(int) // 2, 0, 3)
-    given = draw(st.booleans())
-    return (em.Categorical(levels) if given else em.Categorical()), np.array(levels, dtype=object)[codes]
+    given = draw(st.sampled_from(["learned", "levels", "fixed probs"]))
+    if given == "fixed probs":
+        # fixed probabilities with structural zeros (a level impossible in some states), per element
+        probs = rng.dirichlet(np.ones(4), size=(K, width))
+        probs[rng.random(probs.shape) < 0.3] = 0.0
+        probs[..., 0] += probs.sum(axis=-1) == 0
+        probs /= probs.sum(axis=-1, keepdims=True)
+        faults.append("fixed probs with zeros")
+        return em.Categorical(levels, probs=probs if width > 1 else probs[:, 0]), \
+            np.array(levels, dtype=object)[codes]
+    return (em.Categorical(levels) if given == "levels" else em.Categorical()), np.array(levels, dtype=object)[codes]
 
 
 def _perturb(draw, kind: str, values: np.ndarray, rng, faults: list[str]) -> np.ndarray:
@@ -205,8 +214,6 @@ def _perturb(draw, kind: str, values: np.ndarray, rng, faults: list[str]) -> np.
         values[holes] = None if categorical else np.nan
         faults.append(f"holes={fraction}")
     bad = draw(st.sampled_from([None] * 16 + ["inf", "-inf", "outside", "huge"]))
-    if bad == "huge" and kind in KNOWN_HUGE_BUGS and not _COLLECT:
-        bad = None
     if bad is not None and not categorical:
         i, j = rng.integers(N), rng.integers(width)
         values[i, j] = {"inf": np.inf, "-inf": -np.inf, "huge": 1.7e308,
@@ -229,31 +236,88 @@ def _perturb(draw, kind: str, values: np.ndarray, rng, faults: list[str]) -> np.
 def cases(draw) -> Case:
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    N = draw(st.sampled_from([1, 2, 3, 5, 8, 13, 25, 40, 40, 40]))
-    K = draw(st.integers(1, 6 if N > 8 else N + 1))  # K > N now and then, not mostly
-    labels = rng.integers(K, size=N)
-    model = em.Model()
+    # one latent (a mixture), a Markov latent over "time", or two independent latents (joint states)
+    structure = draw(st.sampled_from(["mixture"] * 6 + ["markov"] * 2 + ["two"] * 2))
     culprits: set[str] = set()
-    has_latent = K > 1 or draw(st.booleans())
+    faults: list[str] = [structure]
+    model = em.Model()
+    n_sequences = steps = 0
+    if structure == "markov":
+        n_sequences, steps = draw(st.sampled_from([1, 2, 3, 5])), draw(st.sampled_from([1, 2, 5, 8, 13]))
+        N = n_sequences * steps
+        K = draw(st.integers(1, 4))
+        sticky = 0.8 * np.eye(K) + 0.2 / K
+        labels = np.empty(N, dtype=int)
+        for i in range(N):  # row i = (sequence i // steps, step i % steps)
+            labels[i] = rng.integers(K) if i % steps == 0 else rng.choice(K, p=sticky[labels[i - 1]])
+    else:
+        N = draw(st.sampled_from([1, 2, 3, 5, 8, 13, 25, 40, 40, 40]))
+        K = draw(st.integers(1, 6 if N > 8 else N + 1))  # K > N now and then, not mostly
+        labels = rng.integers(K, size=N)
     latent_name = draw(st.sampled_from(["z", "cluster"]))
-    if has_latent:
-        states = draw(st.sampled_from([K, [f"s{k}" for k in range(K)]]))
-        model = model.latent(latent_name, em.Categorical(states))
-        culprits.add(latent_name)
+    sizes: dict[str, int] = {}
+    if structure == "two":
+        Ka, Kb = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        K = Ka * Kb
+        labels = rng.integers(K, size=N)  # joint state a·Kb + b
+        sizes = {"ga": Ka, "gb": Kb}
+        model = model.latent("ga", em.Categorical(Ka)).latent("gb", em.Categorical(Kb))
+        culprits |= {"ga", "gb", model.latent_var.name}
+        latent_name = model.latent_var.name
+        has_latent = True
+    elif structure == "markov":
+        fixed: dict[str, Any] = {}
+        transition = draw(st.sampled_from([None, None, "left-right", "zeros"]))
+        if transition == "left-right":
+            fixed["transition"] = np.eye(K) * 0.7 + np.eye(K, k=1) * 0.3
+            fixed["transition"][-1, -1] = 1.0
+        elif transition == "zeros":
+            matrix = rng.dirichlet(np.ones(K), size=K)
+            matrix[rng.random((K, K)) < 0.3] = 0.0
+            matrix[np.arange(K), np.arange(K)] += 0.1
+            fixed["transition"] = matrix / matrix.sum(axis=1, keepdims=True)
+        if draw(st.integers(0, 3)) == 0:
+            initial = np.zeros(K)
+            initial[0] = 1.0
+            fixed["initial"] = initial
+        if fixed:
+            faults.append(f"markov fixed {sorted(fixed)}")
+        model = model.latent(latent_name, em.Categorical(K, **fixed), markov="time")
+        culprits |= {latent_name, "time"}
+        has_latent = True
+    else:
+        has_latent = K > 1 or draw(st.booleans())
+        if has_latent:
+            states = draw(st.sampled_from([K, [f"s{k}" for k in range(K)]]))
+            model = model.latent(latent_name, em.Categorical(states))
+            culprits.add(latent_name)
     data: dict[str, xr.DataArray] = {}
-    faults: list[str] = [f"N={N}", f"K={K}"]
+    faults += [f"N={N}", f"K={K}"]
     for index in range(draw(st.integers(1, 3))):
-        variables, (names, family), names_cited, node_faults = draw(node_specs(index, N, K, rng, labels))
-        model = model.observe(names, family)
+        given = draw(st.sampled_from([None, None, ("ga",), ("gb",), ()])) if structure == "two" else None
+        K_node = K if given is None else int(np.prod([sizes[name] for name in given]))
+        variables, (names, family), names_cited, node_faults = draw(node_specs(index, N, K, rng, labels, K_node))
+        model = model.observe(names, family) if given is None else model.observe(names, family, given=given)
         data.update(variables)
         culprits |= names_cited | {model.observed[-1].name}
-        faults += node_faults
+        faults += node_faults + ([f"given={given}"] if given is not None else [])
+    if structure == "markov":  # rows → (sequence, step): "sample" holds the sequences
+        data = {name: xr.DataArray(np.asarray(da.values).reshape((n_sequences, steps) + da.shape[1:]),
+                                   dims=("sample", "time") + da.dims[1:]) for name, da in data.items()}
+        N = n_sequences
     ds = xr.Dataset(data)
     kwargs: dict[str, Any] = {"seed": seed, "max_iter": draw(st.sampled_from([0, 1, 5, 25])),
                               "tol": draw(st.sampled_from([0.0, 1e-8, 1e-3])), "n_init": draw(st.integers(1, 3))}
     init = draw(st.sampled_from(["kmeans++"] * 4 + ["random", "responsibilities", "bad", "fit-values"]))
     if init == "responsibilities" and has_latent:
-        kwargs["init"] = xr.DataArray(rng.dirichlet(np.ones(K), size=N), dims=("sample", latent_name))
+        start = rng.dirichlet(np.ones(K), size=N * max(steps, 1))
+        if structure == "markov":
+            kwargs["init"] = xr.DataArray(start.reshape(N, steps, K), dims=("sample", "time", latent_name))
+        elif structure == "two":
+            kwargs["init"] = xr.DataArray(start.reshape(N, *sizes.values()), dims=("sample", *sizes))
+        else:
+            kwargs["init"] = xr.DataArray(start, dims=("sample", latent_name))
+        faults.append("init=responsibilities")
     elif init == "bad":
         kwargs["init"] = draw(st.sampled_from(["kmeans", 3, {"nope": {}}, {latent_name: {"probs": [2.0]}}]))
         culprits.add("init")
@@ -274,6 +338,13 @@ def cases(draw) -> Case:
         kwargs["weights"] = "w"
         culprits.add("weights")
         faults.append(f"weights={weights}")
+    if draw(st.integers(0, 3)) == 0:
+        kwargs["prior"] = "weak"
+        faults.append("prior=weak")
+    accelerate = draw(st.sampled_from(["default"] * 3 + [None] * 2 + ["squarem", "daarem"]))
+    if accelerate != "default":
+        kwargs["accelerate"] = accelerate
+    faults.append(f"accelerate={accelerate}")
     for key in ("n_init", "max_iter", "tol", "seed"):
         culprits.add(key)
     return Case(model, ds, kwargs, culprits, faults)
@@ -305,9 +376,13 @@ def _check_fit(fit: em.Fit, case: Case, tmp_path, outcomes: list[str]) -> None:
     traces = fit.traces
     loglik, slack, restart = (traces[v].values for v in ("loglik", "slack", "restart"))
     assert np.isfinite(loglik).all() and np.isfinite(slack).all()
+    assert np.isfinite(traces["elbo"].values).all() and np.isfinite(traces["kl"].values).all(), traces
+    # with a prior (MAP-EM) the objective that never decreases is the log-posterior
+    objective = traces["logpost"].values if "logpost" in traces.coords else loglik
+    assert np.isfinite(objective).all(), objective
     for r in np.unique(restart):
         mine = restart == r
-        assert np.all(np.diff(loglik[mine]) >= -slack[mine][1:]), (r, np.diff(loglik[mine]).min())
+        assert np.all(np.diff(objective[mine]) >= -slack[mine][1:]), (r, np.diff(objective[mine]).min())
     scores = fit.score_samples(case.data).values
     assert np.isfinite(scores).all()
     weights = case.data["w"].values if "weights" in case.kwargs else np.ones(len(scores))
@@ -332,10 +407,13 @@ def _exercise(fit: em.Fit, case: Case, tmp_path, outcomes: list[str]) -> None:
             assert _names_a_culprit(str(error), case, extra={name, "data"} | kinds), (name, str(error))
             outcomes.append(f"after fit, {name}: ModelError")
             continue
-        if name == "predict":
-            assert set(out.values.tolist()) <= set(case.model.latent_var.family.states), out
-        elif name == "predict_proba":
-            assert np.isfinite(out.values).all() and np.allclose(out.values.sum(axis=1), 1.0)
+        if name == "predict":  # a DataArray of states (over sequence and step for a chain), or one per latent
+            labelled = out if isinstance(out, xr.Dataset) else {case.model.latents[0].name: out}
+            for latent in case.model.latents:
+                assert set(np.ravel(labelled[latent.name].values).tolist()) <= set(latent.family.states), out
+        elif name == "predict_proba":  # sums to 1 over the latents' states
+            states = [dim for dim in out.dims if dim in {x.name for x in case.model.latents}]
+            assert np.isfinite(out.values).all() and np.allclose(out.sum(states).values, 1.0), out
         elif name != "sample":
             assert np.isfinite(out), (name, out)
     path = tmp_path / "fit.nc"
@@ -357,6 +435,9 @@ def test_every_case_fits_soundly_or_names_the_culprit(case: Case, tmp_path_facto
     risky = any(fault.startswith(("scale", "offset", "bad value huge")) for fault in case.faults)
     outcomes, bug = _isolated(case, tmp_path) if risky and hasattr(os, "fork") else _outcome(case, tmp_path)
     OUTCOMES.update(outcomes)
+    accelerate = next(fault for fault in case.faults if fault.startswith("accelerate="))
+    for form in (case.faults[0], accelerate):
+        BY_FORM[f"{form}: {outcomes[-1].split(':')[0].split(' (')[0]}"] += 1
     if bug is not None:
         if not _COLLECT:
             raise AssertionError(f"{bug['what']}: {bug['error']}\nfaults: {case.faults}")
@@ -418,3 +499,65 @@ def _isolated(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
         return _bug(f"crash (signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else '?'})",
                     "the process died in native code", case)
     return pickle.loads(payload)
+
+
+# -- classes found by long runs, kept as derandomized examples in every run ----------------------
+
+
+def _regression_cases() -> dict[str, Case]:
+    rng = np.random.default_rng(7)
+    x = np.exp(np.r_[rng.normal(0, 0.5, 20), rng.normal(2, 0.5, 20)] / 2)
+    huge = x.copy()
+    huge[5] = 1.7e308  # with a rate above 1, −rate·x overflows: the cheap rounding bound was infinite
+    z = np.repeat([0, 1], 20)
+    levels = np.array(list("abcd"), dtype=object)[np.where(z == 0, rng.integers(0, 2, 40), 2 + rng.integers(0, 2, 40))]
+    fixed = em.Categorical(list("abcd"), probs=[[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
+    flags = (np.random.default_rng(1188).normal(0, 2.5, (5, 2))[np.random.default_rng(1188).integers(5, size=20)]
+             > 0).astype(float)
+    sequences = xr.Dataset({"v0": (("sample", "time"), levels.reshape(4, 10))})
+    two = em.Model().latent("ga", em.Categorical(2)).latent("gb", em.Categorical(2)).observe("v0", em.Normal,
+                                                                                          given=("gb",))
+    common = {"n_init", "max_iter", "tol", "seed"}
+    return {
+        "Gamma, a value near the largest float (infinite slack)": Case(
+            em.Model().latent("z", em.Categorical(2)).observe("v0", em.Gamma()),
+            xr.Dataset({"v0": ("sample", huge)}), {"seed": 1, "max_iter": 25, "n_init": 2},
+            {"v0", "z"} | common, ["mixture", "bad value huge"]),
+        "Exponential, a value near the largest float, Markov latent (0 · −∞ in the entropy)": Case(
+            em.Model().latent("z", em.Categorical(2), markov="time").observe("v0", em.Exponential()),
+            xr.Dataset({"v0": (("sample", "time"), huge.reshape(4, 10))}), {"seed": 1, "max_iter": 25},
+            {"v0", "z", "time"} | common, ["markov", "bad value huge"]),
+        "Bernoulli, weak prior, weights near 1e100 (the mode rounds to exactly 1)": Case(
+            em.Model().latent("z", em.Categorical(5)).observe("v0", em.Bernoulli()),
+            xr.Dataset({"v0": (("sample", "feature0"), flags), "w": ("sample", rng.uniform(0.5, 3, 20) * 1e100)}),
+            {"seed": 1188, "max_iter": 20, "prior": "weak", "weights": "w"}, {"v0", "z", "weights"} | common,
+            ["mixture", "prior=weak", "weights~1e100"]),
+        "weak prior on fixed level probabilities with zeros": Case(
+            em.Model().latent("z", em.Categorical(2)).observe("v0", fixed),
+            xr.Dataset({"v0": ("sample", levels)}), {"seed": 0, "max_iter": 25, "prior": "weak"},
+            {"v0", "z"} | common, ["mixture", "fixed probs with zeros", "prior=weak"]),
+        "weak prior, fixed probabilities with zeros, Markov latent, plain EM": Case(
+            em.Model().latent("z", em.Categorical(2), markov="time").observe("v0", fixed),
+            sequences, {"seed": 6, "max_iter": 0, "prior": "weak", "accelerate": None, "init": "fit-values"},
+            {"v0", "z", "time"} | common, ["markov", "fixed probs with zeros", "prior=weak"]),
+        "weak prior, a left-to-right transition, Markov latent": Case(
+            em.Model().latent("z", em.Categorical(2, transition=[[0.7, 0.3], [0.0, 1.0]]), markov="time")
+            .observe("v0", em.Normal), xr.Dataset({"v0": (("sample", "time"), np.log(x).reshape(4, 10))}),
+            {"seed": 0, "max_iter": 25, "prior": "weak"}, {"v0", "z", "time"} | common, ["markov", "prior=weak"]),
+        "init keyed by the joint of two latents": Case(
+            two, xr.Dataset({"v0": ("sample", np.log(x))}),
+            {"seed": 3, "max_iter": 5, "init": {"ga×gb": {"probs": [2.0]}}, "accelerate": "squarem"},
+            {"v0", "ga", "gb", "ga×gb", "init"} | common, ["two", "init={'ga×gb': ...}"]),
+        "weak prior with a held mean and two latents": Case(
+            em.Model().latent("ga", em.Categorical(2)).latent("gb", em.Categorical(2))
+            .observe("v0", em.Normal(mean=[0.0, 1.0]), given=("ga",)),
+            xr.Dataset({"v0": ("sample", np.log(x))}), {"seed": 2, "max_iter": 25, "prior": "weak", "n_init": 2},
+            {"v0", "ga", "gb", "ga×gb"} | common, ["two", "prior=weak"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_regression_cases()))
+def test_classes_found_by_long_runs(name, tmp_path):
+    case = _regression_cases()[name]
+    _, bug = _outcome(case, tmp_path)
+    assert bug is None, f"{bug['what']}: {bug['error']}"

@@ -7,6 +7,7 @@ magnitudes, in other families and through the other public calls.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import warnings
@@ -462,3 +463,156 @@ def test_a_sample_error_names_the_node():
         xr.Dataset({"counts": (("sample", "cat"), x)}))
     with pytest.raises(ModelError, match=r"sample: node 'counts'.*total count"):
         fit.sample(3)
+
+
+# -- held parameters get no prior term ---------------------------------------------------------
+
+def _mixed_table(seed: int = 20) -> xr.Dataset:
+    rng = np.random.default_rng(seed)
+    z = rng.integers(2, size=80)
+    x = rng.normal(np.array([0.0, 4.0])[z], 1.0)
+    levels = np.where(z == 0, rng.integers(0, 2, 80), 1 + rng.integers(0, 2, 80))
+    return xr.Dataset({
+        "x": ("sample", x), "pos": ("sample", np.exp(x / 3)), "count": ("sample", rng.poisson(np.exp(x / 3))),
+        "flag": ("sample", (x > 2).astype(float)), "label": ("sample", np.array(list("abc"))[levels]),
+        "pair": (("sample", "f"), np.c_[x, x + rng.normal(size=80)]),
+        "tally": (("sample", "cat"), np.array([rng.multinomial(5, [0.2, 0.3, 0.5] if k else [0.5, 0.5, 0.0])
+                                               for k in z])),
+        "hits": ("sample", rng.binomial(10, np.where(z, 0.7, 0.0)))})
+
+
+# every parameter held, zeros included: a Dirichlet or Beta on them would be −inf
+_ALL_HELD = [
+    ("label", lambda: em.Categorical(["a", "b", "c"], probs=[[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])),
+    ("flag", lambda: em.Bernoulli(probs=[0.0, 1.0])),
+    ("hits", lambda: em.Binomial(10, probs=[0.0, 0.7])),
+    ("tally", lambda: em.Multinomial("cat", probs=[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])),
+    ("count", lambda: em.Poisson(rate=[1.0, 4.0])),
+    ("pos", lambda: em.Exponential(rate=[1.0, 0.2])),
+    ("x", lambda: em.Normal(mean=[0.0, 4.0], variance=[1.0, 1.0])),
+    ("pos", lambda: em.LogNormal(mean=[0.0, 1.3], variance=0.1)),
+    ("pair", lambda: em.MultivariateNormal(mean=[[0, 0], [4, 4]], covariance=np.eye(2))),
+]
+
+
+@pytest.mark.parametrize("variable, make", _ALL_HELD, ids=[f"{v}-{m().kind}" for v, m in _ALL_HELD])
+@pytest.mark.parametrize("accelerate", ["auto", None])
+def test_a_prior_on_held_parameters_adds_nothing(variable, make, accelerate):
+    """prior='weak' (or a declared prior) on a node and a latent whose parameters are all fixed: no term at all."""
+    ds = _mixed_table()
+    model = em.Model().latent("z", em.Categorical(2, probs=[1.0, 0.0])).observe(variable, make())
+    plain = model.fit(ds, accelerate=accelerate, max_iter=3)
+    for prior in ("weak", None):
+        family = make()
+        if prior is None:  # a declared prior instead of the weak one
+            kind = family.prior_type.__name__
+            hyper = {"Dirichlet": {"alpha": 2.0}, "Beta": {"a": 2.0, "b": 2.0}, "Gamma": {"shape": 2.0, "rate": 1.0},
+                     "NormalInverseGamma": {"mean": 0.0, "kappa": 0.1, "shape": 2.0, "scale": 1.0},
+                     "NormalInverseWishart": {"mean": [0.0, 0.0], "kappa": 0.1, "dof": 4.0, "scale": np.eye(2)}}[kind]
+            family = type(family)(**{**family.arguments(), "prior": getattr(em.priors, kind)(**hyper)})
+        latent = em.Categorical(2, probs=[1.0, 0.0], prior=em.priors.Dirichlet(3.0) if prior is None else None)
+        fit = em.Model().latent("z", latent).observe(variable, family).fit(
+            ds, prior=prior, accelerate=accelerate, max_iter=3)
+        trace = fit.traces
+        logpost = trace["logpost"].values if "logpost" in trace.coords else trace["loglik"].values
+        np.testing.assert_array_equal(logpost, trace["loglik"].values)
+        assert fit.loglik == plain.loglik
+
+
+def test_fixed_level_probabilities_with_zeros_under_the_weak_prior():
+    """The reported case: a weak Dirichlet on fixed probabilities with zeros made the log-posterior −inf."""
+    ds = _mixed_table()
+    model = (em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal)
+             .observe("label", em.Categorical(["a", "b", "c"], probs=[[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])))
+    for accelerate in ("auto", None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", em.ConvergenceWarning)  # a −inf objective never converged
+            fit = model.fit(ds, prior="weak", seed=0, accelerate=accelerate)
+        logpost = fit.traces["logpost"].values
+        assert np.isfinite(logpost).all() and np.all(np.diff(logpost) >= -fit.traces["slack"].values[1:])
+        np.testing.assert_array_equal(fit.params["label"]["probs"].values,
+                                      [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: em.Normal(mean=[0.3, 5.0]), lambda: em.Normal("variance", mean=[0.3, 6.0]),
+    lambda: em.LogNormal(mean=[0.0, 1.3]),
+    *[lambda c=c: em.MultivariateNormal(covariance=c, mean=[[0, 0], [4, 5]])
+      for c in ("full", "diag", "spherical", "tied")]])
+def test_a_held_mean_has_no_prior_term_and_the_map_step_matches(make):
+    """A held mean drops the normal factor N(μ; m, Σ/κ): the covariance's MAP step maximizes Q + log p without it."""
+    family = make()
+    variable = "pair" if family.kind == "MultivariateNormal" else ("pos" if family.kind == "LogNormal" else "x")
+    ds = _mixed_table()
+    fit = em.Model().latent("z", em.Categorical(2)).observe(variable, family).fit(
+        ds, prior="weak", seed=0, accelerate=None, max_iter=50)
+    logpost = fit.traces["logpost"].values
+    assert np.isfinite(logpost).all() and np.all(np.diff(logpost) >= -fit.traces["slack"].values[1:])
+    # the M-step is the maximizer of Q + log p over the free parameter: no step along it gains
+    from emdsl.compile import compile_plan, start_values
+    from emdsl.engine.estep import EStep
+    from emdsl.engine.mstep import (
+        expected_complete_loglik,
+        log_prior,
+        maximize,
+        natural_matrix,
+    )
+
+    plan = compile_plan(fit.model, ds, prior="weak")  # the fit's units and its weak prior
+    theta = start_values(plan, labels.tree_values(fit.params), "fit parameters")
+    stats = EStep(plan).summarize(natural_matrix(plan, theta), theta).stats
+    new, _ = maximize(plan, stats, theta)
+    name = "covariance" if family.kind == "MultivariateNormal" else "variance"
+
+    def objective(scale: float) -> float:
+        moved = {**new, variable: {**new[variable], name: new[variable][name] * scale}}
+        return expected_complete_loglik(natural_matrix(plan, moved), stats) + log_prior(plan, moved)[0]
+
+    assert objective(1.0) >= max(objective(1.001), objective(0.999))
+    # the prior's mean m enters only the held mean's factor, which is gone
+    node = plan.nodes[0]
+    before = log_prior(plan, new)[0]
+    node.prior = dataclasses.replace(node.prior, values={**node.prior.values, "mean": node.prior["mean"] + 10.0})
+    assert log_prior(plan, new)[0] == before
+
+
+def test_a_fixed_transition_with_structural_zeros_has_no_prior_term():
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(3, 30)) + np.repeat([0.0, 3.0, 6.0], 10)
+    ds = xr.Dataset({"x": (("run", "time"), x)})
+    left_right = np.array([[0.9, 0.1, 0.0], [0.0, 0.9, 0.1], [0.0, 0.0, 1.0]])
+    for fixed in ({"transition": left_right}, {"transition": left_right, "initial": [1.0, 0.0, 0.0]}):
+        model = em.Model().latent("z", em.Categorical(3, **fixed), markov="time").observe("x", em.Normal)
+        for accelerate in ("auto", None):
+            fit = model.fit(ds, prior="weak", seed=0, accelerate=accelerate)
+            trace = fit.traces
+            assert np.isfinite(trace["logpost"].values).all()
+            np.testing.assert_array_equal(fit.params["z"]["transition"].values, left_right)
+            if "initial" in fixed:  # the chain learns nothing: its prior term is gone; the node's is left
+                weak = em.Model().latent("z", em.Categorical(3, **fixed), markov="time").observe(
+                    "x", em.Normal(mean=fit.params["x"]["mean"].values, variance=fit.params["x"]["variance"].values))
+                held = weak.fit(ds, prior="weak", max_iter=0)
+                assert held.traces["logpost"].values[0] == held.traces["loglik"].values[0]
+
+
+# -- the accelerated trace's coordinates are validated on load ----------------------------------
+
+@pytest.mark.parametrize("variable, change, match", [
+    ("logpost", lambda v: v * np.nan, r"traces/logpost.*not finite"),
+    ("slack", lambda v: -v - 1.0, r"traces/slack.*>= 0"),
+    ("slack", lambda v: v + np.inf, r"traces/slack.*not finite"),
+    ("e_steps", lambda v: v * 0, r"traces/e_steps.*>= 1"),
+])
+def test_crafted_trace_coordinates_are_refused_naming_the_field(tmp_path, variable, change, match):
+    netCDF4 = pytest.importorskip("netCDF4")
+    rng = np.random.default_rng(22)
+    x = np.r_[rng.normal(0, 1, 30), rng.normal(5, 1, 30)]
+    path = tmp_path / "fit.nc"
+    em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal).fit(x, seed=0, prior="weak").save(path)
+    em.load(path)
+    with netCDF4.Dataset(path, "a") as nc:
+        var = nc.groups["traces"].variables[variable]
+        var.set_auto_mask(False)
+        var[...] = change(np.array(var[...]))
+    with pytest.raises(ModelError, match=match):
+        em.load(path)

@@ -189,7 +189,9 @@ class EStep:
                         stats[:, block] += extra
                         entropy += gained
                 loglik += sum_peak + sum_log_total
-                # −Σ w r log r with log r = (L − max) − log Σ exp(L − max), and Σ_k r = 1
+                # −Σ w r log r with log r = (L − max) − log Σ exp(L − max), and Σ_k r = 1. A state whose
+                # L is −∞ (its terms overflow: x near the largest float) has r = 0 exactly and adds 0, not NaN.
+                np.maximum(shifted, np.finfo(shifted.dtype).min, out=shifted)
                 entropy += sum_log_total - float(np.vdot(resp, shifted))
             return Summary(stats, loglik, entropy, magnitude)
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from emdsl.compile import Plan
+from emdsl.compile import SCAN_ROWS, Plan, blocks
+from emdsl.data import is_chunked
 from emdsl.engine.estep import EStep
 from emdsl.engine.events import IterationEvent, dispatch
 from emdsl.engine.mstep import (
@@ -193,11 +194,41 @@ def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:
     while the sums that produce it are large (a component collapsing onto a point).
     """
     eps = np.finfo(plan.dtype).eps  # float32's when the E-step runs in single precision (engine/precision.py)
-    terms = float(np.abs(H).max(axis=0) @ plan.phi_magnitude) + magnitude + abs(plan.log_base_total)
+    terms = _summed_magnitude(plan, H) + magnitude + abs(plan.log_base_total)
     # Sums inside a block run over up to 16k rows in BLAS (no pairwise summation): √(S·n)
     # is the typical growth of their error; blocks then add up in a short tree.
     depth = np.sqrt(plan.n_stats * min(plan.n_samples, 16384.0)) + np.log2(plan.n_samples + 2)
     return float(_ULPS * eps * depth * terms)
+
+
+def _summed_magnitude(plan: Plan, H: np.ndarray) -> float:
+    """A bound on Σ_n w_n Σ_s |H_ks Φ_sn| over the terms that reach ℓ and the ELBO.
+
+    Cheap form: Σ_s max_k |H_ks| Σ_n w_n |Φ_sn|. It overflows when a value near the
+    largest float meets a coefficient above 1 (Gamma's rate, an Exponential's): that
+    product is −∞ in L, the state's probability for that sample is exactly 0, and the
+    term reaches neither ℓ nor the statistics. Then the bound is taken per sample over
+    the states whose L is finite, max_k Σ_s |H_ks| |Φ_sn| (one more pass over the data,
+    only in that case), which bounds both ℓ's and the ELBO's terms (each weighs the
+    states by responsibilities that sum to 1).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        cheap = float(np.abs(H).max(axis=0) @ plan.phi_magnitude)
+    if np.isfinite(cheap):
+        return cheap
+    if is_chunked(plan):
+        return cheap
+    S = plan.n_stats
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.abs(H[:, S:]).max(axis=0, initial=0.0) @ plan.phi_magnitude[S:]) if H.shape[1] > S else 0.0
+        absolute = np.abs(H[:, :S])
+        for a, b in blocks(plan.n_samples, SCAN_ROWS):
+            phi = np.empty((S, b - a))
+            plan.read(a, b, phi, np.empty(plan.max_D * (b - a)))
+            finite = np.isfinite(H[:, :S] @ phi)
+            sizes = np.where(finite, absolute @ np.abs(phi), 0.0).max(axis=0)
+            total += float(sizes.sum() if plan.weights is None else sizes @ plan.weights[a:b])
+    return total
 
 
 def prior_slack(plan: Plan, *magnitudes: float) -> float:

@@ -24,7 +24,7 @@ from emdsl.engine.events import FitInfo, dispatch
 from emdsl.engine.init import initial_theta
 from emdsl.engine.loop import RestartResult, StopFlag, restart_seeds, run_em
 from emdsl.engine import online
-from emdsl.engine.mstep import Theta
+from emdsl.engine.mstep import Theta, has_prior
 from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError
 from emdsl.latent.joint import JointCategorical
 
@@ -226,9 +226,12 @@ def _warn_degenerate(plan: Plan, reasons: list[str], n_runs: int) -> None:
         fewer = ", or fewer states for a latent"
     floors = sorted({node.family.floor for node in plan.nodes if node.family.floor > 0})
     larger = f"a larger floor (e.g. floor={max(floors) * 1000:g} in the family)" if floors else "a larger floor="
+    # with a prior already in use, the weak one is no remedy: a stronger one, declared on the node, may be
+    remedy = ("a stronger prior declared on the node (e.g. em.Normal(prior=em.priors.NormalInverseGamma(...)))"
+              if has_prior(plan) else "prior='weak' (fit(..., prior='weak'))")
     warnings.warn(f"{'every restart' if n_runs > 1 else 'the fit'} collapsed ({'; '.join(reasons[:3])}"
                   f"{'; ...' if len(reasons) > 3 else ''}): its likelihood is spurious and the fit is marked "
-                  f"degenerate. Fit again with prior='weak' (fit(..., prior='weak')), {larger}{fewer}; "
+                  f"degenerate. Fit again with {remedy}, {larger}{fewer}; "
                   "more restarts (n_init=10) may also find a sound optimum",
                   DegenerateComponentWarning, stacklevel=4)
 

@@ -99,6 +99,11 @@ class Family:
         if prior is None:
             self.prior = None
             return
+        from emdsl.regression import SUPPORTED
+
+        if getattr(prior, "on_coefficients", False) and self.kind in SUPPORTED:
+            self.prior = prior  # on a regression's coefficients: checked with covariates= (emdsl.regression)
+            return
         if self.prior_type is None:
             raise ModelError(f"{where}: no conjugate prior is available for {self.kind}, so its M-step "
                              "cannot be a closed-form MAP estimate; fit it without a prior (prior=None)")
@@ -131,18 +136,35 @@ class Family:
         """The weakly informative prior's hyperparameters (internal units) from Σ_n w_n Φ_n of this node."""
         raise NotImplementedError
 
+    def learns_nothing(self) -> bool:
+        """Whether every parameter is fixed in the declaration: a prior then has nothing to act on.
+
+        Held parameters get no prior term (a fixed probability of 0 would make a Dirichlet's
+        or a Beta's log density −∞); families with several parameters drop the held ones'
+        factors in :meth:`log_prior` and in their MAP M-step.
+        """
+        return set(self.param_axes()) <= set(self.fixed)
+
     def bind_prior(self, values: Mapping[str, np.ndarray], center: np.ndarray | None, scale: np.ndarray | None,
-                   K: int, where: str) -> BoundPrior:
-        """The declared prior, its hyperparameters (data units, shaped by :meth:`prior_axes`) in internal units."""
+                   K: int, where: str) -> BoundPrior | None:
+        """The declared prior, its hyperparameters (data units, shaped by :meth:`prior_axes`) in internal units.
+
+        None when every parameter is held (:meth:`learns_nothing`): no prior term at all.
+        """
         assert self.prior is not None
+        if self.learns_nothing():
+            return None
         internal = {key: np.asarray(value, dtype=float) for key, value in
                     self.standard_prior(values, center, scale).items()}
         self.check_prior(internal, where)
         return BoundPrior(self.prior.kind, internal, self.prior_jacobian(scale, K))
 
     def weak_prior(self, stats: np.ndarray, scale: np.ndarray | None, K: int) -> BoundPrior | None:
-        """The weakly informative prior of ``fit(prior="weak")``, or None if the family takes no prior."""
-        if self.prior_type is None:
+        """The weakly informative prior of ``fit(prior="weak")``, or None if the family takes no prior.
+
+        None too when every parameter is held (:meth:`learns_nothing`).
+        """
+        if self.prior_type is None or self.learns_nothing():
             return None
         values = {key: np.asarray(value, dtype=float) for key, value in self.weak_prior_values(stats, K).items()}
         return BoundPrior(self.prior_type.__name__, values, self.prior_jacobian(scale, K))

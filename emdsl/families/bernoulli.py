@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import special
 
 from emdsl import priors
 from emdsl.families._base import (
@@ -73,8 +74,17 @@ def beta_weak(trials: np.ndarray, successes: np.ndarray) -> Params:
 
 
 def beta_log_prior(params: Params, prior: BoundPrior) -> tuple[float, float]:
-    """log Beta(p; a, b) summed over states and elements."""
-    return priors.total(priors.beta_terms(params["probs"], prior["a"], prior["b"]))
+    """log Beta(p; a, b) summed over states and elements.
+
+    log p and log(1 − p) are floored at log 1e-300, as in η: with counts near 1e100 the
+    mode 1 − (b − 1)/(N + a + b − 2) rounds to exactly 1, whose (b − 1) log(1 − p) would be −∞.
+    """
+    p, a, b = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (params["probs"], prior["a"], prior["b"])))
+    with np.errstate(divide="ignore"):
+        log_p, log_q = np.maximum(np.log(p), _LOG_TINY), np.maximum(np.log1p(-p), _LOG_TINY)
+    # (a − 1)·log p with 0·log 0 = 0 (a = 1 at p = 0), as priors.beta_terms
+    return priors.total([np.where(a == 1.0, 0.0, (a - 1.0) * log_p), np.where(b == 1.0, 0.0, (b - 1.0) * log_q),
+                         -special.betaln(a, b)])
 
 
 class Bernoulli(ElementwiseFamily):

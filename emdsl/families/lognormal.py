@@ -134,7 +134,7 @@ class LogNormal(ElementwiseFamily):
         if "variance" in hold:
             return {"mean": mean, "variance": np.broadcast_to(np.asarray(hold["variance"], dtype=float),
                                                               (K, D)).copy()}, []
-        raw = nig_variance(nk, s_log, s_loglog, mean, prior)
+        raw = nig_variance(nk, s_log, s_loglog, mean, prior, mean_prior="mean" not in self.fixed)
         variance, low = apply_floor(raw, self.floor)
         return {"mean": mean, "variance": variance}, [
             (int(k), float(raw[k].min())) for k in np.flatnonzero(low.any(axis=1))]
@@ -148,7 +148,7 @@ class LogNormal(ElementwiseFamily):
         return nig_weak(nk, s_log, s_loglog, K, self.floor)
 
     def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
-        return nig_log_prior(params["mean"], params["variance"], prior)
+        return nig_log_prior(params["mean"], params["variance"], prior, held=self.fixed)
 
     def default_params(self, K: int, D: int) -> Params:
         return {"mean": np.zeros((K, D)), "variance": np.ones((K, D))}

@@ -270,15 +270,17 @@ class MultivariateNormal(ObservedFamily):
             mean = (kappa * m + s_x) / (kappa + nk)[:, None]
         if "covariance" in hold:
             return {"mean": mean, "covariance": np.asarray(hold["covariance"], dtype=float)}, []
-        offset = mean - m
+        # A held mean has no prior term: the normal factor N(μ; m, Σ/κ) leaves the covariance's step.
+        normal_factor = "mean" not in self.fixed
+        offset = (mean - m) * normal_factor
         if self.covariance_type in ("diag", "spherical"):
             if self.covariance_type == "spherical":
                 spread = s_xx[:, 0] - 2.0 * np.einsum("kd,kd->k", mean, s_x) + nk * np.einsum("kd,kd->k", mean, mean)
                 raw = (spread + kappa * np.einsum("kd,kd->k", offset, offset) + np.trace(psi) / D) / (
-                    D * nk + D + dof + 2.0)
+                    D * nk + D * normal_factor + dof + 2.0)
             else:
                 raw = (normal.scatter(s_x, s_xx, nk, mean) + kappa * offset**2 + np.diagonal(psi)) / (
-                    nk + dof + 3.0)[:, None]
+                    nk + dof + 2.0 + normal_factor)[:, None]
             cov, low = normal.apply_floor(raw, self.floor, kind=self.kind)
             low_any = low if low.ndim == 1 else low.any(axis=1)
             smallest = raw if raw.ndim == 1 else raw.min(axis=1)
@@ -288,12 +290,12 @@ class MultivariateNormal(ObservedFamily):
         spread = second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
         spread += kappa * np.einsum("ki,kj->kij", offset, offset)
         if self.covariance_type == "tied":
-            denominator = float(nk.sum()) + K + dof + D + 1.0
+            denominator = float(nk.sum()) + K * normal_factor + dof + D + 1.0
             cov, smallest = _floor_eigenvalues((spread.sum(axis=0) + psi) / denominator, self.floor,
                                                float(np.trace(second.sum(axis=0))) / denominator,
                                                "the shared (tied) covariance")
             return {"mean": mean, "covariance": cov}, [] if smallest is None else [(-1, smallest)]
-        denominator = nk + dof + D + 2.0
+        denominator = nk + dof + D + 1.0 + normal_factor
         raw = (spread + psi) / denominator[:, None, None]
         floored, cov = [], np.empty_like(raw)
         for k in range(K):
@@ -328,7 +330,9 @@ class MultivariateNormal(ObservedFamily):
         per_covariance = {"full": (D + 1) * log_scale, "tied": (D + 1) * log_scale,
                           "diag": 2 * log_scale, "spherical": 2 * log_scale / D}[self.covariance_type]
         n_covariances = 1 if self.covariance_type == "tied" else K
-        return -(K * log_scale + n_covariances * per_covariance)
+        # held parameters have no prior term, and no Jacobian
+        fixed = self.fixed
+        return -(K * log_scale * ("mean" not in fixed) + n_covariances * per_covariance * ("covariance" not in fixed))
 
     def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
         """m = the data's mean, κ = 0.01, ν = D + 2, Ψ = ν · var(x) / K^(2/D).
@@ -376,6 +380,10 @@ class MultivariateNormal(ObservedFamily):
         else:
             terms = priors.normal_terms(mean, m, cov[:, None] / kappa)
             terms += priors.inverse_gamma_terms(cov, dof / 2.0, np.trace(psi) / (2.0 * D))
+        # the first three terms are the normal factor of the means, the others the covariances' (inverse-
+        # gamma or inverse-Wishart): a held parameter has no prior term
+        fixed = self.fixed
+        terms = ([] if "mean" in fixed else terms[:3]) + ([] if "covariance" in fixed else terms[3:])
         value, size = priors.total(terms)
         return value + prior.log_jacobian, size + abs(prior.log_jacobian)
 

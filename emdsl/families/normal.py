@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -102,24 +102,33 @@ def nig_mean(nk: np.ndarray, s_x: np.ndarray, prior: BoundPrior) -> np.ndarray:
 
 
 def nig_variance(nk: np.ndarray, s_x: np.ndarray, s_xx: np.ndarray, mean: np.ndarray, prior: BoundPrior,
-                 tied: bool = False) -> np.ndarray:
+                 tied: bool = False, mean_prior: bool = True) -> np.ndarray:
     """The posterior mode of the variance given the mean (before any floor).
 
     σ² = (2b + Σ r (x − μ)² + κ (μ − m)²) / (N + 2a + 3); tied over the K states:
     (2b + Σ_k [...]) / (Σ_k N_k + K + 2a + 2) (one inverse-gamma, K normal means).
+    With ``mean_prior=False`` (a held mean, which gets no prior term) the inverse-gamma
+    alone: (2b + Σ r (x − μ)²) / (N + 2a + 2), tied (2b + Σ_k [...]) / (Σ_k N_k + 2a + 2).
     """
     a, b = prior["shape"], prior["scale"]
-    spread = scatter(s_x, s_xx, nk, mean) + prior["kappa"] * (mean - prior["mean"]) ** 2
+    spread = scatter(s_x, s_xx, nk, mean)
+    if mean_prior:
+        spread = spread + prior["kappa"] * (mean - prior["mean"]) ** 2
     if tied:
-        return (spread.sum(axis=0) + 2.0 * b) / (nk.sum(axis=0) + len(nk) + 2.0 * a + 2.0)
-    return (spread + 2.0 * b) / (nk + 2.0 * a + 3.0)
+        return (spread.sum(axis=0) + 2.0 * b) / (nk.sum(axis=0) + len(nk) * mean_prior + 2.0 * a + 2.0)
+    return (spread + 2.0 * b) / (nk + 2.0 * a + 2.0 + mean_prior)
 
 
-def nig_log_prior(mean: np.ndarray, variance: np.ndarray, prior: BoundPrior) -> tuple[float, float]:
-    """log p(μ, σ²) under a normal-inverse-gamma prior (a tied variance (D,) counted once)."""
+def nig_log_prior(mean: np.ndarray, variance: np.ndarray, prior: BoundPrior,
+                  held: Container[str] = ()) -> tuple[float, float]:
+    """log p(μ, σ²) under a normal-inverse-gamma prior (a tied variance (D,) counted once).
+
+    A parameter named in ``held`` (fixed in the declaration) has no prior term: a held
+    mean drops the factor N(μ; m, σ²/κ), a held variance the inverse-gamma.
+    """
     m, kappa, a, b = (prior[key] for key in ("mean", "kappa", "shape", "scale"))
-    terms = priors.normal_terms(mean, m, np.broadcast_to(variance, np.shape(mean)) / kappa)
-    terms += priors.inverse_gamma_terms(variance, a, b)
+    terms = [] if "mean" in held else priors.normal_terms(mean, m, np.broadcast_to(variance, np.shape(mean)) / kappa)
+    terms += [] if "variance" in held else priors.inverse_gamma_terms(variance, a, b)
     value, size = priors.total(terms)
     return value + prior.log_jacobian, size + abs(prior.log_jacobian)
 
@@ -263,7 +272,8 @@ class Normal(ElementwiseFamily):
         mean = held_or(hold, "mean", (K, D), lambda: nig_mean(nk, s_x, prior))
         if "variance" in hold:
             return {"mean": mean, "variance": np.asarray(hold["variance"], dtype=float)}, []
-        raw = nig_variance(nk, s_x, s_xx, mean, prior, tied=self.tied == "variance")
+        raw = nig_variance(nk, s_x, s_xx, mean, prior, tied=self.tied == "variance",
+                           mean_prior="mean" not in self.fixed)
         variance, low = apply_floor(raw, self.floor, tied=self.tied == "variance")
         if self.tied == "variance":
             return {"mean": mean, "variance": variance}, [(-1, float(raw.min()))] if low.any() else []
@@ -280,16 +290,20 @@ class Normal(ElementwiseFamily):
                 "shape": values["shape"], "scale": values["scale"] / scale**2}
 
     def prior_jacobian(self, scale: np.ndarray | None, K: int) -> float:
-        # μ = c + s μ' and σ² = s² σ'²: each mean contributes −log s, each variance −2 log s.
+        # μ = c + s μ' and σ² = s² σ'²: each mean contributes −log s, each variance −2 log s
+        # (held ones have no prior term, and no Jacobian).
         log_scale = float(np.log(scale).sum()) if scale is not None else 0.0
-        return -(K + 2) * log_scale if self.tied == "variance" else -3 * K * log_scale
+        fixed = self.fixed
+        means = 0 if "mean" in fixed else K
+        variances = 0 if "variance" in fixed else (1 if self.tied == "variance" else K)
+        return -(means + 2 * variances) * log_scale
 
     def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
         nk, (s_x, s_xx) = self.split(stats, self.n_suff)
         return nig_weak(nk, s_x, s_xx, K, self.floor or 1e-12)
 
     def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
-        return nig_log_prior(params["mean"], params["variance"], prior)
+        return nig_log_prior(params["mean"], params["variance"], prior, held=self.fixed)
 
     def default_params(self, K: int, D: int) -> Params:
         variance = np.ones(D) if self.tied == "variance" else np.ones((K, D))

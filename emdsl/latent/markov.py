@@ -223,7 +223,8 @@ class Markov(LatentStructure):
         m = len(starts) - 1
         per_sequence, sizes = np.empty(m), np.empty(m)
         sequence_sums(peak, np.log(scale[:n]), starts, per_sequence, sizes)
-        return float(np.vdot(resp, L)), per_sequence, sizes
+        # Σ γ L over the states with γ > 0: an L of −∞ (overflowing terms) has γ = 0 exactly and adds 0, not NaN
+        return float(np.vdot(resp, np.maximum(L, np.finfo(L.dtype).min))), per_sequence, sizes
 
     def factorized(self, resp: np.ndarray, starts: np.ndarray, weights: np.ndarray
                    ) -> tuple[np.ndarray, float]:
@@ -289,7 +290,7 @@ def _plain(label: Any) -> Any:
 
 
 def chain_log_prior(params: Params, alpha: np.ndarray) -> tuple[float, float]:
-    """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), and the magnitude of its terms.
+    """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), and the magnitude of its terms (of those in ``params``).
 
     Each density is over its row's support: the entries that are > 0, or whose α is 1
     (those add nothing but Γ(Σα)); a zero with α > 1 is a structural zero, outside the
@@ -302,8 +303,9 @@ def chain_log_prior(params: Params, alpha: np.ndarray) -> tuple[float, float]:
 
     alpha = np.asarray(alpha, dtype=float)
     terms = []
-    for value in (np.atleast_2d(np.asarray(params["initial"], dtype=float)),
-                  np.asarray(params["transition"], dtype=float)):
+    # a parameter left out of ``params`` (held: fixed in the declaration) has no prior term
+    for value in (np.atleast_2d(np.asarray(params[name], dtype=float)) for name in ("initial", "transition")
+                  if name in params):
         a = np.broadcast_to(alpha, value.shape)
         support = (value > 0) | (a == 1.0)
         terms += [gammaln(np.where(support, a, 0.0).sum(axis=1)), -np.where(support, gammaln(a), 0.0).sum(axis=1),
