@@ -1081,19 +1081,8 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
                 bad = next(v for v in raw if not isinstance(v, str | bool | int | np.integer))
                 raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                                  f"{type(bad).__name__} values such as {bad!r}); convert it to numbers or to labels")
-            if terms is None:
-                levels = _levels(da, raw)
-                if len(levels) < 2 and intercept:
-                    raise ModelError(f"{where}: the covariate {name!r} is constant (every value is {levels[0]!r}); "
-                                     "it duplicates the intercept. Drop it")
-                kept = levels[1:] if intercept else levels
-            else:
-                kept = [t[len(name) + 1:-1] for t in terms if t.startswith(f"{name}[") and t.endswith("]")]
-                strings = {str(v) for v in raw}
-                outside = sorted(strings - set(kept))
-                if len(outside) > 1 or (outside and not intercept):
-                    raise ModelError(f"{where}: the covariate {name!r} has levels {outside} that the fit did not "
-                                     f"see (it knows {kept} and one baseline level)")
+            kept = _kept_levels(where, name, _levels(da, raw) if terms is None else None,
+                                {str(v) for v in raw}, terms, intercept)
             text = np.array([str(v) for v in raw], dtype=object)
             for level in kept:
                 columns.append((text == str(level)).astype(float))
@@ -1104,6 +1093,24 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
     if terms is not None and list(terms) != names:
         raise ModelError(f"{where}: the new data give the terms {names}, but the fit has {list(terms)}")
     return (np.column_stack(columns) if columns else np.zeros((n, 0))), names
+
+
+def _kept_levels(where: str, name: str, levels: list[Any] | None, strings: set[str],
+                 terms: Sequence[str] | None, intercept: bool) -> list[Any]:
+    """The levels of a categorical covariate that get a column: all but the first (the baseline) when
+    there is an intercept; for new data (``terms`` given), the fit's, and no level it did not see."""
+    if terms is None:
+        assert levels is not None
+        if len(levels) < 2 and intercept:
+            raise ModelError(f"{where}: the covariate {name!r} is constant (every value is {levels[0]!r}); "
+                             "it duplicates the intercept. Drop it")
+        return levels[1:] if intercept else levels
+    kept = [t[len(name) + 1:-1] for t in terms if t.startswith(f"{name}[") and t.endswith("]")]
+    outside = sorted(strings - set(kept))
+    if len(outside) > 1 or (outside and not intercept):
+        raise ModelError(f"{where}: the covariate {name!r} has levels {outside} that the fit did not "
+                         f"see (it knows {kept} and one baseline level)")
+    return kept
 
 
 def check_design(design: Any, terms: Sequence[str], covariates: Sequence[str], intercept: bool,
@@ -1284,18 +1291,7 @@ def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: boo
         if bad[0] >= 0:
             raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                              f"{type(bad[1]).__name__} values such as {bad[1]!r}); convert it to numbers or to labels")
-        if terms is None:
-            levels = sorted(strings)
-            if len(levels) < 2 and intercept:
-                raise ModelError(f"{where}: the covariate {name!r} is constant (every value is {levels[0]!r}); "
-                                 "it duplicates the intercept. Drop it")
-            kept = levels[1:] if intercept else levels
-        else:
-            kept = [t[len(name) + 1:-1] for t in terms if t.startswith(f"{name}[") and t.endswith("]")]
-            outside = sorted(strings - set(kept))
-            if len(outside) > 1 or (outside and not intercept):
-                raise ModelError(f"{where}: the covariate {name!r} has levels {outside} that the fit did not "
-                                 f"see (it knows {kept} and one baseline level)")
+        kept = _kept_levels(where, name, sorted(strings) if terms is None else None, strings, terms, intercept)
         specs.append(list(kept))
         names.extend(f"{name}[{level}]" for level in kept)
     if terms is not None and list(terms) != names:
