@@ -179,10 +179,10 @@ def test_rows_beyond_the_seed_sample_are_assigned_in_the_seeding_space(monkeypat
 
     ds = _log_clusters()
     model = em.Model().latent("z", em.Categorical(3)).observe("x", em.LogNormal)
-    best = model.fit(ds, seed=0, n_init=5).loglik
+    best = model.fit(ds, seed=0, n_init=5, tol=1e-13).loglik
     monkeypatch.setattr(chunked, "SEED_SAMPLE", 150)
-    for seed in range(4):
-        assert model.fit(ds.chunk({"sample": 256}), seed=seed).loglik == pytest.approx(best, rel=1e-9)
+    for seed in range(4):  # tol: the optimum itself, not where one stopping rule or another left the fit
+        assert model.fit(ds.chunk({"sample": 256}), seed=seed, tol=1e-13).loglik == pytest.approx(best, rel=1e-9)
 
 # -- bad input ----------------------------------------------------------------------------------
 def test_nan_weight_names_the_chunk(data: xr.Dataset) -> None:

@@ -86,11 +86,19 @@ from emdsl.errors import ModelError, MonotonicityError
 Method = Literal["squarem", "daarem"]
 #: the values ``fit(accelerate=...)`` takes besides None (plain EM) and "auto"
 METHODS: tuple[str, ...] = ("squarem", "daarem")
-#: what ``accelerate="auto"`` runs where acceleration applies. Measured with
-#: benchmarks/bench_accelerate.py: SQUAREM needs 4–17× fewer E-steps than plain EM on the slow
-#: cases (Hasselblad, overlapping Gaussians, 20% missing, HMM) and the same on Old Faithful;
-#: DAAREM ranges from 1.2× (missing values) to 57× (Hasselblad).
+#: what ``accelerate="auto"`` runs once EM is slow (see :data:`AUTO_RATE`). Measured with
+#: benchmarks/bench_accelerate.py: SQUAREM needs 3.6–17× fewer E-steps than plain EM on the slow
+#: cases (Hasselblad, overlapping Gaussians, HMM); DAAREM ranges from 2.8× (overlapping
+#: Gaussians) to 57× (Hasselblad).
 DEFAULT: Method = "squarem"
+#: "auto" takes plain EM steps while EM converges fast: until the objective's gain over one step
+#: exceeds this fraction of the previous step's (EM's linear rate, the largest fraction of missing
+#: information). At rate r plain EM divides the error by 1/r per E-step, and a SQUAREM cycle costs
+#: three E-steps; measured (benchmarks/bench_accelerate.py, plain EM's first ratios): Old Faithful
+#: stays below 0.06 and converges in 6 E-steps, where SQUAREM's cycle structure needs 7; the slow
+#: cases pass 0.3 within three steps (Hasselblad 0.50, overlapping Gaussians 0.33, 20% missing 0.32,
+#: HMM 0.39) and then climb towards 0.8–1.
+AUTO_RATE = 0.25
 
 
 def check_method(accelerate: Any) -> Method | Literal["auto"] | None:
@@ -101,14 +109,16 @@ def check_method(accelerate: Any) -> Method | Literal["auto"] | None:
     raise ModelError(f"fit(accelerate=...): expected one of {choices} (None is plain EM), got {accelerate!r}")
 
 
-def resolve(accelerate: Method | Literal["auto"] | None, *, online: bool, max_iter: int = 1) -> Method | None:
-    """"auto": :data:`DEFAULT` for full-batch EM; plain EM, quietly, where acceleration does not
-    apply: online methods (minibatch steps, nothing to extrapolate; an explicit choice is refused
-    there) and ``max_iter=0`` (no step at all). Priors are accelerated too (the objective is then
-    the log-posterior, see :func:`evaluate`)."""
+def resolve(accelerate: Method | Literal["auto"] | None, *, online: bool,
+            max_iter: int = 1) -> Method | Literal["auto"] | None:
+    """"auto" stays "auto" for full-batch EM (:func:`run`: plain EM steps while EM converges fast,
+    then :data:`DEFAULT`); plain EM, quietly, where acceleration does not apply: online methods
+    (minibatch steps, nothing to extrapolate; an explicit choice is refused there) and
+    ``max_iter=0`` (no step at all). Priors are accelerated too (the objective is then the
+    log-posterior, see :func:`evaluate`)."""
     if accelerate != "auto":
         return accelerate
-    return None if online or max_iter == 0 else DEFAULT
+    return None if online or max_iter == 0 else "auto"
 
 
 @dataclasses.dataclass
@@ -290,11 +300,31 @@ class Accelerator:
         converged = self.tol > 0 and q.objective - p.objective <= self.tol * abs(q.objective)
         return Accepted(q, elbo, slack, False, floored, converged)
 
-    def iterations(self) -> Iterator[Accepted]:
-        """Accepted iterations from the current point, one at a time (endless: the caller stops)."""
+    def iterations(self, rate: float | None = None) -> Iterator[Accepted]:
+        """Accepted iterations from the current point, one at a time (endless: the caller stops).
+
+        With ``rate``, plain EM steps first, while each step's gain in the objective is at most
+        ``rate`` times the previous one's (see :data:`AUTO_RATE`).
+        """
+        if rate is not None:
+            yield from self._plain_while_fast(rate)
         cycle = self._squarem if self.method == "squarem" else self._daarem
         while True:
             yield from cycle()
+
+    def _plain_while_fast(self, rate: float) -> Iterator[Accepted]:
+        """Plain EM steps until EM's observed linear rate exceeds ``rate`` (or the fit converges)."""
+        previous_gain = None
+        while True:
+            before = self.current.objective
+            accepted = self._accept(self._plain(self.current, self.iteration))
+            yield accepted
+            if accepted.converged:
+                return
+            gain = accepted.point.objective - before
+            if previous_gain is not None and previous_gain > 0 and gain > rate * previous_gain:
+                return
+            previous_gain = gain
 
     def _accept(self, accepted: Accepted) -> Accepted:
         """Check the accepted sequence at run time, like the plain loop, and move to the new point."""
@@ -514,12 +544,14 @@ class Accelerator:
         return vt.T @ (d * uf / (d * d + lam))
 
 
-def run(method: Method, plan: Plan, estep: EStep, start: Point, *, result: Any, max_iter: int, tol: float,
+def run(method: Method | Literal["auto"], plan: Plan, estep: EStep, start: Point, *, result: Any, max_iter: int, tol: float,
         stop: Any, report: Callable[[float | None], None], warn_collapsed: Callable[..., None],
         clock_start: float, **options: Any) -> None:
     """Accelerated iterations appended to ``result`` (a loop.RestartResult) until converged, stopped or max_iter."""
-    accelerator = Accelerator(method, plan, estep, start, tol=tol, warn_collapsed=warn_collapsed, **options)
-    iterations = accelerator.iterations()
+    auto = method == "auto"  # plain EM while it converges fast, then DEFAULT (see AUTO_RATE)
+    accelerator = Accelerator(DEFAULT if auto else method, plan, estep, start, tol=tol,
+                              warn_collapsed=warn_collapsed, **options)
+    iterations = accelerator.iterations(AUTO_RATE if auto else None)
     for _ in range(max_iter):
         if stop.requested:
             result.stopped = True
