@@ -87,7 +87,38 @@ def beta_log_prior(params: Params, prior: BoundPrior) -> tuple[float, float]:
                          -special.betaln(a, b)])
 
 
-class Bernoulli(ElementwiseFamily):
+class _SuccessProbability(ElementwiseFamily):
+    """What Bernoulli and Binomial share: a success probability per state and element, its
+    log-odds as η, the fraction of successes as the M-step, and a Beta prior. The presence
+    rows of Φ hold the trials (1 per observed Bernoulli element)."""
+
+    def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
+        eta, log_partition = log_odds(params["probs"])
+        return [eta], log_partition
+
+    def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
+            previous: Params | None) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        return {"probs": fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"])}, []
+
+    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
+                       prior: BoundPrior) -> tuple[Params, Floored]:
+        K, D = nk.shape
+        return {"probs": posterior_fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"],
+                                            prior)}, []
+
+    def prior_axes(self) -> dict[str, Axes]:
+        return {"a": ("event",), "b": ("event",)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        trials, (s_x,) = self.split(stats, self.n_suff)
+        return beta_weak(trials, s_x)
+
+    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
+        return beta_log_prior(params, prior)
+
+
+class Bernoulli(_SuccessProbability):
     r"""Bernoulli distribution of 0/1 values, independent for each element of a variable.
 
     .. math::
@@ -134,31 +165,6 @@ class Bernoulli(ElementwiseFamily):
 
     def suff(self, x: np.ndarray) -> list[np.ndarray]:
         return [x]
-
-    def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
-        eta, log_partition = log_odds(params["probs"])
-        return [eta], log_partition
-
-    def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
-            previous: Params | None) -> tuple[Params, Floored]:
-        K, D = nk.shape
-        return {"probs": fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"])}, []
-
-    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
-                       prior: BoundPrior) -> tuple[Params, Floored]:
-        K, D = nk.shape
-        return {"probs": posterior_fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"],
-                                            prior)}, []
-
-    def prior_axes(self) -> dict[str, Axes]:
-        return {"a": ("event",), "b": ("event",)}
-
-    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
-        nk, (s_x,) = self.split(stats, self.n_suff)
-        return beta_weak(nk, s_x)
-
-    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
-        return beta_log_prior(params, prior)
 
     def default_params(self, K: int, D: int) -> Params:
         return {"probs": np.full((K, D), 0.5)}

@@ -13,20 +13,11 @@ from emdsl import priors
 from emdsl.errors import ModelError
 from emdsl.families._base import (
     Axes,
-    BoundPrior,
-    ElementwiseFamily,
-    Floored,
     Marginal,
     Params,
     check_range,
 )
-from emdsl.families.bernoulli import (
-    beta_log_prior,
-    beta_weak,
-    fraction,
-    log_odds,
-    posterior_fraction,
-)
+from emdsl.families.bernoulli import _SuccessProbability, log_odds
 from emdsl.families.poisson import (
     MAX_COUNT,
     TOO_LARGE,
@@ -36,7 +27,7 @@ from emdsl.families.poisson import (
 )
 
 
-class Binomial(ElementwiseFamily):
+class Binomial(_SuccessProbability):
     r"""Binomial distribution: x successes out of n trials, independent for each element.
 
     .. math::
@@ -115,31 +106,6 @@ class Binomial(ElementwiseFamily):
     def log_h(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> np.ndarray:
         n = self._trials(aux, x.shape)
         return gammaln(n + 1.0) - gammaln(x + 1.0) - gammaln(n - x + 1.0)
-
-    def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
-        eta, log_partition = log_odds(params["probs"])
-        return [eta], log_partition
-
-    def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
-            previous: Params | None) -> tuple[Params, Floored]:
-        K, D = nk.shape
-        return {"probs": fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"])}, []
-
-    def posterior_mode(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params, previous: Params | None,
-                       prior: BoundPrior) -> tuple[Params, Floored]:
-        K, D = nk.shape
-        return {"probs": posterior_fraction(sums[0], nk, hold, previous, self.default_params(K, D)["probs"],
-                                            prior)}, []
-
-    def prior_axes(self) -> dict[str, Axes]:
-        return {"a": ("event",), "b": ("event",)}
-
-    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
-        trials, (s_x,) = self.split(stats, self.n_suff)  # the presence rows hold the trials
-        return beta_weak(trials, s_x)
-
-    def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
-        return beta_log_prior(params, prior)
 
     def default_params(self, K: int, D: int) -> Params:
         return {"probs": np.full((K, D), 0.5)}
