@@ -266,15 +266,8 @@ def stepwise_step(plan: Plan, state: OnlineState, rows: tuple[int, int], theta: 
     fresh = part.stats / weight
     state.stats = fresh if state.stats is None else (1.0 - gamma) * state.stats + gamma * fresh
     stats = state.stats * total
-    new_theta, _ = maximize(plan, stats, theta)
-    before, size_before, _ = _surrogate(plan, theta, stats)
-    after, size_after, H_new = _surrogate(plan, new_theta, stats)
-    slack = rounding_slack(plan, np.maximum(np.abs(H), np.abs(H_new)), 0.0) + prior_slack(plan, size_before,
-                                                                                         size_after)
-    if after < before - slack:
-        raise MonotonicityError(f"stepwise EM, step {state.steps}: the M-step lowered the running surrogate "
-                                f"⟨H(θ), W s_t⟩ + log p(θ) from {before!r} to {after!r} (beyond the rounding "
-                                f"bound {slack:.3g}); the M-step must maximize it, so this is a bug")
+    new_theta = _checked_m_step(plan, theta, H, stats, f"stepwise EM, step {state.steps}",
+                                "the running surrogate ⟨H(θ), W s_t⟩ + log p(θ)")
     return new_theta, part.loglik
 
 
@@ -292,15 +285,21 @@ def _incremental_step(plan: Plan, parts: list[Summary], b: int, ranges: list[tup
                                 "the posterior maximizes it, so this is a bug in the E-step")
     parts[b] = new
     stats = sum((p.stats for p in parts[1:]), parts[0].stats.copy())
+    new_theta = _checked_m_step(plan, theta, H, stats, f"incremental EM, epoch {epoch}", "the ELBO")
+    return new_theta, new.loglik
+
+
+def _checked_m_step(plan: Plan, theta: Theta, H: np.ndarray, stats: np.ndarray, where: str, what: str) -> Theta:
+    """The M-step on ``stats``, checked: it must not lower ⟨H(θ), stats⟩ + log p(θ) (``what``) beyond rounding."""
     new_theta, _ = maximize(plan, stats, theta)
-    q_before, size_before, _ = _surrogate(plan, theta, stats)
-    q_after, size_after, H_new = _surrogate(plan, new_theta, stats)
+    before, size_before, _ = _surrogate(plan, theta, stats)
+    after, size_after, H_new = _surrogate(plan, new_theta, stats)
     slack = rounding_slack(plan, np.maximum(np.abs(H), np.abs(H_new)), 0.0) + prior_slack(plan, size_before,
                                                                                          size_after)
-    if q_after < q_before - slack:
-        raise MonotonicityError(f"incremental EM, epoch {epoch}: the M-step lowered the ELBO from {q_before!r} "
-                                f"to {q_after!r} (beyond {slack:.3g}); this is a bug in an M-step")
-    return new_theta, new.loglik
+    if after < before - slack:
+        raise MonotonicityError(f"{where}: the M-step lowered {what} from {before!r} to {after!r} (beyond the "
+                                f"rounding bound {slack:.3g}); the M-step must maximize it, so this is a bug")
+    return new_theta
 
 
 def partial_fit(plan: Plan, theta: Theta, state: OnlineState | None, batch_size: int | None,

@@ -235,9 +235,7 @@ class MultivariateNormal(ObservedFamily):
             smallest = raw if raw.ndim == 1 else raw.min(axis=1)
             return {"mean": mean, "covariance": cov}, [(int(k), float(smallest[k])) for k in np.flatnonzero(low_any)]
 
-        second = _unpack_upper(s_xx, D)
-        cross = np.einsum("ki,kj->kij", s_x, mean)
-        spread = second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
+        second, spread = _scatter(s_x, s_xx, nk, mean, D)
         if self.covariance_type == "tied":
             total = max(float(nk.sum()), 1e-300)
             cov, smallest = _floor_eigenvalues(spread.sum(axis=0) / total, self.floor,
@@ -285,9 +283,7 @@ class MultivariateNormal(ObservedFamily):
             low_any = low if low.ndim == 1 else low.any(axis=1)
             smallest = raw if raw.ndim == 1 else raw.min(axis=1)
             return {"mean": mean, "covariance": cov}, [(int(k), float(smallest[k])) for k in np.flatnonzero(low_any)]
-        second = _unpack_upper(s_xx, D)
-        cross = np.einsum("ki,kj->kij", s_x, mean)
-        spread = second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
+        second, spread = _scatter(s_x, s_xx, nk, mean, D)
         spread += kappa * np.einsum("ki,kj->kij", offset, offset)
         if self.covariance_type == "tied":
             denominator = float(nk.sum()) + K * normal_factor + dof + D + 1.0
@@ -515,6 +511,14 @@ def _event_size(n_stats: int, covariance_type: str) -> int:
     if covariance_type == "spherical":
         return n_stats - 1
     return int(round((-3 + np.sqrt(9 + 8 * n_stats)) / 2))  # n = D + D(D+1)/2
+
+
+def _scatter(s_x: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray, D: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Σ r x xᵀ (K × D × D) and the scatter about ``mean``, Σ r (x − μ)(x − μ)ᵀ, from the summed statistics."""
+    second = _unpack_upper(s_xx, D)
+    cross = np.einsum("ki,kj->kij", s_x, mean)
+    return second, second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
 
 
 def _unpack_upper(packed: np.ndarray, D: int) -> np.ndarray:
