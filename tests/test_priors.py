@@ -421,3 +421,14 @@ def test_bad_priors_found_against_the_data_and_unknown_options():
         model.fit(ds, prior="strong")
     with pytest.raises(em.ModelError, match=r"fit\(prior=\.\.\.\).*part of its family's declaration"):
         model.fit(ds, prior=priors.Dirichlet(2.0))
+
+
+def test_the_convergence_warning_names_the_log_posterior_it_tested(faithful):
+    model = (em.Model().latent("z", em.Categorical(2))
+             .observe(["eruptions", "waiting"], em.MultivariateNormal, name="x"))
+    with pytest.warns(em.ConvergenceWarning, match=r"log-posterior.*tol·\|ℓ \+ log p\(θ\)\|") as caught:
+        fit = model.fit(faithful, seed=0, prior="weak", max_iter=2, accelerate=None)
+    change = float(np.diff(fit.trace["logpost"].values)[-1])
+    assert f"{change:.3g}" in str(caught[0].message)
+    with pytest.warns(em.ConvergenceWarning, match=r"log-likelihood.*tol·\|ℓ\|"):
+        model.fit(faithful, seed=0, max_iter=2, accelerate=None)

@@ -574,3 +574,25 @@ def test_hidden_markov_model_reaches_the_plain_optimum(method):
     transition = _matched(plain.params, fast.params, "z")["z"]["transition"]
     np.testing.assert_allclose(transition.values, plain.params["z"]["transition"].values, atol=1e-5)
     check_accepted_trace(fast, tol=1e-13)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_several_latents_reach_the_plain_optimum(method):
+    """Two latents: the parameters of both, and of a node given both, extrapolate together."""
+    rng = np.random.default_rng(6)
+    n = 400
+    a, b = rng.choice(2, n, p=[0.4, 0.6]), rng.choice(3, n, p=[0.5, 0.3, 0.2])
+    ds = xr.Dataset({"x": ("sample", np.array([-1.5, 1.5])[a] + rng.normal(size=n)),
+                     "y": ("sample", np.array([-2.0, 0.0, 2.0])[b] + rng.normal(size=n)),
+                     "w": ("sample", (rng.random(n) < np.array([[0.2, 0.5, 0.8], [0.6, 0.3, 0.1]])[a, b]).astype(float))})
+    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",))
+             .observe("w", em.Bernoulli))
+    plain = _fit(model, ds, None, seed=0, tol=0, max_iter=3000)
+    fast = _fit(model, ds, method, seed=0, tol=1e-13, max_iter=3000)
+    assert fast.converged and int(fast.trace["e_steps"].values[-1]) < plain.n_iter
+    assert fast.loglik == pytest.approx(plain.loglik, rel=1e-9)
+    for node, key in (("a", "probs"), ("b", "probs"), ("x", "mean"), ("y", "mean"), ("w", "probs")):
+        np.testing.assert_allclose(fast.params[node][key].values, plain.params[node][key].values, atol=1e-5,
+                                   err_msg=f"{node}.{key}")
+    check_accepted_trace(fast, tol=1e-13)
