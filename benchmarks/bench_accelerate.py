@@ -5,8 +5,10 @@ Every method runs the same model from the same θ⁽⁰⁾ with the same stoppin
 accepted iterations, E-steps (the work: one pass over the data each), wall time of the
 whole ``fit`` call, the final log-likelihood's distance below the best of the three,
 the ratios plain / accelerated (higher is better for the accelerated method), and the
-E-steps each method spent before ℓ first came within tol·|ℓ*| of the best ℓ* (the
-same accuracy; plain EM's stopping rule can stop short of it on a slow crawl).
+E-steps each method spent before ℓ first came within tol·|ℓ*| of the best ℓ* any run
+reached, with plain EM's ratio to it: the same accuracy. Plain EM's stopping rule can stop
+short of it on a slow crawl (and so can the others'), so for that column every method runs on
+past its test (up to three times its iterations).
 
     python benchmarks/bench_accelerate.py            # all cases, full size (several minutes)
     python benchmarks/bench_accelerate.py --quick    # smaller N, for a smoke run
@@ -14,10 +16,11 @@ same accuracy; plain EM's stopping rule can stop short of it on a slow crawl).
 Cases: the Hasselblad (1969) Poisson mixture of deaths per day (1096 days; the example of
 R's SQUAREM package, from p = 0.3, λ = (1, 2.5)), six overlapping Gaussians in 3-D (600k
 points, K = 6, tol = 1e-10), a 4-D mixture with 20% of the values missing (the
-conditional-Gaussian E-step), a 3-state hidden Markov model (100k steps, forward–backward
-E-step), and Old Faithful as the fast case (repeated fits, methods
-interleaved, the fastest compared). Targets (issue 12): ≥ 5× fewer E-steps and ≥ 3× less
-wall time on each slow case, no more than 5% slower on Old Faithful.
+conditional-Gaussian E-step; six data sets, as slow EM is there depends on the draw, and
+their totals), two 3-state hidden Markov models (100k steps, forward–backward E-step; the
+second's emissions closer, so EM is slower), and Old Faithful as the fast case (repeated
+fits, methods interleaved, the fastest compared). Targets (issue 12): ≥ 5× fewer E-steps and
+≥ 3× less wall time on each slow case, no more than 5% slower on Old Faithful.
 """
 
 from __future__ import annotations
@@ -58,9 +61,14 @@ def overlapping(quick: bool) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
     return model, ds, {"seed": 0, "tol": 1e-10, "max_iter": 100_000}
 
 
-def holes(quick: bool) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
-    """Three Gaussians in 4-D, 20% of all values missing at random."""
-    rng = np.random.default_rng(5)
+#: the missing-values case runs over several data sets: from the converged k-means start, how slow
+#: EM is with holes depends on the draw (plain EM needs from about 20 to 2,000 E-steps over these)
+HOLES_SEEDS = (5, 6, 7, 8, 9, 10)
+
+
+def holes(quick: bool, seed: int = HOLES_SEEDS[0]) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
+    """Three Gaussians in 4-D, 20% of all values missing at random (data set ``seed``)."""
+    rng = np.random.default_rng(seed)
     N, K, D = (5_000 if quick else 20_000), 3, 4
     centers = rng.normal(0, 1.5, (K, D))
     X = centers[rng.integers(K, size=N)] + rng.normal(size=(N, D)) @ (np.eye(D) + 0.3 * rng.normal(size=(D, D)))
@@ -70,8 +78,12 @@ def holes(quick: bool) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
     return model, ds, {"seed": 0, "tol": 1e-10, "max_iter": 100_000}
 
 
-def hmm(quick: bool) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
-    """A 3-state hidden Markov model with overlapping Gaussian emissions along one long sequence."""
+def holes_sets(quick: bool) -> list[tuple[str, em.Model, xr.Dataset, dict[str, Any]]]:
+    return [(f"data set {seed}", *holes(quick, seed)) for seed in HOLES_SEEDS]
+
+
+def hmm(quick: bool, means: tuple[float, ...] = (-0.6, 0.0, 0.7)) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
+    """A 3-state hidden Markov model with overlapping Gaussian emissions (σ = 0.6) along one long sequence."""
     rng = np.random.default_rng(0)
     T = 10_000 if quick else 100_000
     A = np.array([[0.90, 0.07, 0.03], [0.05, 0.90, 0.05], [0.03, 0.07, 0.90]])
@@ -79,7 +91,7 @@ def hmm(quick: bool) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
     u = rng.random(T)
     for t in range(1, T):
         z[t] = np.searchsorted(A[z[t - 1]].cumsum(), u[t])
-    ds = xr.Dataset({"x": ("time", np.array([-0.6, 0.0, 0.7])[z] + rng.normal(0, 0.6, T))})
+    ds = xr.Dataset({"x": ("time", np.array(means)[z] + rng.normal(0, 0.6, T))})
     model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Normal)
     model.fit(ds.isel(time=slice(0, 200)), seed=0, max_iter=2, tol=0)  # warm-up: forward–backward's first call
     return model, ds, {"seed": 0, "tol": 1e-10, "max_iter": 100_000}
@@ -92,11 +104,19 @@ def faithful(quick: bool) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
     return model, em.datasets.load("faithful"), {"seed": 0}
 
 
-SLOW: dict[str, Callable[[bool], tuple[em.Model, xr.Dataset, dict[str, Any]]]] = {
-    "Hasselblad Poisson mixture (tol 1e-13)": hasselblad,
-    "6 overlapping Gaussians, 3-D (tol 1e-10)": overlapping,
-    "GMM, 4-D, 20% missing (tol 1e-10)": holes,
-    "3-state HMM, overlapping emissions (tol 1e-10)": hmm,
+Case = tuple[str, em.Model, xr.Dataset, dict[str, Any]]
+
+
+def one(case: Callable[[bool], tuple[em.Model, xr.Dataset, dict[str, Any]]]) -> Callable[[bool], list[Case]]:
+    return lambda quick: [("", *case(quick))]
+
+
+SLOW: dict[str, Callable[[bool], list[Case]]] = {
+    "Hasselblad Poisson mixture (tol 1e-13)": one(hasselblad),
+    "6 overlapping Gaussians, 3-D (tol 1e-10)": one(overlapping),
+    "GMM, 4-D, 20% missing, six data sets (tol 1e-10)": holes_sets,
+    "3-state HMM, overlapping emissions (tol 1e-10)": one(hmm),
+    "3-state HMM, closer emissions (tol 1e-10)": one(lambda quick: hmm(quick, means=(-0.5, 0.0, 0.5))),
 }
 
 
@@ -108,33 +128,60 @@ def timed_fit(model: em.Model, ds: xr.Dataset, accelerate: str | None, kwargs: d
     return fit, time.perf_counter() - start
 
 
-def to_accuracy(fit: Any, target: float) -> str:
-    """E-steps spent when ℓ first reached ``target`` ("> n" if the fit stopped below it)."""
+def to_accuracy(fit: Any, target: float) -> int | None:
+    """E-steps spent when ℓ first reached ``target`` (None if the fit stopped below it)."""
     reached = np.flatnonzero(fit.trace["loglik"].values >= target)
-    steps = fit.trace["e_steps"].values
-    return str(int(steps[reached[0]])) if reached.size else f"> {int(steps[-1])}"
+    return int(fit.trace["e_steps"].values[reached[0]]) if reached.size else None
 
 
-def report(title: str, rows: list[tuple[str | None, Any, float]], tol: float) -> dict[str, tuple[float, float]]:
-    """Print one case's table; return each accelerated method's (E-step ratio, time ratio)."""
-    best = max(fit.loglik for _, fit, _ in rows)
-    target = best - tol * abs(best)
-    plain_steps = int(rows[0][1].trace["e_steps"].values[-1])
-    plain_time = rows[0][2]
-    print(f"\n{title}, N = {rows[0][1].n_samples}")
+def past_its_test(model: em.Model, ds: xr.Dataset, method: str | None, kwargs: dict[str, Any], fit: Any) -> Any:
+    """The same fit run on past its stopping rule (3× its iterations): when did it reach the others' accuracy?"""
+    longer = {**kwargs, "tol": 0.0, "max_iter": min(3 * fit.n_iter, 20_000)}
+    return timed_fit(model, ds, method, longer)[0]
+
+
+def run_case(model: em.Model, ds: xr.Dataset, kwargs: dict[str, Any]) -> tuple[list[tuple[str | None, Any, float]],
+                                                                               dict[str, int | None]]:
+    """Every method's (fit, seconds), and its E-steps to ℓ* − tol·|ℓ*| (ℓ*: the best ℓ any run reached)."""
+    rows = [(m, *timed_fit(model, ds, m, kwargs)) for m in METHODS]
+    longer = {m: past_its_test(model, ds, m, kwargs, fit) for m, fit, _ in rows}
+    best = max(fit.loglik for fit in (*longer.values(), *(fit for _, fit, _ in rows)))
+    target = best - kwargs["tol"] * abs(best)
+    return rows, {m or "plain": to_accuracy(fit, target) for m, fit in longer.items()}
+
+
+def report(title: str, runs: list[tuple[str, list[tuple[str | None, Any, float]], dict[str, int | None]]]
+           ) -> dict[str, tuple[float, float, float]]:
+    """Print one case's table (one block per data set, then their totals); return each accelerated
+    method's ratios to plain EM of the totals: E-steps, time, E-steps to the same accuracy."""
+    print(f"\n{title}, N = {runs[0][1][0][1].n_samples}")
     print(f"  {'method':8s} {'iterations':>10s} {'E-steps':>8s} {'time':>9s} {'ℓ':>18s} {'below best':>10s} "
-          f"{'E-steps ×':>9s} {'time ×':>7s} {'E-steps to ℓ* − tol·|ℓ*|':>25s}")
-    ratios = {}
-    for method, fit, seconds in rows:
-        steps = int(fit.trace["e_steps"].values[-1])
-        name = method or "plain"
-        ratio = (plain_steps / steps, plain_time / seconds)
-        if method is not None:
-            ratios[name] = ratio
-        print(f"  {name:8s} {fit.n_iter:10d} {steps:8d} {seconds:8.3f}s {fit.loglik:18.8f} "
-              f"{best - fit.loglik:10.2g} {ratio[0]:9.1f} {ratio[1]:7.2f} {to_accuracy(fit, target):>25s}"
-              + ("" if fit.converged else "  (not converged)"))
-    return ratios
+          f"{'E-steps ×':>9s} {'time ×':>7s} {'to ℓ* − tol·|ℓ*|':>17s} {'×':>6s}")
+    totals: dict[str, list[float]] = {}
+    for label, rows, accuracy in runs:
+        if label:
+            print(f"  {label}")
+        best = max(fit.loglik for _, fit, _ in rows)
+        plain_steps, plain_time = int(rows[0][1].trace["e_steps"].values[-1]), rows[0][2]
+        for method, fit, seconds in rows:
+            name = method or "plain"
+            steps, reached = int(fit.trace["e_steps"].values[-1]), accuracy[name]
+            total = totals.setdefault(name, [0, 0.0, 0])
+            total[0] += steps
+            total[1] += seconds
+            total[2] += reached if reached is not None else np.nan
+            same = (f"{reached:17d} {accuracy['plain'] / reached:6.1f}"
+                    if reached is not None and accuracy["plain"] is not None else f"{'not reached':>17s} {'':6s}")
+            print(f"  {name:8s} {fit.n_iter:10d} {steps:8d} {seconds:8.3f}s {fit.loglik:18.8f} "
+                  f"{best - fit.loglik:10.2g} {plain_steps / steps:9.1f} {plain_time / seconds:7.2f} {same}"
+                  + ("" if fit.converged else "  (not converged)"))
+    plain = totals["plain"]
+    if len(runs) > 1:
+        print("  total")
+        for name, (steps, seconds, reached) in totals.items():
+            print(f"  {name:8s} {'':10s} {steps:8d} {seconds:8.3f}s {'':18s} {'':10s} {plain[0] / steps:9.1f} "
+                  f"{plain[1] / seconds:7.2f} {reached:17.0f} {plain[2] / reached:6.1f}")
+    return {name: (plain[0] / t[0], plain[1] / t[1], plain[2] / t[2]) for name, t in totals.items() if name != "plain"}
 
 
 def fast_case(quick: bool) -> dict[str, float]:
@@ -176,14 +223,15 @@ def main() -> None:
     args = parser.parse_args()
     summary = {}
     for title, case in SLOW.items():
-        model, ds, kwargs = case(args.quick)
-        summary[title] = report(title, [(m, *timed_fit(model, ds, m, kwargs)) for m in METHODS], kwargs["tol"])
+        runs = [(label, *run_case(model, ds, kwargs)) for label, model, ds, kwargs in case(args.quick)]
+        summary[title] = report(title, runs)
     slower = fast_case(args.quick)
     print("\nTargets: slow cases ≥ 5× fewer E-steps and ≥ 3× less time; Old Faithful ≤ 5% slower")
     for name in ("auto", "squarem", "daarem"):
-        slow = all(r[name][0] >= 5 and r[name][1] >= 3 for r in summary.values())
-        worst = min(min(r[name]) for r in summary.values())
-        print(f"  {name:8s} slow cases: {'met' if slow else 'missed'} (smallest ratio {worst:.1f}×); "
+        missed = [f"{title.split(' (')[0]} ({r[name][0]:.1f}× / {r[name][1]:.1f}×)" for title, r in summary.items()
+                  if not (r[name][0] >= 5 and r[name][1] >= 3)]
+        print(f"  {name:8s} slow cases: {'met' if not missed else 'missed on ' + '; '.join(missed)}; "
+              f"at the same accuracy ≥ {min(r[name][2] for r in summary.values()):.1f}× fewer E-steps; "
               f"Old Faithful: {slower[name]:+.1%} ({'met' if slower[name] <= 0.05 else 'missed'})")
 
 
