@@ -111,12 +111,17 @@ def chunk_blocks(arrays: Sequence[Any]) -> tuple[list[int], list[list[Any]]]:
     return starts, [[column[i] for column in blocks] for i in range(len(chunks))]
 
 
-def scan(arrays: Sequence[Any], fn: Callable[..., T], combine: Callable[[T, T], T]) -> T:
-    """``fn(start, *blocks)`` on every chunk, tree-combined: one dask computation."""
+def scan(arrays: Sequence[Any], fn: Callable[..., T], combine: Callable[[T, T], T], *also: Any) -> Any:
+    """``fn(start, *blocks)`` on every chunk, tree-combined: one dask computation.
+
+    With ``also`` (other lazy values), computed in the same pass: returns the tuple
+    (the scan's result, *those values).
+    """
     dask = _dask()
     starts, blocks = chunk_blocks(arrays)
     parts = [dask.delayed(fn, pure=True)(start, *chunk) for start, chunk in zip(starts, blocks, strict=True)]
-    return dask.compute(_tree(parts, combine))[0]
+    computed = dask.compute(_tree(parts, combine), *also)
+    return computed if also else computed[0]
 
 
 def _first_bad(predicate: Callable[[np.ndarray], np.ndarray], start: int, block: np.ndarray

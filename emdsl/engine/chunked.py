@@ -287,11 +287,23 @@ def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def gather_rows(plan: Plan, nodes: Sequence[int], rows: np.ndarray) -> np.ndarray:
     """The data of the given (sorted) rows as read, holes NaN, in one dask pass: (len(rows) × D)."""
+    return _gather(plan, nodes, rows)
+
+
+def gather_weighted_rows(plan: Plan, nodes: Sequence[int], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`gather_rows` and the fit's weights of those rows (None without weights), in the same pass."""
+    if plan.weights is None:
+        return _gather(plan, nodes, rows), None
+    data, weights = _gather(plan, nodes, rows, plan.weights[np.asarray(rows)])
+    return data, np.asarray(weights, dtype=float)
+
+
+def _gather(plan: Plan, nodes: Sequence[int], rows: np.ndarray, *also: Any) -> Any:
     import functools
 
     slots, arrays = dask_source.layout(plan)
     part = functools.partial(_gather_part, dask_source.skeleton(plan), slots, list(nodes), np.asarray(rows))
-    return dask_source.scan(arrays, part, _stack)
+    return dask_source.scan(arrays, part, _stack, *also)
 
 
 class NearestSeed:
@@ -333,11 +345,13 @@ class RandomState:
 
 
 def kmeans_plusplus(plan: Plan, rng: np.random.Generator,
-                    seeding: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Any:
+                    seeding: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
+                    ) -> Any:
     """k-means labels of a dask-backed plan: an array (N ≤ :data:`SEED_SAMPLE`) or a :class:`NearestSeed`.
 
     ``seeding`` runs the in-memory k-means (engine/init.py: seeding features, k-means++
-    seeds, Lloyd's iterations to convergence) on rows as read, and returns their labels,
+    seeds, Lloyd's iterations to convergence) on rows as read, weighted by the fit's
+    weights of those rows (None without weights), and returns their labels,
     the centres and the per-element scaling of the seeding space. Up to
     :data:`SEED_SAMPLE` rows, every row is gathered (one pass) and seeded exactly as in
     memory, so the fit is the in-memory fit. Beyond, k-means runs on a uniform sample of
@@ -353,9 +367,9 @@ def kmeans_plusplus(plan: Plan, rng: np.random.Generator,
             return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
         return RandomState(plan.K, int(rng.integers(2**63)))
     if plan.n_samples <= SEED_SAMPLE:
-        return seeding(gather_rows(plan, nodes, np.arange(plan.n_samples)))[0]
+        return seeding(*gather_weighted_rows(plan, nodes, np.arange(plan.n_samples)))[0]
     rows = np.sort(rng.choice(plan.n_samples, SEED_SAMPLE, replace=False))
-    _, centres, scaling = seeding(gather_rows(plan, nodes, rows))
+    _, centres, scaling = seeding(*gather_weighted_rows(plan, nodes, rows))
     return NearestSeed(nodes, centres, scaling)
 
 

@@ -203,7 +203,8 @@ def _centre_and_scale(rows: np.ndarray, scaling: np.ndarray | None = None) -> np
 KMEANS_MAX_ITER = 100
 
 
-def kmeans_plusplus_seeds(z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+def kmeans_plusplus_seeds(z: np.ndarray, k: int, rng: np.random.Generator,
+                          weights: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """Greedy k-means++ seeds among the rows of ``z`` (Arthur & Vassilvitskii 2007, as scikit-learn draws them).
 
     Each next seed is the best of 2 + ⌊ln k⌋ candidates drawn ∝ squared distance to the
@@ -211,28 +212,48 @@ def kmeans_plusplus_seeds(z: np.ndarray, k: int, rng: np.random.Generator) -> tu
     (scipy's ``minit="++"``) puts two seeds in one of four well-separated clusters more
     often, and Lloyd's iterations cannot move a seed out of a cluster it shares (four
     10-D Gaussian clusters, 20 starts each on 3 data sets: 85–95% at the optimum, against
-    95–100%). Returns the seeds (k × D) and whether the data have fewer distinct points than k.
+    95–100%). With ``weights`` (per row, ≥ 0) a row counts as that many copies of itself:
+    drawn ∝ weight × squared distance (the first ∝ weight), judged on the weighted total, so
+    a row of weight 0 is never a seed and a frequency table seeds as its expanded rows would.
+    Returns the seeds (k × D) and whether the data have fewer distinct points than k.
     """
     trials = 2 + int(np.log(k))
     seeds = np.empty((k, z.shape[1]))
-    seeds[0] = z[rng.integers(len(z))]
+    mass = None if weights is None else np.asarray(weights, dtype=float)
+
+    def any_row() -> int:
+        return int(rng.integers(len(z))) if mass is None else int(_draw(np.cumsum(mass), None, rng.uniform(size=1))[0])
+
+    seeds[0] = z[any_row()]
     nearest = cdist(seeds[:1], z, "sqeuclidean")[0]
     too_few = False
     for j in range(1, k):
-        total = nearest.sum()
-        if not total > 0:  # every point is a seed already
+        cumulative = np.cumsum(nearest if mass is None else nearest * mass)
+        total = nearest.sum() if mass is None else None  # (the unweighted draw as it always was)
+        if not cumulative[-1] > 0:  # every point (of positive weight) is a seed already
             too_few = True
-            seeds[j] = z[rng.integers(len(z))]
+            seeds[j] = z[any_row()]
             continue
-        picks = np.minimum(np.searchsorted(np.cumsum(nearest), rng.uniform(size=trials) * total), len(z) - 1)
+        picks = _draw(cumulative, total, rng.uniform(size=trials))
         candidates = np.minimum(nearest[None, :], cdist(z[picks], z, "sqeuclidean"))  # trials × n
-        best = int(np.argmin(candidates.sum(axis=1)))
+        best = int(np.argmin(candidates.sum(axis=1) if mass is None else candidates @ mass))
         seeds[j] = z[picks[best]]
         nearest = candidates[best]
     return seeds, too_few
 
 
-def kmeans(z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
+def _draw(cumulative: np.ndarray, total: float | None, uniform: np.ndarray) -> np.ndarray:
+    """Rows drawn ∝ their increments of ``cumulative`` (a running sum ending > 0), one per uniform.
+
+    ``total`` (default: the running sum's end) scales the uniforms; with the end itself and
+    side="right", a row whose increment is 0 (weight 0, or a seed already) is never drawn.
+    """
+    scale = cumulative[-1] if total is None else total
+    return np.minimum(np.searchsorted(cumulative, uniform * scale, side="right"), len(cumulative) - 1)
+
+
+def kmeans(z: np.ndarray, k: int, rng: np.random.Generator,
+           weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """k-means on the rows of ``z`` (n × D): k-means++ seeds, then Lloyd's iterations to convergence.
 
     From :func:`kmeans_plusplus_seeds`, iterates (each point to its nearest centre, each
@@ -242,20 +263,39 @@ def kmeans(z: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray,
     clusters more often (wine, ``prior="weak"``: 6 of 20 single starts reached the
     cultivars, against 20 of 20; docs/design.md). A centre left without points keeps its
     place (scipy's ``missing="warn"``, silenced): its state may start empty, which the
-    M-step handles. Returns the labels (n,), the centres (k × D, the means of their labels)
-    and whether the data have fewer distinct points than ``k``.
+    M-step handles. With ``weights`` the seeds and the means are weighted (scipy's k-means
+    takes no weights, so Lloyd's step is written here: scipy's ``vq`` labels, weighted
+    means); a centre whose points all weigh 0 keeps its place. Returns the labels (n,),
+    the centres (k × D, the means of their labels) and whether the data have fewer
+    distinct points than ``k``.
     """
-    centres, too_few = kmeans_plusplus_seeds(z, k, rng)
+    weights = None if weights is None else np.asarray(weights, dtype=float)  # (dask: at most SEED_SAMPLE rows')
+    centres, too_few = kmeans_plusplus_seeds(z, k, rng, weights)
     labels = None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="One of the clusters is empty")
         for _ in range(KMEANS_MAX_ITER + 1):
             # labels of the current centres, and the centres moved to their means
-            moved, nearest = kmeans2(z, centres, iter=1, minit="matrix", check_finite=False)
+            if weights is None:
+                moved, nearest = kmeans2(z, centres, iter=1, minit="matrix", check_finite=False)
+            else:
+                moved, nearest = _weighted_lloyd_step(z, centres, weights)
             if labels is not None and np.array_equal(nearest, labels):
                 break  # a fixed point: the centres are the means of the labels they induce
             centres, labels = moved, nearest
     return np.asarray(labels, dtype=np.intp), np.asarray(centres, dtype=float), too_few
+
+
+def _weighted_lloyd_step(z: np.ndarray, centres: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centre, and each centre moved to its rows' weighted mean (kept if they weigh 0)."""
+    labels = vq(z, centres, check_finite=False)[0]
+    k = len(centres)
+    mass = np.bincount(labels, weights=weights, minlength=k)
+    sums = np.stack([np.bincount(labels, weights=weights * column, minlength=k) for column in z.T], axis=1)
+    moved = centres.copy()
+    held = mass > 0
+    moved[held] = sums[held] / mass[held, None]
+    return moved, labels
 
 
 def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
@@ -266,9 +306,9 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
 
         chosen = [node for node in plan.nodes if node.family.continuous]
 
-        def on_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def on_rows(raw: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             z, scaling = _seed_space(chosen, np.array(raw.T))
-            labels, centres = _scipy_kmeans(plan, z.T, rng)
+            labels, centres = _scipy_kmeans(plan, z.T, rng, weights)
             return labels, centres, scaling
 
         return chunked.kmeans_plusplus(plan, rng, on_rows)
@@ -279,7 +319,7 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
     z = _continuous(plan)
     if z is None:
         return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
-    return _scipy_kmeans(plan, z, rng)[0]
+    return _scipy_kmeans(plan, z, rng, plan.weights)[0]
 
 
 def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Generator) -> np.ndarray:
@@ -304,7 +344,7 @@ def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Gener
         elif z is None:
             parts.append(rng.integers(member.k, size=plan.n_samples))
         else:
-            parts.append(kmeans(z, member.k, rng)[0])  # duplicated points: some states may start empty
+            parts.append(kmeans(z, member.k, rng, plan.weights)[0])  # duplicates: some states may start empty
             if on_shared:
                 shared.append(parts[-1])
     return np.ravel_multi_index(tuple(parts), joint.shape).astype(np.intp)
@@ -322,9 +362,11 @@ def _within(z: np.ndarray, seeded: list[np.ndarray]) -> np.ndarray:
     return z - (sums / np.maximum(np.bincount(group), 1)[:, None])[group]
 
 
-def _scipy_kmeans(plan: Plan, z: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Each row of ``z`` (N × D, seeding features) labelled by k-means (:func:`kmeans`); and the centres."""
-    labels, centres, too_few = kmeans(z, plan.K, rng)
+def _scipy_kmeans(plan: Plan, z: np.ndarray, rng: np.random.Generator,
+                  weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``z`` (N × D, seeding features) labelled by k-means (:func:`kmeans`, weighted by the
+    fit's weights of those rows); and the centres."""
+    labels, centres, too_few = kmeans(z, plan.K, rng, weights)
     if too_few:
         warnings.warn(f"init='kmeans++': the data have fewer distinct points than the {plan.K} states of "
                       f"{plan.latent.name!r}; some states start empty", DegenerateComponentWarning, stacklevel=5)

@@ -49,3 +49,41 @@ def test_kmeans_with_fewer_distinct_points_than_states_says_so_and_leaks_no_warn
         labels, centres, too_few = init.kmeans(z, 3, np.random.default_rng(0))
     assert too_few and set(np.unique(labels)) <= {0, 1, 2} and np.all(np.isfinite(centres))
     assert len(np.unique(labels)) == 2  # a state starts empty; the M-step handles it
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weighted_kmeans_is_lloyds_fixed_point_on_the_expanded_table(seed: int) -> None:
+    """Integer weights count each row that many times: the centres are the means of the expanded rows they win."""
+    z = _blobs(seed)
+    weights = np.random.default_rng(seed).integers(0, 4, len(z)).astype(float)
+    labels, centres, too_few = init.kmeans(z, 3, np.random.default_rng(seed), weights)
+    assert not too_few
+    expanded = np.repeat(z, weights.astype(int), axis=0)
+    nearest = vq(expanded, centres)[0]
+    np.testing.assert_array_equal(labels, vq(z, centres)[0])
+    for j in range(3):
+        np.testing.assert_allclose(centres[j], expanded[nearest == j].mean(axis=0), rtol=1e-12, atol=1e-12)
+
+
+def test_a_row_of_weight_zero_is_never_a_seed() -> None:
+    """Far-off rows of weight 0: plain k-means++ seeds one there often, the weighted draw never."""
+    z = np.concatenate([_blobs(0), np.full((30, 3), 40.0) + np.random.default_rng(1).normal(size=(30, 3))])
+    weights = np.r_[np.ones(240), np.zeros(30)]
+    far = lambda seeds: bool((np.abs(seeds) > 20).any())  # noqa: E731
+    unweighted = [far(init.kmeans_plusplus_seeds(z, 3, np.random.default_rng(s))[0]) for s in range(20)]
+    weighted = [far(init.kmeans_plusplus_seeds(z, 3, np.random.default_rng(s), weights)[0]) for s in range(20)]
+    assert sum(unweighted) >= 10 and not any(weighted)
+
+
+def test_a_weighted_fit_starts_from_the_weighted_clusters() -> None:
+    """Rows of weight 0 (a far-off cluster) take no part in the start: both states begin on the weighted data."""
+    import xarray as xr
+
+    import emdsl as em
+    rng = np.random.default_rng(3)
+    x = np.r_[rng.normal(-2, 0.5, 200), rng.normal(2, 0.5, 200), rng.normal(60, 0.5, 40)]
+    ds = xr.Dataset({"x": ("sample", x), "w": ("sample", np.r_[np.ones(400), np.zeros(40)])})
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal)
+    for seed in range(5):
+        start = model.fit(ds, weights="w", seed=seed, max_iter=0)
+        np.testing.assert_allclose(np.sort(start.params["x"]["mean"].values), [-2, 2], atol=0.2)
