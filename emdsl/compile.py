@@ -29,6 +29,15 @@ from emdsl.model import Model, Observed
 
 #: rows per block when scanning data outside EM iterations (validation, units, log h, seeding)
 SCAN_ROWS = 65536
+#: bytes of one block of Φ (n_stats × rows) when scanning it outside EM iterations: SCAN_ROWS rows
+#: of a full 20-D covariance's 231 statistics would take 121 MB, 4× the data of 2e5 × 20
+SCAN_PHI_BYTES = 16 << 20
+
+
+def phi_rows(n_stats: int) -> int:
+    """Rows per block of a scan over Φ: :data:`SCAN_ROWS`, fewer when its n_stats rows would pass
+    :data:`SCAN_PHI_BYTES`."""
+    return max(256, min(SCAN_ROWS, SCAN_PHI_BYTES // (8 * max(n_stats, 1))))
 
 
 @dataclasses.dataclass(eq=False)
@@ -218,7 +227,7 @@ class Plan:
     def phi_magnitude(self) -> np.ndarray:
         """Σ_n w_n |Φ_sn| (S,), then the latent's own columns: the size of the E-step's sums (rounding slack)."""
         out = np.zeros(self.n_stats)
-        for a, b in blocks(self.n_samples, SCAN_ROWS) if not is_chunked(self) else ():
+        for a, b in blocks(self.n_samples, phi_rows(self.n_stats)) if not is_chunked(self) else ():
             phi = np.empty((self.n_stats, b - a))
             self.read(a, b, phi, np.empty(self.max_D * (b - a)))
             np.abs(phi, out=phi)

@@ -616,3 +616,24 @@ def test_crafted_trace_coordinates_are_refused_naming_the_field(tmp_path, variab
         var[...] = change(np.array(var[...]))
     with pytest.raises(ModelError, match=match):
         em.load(path)
+
+
+def test_compiling_a_wide_covariance_scans_phi_in_bounded_blocks():
+    """Φ of a full 20-D covariance has 231 statistics per sample: the scans over it (the E-step's
+    rounding bound) take blocks of bounded bytes, not 65,536 rows (92 MB here, 12× the data)."""
+    import tracemalloc
+
+    from emdsl.compile import SCAN_PHI_BYTES, compile_plan
+
+    X = np.random.default_rng(0).normal(size=(50_000, 20))
+    ds = xr.Dataset({"x": (("sample", "feature"), X)})
+    model = em.Model().latent("z", em.Categorical(3)).observe("x", em.MultivariateNormal)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        plan = compile_plan(model, ds)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert plan.n_stats > 1 + 20 + 200  # the counts, x, the upper triangle of x xᵀ
+    assert peak < 3 * X.nbytes + 2 * SCAN_PHI_BYTES, peak / 2**20

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from emdsl.compile import SCAN_ROWS, Plan, blocks
+from emdsl.compile import Plan, blocks, phi_rows
 from emdsl.data import is_chunked
 from emdsl.engine.estep import EStep
 from emdsl.engine.events import IterationEvent, dispatch
@@ -222,7 +222,7 @@ def _summed_magnitude(plan: Plan, H: np.ndarray) -> float:
     with np.errstate(over="ignore", invalid="ignore"):
         total = float(np.abs(H[:, S:]).max(axis=0, initial=0.0) @ plan.phi_magnitude[S:]) if H.shape[1] > S else 0.0
         absolute = np.abs(H[:, :S])
-        for a, b in blocks(plan.n_samples, SCAN_ROWS):
+        for a, b in blocks(plan.n_samples, phi_rows(S)):
             phi = np.empty((S, b - a))
             plan.read(a, b, phi, np.empty(plan.max_D * (b - a)))
             finite = np.isfinite(H[:, :S] @ phi)
