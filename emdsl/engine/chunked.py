@@ -285,13 +285,9 @@ def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([a, b])
 
 
-def gather_rows(plan: Plan, nodes: Sequence[int], rows: np.ndarray) -> np.ndarray:
-    """The data of the given (sorted) rows as read, holes NaN, in one dask pass: (len(rows) × D)."""
-    return _gather(plan, nodes, rows)
-
-
 def gather_weighted_rows(plan: Plan, nodes: Sequence[int], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`gather_rows` and the fit's weights of those rows (None without weights), in the same pass."""
+    """The data of the given (sorted) rows as read, holes NaN, (len(rows) × D), and the fit's
+    weights of those rows (None without weights): one dask pass."""
     if plan.weights is None:
         return _gather(plan, nodes, rows), None
     data, weights = _gather(plan, nodes, rows, plan.weights[np.asarray(rows)])

@@ -75,9 +75,14 @@ class RestartResult:
         return self.loglik[-1]
 
     @property
+    def objectives(self) -> list[float]:
+        """Per iteration, the objective EM climbs: the log-posterior with priors, else the log-likelihood."""
+        return self.logpost if len(self.logpost) == len(self.loglik) else self.loglik
+
+    @property
     def objective(self) -> float:
-        """The final value of the objective: the log-posterior with priors, else the log-likelihood."""
-        return self.logpost[-1] if len(self.logpost) == len(self.loglik) else self.final
+        """The final value of the objective (:attr:`objectives`)."""
+        return self.objectives[-1]
 
 
 def run_em(

@@ -125,8 +125,7 @@ def fit_model(
         fit._online = online.StreamState(getattr(chosen, "online", None), batch_size, float(step_decay))
     _warn_lost_components(plan, chosen.theta)
     if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
-        # the test reads the objective EM climbs: with priors the log-posterior, which is not ℓ
-        climbed = chosen.logpost if len(chosen.logpost) == len(chosen.loglik) else chosen.loglik
+        climbed = chosen.objectives  # what the test read: with priors the log-posterior, which is not ℓ
         name, symbol = ("log-posterior", "ℓ + log p(θ)") if has_prior(plan) else ("log-likelihood", "ℓ")
         change = climbed[-1] - climbed[-2] if chosen.n_iter else float("nan")
         warnings.warn(f"EM did not converge in max_iter={max_iter} iterations: the last change of the "
