@@ -355,7 +355,7 @@ def compile_plan(
         node.offset = offset
         offset += node.n_rows
         _check_values(node, ds, sample_dim)
-        node.given = _given(model, decl)
+        node.given = node_given(model, decl)
         if standardization is not None and node.name in standardization:
             node.center, node.scale = _given_units(plan, node, standardization)
         else:
@@ -391,7 +391,7 @@ def compile_plan(
     return plan
 
 
-def _given(model: Model, decl: Any) -> Given | None:
+def node_given(model: Model, decl: Any) -> Given | None:
     """The node's map to the joint states: set with several latents, or for a node shared by all samples."""
     names = [x.name for x in model.latents]
     if decl.given is None and len(names) <= 1:

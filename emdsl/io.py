@@ -452,10 +452,10 @@ class _Reader:
         axes = family.param_axes()
         self.exact_variables(ds, tuple(axes), field)
         latent = model.latent_var
-        from emdsl.compile import _given
+        from emdsl.compile import node_given
 
         decl = next((x for x in model.observed if x.name == name), None)
-        given = _given(model, decl) if decl is not None else None
+        given = node_given(model, decl) if decl is not None else None
         if given is not None:  # the node depends on some of several latents (or on none)
             latent_dims = [(n, member.k) for n, member in given.latents]
         elif len(model.latents) > 1:  # one of several latents: its own weights

@@ -630,9 +630,9 @@ class _Layout:
         self.axes = decl.family.param_axes()
         latent = fit.model.latent_var
         self.latent = latent.name if latent is not None else None
-        from emdsl.compile import _given
+        from emdsl.compile import node_given
 
-        self.given = _given(fit.model, decl)  # the latents the node depends on, when not simply "the latent"
+        self.given = node_given(fit.model, decl)  # the latents the node depends on, when not simply "the latent"
         self.K = self.given.K if self.given is not None else (latent.family.k if latent is not None else 1)
         self.sample_dim = fit.sample_dim
         key = next(k for k, axes in self.axes.items() if "event" in axes)
