@@ -28,7 +28,6 @@ import collections
 import dataclasses
 import json
 import os
-import pickle
 import re
 import warnings
 from typing import Any
@@ -41,6 +40,7 @@ from hypothesis import strategies as st
 
 import emdsl as em
 from emdsl.errors import ModelError
+from tests._forked import in_child
 
 _EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
 _SETTINGS = settings(max_examples=int(_EXAMPLES), deadline=None,
@@ -480,25 +480,9 @@ def _bug(what: str, error: BaseException | str, case: Case) -> tuple[list[str], 
 
 def _isolated(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
     """:func:`_outcome` in a forked child; a child killed by a signal is a bug."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report through the pipe, never return into pytest
-        os.close(read)
-        try:
-            payload = pickle.dumps(_outcome(case, tmp_path))
-        except BaseException as error:  # noqa: BLE001 - whatever happens must reach the parent
-            payload = pickle.dumps(_bug(f"{type(error).__name__} in the child", error, case))
-        with os.fdopen(write, "wb") as out:
-            out.write(payload)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as source:
-        payload = source.read()
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status) or not payload:
-        return _bug(f"crash (signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else '?'})",
-                    "the process died in native code", case)
-    return pickle.loads(payload)
+    return in_child(lambda: _outcome(case, tmp_path),
+                    lambda error: _bug(f"{type(error).__name__} in the child", error, case),
+                    lambda crash: _bug(crash, "the process died in native code", case))
 
 
 # -- classes found by long runs, kept as derandomized examples in every run ----------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import pickle
 import re
 import warnings
 from typing import Any
@@ -32,6 +31,7 @@ from hypothesis import strategies as st
 
 import emdsl as em
 from emdsl.errors import ModelError
+from tests._forked import in_child
 
 _EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
 _SETTINGS = settings(max_examples=int(_EXAMPLES) if _EXAMPLES else 25, deadline=None,
@@ -187,24 +187,8 @@ def _isolated(case: dict[str, Any]) -> tuple[str, str | None]:
     """:func:`_outcome` in a forked child, so that a crash in native code is a recorded bug."""
     if not hasattr(os, "fork"):
         return _outcome(case)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            payload = pickle.dumps(_outcome(case))
-        except BaseException as error:  # noqa: BLE001
-            payload = pickle.dumps(("BUG", f"{type(error).__name__} in the child"))
-        with os.fdopen(write, "wb") as out:
-            out.write(payload)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as source:
-        payload = source.read()
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status) or not payload:
-        return "BUG", f"crash (signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else '?'})"
-    return pickle.loads(payload)
+    return in_child(lambda: _outcome(case), lambda error: ("BUG", f"{type(error).__name__} in the child"),
+                    lambda crash: ("BUG", crash))
 
 
 @_SETTINGS
