@@ -588,9 +588,11 @@ def test_several_latents_reach_the_plain_optimum(method):
     model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
              .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",))
              .observe("w", em.Bernoulli))
-    plain = _fit(model, ds, None, seed=0, tol=0, max_iter=3000)
-    fast = _fit(model, ds, method, seed=0, tol=1e-13, max_iter=3000)
-    assert fast.converged and int(fast.trace["e_steps"].values[-1]) < plain.n_iter
+    plain = _fit(model, ds, None, seed=0, tol=0, max_iter=3000)  # the fixed point
+    plain_stopped = _fit(model, ds, None, seed=0, tol=1e-13, max_iter=3000)  # its own rule: 380 E-steps
+    fast = _fit(model, ds, method, seed=0, tol=1e-13, max_iter=3000)  # measured: 70 (SQUAREM), 112 (DAAREM)
+    assert fast.converged
+    assert int(fast.trace["e_steps"].values[-1]) < 0.5 * int(plain_stopped.trace["e_steps"].values[-1])
     assert fast.loglik == pytest.approx(plain.loglik, rel=1e-9)
     for node, key in (("a", "probs"), ("b", "probs"), ("x", "mean"), ("y", "mean"), ("w", "probs")):
         np.testing.assert_allclose(fast.params[node][key].values, plain.params[node][key].values, atol=1e-5,
