@@ -220,9 +220,10 @@ def kmeans_plusplus_seeds(z: np.ndarray, k: int, rng: np.random.Generator,
     trials = 2 + int(np.log(k))
     seeds = np.empty((k, z.shape[1]))
     mass = None if weights is None else np.asarray(weights, dtype=float)
+    mass_so_far = None if mass is None else np.cumsum(mass)
 
     def any_row() -> int:
-        return int(rng.integers(len(z))) if mass is None else int(_draw(np.cumsum(mass), None, rng.uniform(size=1))[0])
+        return int(rng.integers(len(z))) if mass_so_far is None else int(_draw(mass_so_far, None, rng.uniform(size=1))[0])
 
     seeds[0] = z[any_row()]
     nearest = cdist(seeds[:1], z, "sqeuclidean")[0]
@@ -269,7 +270,7 @@ def kmeans(z: np.ndarray, k: int, rng: np.random.Generator,
     the centres (k × D, the means of their labels) and whether the data have fewer
     distinct points than ``k``.
     """
-    weights = None if weights is None else np.asarray(weights, dtype=float)  # (dask: at most SEED_SAMPLE rows')
+    weights = None if weights is None else np.asarray(weights, dtype=float)  # a sequence is welcome too
     centres, too_few = kmeans_plusplus_seeds(z, k, rng, weights)
     labels = None
     with warnings.catch_warnings():
