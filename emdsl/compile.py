@@ -354,12 +354,12 @@ def compile_plan(
                  decl.offset)
         node.offset = offset
         offset += node.n_rows
-        _check_values(node, ds, sample_dim)
+        moments = _check_values(node, ds, sample_dim, plan.weights)
         node.given = node_given(model, decl)
         if standardization is not None and node.name in standardization:
             node.center, node.scale = _given_units(plan, node, standardization)
         else:
-            node.center, node.scale = _units(node, fitting)
+            node.center, node.scale = _units(node, fitting, plan.weights, moments)
         plan.nodes.append(node)
     if latent is not None and model.latent_var.covariates:  # weights moved by covariates: a hidden node
         from emdsl.regression import bind_concomitant
@@ -676,12 +676,15 @@ def _aux_values(node: Node, ds: xr.Dataset, sample_dim: Hashable, key: str, vari
     return values
 
 
-def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable) -> None:
-    """Reject ±inf and values outside the family's support, naming where they are; NaN is missing."""
+def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable, weights: Any) -> Any:
+    """Reject ±inf and values outside the family's support, naming where they are; NaN is missing.
+
+    On dask, returns the node's per-element moments (weighted by ``weights``) read in the same
+    pass, for :func:`_units`; in memory, None.
+    """
     arrays = ([ds[v] for v in node.variables] if node.stacked else [ds[node.variables[0]]])
     if is_dask(node.sources[0]):
-        _check_chunked(node, arrays, sample_dim)
-        return
+        return _check_chunked(node, arrays, sample_dim, weights)
     if node.family.multivariate and node.stacked:
         # An event family judges whole events: its stacked variables are seen side by side.
         found = node.family.outside_support(np.hstack([np.asarray(s, dtype=float) for s in node.sources]),
@@ -707,6 +710,7 @@ def _check_values(node: Node, ds: xr.Dataset, sample_dim: Hashable) -> None:
         row += width
     if node.has_missing:
         node.find_patterns()
+    return None
 
 
 def _report(node: Node, da: xr.DataArray, sample_dim: Hashable, mask: np.ndarray, kind: str, detail: str,
@@ -730,23 +734,36 @@ _TINY_SCALE = np.finfo(float).tiny
 _SPREAD = (1e-150, 1e150)
 
 
-def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
+def _units(node: Node, fitting: bool, weights: Any = None, chunked: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-element mean and standard deviation over observed values (pooled where one scale is shared).
+
+    With ``weights`` (the fit's, per sample) a value counts as that many copies of itself:
+    the units are those of the expanded table, so that a weighted fit and the fit to the
+    table with rows repeated start from the same point (holes start at the mean) and
+    floor variances at the same fraction of the same spread. On dask, ``chunked`` holds the
+    moments that :func:`_check_values` read in its pass (merged chunk by chunk, Chan et al.).
 
     Computed on each element's values divided by their largest magnitude, so that data
     near ±1.8e308 do not overflow and data near 1e-300 do not underflow; whether an
     element is constant is judged against its own magnitude.
     """
-    if not node.family.standardize:
+    if not node.family.standardize and not (fitting and node.has_missing):
         return np.zeros(node.D), np.ones(node.D)
-    chunked = dask_moments(node) if is_dask(node.sources[0]) else None
+    # Families fitted in the data's units come here only to check that every element has a value.
+    if chunked is None and weights is not None:
+        weights = np.asarray(weights, dtype=float)  # lazy weights of in-memory data: N floats beside N × D values
+        weights = weights / weights.max()  # only relative weights matter here, and their sum cannot overflow
     count, low, high, magnitude = _extent(node) if chunked is None else (
         chunked.count, chunked.low, chunked.high, chunked.magnitude)
-    empty = count == 0
-    if empty.any():
-        label = _element_label(node, int(np.flatnonzero(empty)[0]))
-        raise ModelError(f"{node.where()}: {label} has no observed value (every value is NaN); "
-                         "drop it from the model")
+    mass = count if weights is None else chunked.mass if chunked is not None else _observed_mass(node, weights)
+    for lacking, what in ((count == 0, "has no observed value (every value is NaN)"),
+                          (mass == 0, "is observed only in samples of weight 0, so the weighted data have no "
+                                      "value of it")):
+        if lacking.any():
+            raise ModelError(f"{node.where()}: {_element_label(node, int(np.flatnonzero(lacking)[0]))} {what}; "
+                             "drop it from the model")
+    if not node.family.standardize:
+        return np.zeros(node.D), np.ones(node.D)
     # x − mean would overflow while standardizing (with a margin for the rounding of the mean)
     wide = high / 2 - low / 2 > 0.49 * _HUGE
     if wide.any():
@@ -755,15 +772,17 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
                          f"to {float(high[element])!r}, a span wider than the largest float "
                          f"({_HUGE:.4g}); rescale it (e.g. divide by 1e10)")
     unit = np.where(magnitude > 0, magnitude, 1.0)
-    center_u, spread_u = np.zeros(node.D), np.zeros(node.D)
-    if chunked is not None:  # one pass, merged chunk by chunk (Chan et al.)
+    if chunked is not None:
         center_u, spread_u = chunked.mean, chunked.m2
-    mass = count
-    for rows, first, source in _element_blocks(node) if chunked is None else ():
-        center_u[rows] += np.nansum(source / unit[rows], axis=0)
-    center_u /= mass if chunked is None else 1.0
-    for rows, first, source in _element_blocks(node) if chunked is None else ():
-        spread_u[rows] += np.nansum((source / unit[rows] - center_u[rows]) ** 2, axis=0)
+    else:
+        center_u, spread_u = np.zeros(node.D), np.zeros(node.D)
+        for rows, first, source in _element_blocks(node):
+            w = 1.0 if weights is None else weights[first:first + len(source), None]
+            center_u[rows] += np.nansum(source / unit[rows] * w, axis=0)
+        center_u /= mass
+        for rows, first, source in _element_blocks(node):
+            w = 1.0 if weights is None else weights[first:first + len(source), None]
+            spread_u[rows] += np.nansum((source / unit[rows] - center_u[rows]) ** 2 * w, axis=0)
     center = center_u * unit
     sd_u = np.sqrt(spread_u / mass)  # in units of each element's largest magnitude, ≤ 1
     sd = sd_u * unit
@@ -776,6 +795,9 @@ def _units(node: Node, fitting: bool) -> tuple[np.ndarray, np.ndarray]:
         label = _element_label(node, element)
         if low[element] == high[element]:
             what = f"is constant (every value is {float(low[element])!r})"
+        elif weights is not None:
+            what = (f"is constant where its samples' weights are positive (every such value is "
+                    f"{float(center[element])!r}, to within rounding)")
         else:
             what = (f"is constant to within rounding (its values differ only in the last digits, from "
                     f"{float(low[element])!r} to {float(high[element])!r})")
@@ -826,6 +848,14 @@ def _extent(node: Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
             high[rows] = np.maximum(high[rows], np.max(np.where(observed, source, -np.inf), axis=0))
     magnitude = np.where(count > 0, np.maximum(np.abs(low), np.abs(high)), 0.0)
     return count, low, high, magnitude
+
+
+def _observed_mass(node: Node, weights: np.ndarray) -> np.ndarray:
+    """Per element: Σ w over the samples where it is observed."""
+    mass = np.zeros(node.D)
+    for rows, first, source in _element_blocks(node):
+        mass[rows] += np.where(np.isnan(source), 0.0, weights[first:first + len(source), None]).sum(axis=0)
+    return mass
 
 
 def _element_blocks(node: Node) -> Iterator[tuple[slice, int, np.ndarray]]:
@@ -1341,11 +1371,12 @@ def _encode_chunked(node: Node, ds: xr.Dataset, sample_dim: Hashable, declared: 
     node.family = node.family.bound(node.levels)  # type: ignore[attr-defined]
 
 
-def _check_chunked(node: Node, arrays: list[xr.DataArray], sample_dim: Hashable) -> None:
-    """:func:`_check_values` on dask sources: one pass, the same messages, the chunk named."""
+def _check_chunked(node: Node, arrays: list[xr.DataArray], sample_dim: Hashable, weights: Any) -> Any:
+    """:func:`_check_values` on dask sources: one pass, the same messages, the chunk named; returns
+    the moments read in that pass (:class:`emdsl.data.dask_source.Moments`)."""
     from emdsl.data import dask_source
 
-    found = dask_source.check_values(node)
+    found, moments = dask_source.check_values(node, weights)
 
     def fail(da: xr.DataArray, count: int, first: int, kind: str, detail: str, advice: str) -> None:
         raise ModelError(f"{node.where()}: variable {da.name!r} has {count} {kind}value{'s' if count > 1 else ''}"
@@ -1365,13 +1396,7 @@ def _check_chunked(node: Node, arrays: list[xr.DataArray], sample_dim: Hashable)
     node.has_missing = any(found.missing)
     if node.has_missing:
         node.find_patterns()
-
-
-def dask_moments(node: Node) -> Any:
-    """Per-element count, extremes and moments of a dask-backed node, in one pass."""
-    from emdsl.data import dask_source
-
-    return dask_source.moments(node)
+    return moments
 
 
 def _far_chunked(plan: Plan, node: Node, center: np.ndarray, scale: np.ndarray, where: str) -> None:

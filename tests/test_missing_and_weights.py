@@ -142,12 +142,7 @@ def _weighted_case(family: str, holes: bool, seed: int) -> tuple[em.Model, xr.Da
 @pytest.mark.parametrize("init", ["responsibilities", "values"])
 @pytest.mark.parametrize("holes", [False, True], ids=["complete", "holes"])
 @pytest.mark.parametrize("family", ["normal", "mvn-full", "poisson", "bernoulli", "categorical"])
-def test_weighted_fit_equals_the_expanded_table(family, holes, init, request):
-    if family == "mvn-full" and holes and init == "responsibilities":
-        # Known gap: before any θ exists, the holes of a partly observed event start at the
-        # element's unweighted mean, so θ⁽⁰⁾ differs (ℓ by 1.6e-8 relative); from given values
-        # (the other init) weighted and expanded agree to 1e-10.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="hole start ignores weights"))
+def test_weighted_fit_equals_the_expanded_table(family, holes, init):
     model, ds = _weighted_case(family, holes, seed=len(family) + 10 * holes)
     weights = ds["w"].values.astype(int)
     rows = np.repeat(np.arange(N_ROWS), weights)
@@ -182,6 +177,43 @@ def test_weights_as_a_dataarray_equal_weights_by_name():
     by_array = model.fit(ds.drop_vars("w"), weights=ds["w"], init=start, max_iter=10, tol=0)
     assert by_name.loglik == by_array.loglik
     np.testing.assert_array_equal(by_name.params["x"]["mean"].values, by_array.params["x"]["mean"].values)
+
+
+@pytest.mark.parametrize("layout", ["in-memory", "dask data", "dask weights"])
+def test_weighted_units_are_the_expanded_tables(layout):
+    """The internal units (each element's mean and spread) count a row w times, in memory and on
+    dask (merged chunk by chunk), so that holes start at the same mean as on the expanded table."""
+    model, ds = _weighted_case("mvn-full", True, seed=4)
+    weights = ds["w"].values.astype(int)
+    expanded = model.fit(ds.drop_vars("w").isel(sample=np.repeat(np.arange(N_ROWS), weights)), max_iter=0)
+    if layout == "dask data":
+        ds = ds.chunk({"sample": 7})
+    given = ds["w"].chunk({"sample": 11}) if layout == "dask weights" else "w"
+    weighted = model.fit(ds.drop_vars("w") if layout == "dask weights" else ds, weights=given, max_iter=0)
+    unweighted = model.fit(ds.drop_vars("w"), max_iter=0)
+    for key in ("center", "scale"):
+        got = weighted.standardization["x"][key].values
+        np.testing.assert_allclose(got, expanded.standardization["x"][key].values, rtol=1e-13, err_msg=key)
+        assert np.abs(got - unweighted.standardization["x"][key].values).max() > 1e-3, key
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["in-memory", "dask"])
+def test_element_seen_only_where_the_weight_is_zero_is_named(chunked):
+    x = np.random.default_rng(0).normal(size=(10, 2))
+    x[:, 1] = np.where(np.arange(10) < 3, x[:, 1], np.nan)  # observed in the first three samples only
+    ds = xr.Dataset({"x": (("sample", "f"), x), "w": ("sample", np.r_[0.0, 0.0, 0.0, np.ones(7)])})
+    ds = ds.chunk({"sample": 4}) if chunked else ds
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.MultivariateNormal(dim="f"))
+    with pytest.raises(em.ModelError, match=r"variable 'x' at f=1 is observed only in samples of weight 0"):
+        model.fit(ds, weights="w")
+
+
+def test_element_constant_where_the_weight_is_positive_is_named():
+    y = np.r_[5.0, -3.0, np.full(8, 2.5)]  # varies only in the two samples of weight 0
+    ds = xr.Dataset({"y": ("sample", y), "w": ("sample", np.r_[0.0, 0.0, np.full(8, 2.0)])})
+    with pytest.raises(em.ModelError, match=r"variable 'y' is constant where its samples' weights are positive "
+                                            r"\(every such value is 2.5"):
+        NORMAL_MIXTURE.fit(ds, weights="w")
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -246,22 +246,43 @@ def _value_part(family: Any, widths: list[int], aux_keys: list[str], stacked_eve
     return _blocked(part, _value_combine, start, *blocks)
 
 
-def _moments_part(start: int, *blocks: np.ndarray) -> Moments:
-    return _blocked(_moments_block, _moments_combine, start, *blocks)
+def _moments_part(weighted: bool, start: int, *blocks: np.ndarray) -> Moments:
+    return _blocked(functools.partial(_moments_block, weighted), _moments_combine, start, *blocks)
 
 
-def check_values(node: Any) -> ValueCheck:
-    """One pass over a node's sources: ±inf, values outside the support and holes, per source."""
+def check_values(node: Any, weights: Any = None) -> tuple[ValueCheck, Moments]:
+    """One pass over a node's sources: ±inf, values outside the support and holes, per source; and
+    in the same pass the per-element moments that the compiler's units need (:class:`Moments`,
+    weighted by ``weights`` when given), so that a standardized node costs no pass of its own."""
     widths = [int(s.shape[1]) for s in node.sources]
     keys = list(node.aux)
     stacked_event = bool(node.family.multivariate and node.stacked)
-    part = functools.partial(_value_part, node.family, widths, keys, stacked_event)
-    return scan(list(node.sources) + [node.aux[k] for k in keys], part, _value_combine)
+    part = functools.partial(_values_and_moments, node.family, widths, keys, stacked_event, weights is not None)
+    arrays = [*node.sources, *(node.aux[k] for k in keys), *([] if weights is None else [weights])]
+    return scan(arrays, part, _both_combine)
+
+
+def _values_and_moments(family: Any, widths: list[int], aux_keys: list[str], stacked_event: bool, weighted: bool,
+                        start: int, *blocks: np.ndarray) -> tuple[ValueCheck, Moments]:
+    n_values = len(widths) + len(aux_keys)
+    check = _value_part(family, widths, aux_keys, stacked_event, start, *blocks[:n_values])
+    with np.errstate(all="ignore"):  # ±inf in the values is reported by the check, not here
+        found = _moments_part(weighted, start, *blocks[:len(widths)], *blocks[n_values:])
+    return check, found
+
+
+def _both_combine(a: tuple[ValueCheck, Moments], b: tuple[ValueCheck, Moments]) -> tuple[ValueCheck, Moments]:
+    with np.errstate(all="ignore"):
+        return _value_combine(a[0], b[0]), _moments_combine(a[1], b[1])
 
 
 @dataclasses.dataclass
 class Moments:
-    """Per element: count, extremes, and mean and Σ squared deviations in units of ``magnitude``."""
+    """Per element: count, extremes, and mean and Σ squared deviations in units of ``magnitude``.
+
+    ``mass`` is Σ w over the observed values with weights (the count without); the mean and
+    the squared deviations are weighted by them.
+    """
 
     count: np.ndarray
     low: np.ndarray
@@ -269,41 +290,42 @@ class Moments:
     magnitude: np.ndarray
     mean: np.ndarray
     m2: np.ndarray
+    mass: np.ndarray
 
 
-def _moments_block(start: int, *blocks: np.ndarray) -> Moments:
+def _moments_block(weighted: bool, start: int, *blocks: np.ndarray) -> Moments:
+    if weighted:
+        *blocks, w = blocks
     x = np.hstack([np.asarray(b, dtype=float) for b in blocks])
     observed = ~np.isnan(x)
     count = observed.sum(axis=0).astype(float)
+    w = np.asarray(w, dtype=float)[:, None] if weighted else np.ones((len(x), 1))
+    mass = np.where(observed, w, 0.0).sum(axis=0) if weighted else count
     low = np.min(np.where(observed, x, np.inf), axis=0)
     high = np.max(np.where(observed, x, -np.inf), axis=0)
     magnitude = np.where(count > 0, np.maximum(np.abs(low), np.abs(high)), 0.0)
     # Each chunk in units of its own largest magnitude: |x / u| ≤ 1, nothing overflows.
     unit = np.where(magnitude > 0, magnitude, 1.0)
     scaled = x / unit
-    mean = np.nansum(scaled, axis=0) / np.maximum(count, 1)
-    m2 = np.nansum((scaled - mean) ** 2, axis=0)
-    return Moments(count, low, high, magnitude, mean, m2)
+    mean = np.nansum(scaled * w, axis=0) / np.where(mass > 0, mass, 1.0)
+    m2 = np.nansum((scaled - mean) ** 2 * w, axis=0)
+    return Moments(count, low, high, magnitude, mean, m2, mass)
 
 
 def _moments_combine(a: Moments, b: Moments) -> Moments:
-    """Chan, Golub & LeVeque's parallel update, after bringing both parts to the larger unit."""
+    """Chan, Golub & LeVeque's parallel update (on the masses), after bringing both parts to the larger unit."""
     magnitude = np.maximum(a.magnitude, b.magnitude)
     unit = np.where(magnitude > 0, magnitude, 1.0)
     fa = np.where(a.magnitude > 0, a.magnitude / unit, 0.0)
     fb = np.where(b.magnitude > 0, b.magnitude / unit, 0.0)
     mean_a, mean_b = a.mean * fa, b.mean * fb
-    count = a.count + b.count
-    safe = np.maximum(count, 1)
+    mass = a.mass + b.mass
+    safe = np.where(mass > 0, mass, 1.0)
     delta = mean_b - mean_a
-    mean = mean_a + delta * (b.count / safe)
-    m2 = a.m2 * fa**2 + b.m2 * fb**2 + delta**2 * (a.count * b.count / safe)
-    return Moments(count, np.minimum(a.low, b.low), np.maximum(a.high, b.high), magnitude, mean, m2)
-
-
-def moments(node: Any) -> Moments:
-    """One pass: per element count, extremes, magnitude, and mean and Σ (x − mean)² in units of the magnitude."""
-    return scan(list(node.sources), _moments_part, _moments_combine)
+    mean = mean_a + delta * (b.mass / safe)
+    m2 = a.m2 * fa**2 + b.m2 * fb**2 + delta**2 * (a.mass * (b.mass / safe))
+    return Moments(a.count + b.count, np.minimum(a.low, b.low), np.maximum(a.high, b.high), magnitude, mean, m2,
+                   mass)
 
 
 def _pattern_part(start: int, *blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
