@@ -150,16 +150,18 @@ def _continuous(plan: Plan, nodes: list | None = None, rescale: bool = True) -> 
         for node in chosen:
             node.read(start, stop, z[row:row + node.D, start:stop])
             row += node.D
-    return _seed_space(chosen, z, rescale)[0].T
+    return _seed_space(chosen, z, rescale, weights=plan.weights)[0].T
 
 
-def _seed_space(chosen: list, z: np.ndarray, rescale: bool = True,
-                scaling: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _seed_space(chosen: list, z: np.ndarray, rescale: bool = True, scaling: np.ndarray | None = None,
+                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The chosen nodes' data ``z`` (D × n, as read) as seeding features, in place; holes at 0.
 
     Returns ``z`` and the per-element (unit, centre, spread) it was rescaled by (D × 3;
     1, 0, 1 where it was not). With ``scaling`` given (from a sample of the rows: the
-    dask path), the rows are rescaled by it instead of by their own.
+    dask path), the rows are rescaled by it instead of by their own; with ``weights`` (per
+    sample) the centre and spread count a sample that many times, as the standardized
+    families' units do (``compile._units``).
     """
     used = np.tile([1.0, 0.0, 1.0], (len(z), 1))
     row = 0
@@ -168,7 +170,7 @@ def _seed_space(chosen: list, z: np.ndarray, rescale: bool = True,
         part[...] = node.family.seed_features(part)
         if rescale and not node.family.standardize:
             used[row:row + node.D] = _centre_and_scale(
-                part, None if scaling is None else scaling[row:row + node.D])
+                part, None if scaling is None else scaling[row:row + node.D], weights)
         row += node.D
     # A hole sits at the element's mean (0 in standardized units): seeding needs a point
     # for every sample, and the mean moves no seed towards or away from it.
@@ -176,22 +178,25 @@ def _seed_space(chosen: list, z: np.ndarray, rescale: bool = True,
     return z, used
 
 
-def _centre_and_scale(rows: np.ndarray, scaling: np.ndarray | None = None) -> np.ndarray:
+def _centre_and_scale(rows: np.ndarray, scaling: np.ndarray | None = None,
+                      weights: np.ndarray | None = None) -> np.ndarray:
     """Each row (an element over the samples) centred and scaled to unit spread, in place; non-finite → NaN.
 
     Returns the (unit, centre, spread) of each row (d × 3); with ``scaling`` given, rows are
-    rescaled by those instead of their own.
+    rescaled by those instead of their own; with ``weights``, centre and spread are weighted.
     """
     rows[~np.isfinite(rows)] = np.nan
     used = np.tile([1.0, 0.0, 1.0], (len(rows), 1)) if scaling is None else np.asarray(scaling, dtype=float)
     for values, own in zip(rows, used, strict=True):
         if scaling is None:
-            present = values[~np.isnan(values)]
-            if not len(present):
+            seen = ~np.isnan(values)
+            present = values[seen]
+            mass = np.ones(len(present)) if weights is None else np.asarray(weights, dtype=float)[seen]
+            if not mass.sum() > 0:  # no observed value counts (the compiler refuses such elements)
                 continue
             unit = float(np.abs(present).max()) or 1.0  # divided first: no square overflows or underflows
-            centre = float(np.mean(present / unit))
-            spread = float(np.sqrt(np.mean((present / unit - centre) ** 2)))
+            centre = float(np.average(present / unit, weights=mass))
+            spread = float(np.sqrt(np.average((present / unit - centre) ** 2, weights=mass)))
             own[:] = unit, centre, spread if spread > 1e-12 else 1.0
         values /= own[0]
         values -= own[1]
@@ -308,7 +313,7 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
         chosen = [node for node in plan.nodes if node.family.continuous]
 
         def on_rows(raw: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            z, scaling = _seed_space(chosen, np.array(raw.T))
+            z, scaling = _seed_space(chosen, np.array(raw.T), weights=weights)
             labels, centres = _scipy_kmeans(plan, z.T, rng, weights)
             return labels, centres, scaling
 

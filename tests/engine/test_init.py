@@ -87,3 +87,34 @@ def test_a_weighted_fit_starts_from_the_weighted_clusters() -> None:
     for seed in range(5):
         start = model.fit(ds, weights="w", seed=seed, max_iter=0)
         np.testing.assert_allclose(np.sort(start.params["x"]["mean"].values), [-2, 2], atol=0.2)
+
+
+def test_weighted_seeding_features_are_the_expanded_tables() -> None:
+    """Families fitted in the data's units (Gamma) are centred and scaled for seeding with the fit's
+    weights, as on the table with rows repeated (standardized families get that from their units);
+    on dask (every row gathered below SEED_SAMPLE) the weighted k-means start is the in-memory one."""
+    import xarray as xr
+
+    import emdsl as em
+    from emdsl.compile import compile_plan
+
+    rng = np.random.default_rng(5)
+    n = 200
+    group = rng.random(n) < 0.3
+    x = rng.gamma(np.where(group, 2.0, 9.0), 1.5)
+    x[rng.random(n) < 0.1] = np.nan
+    weights = rng.integers(0, 5, n)
+    # y's spread comes mostly from rows of weight 0: unweighted, it would count for less than x
+    y = np.where(weights == 0, rng.gamma(1.0, 200.0, n), rng.gamma(np.where(group, 9.0, 2.0), 1.5))
+    ds = xr.Dataset({"x": ("sample", x), "y": ("sample", y), "w": ("sample", weights.astype(float))})
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Gamma).observe("y", em.Gamma)
+    expanded = compile_plan(model, ds.drop_vars("w").isel(sample=np.repeat(np.arange(n), weights)))
+    got = init._continuous(compile_plan(model, ds, weights="w"))
+    np.testing.assert_allclose(np.repeat(got, weights, axis=0), init._continuous(expanded), rtol=1e-12, atol=1e-12)
+    assert np.abs(init._continuous(compile_plan(model, ds)) - got).max() > 1e-3  # the weights mattered
+    in_memory = model.fit(ds, weights="w", seed=2, max_iter=0)
+    chunked = model.fit(ds.chunk({"sample": 64}), weights="w", seed=2, max_iter=0)
+    for name in ("x", "y"):
+        for key in ("shape", "rate"):
+            np.testing.assert_allclose(chunked.params[name][key].values, in_memory.params[name][key].values,
+                                       rtol=1e-12, err_msg=f"{name}.{key}")
