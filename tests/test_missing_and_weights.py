@@ -197,15 +197,23 @@ def test_weighted_units_are_the_expanded_tables(layout):
         assert np.abs(got - unweighted.standardization["x"][key].values).max() > 1e-3, key
 
 
+@pytest.mark.parametrize("family", ["mvn", "poisson"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["in-memory", "dask"])
-def test_element_seen_only_where_the_weight_is_zero_is_named(chunked):
-    x = np.random.default_rng(0).normal(size=(10, 2))
+def test_element_seen_only_where_the_weight_is_zero_is_named(chunked, family):
+    """Standardized or not, an element must have a value that counts; the count families used to
+    fit one a made-up rate."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 2)) if family == "mvn" else rng.poisson(3.0, size=(10, 2)).astype(float)
     x[:, 1] = np.where(np.arange(10) < 3, x[:, 1], np.nan)  # observed in the first three samples only
     ds = xr.Dataset({"x": (("sample", "f"), x), "w": ("sample", np.r_[0.0, 0.0, 0.0, np.ones(7)])})
     ds = ds.chunk({"sample": 4}) if chunked else ds
-    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.MultivariateNormal(dim="f"))
+    declared = em.MultivariateNormal(dim="f") if family == "mvn" else em.Poisson()
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", declared)
     with pytest.raises(em.ModelError, match=r"variable 'x' at f=1 is observed only in samples of weight 0"):
         model.fit(ds, weights="w")
+    ds["x"][:3, 1] = np.nan
+    with pytest.raises(em.ModelError, match=r"variable 'x' at f=1 has no observed value \(every value is NaN\)"):
+        model.fit(ds)
 
 
 def test_element_constant_where_the_weight_is_positive_is_named():
