@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -317,6 +317,8 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
             labels, centres = _scipy_kmeans(plan, z.T, rng, weights)
             return labels, centres, scaling
 
+        if isinstance(plan.latent.family, JointCategorical) and 1 < plan.K and plan.n_samples <= chunked.SEED_SAMPLE:
+            return _kmeans_per_latent(plan, plan.latent.family, rng, _gathered(plan, chosen))
         return chunked.kmeans_plusplus(plan, rng, on_rows)
     if plan.K == 1:
         return np.zeros(plan.n_samples, dtype=np.intp)
@@ -328,21 +330,25 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
     return _scipy_kmeans(plan, z, rng, plan.weights)[0]
 
 
-def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Generator) -> np.ndarray:
+def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Generator,
+                       features: Callable[[list | None], np.ndarray | None] | None = None) -> np.ndarray:
     """Several latents: each seeded by k-means (:func:`kmeans`) on the nodes that depend on it
     alone (on every continuous node when none does); a sample's joint state combines their labels.
 
     Seeding the Π k joint states as one clustering would ignore that they form a product,
-    and start far from any product-shaped optimum.
+    and start far from any product-shaped optimum. ``features(nodes)`` gives the seeding
+    features of those nodes (None: every node), :func:`_continuous` unless given (dask:
+    :func:`_gathered`).
     """
+    features = features or (lambda nodes: _continuous(plan, nodes))
     parts = []
     shared: list[np.ndarray] = []  # labels of the latents seeded on every continuous node
     for name, member in zip(joint.names, joint.members, strict=True):
         own = [node for node in plan.nodes if node.given is not None and node.given.names == (name,)]
-        z = _continuous(plan, own) if own else None
+        z = features(own) if own else None
         on_shared = z is None
         if on_shared:
-            z = _continuous(plan)
+            z = features(None)
             if z is not None and shared:
                 z = _within(z, shared)
         if member.k == 1:
@@ -354,6 +360,31 @@ def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Gener
             if on_shared:
                 shared.append(parts[-1])
     return np.ravel_multi_index(tuple(parts), joint.shape).astype(np.intp)
+
+
+def _gathered(plan: Plan, chosen: list) -> Callable[[list | None], np.ndarray | None]:
+    """:func:`_continuous` for a dask-backed plan of at most ``chunked.SEED_SAMPLE`` rows: every
+    row of the continuous nodes ``chosen`` gathered in one pass (on the first call), so that several
+    latents are seeded one by one exactly as in memory."""
+    from emdsl.engine import chunked
+
+    gathered: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def features(nodes: list | None) -> np.ndarray | None:
+        wanted = {id(node) for node in (chosen if nodes is None else nodes)}
+        picked = [node for node in chosen if id(node) in wanted]
+        if not picked:
+            return None
+        if not gathered:  # chosen: the continuous nodes, in the plan's order
+            continuous = [i for i, node in enumerate(plan.nodes) if node.family.continuous]
+            gathered.append(chunked.gather_weighted_rows(plan, continuous, np.arange(plan.n_samples)))
+        raw, weights = gathered[0]
+        stops = np.cumsum([node.D for node in chosen])
+        columns = np.concatenate([np.arange(stop - node.D, stop) for node, stop in zip(chosen, stops, strict=True)
+                                  if id(node) in wanted])
+        return _seed_space(picked, np.array(raw[:, columns].T), weights=weights)[0].T
+
+    return features
 
 
 def _within(z: np.ndarray, seeded: list[np.ndarray]) -> np.ndarray:

@@ -331,3 +331,24 @@ def test_known_states_of_one_of_several_latents_clamp_the_joint_posterior():
     assert lazy.loglik == pytest.approx(eager.loglik, rel=1e-10)
     with pytest.raises(ModelError, match="not states of 'b'"):
         model.fit(ds.assign(b=("sample", np.full(300, 7.0))))
+
+
+def test_several_latents_on_dask_start_and_end_as_in_memory():
+    """Below chunked.SEED_SAMPLE rows, dask seeds each latent on its own nodes (and the shared one,
+    within the others' clusters) exactly as in memory, with weights: the same θ⁽⁰⁾ and the same fit."""
+    ds, _, _ = _crossed(n=600, seed=4)
+    rng = np.random.default_rng(1)
+    ds["s"] = ("sample", rng.gamma(3.0, 2.0, 600))
+    ds["w"] = ("sample", rng.integers(0, 4, 600).astype(float))
+    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",))
+             .observe("s", em.Gamma))
+    for max_iter in (0, 50):
+        in_memory = model.fit(ds, weights="w", seed=2, max_iter=max_iter)
+        chunked = model.fit(ds.chunk({"sample": 128}), weights="w", seed=2, max_iter=max_iter)
+        assert chunked.n_iter == in_memory.n_iter
+        assert chunked.loglik == pytest.approx(in_memory.loglik, rel=1e-10)
+        for name, node in in_memory.params.children.items():
+            for key, value in node.to_dataset().data_vars.items():
+                np.testing.assert_allclose(chunked.params[name][key].values, value.values, rtol=1e-9, atol=1e-12,
+                                           err_msg=f"{name}.{key}, max_iter={max_iter}")
