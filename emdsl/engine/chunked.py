@@ -329,6 +329,42 @@ class NearestSeed:
         return vq(z.T, self.centres, check_finite=False)[0].astype(np.intp)
 
 
+class NearestJoint:
+    """Several latents' joint state of each row, computed inside the chunk's task like :class:`NearestSeed`:
+    each latent's nearest centre in its own seeding space (engine/init.py ``LatentSeeding``: its
+    nodes, scaled as on the sample it was seeded on; a latent seeded on the nodes it shares with
+    earlier ones is first moved by the means of their joint clusters, as on the sample)."""
+
+    def __init__(self, plan: Plan, chosen: Sequence[Any], shape: tuple[int, ...], seeded: Sequence[Any],
+                 seed: int) -> None:
+        positions = {id(node): i for i, node in enumerate(plan.nodes)}
+        self.nodes = [[positions[id(node)] for node in (chosen if s.nodes is None else s.nodes)] for s in seeded]
+        self.shape, self.seeded, self.seed = tuple(shape), list(seeded), seed
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        from scipy.cluster.vq import vq
+
+        from emdsl.engine.init import _group, _seed_space
+
+        plan, offset = current_chunk()
+        n = rows.stop - rows.start
+        labels: list[np.ndarray] = []
+        for position, (nodes, seeding) in enumerate(zip(self.nodes, self.seeded, strict=True)):
+            if seeding.k == 1:
+                labels.append(np.zeros(n, dtype=np.intp))
+                continue
+            if seeding.centres is None:  # no continuous node: random states, reproducible per chunk
+                labels.append(np.random.default_rng([self.seed, position, rows.start]).integers(seeding.k, size=n))
+                continue
+            raw = _read_rows(plan, nodes, rows.start - offset, rows.stop - offset)
+            z = _seed_space([plan.nodes[i] for i in nodes], np.array(raw.T), scaling=seeding.scaling)[0].T
+            if seeding.within:
+                ks = [self.seeded[i].k for i in seeding.within]
+                z = z - seeding.offsets[_group([labels[i] for i in seeding.within], ks)]
+            labels.append(vq(z, seeding.centres, check_finite=False)[0].astype(np.intp))
+        return np.ravel_multi_index(tuple(labels), self.shape).astype(np.intp)
+
+
 class RandomState:
     """A uniformly random state per row, reproducible from the seed and the row's chunk."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -317,8 +318,10 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
             labels, centres = _scipy_kmeans(plan, z.T, rng, weights)
             return labels, centres, scaling
 
-        if isinstance(plan.latent.family, JointCategorical) and 1 < plan.K and plan.n_samples <= chunked.SEED_SAMPLE:
-            return _kmeans_per_latent(plan, plan.latent.family, rng, _gathered(plan, chosen))
+        if isinstance(plan.latent.family, JointCategorical) and plan.K > 1:
+            if plan.n_samples <= chunked.SEED_SAMPLE:
+                return _kmeans_per_latent(plan, plan.latent.family, rng, *_gathered(plan, chosen))
+            return _sampled_per_latent(plan, plan.latent.family, rng, chosen)
         return chunked.kmeans_plusplus(plan, rng, on_rows)
     if plan.K == 1:
         return np.zeros(plan.n_samples, dtype=np.intp)
@@ -331,72 +334,142 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
 
 
 def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Generator,
-                       features: Callable[[list | None], np.ndarray | None] | None = None) -> np.ndarray:
+                       features: Callable[[list | None], np.ndarray | None] | None = None,
+                       weights: np.ndarray | None = None, seeded: list[LatentSeeding] | None = None,
+                       n_rows: int | None = None) -> np.ndarray:
     """Several latents: each seeded by k-means (:func:`kmeans`) on the nodes that depend on it
     alone (on every continuous node when none does); a sample's joint state combines their labels.
 
     Seeding the Π k joint states as one clustering would ignore that they form a product,
     and start far from any product-shaped optimum. ``features(nodes)`` gives the seeding
-    features of those nodes (None: every node), :func:`_continuous` unless given (dask:
-    :func:`_gathered`).
+    features of those nodes (None: every continuous node) of the rows seeded, with their
+    ``weights``: :func:`_continuous` and the fit's weights unless given (dask: :func:`_gathered`,
+    the rows gathered). With ``seeded`` (a list), how each latent was seeded is appended to it
+    (:class:`LatentSeeding`), to label rows that were not seeded; ``n_rows``: how many rows
+    ``features`` gives (default: the plan's).
     """
-    features = features or (lambda nodes: _continuous(plan, nodes))
-    parts = []
-    shared: list[np.ndarray] = []  # labels of the latents seeded on every continuous node
-    for name, member in zip(joint.names, joint.members, strict=True):
+    if features is None:
+        features, weights = (lambda nodes: _continuous(plan, nodes)), plan.weights
+    parts: list[np.ndarray] = []
+    shared: list[int] = []  # the latents seeded on every continuous node, by position
+    for position, (name, member) in enumerate(zip(joint.names, joint.members, strict=True)):
         own = [node for node in plan.nodes if node.given is not None and node.given.names == (name,)]
         z = features(own) if own else None
         on_shared = z is None
+        offsets = None
         if on_shared:
             z = features(None)
             if z is not None and shared:
-                z = _within(z, shared)
+                offsets = _cluster_means(z, [parts[i] for i in shared], [joint.members[i].k for i in shared], weights)
+                z = z - offsets[_group([parts[i] for i in shared], [joint.members[i].k for i in shared])]
+        n = plan.n_samples if n_rows is None else n_rows
+        centres = None
         if member.k == 1:
-            parts.append(np.zeros(plan.n_samples, dtype=np.intp))
+            parts.append(np.zeros(n, dtype=np.intp))
         elif z is None:
-            parts.append(rng.integers(member.k, size=plan.n_samples))
+            parts.append(rng.integers(member.k, size=n))
         else:
-            parts.append(kmeans(z, member.k, rng, plan.weights)[0])  # duplicates: some states may start empty
-            if on_shared:
-                shared.append(parts[-1])
+            labels, centres, _ = kmeans(z, member.k, rng, weights)  # duplicates: some states may start empty
+            parts.append(labels)
+        if seeded is not None:
+            nodes = None if on_shared else [node for node in own if node.family.continuous]
+            seeded.append(LatentSeeding(member.k, nodes, centres, list(shared) if offsets is not None else [], offsets))
+        if on_shared and z is not None and member.k > 1:
+            shared.append(position)
     return np.ravel_multi_index(tuple(parts), joint.shape).astype(np.intp)
 
 
-def _gathered(plan: Plan, chosen: list) -> Callable[[list | None], np.ndarray | None]:
-    """:func:`_continuous` for a dask-backed plan of at most ``chunked.SEED_SAMPLE`` rows: every
-    row of the continuous nodes ``chosen`` gathered in one pass (on the first call), so that several
-    latents are seeded one by one exactly as in memory."""
+def _sampled_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Generator, chosen: list) -> Any:
+    """Several latents on a dask plan beyond ``chunked.SEED_SAMPLE`` rows: seeded one by one on a
+    uniform sample of that many rows (:func:`_kmeans_per_latent`), every row then labelled inside
+    its chunk's task by each latent's nearest centre, in the sample's seeding space
+    (:class:`emdsl.engine.chunked.NearestJoint`)."""
     from emdsl.engine import chunked
 
-    gathered: list[tuple[np.ndarray, np.ndarray | None]] = []
+    rows = np.sort(rng.choice(plan.n_samples, chunked.SEED_SAMPLE, replace=False))
+    raw, weights = (chunked.gather_weighted_rows(plan, _indices(plan, chosen), rows) if chosen
+                    else (np.zeros((len(rows), 0)), None))
+    scalings: dict[frozenset, np.ndarray] = {}
+    seeded: list[LatentSeeding] = []
+    _kmeans_per_latent(plan, joint, rng, _columns(chosen, raw, weights, scalings), weights, seeded, len(rows))
+    for seeding in seeded:
+        seeding.scaling = scalings.get(frozenset(map(id, chosen if seeding.nodes is None else seeding.nodes)))
+    return chunked.NearestJoint(plan, chosen, joint.shape, seeded, int(rng.integers(2**63)))
+
+
+@dataclasses.dataclass
+class LatentSeeding:
+    """How :func:`_kmeans_per_latent` seeded one latent: enough to label rows it did not see
+    (a dask plan beyond ``chunked.SEED_SAMPLE`` rows, :class:`emdsl.engine.chunked.NearestJoint`)."""
+
+    k: int
+    #: the nodes it was seeded on (None: every continuous node)
+    nodes: list | None
+    #: its k-means centres (None: labels drawn at random, or k = 1)
+    centres: np.ndarray | None
+    #: the earlier latents (positions) whose joint clusters' means ``offsets`` were subtracted first
+    within: list[int]
+    offsets: np.ndarray | None
+    #: the per-element (unit, centre, spread) of its seeding space, on the rows seeded
+    scaling: np.ndarray | None = None
+
+
+def _gathered(plan: Plan, chosen: list) -> tuple[Callable[[list | None], np.ndarray | None], np.ndarray | None]:
+    """:func:`_continuous` for a dask-backed plan of at most ``chunked.SEED_SAMPLE`` rows, and the
+    fit's weights of its rows: every row of the continuous nodes ``chosen`` gathered in one pass,
+    so that several latents are seeded one by one exactly as in memory."""
+    from emdsl.engine import chunked
+
+    if not chosen:
+        return (lambda nodes: None), None
+    raw, weights = chunked.gather_weighted_rows(plan, _indices(plan, chosen), np.arange(plan.n_samples))
+    return _columns(chosen, raw, weights), weights
+
+
+def _indices(plan: Plan, nodes: list) -> list[int]:
+    """The positions of ``nodes`` in the plan."""
+    wanted = {id(node) for node in nodes}
+    return [i for i, node in enumerate(plan.nodes) if id(node) in wanted]
+
+
+def _columns(chosen: list, raw: np.ndarray, weights: np.ndarray | None,
+             scalings: dict[frozenset, np.ndarray] | None = None) -> Callable[[list | None], np.ndarray | None]:
+    """Seeding features of some of the nodes ``chosen`` from their data as read (``raw``, rows ×
+    their columns); with ``scalings``, each call's per-element scaling is kept there under the
+    set of its nodes' ids."""
+    stops = np.cumsum([node.D for node in chosen])
 
     def features(nodes: list | None) -> np.ndarray | None:
         wanted = {id(node) for node in (chosen if nodes is None else nodes)}
         picked = [node for node in chosen if id(node) in wanted]
         if not picked:
             return None
-        if not gathered:  # chosen: the continuous nodes, in the plan's order
-            continuous = [i for i, node in enumerate(plan.nodes) if node.family.continuous]
-            gathered.append(chunked.gather_weighted_rows(plan, continuous, np.arange(plan.n_samples)))
-        raw, weights = gathered[0]
-        stops = np.cumsum([node.D for node in chosen])
         columns = np.concatenate([np.arange(stop - node.D, stop) for node, stop in zip(chosen, stops, strict=True)
                                   if id(node) in wanted])
-        return _seed_space(picked, np.array(raw[:, columns].T), weights=weights)[0].T
+        z, used = _seed_space(picked, np.array(raw[:, columns].T), weights=weights)
+        if scalings is not None:
+            scalings[frozenset(map(id, picked))] = used
+        return z.T
 
     return features
 
 
-def _within(z: np.ndarray, seeded: list[np.ndarray]) -> np.ndarray:
-    """``z`` less the mean of each cluster of the latents seeded before on the same features.
+def _group(labels: list[np.ndarray], ks: list[int]) -> np.ndarray:
+    """Each row's joint cluster of the given latents' labels (ks: their numbers of states)."""
+    return np.ravel_multi_index(tuple(labels), tuple(ks))
 
-    A latent that shares its variables with others explains what those leave: seeded on
-    the same features, the labellings would coincide and leave joint states empty.
-    """
-    group = np.ravel_multi_index(tuple(seeded), tuple(int(g.max()) + 1 for g in seeded))
-    sums = np.zeros((int(group.max()) + 1, z.shape[1]))
-    np.add.at(sums, group, z)
-    return z - (sums / np.maximum(np.bincount(group), 1)[:, None])[group]
+
+def _cluster_means(z: np.ndarray, labels: list[np.ndarray], ks: list[int], weights: np.ndarray | None) -> np.ndarray:
+    """The (weighted) mean of ``z`` over each joint cluster of the latents seeded before on the same
+    features (0 for an empty one): a latent that shares its variables with others explains what
+    those leave, and seeded on the same features the labellings would coincide and leave joint
+    states empty."""
+    group = _group(labels, ks)
+    w = np.ones(len(z)) if weights is None else np.asarray(weights, dtype=float)
+    size = int(np.prod(ks))
+    mass = np.bincount(group, weights=w, minlength=size)
+    sums = np.stack([np.bincount(group, weights=w * column, minlength=size) for column in z.T], axis=1)
+    return sums / np.where(mass > 0, mass, 1.0)[:, None]
 
 
 def _scipy_kmeans(plan: Plan, z: np.ndarray, rng: np.random.Generator,
