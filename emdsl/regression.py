@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -43,6 +44,7 @@ import numpy as np
 import xarray as xr
 
 from emdsl import labels
+from emdsl.data import is_chunked, is_dask
 from emdsl.errors import ModelError
 from emdsl.families._base import (
     Axes,
@@ -1372,6 +1374,9 @@ def simulate(fit: Any, data: Any, seed: int | None = None) -> xr.Dataset:
     The states are drawn from the weights (each sample's own, with a latent's covariates),
     then each node's response given the state and the sample's covariates; ``data``'s
     other variables are kept, and the states become a coordinate, as in ``Fit.sample``.
+    On dask data the draws are lazy, chunk by chunk like the data (each chunk's draws come
+    from ``seed`` and the chunk's first row, so they do not depend on the scheduler); in
+    memory the data are one chunk, so one-chunk dask data give the same draws.
 
     Examples
     --------
@@ -1383,40 +1388,100 @@ def simulate(fit: Any, data: Any, seed: int | None = None) -> xr.Dataset:
     """
     ds = labels.as_dataset(data)
     plan, theta, _ = fit._compiled(ds)
-    rng = np.random.default_rng(seed)
+    entropy = np.random.SeedSequence(seed).entropy
+    states, draws = _lazy_draws(plan, theta, entropy) if is_chunked(plan) else _draws(plan, theta, entropy, 0)
+    out = ds.copy()
+    for node, values in zip(_drawn(plan), draws, strict=True):
+        if node.levels is not None:
+            values = (values.map_blocks(_codes_as_levels, node.levels, dtype=object) if is_dask(values)
+                      else _codes_as_levels(values, node.levels))
+        if node.stacked:
+            for d, variable in enumerate(node.variables):
+                out[variable] = ((plan.sample_dim,), values[:, d])
+        else:
+            variable = node.variables[0]
+            template = ds[variable].transpose(plan.sample_dim, ...)
+            out[variable] = template.copy(data=values.reshape(template.shape)).transpose(*ds[variable].dims)
+    if plan.latent is not None:
+        names = np.asarray(plan.latent.family.states, dtype=object)
+        named = states.map_blocks(_codes_as_levels, names, dtype=object) if is_dask(states) else names[states]
+        out = out.assign_coords({plan.latent.name: ((plan.sample_dim,), named)})
+    return out
+
+
+def _drawn(plan: Any) -> list[Any]:
+    """The nodes :func:`simulate` draws: all but a latent's covariates (a hidden node)."""
+    return [node for node in plan.nodes if plan.latent is None or node.name != plan.latent.name]
+
+
+def _codes_as_levels(codes: np.ndarray, levels: Sequence[Any]) -> np.ndarray:
+    return np.asarray(levels, dtype=object)[np.asarray(codes).astype(np.intp)]
+
+
+def _draws(plan: Any, theta: Mapping[str, Any], entropy: int, start: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The states (N,) and each drawn node's values (N × its width: codes for labels) over the
+    plan's rows, from the generator of (``entropy``, ``start``: the rows' first global row)."""
+    rng = np.random.default_rng([entropy, start])
     latent = plan.latent
-    hidden = {node.name: node for node in plan.nodes if latent is not None and node.name == latent.name}
+    hidden = [node for node in plan.nodes if latent is not None and node.name == latent.name]
     if latent is None:
         states = np.zeros(plan.n_samples, dtype=np.intp)
     elif hidden:
-        node = hidden[latent.name]
-        log_pi = node.family.log_weights_per_row(np.asarray(theta[latent.name]["coef"]), node.sources[0].T)
+        log_pi = hidden[0].family.log_weights_per_row(np.asarray(theta[latent.name]["coef"]),
+                                                      np.asarray(hidden[0].sources[0], dtype=float).T)
         cumulative = np.cumsum(np.exp(log_pi), axis=0)
         states = np.minimum((rng.random(plan.n_samples) * cumulative[-1] > cumulative).sum(axis=0), plan.K - 1)
     else:
         states = latent.family.draw(theta[latent.name], plan.n_samples, rng)
-    out = ds.copy()
-    for node in plan.nodes:
-        if node.name in hidden:
-            continue
+    draws = []
+    for node in _drawn(plan):
         params = node.family.to_original(theta[node.name], node.center, node.scale)
         if isinstance(node.family, _NormalRegression):
-            draws = node.family.sample(params, states, rng, {"design": node.aux["design"]})
+            values = node.family.sample(params, states, rng, {"design": node.aux["design"]})
         elif isinstance(node.family, _GLMRegression):
-            draws = node.family.sample(params, states, rng, {"columns": node.sources[0]})
+            values = node.family.sample(params, states, rng, {"columns": node.sources[0]})[:, :1]
         else:
-            draws = node.family.sample(params, states, rng, {key: value for key, value in node.aux.items()})
-        if node.levels is not None:
-            draws = np.asarray(node.levels, dtype=object)[draws.astype(np.intp)]
-        if node.stacked:
-            for d, variable in enumerate(node.variables):
-                out[variable] = ((plan.sample_dim,), draws[:, d])
-        else:
-            variable = node.variables[0]
-            template = ds[variable].transpose(plan.sample_dim, ...)
-            out[variable] = template.copy(data=draws[:, :1].reshape(template.shape) if isinstance(
-                node.family, _GLMRegression) else draws.reshape(template.shape)).transpose(*ds[variable].dims)
-    if latent is not None:
-        out = out.assign_coords({latent.name: ((plan.sample_dim,),
-                                               np.asarray(latent.family.states, dtype=object)[states])})
-    return out
+            values = node.family.sample(params, states, rng, {key: value for key, value in node.aux.items()})
+        draws.append(np.asarray(values).reshape(plan.n_samples, -1))
+    return np.asarray(states, dtype=np.intp), draws
+
+
+def _lazy_draws(plan: Any, theta: Mapping[str, Any], entropy: int) -> tuple[Any, list[Any]]:
+    """:func:`_draws` chunk by chunk as dask arrays with the data's sample chunks."""
+    import dask
+    import dask.array as da
+
+    from emdsl.data import dask_source
+
+    slots, arrays = dask_source.layout(plan)
+    starts, blocks = dask_source.chunk_blocks(arrays)
+    sizes = np.diff([*starts, plan.n_samples]).astype(int)
+    skeleton = dask.delayed(dask_source.skeleton(plan), traverse=False)
+    theta_key = dask.delayed(dict(theta), traverse=False)
+    parts = [dask.delayed(_draw_chunk, pure=True)(skeleton, slots, theta_key, entropy, start, *chunk)
+             for start, chunk in zip(starts, blocks, strict=True)]
+
+    def stacked(pick: Any, width: int | None, dtype: Any) -> Any:
+        pieces = [da.from_delayed(dask.delayed(pick)(part), shape=(int(n),) if width is None else (int(n), width),
+                                  dtype=dtype) for part, n in zip(parts, sizes, strict=True)]
+        return da.concatenate(pieces, axis=0)
+
+    states = stacked(operator.itemgetter(0), None, np.intp)
+    draws = [stacked(functools.partial(_pick, i), _draw_width(node), float) for i, node in enumerate(_drawn(plan))]
+    return states, draws
+
+
+def _draw_chunk(skeleton: Any, slots: Sequence[Any], theta: Mapping[str, Any], entropy: int, start: int,
+                *blocks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    from emdsl.data import dask_source
+
+    return _draws(dask_source.local_plan(skeleton, slots, blocks, start), theta, entropy, start)
+
+
+def _pick(i: int, part: tuple[np.ndarray, list[np.ndarray]]) -> np.ndarray:
+    return np.asarray(part[1][i], dtype=float)
+
+
+def _draw_width(node: Any) -> int:
+    """Columns of a node's draws: the response of a GLM, else the node's elements."""
+    return 1 if isinstance(node.family, _GLMRegression) else node.D

@@ -232,3 +232,31 @@ def test_coefficient_priors_on_dask_equal_numpy(data: xr.Dataset, chunks: int | 
     assert_same_fit(got, want)
     np.testing.assert_allclose(got.trace["logpost"].values, want.trace["logpost"].values, rtol=1e-10)
     assert np.all(got.trace["logpost"].values != got.trace["loglik"].values)
+
+
+def test_simulate_on_dask_data_is_lazy_and_one_chunk_gives_the_in_memory_draws():
+    """emdsl.regression.simulate draws chunk by chunk from the seed and each chunk's first row: lazy
+    variables with the data's chunks, the in-memory draws from one chunk, the same draws each call."""
+    from emdsl.regression import simulate
+
+    ds = regimes()
+    model = MODELS["everything"].observe("colour", em.Categorical)
+    ds = ds.assign(colour=("sample", np.where(ds["dose"].values > 2, "red", "blue").astype(object)))
+    fit = model.fit(ds, seed=1, max_iter=30)
+    in_memory = simulate(fit, ds, seed=5)
+    one_chunk = simulate(fit, ds.chunk({"sample": N}), seed=5)
+    for name in ("y", "counts", "flag", "heads", "colour"):
+        np.testing.assert_array_equal(one_chunk[name].values, in_memory[name].values, err_msg=name)
+    np.testing.assert_array_equal(one_chunk["z"].values, in_memory["z"].values)
+    chunked = simulate(fit, ds.chunk({"sample": 97}), seed=5)
+    for name in ("y", "counts", "flag", "heads", "colour"):
+        assert chunked[name].chunks == ((97,) * 10 + (33,),), name
+        np.testing.assert_array_equal(chunked[name].values, simulate(fit, ds.chunk({"sample": 97}), seed=5)[name].values)
+    values = chunked.compute()
+    assert set(np.unique(values["colour"].values)) <= {"red", "blue"}
+    observed = values["counts"].values
+    assert np.all(observed >= 0) and np.all(observed == np.round(observed))
+    assert np.all((values["heads"].values >= 0) & (values["heads"].values <= ds["tosses"].values))
+    # the draws follow the fit: the states' shares match its posterior's within sampling error
+    share = np.mean(values["z"].values == fit.params["z"].coords["z"].values[1])
+    assert abs(share - float(fit.posterior.isel(z=1).mean())) < 4 * np.sqrt(0.25 / N)
