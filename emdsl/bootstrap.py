@@ -58,7 +58,9 @@ def bootstrap(
         over the N rows, given to the refit as weights, which is exactly the fit of the
         resampled table); a row keeps its own weight, i.e. weights are part of a row, as
         survey or importance weights are. ``"parametric"``: each replicate is ``fit.sample``
-        of the same size (N, or the sum of the weights rounded), drawn from the fitted model.
+        of the same size (N, or the sum of the weights rounded), drawn from the fitted model
+        (with covariates, or a Markov latent: ``emdsl.regression.simulate`` at the data's
+        covariates, along the data's sequences).
     seed : int, optional
         Seed of every resampling and refit; the same seed gives the same replicates,
         whatever ``n_jobs``.
@@ -100,9 +102,9 @@ def bootstrap(
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer) or n_jobs < 1):
         raise ModelError(f"bootstrap(n_jobs=...): must be a positive integer or None, got {n_jobs!r}")
     latent = fit.model.latent_var
-    if latent is not None and latent.markov is not None:
+    if latent is not None and latent.markov is not None and kind == "nonparametric":
         raise ModelError("bootstrap: the samples of a Markov latent are not independent rows; resampling "
-                         "whole sequences is not implemented")
+                         "whole sequences is not implemented (kind='parametric' draws new sequences from the fit)")
     if data is None:
         data = fit.data
         if data is None:
@@ -148,7 +150,7 @@ class _Job:
         self.model, self.data, self.sample_dim, self.start = model, data, sample_dim, start
         self.kind, self.weights, self.weights_are_counts = kind, weights, weights_are_counts
         self.max_iter, self.tol, self.source = max_iter, tol, source
-        self.n_rows = int(data.sizes[sample_dim])
+        self.n_rows = int(data.sizes[sample_dim]) if kind == "nonparametric" else 0  # rows resampled
 
     def check_counts(self) -> None:
         if self.weights is None or not np.all(self.weights == np.round(self.weights)):
@@ -175,8 +177,11 @@ class _Job:
         data, weights = self.replicate_data(rng)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            latent = self.model.latent_var
+            chain = latent is not None and latent.markov is not None  # its sequences are found from the dims
             refit = self.model.fit(data, init=self.start, max_iter=self.max_iter, tol=self.tol,
-                                   seed=int(rng.integers(2**32)), sample_dim=self.sample_dim, weights=weights)
+                                   seed=int(rng.integers(2**32)), sample_dim=None if chain else self.sample_dim,
+                                   weights=weights)
         degenerate = refit.degenerate or any(issubclass(w.category, DegenerateComponentWarning) for w in caught)
         return {"params": labels.tree_values(refit.params), "loglik": refit.loglik, "n_iter": refit.n_iter,
                 "converged": refit.converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught),
@@ -224,10 +229,13 @@ def _parametric_source(fit: Fit, data: xr.Dataset) -> _Simulator:
                 n_samples=fit.n_samples, sample_dim=fit.sample_dim, seed=fit.seed)
     latent = fit.model.latent_var
     regression = any(decl.covariates for decl in fit.model.observed) or (latent is not None and latent.covariates)
-    if regression and fit.weights is not None:
-        raise ModelError("bootstrap(kind='parametric'): a weighted fit with covariates has no simulation of the "
-                         "same size; use kind='nonparametric'")
-    return _Simulator(light, size, data if regression else None)
+    chain = latent is not None and latent.markov is not None
+    if (regression or chain) and fit.weights is not None:
+        what = "with covariates" if regression else "of a Markov latent (weighted sequences)"
+        raise ModelError(f"bootstrap(kind='parametric'): a weighted fit {what} has no simulation of the same size"
+                         + ("" if chain else "; use kind='nonparametric'"))
+    # covariates: responses drawn at the data's own; a chain: a path along each of the data's sequences
+    return _Simulator(light, size, data if regression or chain else None)
 
 
 def _collect(fit: Fit, results: list[dict[str, Any]], kind: str, seed: int) -> xr.Dataset:

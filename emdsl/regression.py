@@ -1371,12 +1371,14 @@ def stored_family(decl: Any, params: Any) -> Any:
 def simulate(fit: Any, data: Any, seed: int | None = None) -> xr.Dataset:
     """Draw from ``fit`` at the covariates of ``data``: one draw per sample of ``data``.
 
-    The states are drawn from the weights (each sample's own, with a latent's covariates),
-    then each node's response given the state and the sample's covariates; ``data``'s
-    other variables are kept, and the states become a coordinate, as in ``Fit.sample``.
-    On dask data the draws are lazy, chunk by chunk like the data (each chunk's draws come
-    from ``seed`` and the chunk's first row, so they do not depend on the scheduler); in
-    memory the data are one chunk, so one-chunk dask data give the same draws.
+    The states are drawn from the weights (each sample's own, with a latent's covariates;
+    for a Markov latent, a path of the chain along each of the data's sequences), then each
+    node's response given the state and the sample's covariates; ``data``'s other
+    variables are kept (so are the holes a sequence ends with), and the states become a
+    coordinate, as in ``Fit.sample``. On dask data the draws are lazy, chunk by chunk like
+    the data (each chunk's draws come from ``seed`` and the chunk's first row, so they do
+    not depend on the scheduler); in memory the data are one chunk, so one-chunk dask data
+    give the same draws.
 
     Examples
     --------
@@ -1390,6 +1392,10 @@ def simulate(fit: Any, data: Any, seed: int | None = None) -> xr.Dataset:
     plan, theta, _ = fit._compiled(ds)
     entropy = np.random.SeedSequence(seed).entropy
     states, draws = _lazy_draws(plan, theta, entropy) if is_chunked(plan) else _draws(plan, theta, entropy, 0)
+    sequences = plan.sequences
+    # where a sample's values sit: (sample,), or a chain's (sequence dims..., markov dim)
+    grid = ((plan.sample_dim,), (plan.n_samples,)) if sequences is None else (
+        (*sequences.sequence_dims, sequences.dim), (*sequences.sequence_shape, sequences.length))
     out = ds.copy()
     for node, values in zip(_drawn(plan), draws, strict=True):
         if node.levels is not None:
@@ -1397,15 +1403,15 @@ def simulate(fit: Any, data: Any, seed: int | None = None) -> xr.Dataset:
                       else _codes_as_levels(values, node.levels))
         if node.stacked:
             for d, variable in enumerate(node.variables):
-                out[variable] = ((plan.sample_dim,), values[:, d])
+                out[variable] = ds[variable].transpose(*grid[0]).copy(data=values[..., d].reshape(grid[1]))
         else:
             variable = node.variables[0]
-            template = ds[variable].transpose(plan.sample_dim, ...)
+            template = ds[variable].transpose(*grid[0], ...)
             out[variable] = template.copy(data=values.reshape(template.shape)).transpose(*ds[variable].dims)
     if plan.latent is not None:
         names = np.asarray(plan.latent.family.states, dtype=object)
-        named = states.map_blocks(_codes_as_levels, names, dtype=object) if is_dask(states) else names[states]
-        out = out.assign_coords({plan.latent.name: ((plan.sample_dim,), named)})
+        named = states.map_blocks(names.take, dtype=object) if is_dask(states) else names[states]
+        out = out.assign_coords({plan.latent.name: (grid[0], named.reshape(grid[1]))})
     return out
 
 
@@ -1415,17 +1421,30 @@ def _drawn(plan: Any) -> list[Any]:
 
 
 def _codes_as_levels(codes: np.ndarray, levels: Sequence[Any]) -> np.ndarray:
-    return np.asarray(levels, dtype=object)[np.asarray(codes).astype(np.intp)]
+    """Level labels of codes; a NaN (a sequence's trailing hole) stays a hole (None)."""
+    codes = np.asarray(codes, dtype=float)
+    out = np.full(codes.shape, None, dtype=object)
+    drawn = ~np.isnan(codes)
+    out[drawn] = np.asarray(levels, dtype=object)[codes[drawn].astype(np.intp)]
+    return out
 
 
 def _draws(plan: Any, theta: Mapping[str, Any], entropy: int, start: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The states (N,) and each drawn node's values (N × its width: codes for labels) over the
-    plan's rows, from the generator of (``entropy``, ``start``: the rows' first global row)."""
+    """The states and each drawn node's values (codes for labels) over the plan's rows, from the
+    generator of (``entropy``, ``start``: the rows' first global row): (N,) and (N × width), or
+    for a Markov latent over its sequences' grid, (n_sequences × length) and (n_sequences ×
+    length × width), the chain drawn to the grid's end and the values NaN past a sequence's end."""
     rng = np.random.default_rng([entropy, start])
-    latent = plan.latent
+    latent, sequences = plan.latent, plan.sequences
     hidden = [node for node in plan.nodes if latent is not None and node.name == latent.name]
+    path = None
     if latent is None:
         states = np.zeros(plan.n_samples, dtype=np.intp)
+    elif sequences is not None:
+        from emdsl.latent.markov import sample_states
+
+        path = sample_states(theta[latent.name], sequences.n_sequences, sequences.length, rng)
+        states = path[np.arange(sequences.length)[None, :] < sequences.lengths[:, None]]
     elif hidden:
         log_pi = hidden[0].family.log_weights_per_row(np.asarray(theta[latent.name]["coef"]),
                                                       np.asarray(hidden[0].sources[0], dtype=float).T)
@@ -1442,12 +1461,14 @@ def _draws(plan: Any, theta: Mapping[str, Any], entropy: int, start: int) -> tup
             values = node.family.sample(params, states, rng, {"columns": node.sources[0]})[:, :1]
         else:
             values = node.family.sample(params, states, rng, {key: value for key, value in node.aux.items()})
-        draws.append(np.asarray(values).reshape(plan.n_samples, -1))
-    return np.asarray(states, dtype=np.intp), draws
+        values = np.asarray(values, dtype=float).reshape(plan.n_samples, -1)
+        draws.append(values if sequences is None else sequences.scatter(values, np.nan))
+    return (np.asarray(states, dtype=np.intp) if path is None else path), draws
 
 
 def _lazy_draws(plan: Any, theta: Mapping[str, Any], entropy: int) -> tuple[Any, list[Any]]:
-    """:func:`_draws` chunk by chunk as dask arrays with the data's sample chunks."""
+    """:func:`_draws` chunk by chunk, as dask arrays with the data's sample chunks (a Markov
+    latent's: a chunk per run of whole sequences)."""
     import dask
     import dask.array as da
 
@@ -1460,10 +1481,14 @@ def _lazy_draws(plan: Any, theta: Mapping[str, Any], entropy: int) -> tuple[Any,
     theta_key = dask.delayed(dict(theta), traverse=False)
     parts = [dask.delayed(_draw_chunk, pure=True)(skeleton, slots, theta_key, entropy, start, *chunk)
              for start, chunk in zip(starts, blocks, strict=True)]
+    sequences = plan.sequences
+    shapes = ([(int(n),) for n in sizes] if sequences is None else
+              [(b - a, sequences.length) for a, b in (sequences.sequences_in(start, start + int(n))
+                                                      for start, n in zip(starts, sizes, strict=True))])
 
     def stacked(pick: Any, width: int | None, dtype: Any) -> Any:
-        pieces = [da.from_delayed(dask.delayed(pick)(part), shape=(int(n),) if width is None else (int(n), width),
-                                  dtype=dtype) for part, n in zip(parts, sizes, strict=True)]
+        pieces = [da.from_delayed(dask.delayed(pick)(part), shape=shape if width is None else (*shape, width),
+                                  dtype=dtype) for part, shape in zip(parts, shapes, strict=True)]
         return da.concatenate(pieces, axis=0)
 
     states = stacked(operator.itemgetter(0), None, np.intp)

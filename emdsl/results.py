@@ -404,6 +404,13 @@ class Fit:
         rng = np.random.default_rng(seed)
         values = labels.tree_values(self.params)
         latent = self.model.latent_var
+        if latent is not None and latent.covariates:
+            raise ModelError(f"sample: the weights of {latent.name!r} depend on {list(latent.covariates)}; draws "
+                             "need each sample's covariates: use emdsl.regression.simulate(fit, data)")
+        regression = next((decl for decl in self.model.observed if decl.covariates), None)
+        if regression is not None:
+            raise ModelError(f"sample: node {regression.name!r} is a regression on {list(regression.covariates)}; "
+                             "its draws need each sample's covariates: use emdsl.regression.simulate(fit, data)")
         if self._markov is not None:
             if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 0:
                 raise ModelError(f"sample(n_sequences, length): a Markov latent draws sequences; length must be "
@@ -412,13 +419,6 @@ class Fit:
         if length is not None:
             raise ModelError("sample(n, length): length is for a Markov latent's sequences; this model draws "
                              "independent samples (pass the seed as seed=...)")
-        if latent is not None and latent.covariates:
-            raise ModelError(f"sample: the weights of {latent.name!r} depend on {list(latent.covariates)}; draws "
-                             "need each sample's covariates: use emdsl.regression.simulate(fit, data)")
-        regression = next((decl for decl in self.model.observed if decl.covariates), None)
-        if regression is not None:
-            raise ModelError(f"sample: node {regression.name!r} is a regression on {list(regression.covariates)}; "
-                             "its draws need each sample's covariates: use emdsl.regression.simulate(fit, data)")
         if latent is not None and hasattr(latent.family, "members"):
             states = latent.family.draw({name: values[name]["probs"].values for name in latent.family.names},
                                         int(n), rng)

@@ -140,3 +140,38 @@ def test_impossible_sequence_on_dask_names_the_global_sequence(data: xr.Dataset)
     for chunks in (None, 4):
         with pytest.raises(em.ModelError, match=r"the sequence at sequence=90, time=3 has probability 0"):
             model.fit(ds if chunks is None else ds.chunk({"sequence": chunks}), max_iter=0)
+
+
+def test_simulate_draws_a_chain_along_each_sequence_in_memory_and_lazily(data: xr.Dataset) -> None:
+    """emdsl.regression.simulate on a hidden Markov model with a regression emission: a path of the
+    chain along every sequence (holes where a sequence ends are kept), one-chunk dask data give the
+    in-memory draws, several chunks lazy draws; the paths' transitions follow the fitted chain."""
+    from emdsl.regression import simulate
+
+    rng = np.random.default_rng(3)
+    ds = data.assign(dose=(("sequence", "time"), rng.uniform(0, 2, (S, T))))
+    ds["y"] = ds["dose"] * 2.0 + ds["x"].isel(channel=0)
+    model = (em.Model().latent("z", em.Categorical(3), markov="time")
+             .observe("y", em.Normal, covariates=["dose"]).observe("counts", em.Poisson))
+    fit = model.fit(ds, seed=2, max_iter=50)
+    with pytest.raises(em.ModelError, match=r"regression on \['dose'\].*use emdsl.regression.simulate"):
+        fit.sample(3, length=10)
+    in_memory = simulate(fit, ds, seed=7)
+    assert in_memory["z"].dims == ("sequence", "time")
+    for name in ("y", "counts"):
+        drawn = in_memory[name].transpose("sequence", "time").values
+        assert np.array_equal(np.isnan(drawn[3, 31:]), np.ones(T - 31, bool)), name  # the ended sequence
+        assert np.isfinite(drawn[0]).all(), name  # holes inside a sequence are drawn
+    assert np.all(in_memory["counts"].values[np.isfinite(in_memory["counts"].values)] % 1 == 0)
+    one_chunk = simulate(fit, ds.chunk({"sequence": S}), seed=7)
+    for name in ("y", "counts", "z"):
+        np.testing.assert_array_equal(one_chunk[name].values, in_memory[name].values, err_msg=name)
+    chunked = simulate(fit, ds.chunk({"sequence": 6}), seed=7)
+    assert chunked["y"].chunks[0] == (6, 6, 6, 6, 5) and chunked["z"].chunks is not None
+    paths = np.concatenate([chunked["z"].values, in_memory["z"].values]).astype(int)
+    # transition frequencies of the drawn paths against the fitted matrix (2 × 29 × 49 steps)
+    counts = np.zeros((3, 3))
+    np.add.at(counts, (paths[:, :-1].ravel(), paths[:, 1:].ravel()), 1)
+    fitted = fit.params["z"]["transition"].values
+    rows = counts.sum(axis=1, keepdims=True)
+    assert np.all(np.abs(counts / rows - fitted) < 5 * np.sqrt(fitted * (1 - fitted) / rows) + 1e-3)

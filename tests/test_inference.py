@@ -243,6 +243,30 @@ def test_parametric_bootstrap_draws_from_the_fit(waiting_fit):
     assert np.all(np.abs(ratio.values - 1) < 0.5)
 
 
+
+def test_parametric_bootstrap_of_a_hidden_markov_model_draws_new_sequences():
+    """A chain has no independent rows to resample; kind='parametric' draws a path along each of
+    the data's sequences (emdsl.regression.simulate) and refits. 100 replicates: ~7% Monte-Carlo
+    error on a standard deviation; the spread agrees with the observed information (measured
+    with 150 replicates: ratios 0.97–1.07)."""
+    rng = np.random.default_rng(0)
+    S, T = 20, 100
+    A = np.array([[0.9, 0.1], [0.2, 0.8]])
+    z = np.zeros((S, T), int)
+    z[:, 0] = rng.integers(2, size=S)
+    for t in range(1, T):
+        z[:, t] = (rng.random(S)[:, None] > np.cumsum(A[z[:, t - 1]], axis=1)).sum(axis=1)
+    ds = xr.Dataset({"y": (("sequence", "time"), rng.normal(np.array([0.0, 1.5])[z], 0.7))})
+    fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal).fit(ds, seed=0)
+    with pytest.raises(em.ModelError, match="resampling whole sequences is not implemented.*kind='parametric'"):
+        em.bootstrap(fit, ds, n=2)
+    boot = em.bootstrap(fit, ds, n=100, kind="parametric", seed=1, n_jobs=1)
+    assert boot["z.transition"].dims == ("replicate", "z", "z_next")
+    se = fit.standard_errors()
+    for key, node in (("y.mean", "y"), ("z.transition", "z")):
+        ratio = boot[key].std("replicate").values / se[node][key.split(".")[1]].values
+        assert np.all(np.abs(ratio - 1) < 0.3), (key, ratio)
+
 def _coverage(n_sim: int, n_boot: int, seed: int) -> float:
     """Fraction of 90% percentile intervals (μ₁ of a two-component mixture) that cover the truth."""
     rng = np.random.default_rng(seed)
