@@ -333,16 +333,22 @@ def test_known_states_of_one_of_several_latents_clamp_the_joint_posterior():
         model.fit(ds.assign(b=("sample", np.full(300, 7.0))))
 
 
-def test_several_latents_on_dask_start_and_end_as_in_memory():
-    """Below chunked.SEED_SAMPLE rows, dask seeds each latent on its own nodes (and the shared one,
-    within the others' clusters) exactly as in memory, with weights: the same θ⁽⁰⁾ and the same fit."""
-    ds, _, _ = _crossed(n=600, seed=4)
+def _crossed_weighted(n: int) -> tuple[xr.Dataset, em.Model]:
+    """Two crossed latents on their own Normals, a Gamma over both (fitted in its own units), weights."""
+    ds, _, _ = _crossed(n=n, seed=4)
     rng = np.random.default_rng(1)
-    ds["s"] = ("sample", rng.gamma(3.0, 2.0, 600))
-    ds["w"] = ("sample", rng.integers(0, 4, 600).astype(float))
+    ds["s"] = ("sample", rng.gamma(3.0, 2.0, n))
+    ds["w"] = ("sample", rng.integers(0, 4, n).astype(float))
     model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
              .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",))
              .observe("s", em.Gamma))
+    return ds, model
+
+
+def test_several_latents_on_dask_start_and_end_as_in_memory():
+    """Below chunked.SEED_SAMPLE rows, dask seeds each latent on its own nodes (and the shared one,
+    within the others' clusters) exactly as in memory, with weights: the same θ⁽⁰⁾ and the same fit."""
+    ds, model = _crossed_weighted(600)
     for max_iter in (0, 50):
         in_memory = model.fit(ds, weights="w", seed=2, max_iter=max_iter)
         chunked = model.fit(ds.chunk({"sample": 128}), weights="w", seed=2, max_iter=max_iter)
@@ -361,13 +367,7 @@ def test_several_latents_on_dask_beyond_the_seeding_sample_start_near_the_in_mem
     states started 4,000–5,000 lower in ℓ here, and needed 31–205 iterations against 6)."""
     from emdsl.engine import chunked
 
-    ds, _, _ = _crossed(n=4000, seed=4)
-    rng = np.random.default_rng(1)
-    ds["s"] = ("sample", rng.gamma(3.0, 2.0, 4000))
-    ds["w"] = ("sample", rng.integers(0, 4, 4000).astype(float))
-    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
-             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",))
-             .observe("s", em.Gamma))
+    ds, model = _crossed_weighted(4000)
     in_memory = model.fit(ds, weights="w", seed=seed)
     monkeypatch.setattr(chunked, "SEED_SAMPLE", 500)
     start = model.fit(ds.chunk({"sample": 700}), weights="w", seed=seed, max_iter=0)
