@@ -52,8 +52,9 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.special import betaln, gammaln, multigammaln, xlog1py, xlogy
+from scipy.special import gammaln, multigammaln, xlog1py, xlogy
 
+from emdsl._special import betaln
 from emdsl.errors import ModelError
 
 __all__ = ["Beta", "Dirichlet", "Gamma", "Normal", "NormalInverseGamma", "NormalInverseWishart", "Prior"]

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import special
 
 from emdsl import priors
+from emdsl._special import betaln
 from emdsl.families._base import (
     Axes,
     BoundPrior,
@@ -84,7 +84,7 @@ def beta_log_prior(params: Params, prior: BoundPrior) -> tuple[float, float]:
         log_p, log_q = np.maximum(np.log(p), _LOG_TINY), np.maximum(np.log1p(-p), _LOG_TINY)
     # (a − 1)·log p with 0·log 0 = 0 (a = 1 at p = 0), as priors.beta_terms
     return priors.total([np.where(a == 1.0, 0.0, (a - 1.0) * log_p), np.where(b == 1.0, 0.0, (b - 1.0) * log_q),
-                         -special.betaln(a, b)])
+                         -betaln(a, b)])
 
 
 class _SuccessProbability(ElementwiseFamily):

@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import special
 
+from emdsl._special import betaln
 from emdsl.families._base import (
     Axes,
     ElementwiseFamily,
@@ -89,7 +90,7 @@ class Beta(ElementwiseFamily):
 
     def eta(self, params: Params) -> tuple[list[np.ndarray], np.ndarray]:
         alpha, beta = np.broadcast_arrays(params["alpha"], params["beta"])
-        return [alpha - 1.0, beta - 1.0], special.betaln(alpha, beta)
+        return [alpha - 1.0, beta - 1.0], betaln(alpha, beta)
 
     def mle(self, nk: np.ndarray, sums: list[np.ndarray], hold: Params,
             previous: Params | None) -> tuple[Params, Floored]:
@@ -111,7 +112,7 @@ class Beta(ElementwiseFamily):
         free = np.stack([np.full((K, D), name not in hold) for name in names], axis=-1)
 
         def value(theta: np.ndarray) -> np.ndarray:
-            return (theta * logs).sum(axis=-1) - special.betaln(theta[..., 0], theta[..., 1])
+            return (theta * logs).sum(axis=-1) - betaln(theta[..., 0], theta[..., 1])
 
         def slope(theta: np.ndarray) -> np.ndarray:
             return logs - special.digamma(theta) + special.digamma(theta.sum(axis=-1, keepdims=True))
@@ -157,7 +158,7 @@ class Beta(ElementwiseFamily):
             inside = (x > 0) & (x < 1)
             safe = np.where(inside, x, 0.5)
             log_p = (special.xlogy(alpha - 1, safe) + special.xlog1py(beta - 1, -safe)
-                     - special.betaln(alpha, beta))
+                     - betaln(alpha, beta))
             return np.where(inside, np.exp(log_p), 0.0)
 
         return Marginal(mean=(alpha / (alpha + beta))[:, 0], density=density)
