@@ -67,8 +67,9 @@ def betaln(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     a, b, total = (np.where(large, v, _LARGE / 2) for v in (a, b, total))
     # log(x / (a+b)) for the larger of a, b through log1p(−other/(a+b)): multiplied by x − ½,
     # its rounding stays of order the other, not of order x·ε
-    log_a = np.where(a >= b, np.log1p(-b / total), np.log(a / total))
-    log_b = np.where(b > a, np.log1p(-a / total), np.log(b / total))
+    with np.errstate(divide="ignore"):  # the branch not taken may be log 0 (one argument ≪ the other)
+        log_a = np.where(a >= b, np.log1p(-b / total), np.log(a / total))
+        log_b = np.where(b > a, np.log1p(-a / total), np.log(b / total))
     stirling = ((a - 0.5) * log_a + (b - 0.5) * log_b - 0.5 * np.log(total) + _HALF_LOG_2PI
                 + stirling_remainder(a) + stirling_remainder(b) - stirling_remainder(total))
     return np.where(large, stirling, out)
