@@ -151,6 +151,9 @@ class _Job:
         self.kind, self.weights, self.weights_are_counts = kind, weights, weights_are_counts
         self.max_iter, self.tol, self.source = max_iter, tol, source
         self.n_rows = int(data.sizes[sample_dim]) if kind == "nonparametric" else 0  # rows resampled
+        latent = model.latent_var
+        # a chain's refit finds its sequences from the dims again; fit(sample_dim=...) would name the sequences
+        self.refit_dim = None if latent is not None and latent.markov is not None else sample_dim
 
     def check_counts(self) -> None:
         if self.weights is None or not np.all(self.weights == np.round(self.weights)):
@@ -177,11 +180,8 @@ class _Job:
         data, weights = self.replicate_data(rng)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            latent = self.model.latent_var
-            chain = latent is not None and latent.markov is not None  # its sequences are found from the dims
             refit = self.model.fit(data, init=self.start, max_iter=self.max_iter, tol=self.tol,
-                                   seed=int(rng.integers(2**32)), sample_dim=None if chain else self.sample_dim,
-                                   weights=weights)
+                                   seed=int(rng.integers(2**32)), sample_dim=self.refit_dim, weights=weights)
         degenerate = refit.degenerate or any(issubclass(w.category, DegenerateComponentWarning) for w in caught)
         return {"params": labels.tree_values(refit.params), "loglik": refit.loglik, "n_iter": refit.n_iter,
                 "converged": refit.converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught),
