@@ -5,7 +5,7 @@
 >>> fit = model.fit(em.datasets.load("faithful"), seed=0)
 """
 
-from emdsl import datasets, priors, widgets
+from emdsl import datasets, priors, regression, widgets
 from emdsl.bootstrap import bootstrap
 from emdsl.engine.events import Callback, FitInfo, IterationEvent
 from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError, MonotonicityError
@@ -58,6 +58,7 @@ __all__ = [
     "grid",
     "load",
     "priors",
+    "regression",
     "select",
     "set_options",
     "widgets",
