@@ -255,7 +255,8 @@ class ChunkedEStep:
 SEED_SAMPLE = 100_000
 
 
-def _seed_nodes(plan: Plan, names: Sequence[str] | None = None) -> list[int]:
+def seed_nodes(plan: Plan, names: Sequence[str] | None = None) -> list[int]:
+    """The positions of the plan's continuous nodes (those named, when given): what k-means seeds on."""
     return [i for i, node in enumerate(plan.nodes)
             if node.family.continuous and (names is None or node.name in names)]
 
@@ -391,7 +392,7 @@ def kmeans_plusplus(plan: Plan, rng: np.random.Generator,
     converged centre inside its chunk's task, in the same seeding space (scaled as the
     sample was).
     """
-    nodes = _seed_nodes(plan)
+    nodes = seed_nodes(plan)
     if plan.K == 1:
         return RandomState(1, 0)
     if not nodes:
@@ -407,4 +408,4 @@ def kmeans_plusplus(plan: Plan, rng: np.random.Generator,
 
 def nearest_given_mean(plan: Plan, names: Sequence[str], means: np.ndarray) -> NearestSeed:
     """Each row's nearest given mean, over the named continuous nodes (their seeding features), chunk by chunk."""
-    return NearestSeed(_seed_nodes(plan, names), means)
+    return NearestSeed(seed_nodes(plan, names), means)

@@ -387,7 +387,7 @@ def _sampled_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Gene
     from emdsl.engine import chunked
 
     rows = np.sort(rng.choice(plan.n_samples, chunked.SEED_SAMPLE, replace=False))
-    raw, weights = (chunked.gather_weighted_rows(plan, _indices(plan, chosen), rows) if chosen
+    raw, weights = (chunked.gather_weighted_rows(plan, chunked.seed_nodes(plan), rows) if chosen
                     else (np.zeros((len(rows), 0)), None))
     scalings: dict[frozenset, np.ndarray] = {}
     seeded: list[LatentSeeding] = []
@@ -422,14 +422,8 @@ def _gathered(plan: Plan, chosen: list) -> tuple[Callable[[list | None], np.ndar
 
     if not chosen:
         return (lambda nodes: None), None
-    raw, weights = chunked.gather_weighted_rows(plan, _indices(plan, chosen), np.arange(plan.n_samples))
+    raw, weights = chunked.gather_weighted_rows(plan, chunked.seed_nodes(plan), np.arange(plan.n_samples))
     return _columns(chosen, raw, weights), weights
-
-
-def _indices(plan: Plan, nodes: list) -> list[int]:
-    """The positions of ``nodes`` in the plan."""
-    wanted = {id(node) for node in nodes}
-    return [i for i, node in enumerate(plan.nodes) if id(node) in wanted]
 
 
 def _columns(chosen: list, raw: np.ndarray, weights: np.ndarray | None,
