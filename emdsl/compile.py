@@ -753,12 +753,11 @@ def _units(node: Node, fitting: bool, weights: Any = None, chunked: Any = None) 
     if chunked is None and weights is not None:
         weights = np.asarray(weights, dtype=float)  # lazy weights of in-memory data: N floats beside N × D values
         weights = weights / weights.max()  # only relative weights matter here, and their sum cannot overflow
-    count, low, high, magnitude = _extent(node) if chunked is None else (
-        chunked.count, chunked.low, chunked.high, chunked.magnitude)
-    mass = count if weights is None else chunked.mass if chunked is not None else _observed_mass(node, weights)
+    count, mass, low, high, magnitude = _extent(node, weights) if chunked is None else (
+        chunked.count, chunked.mass, chunked.low, chunked.high, chunked.magnitude)
     for lacking, what in ((count == 0, "has no observed value (every value is NaN)"),
-                          (mass == 0, "is observed only in samples of weight 0, so the weighted data have no "
-                                      "value of it")):
+                          (mass == 0, ("is observed only in samples of weight 0, so the weighted data have no "
+                                       "value of it"))):
         if lacking.any():
             raise ModelError(f"{node.where()}: {_element_label(node, int(np.flatnonzero(lacking)[0]))} {what}; "
                              "drop it from the model")
@@ -837,25 +836,22 @@ def _check_sums(plan: Plan, magnitude: np.ndarray) -> None:
                          f"in the data's units: divide it by 1e{max(power, 1)}")
 
 
-def _extent(node: Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per element: how many values are observed, the smallest, the largest and the largest magnitude."""
+def _extent(node: Node, weights: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per element, in one pass: how many values are observed, their mass Σ w (the count without
+    ``weights``), the smallest, the largest and the largest magnitude."""
     count, low, high = np.zeros(node.D), np.full(node.D, np.inf), np.full(node.D, -np.inf)
-    for rows, _, source in _element_blocks(node):
+    mass = count if weights is None else np.zeros(node.D)
+    for rows, first, source in _element_blocks(node):
         observed = ~np.isnan(source)
         count[rows] += observed.sum(axis=0)
+        if weights is not None:
+            mass[rows] += np.where(observed, weights[first:first + len(source), None], 0.0).sum(axis=0)
         if observed.any():
             low[rows] = np.minimum(low[rows], np.min(np.where(observed, source, np.inf), axis=0))
             high[rows] = np.maximum(high[rows], np.max(np.where(observed, source, -np.inf), axis=0))
     magnitude = np.where(count > 0, np.maximum(np.abs(low), np.abs(high)), 0.0)
-    return count, low, high, magnitude
-
-
-def _observed_mass(node: Node, weights: np.ndarray) -> np.ndarray:
-    """Per element: Σ w over the samples where it is observed."""
-    mass = np.zeros(node.D)
-    for rows, first, source in _element_blocks(node):
-        mass[rows] += np.where(np.isnan(source), 0.0, weights[first:first + len(source), None]).sum(axis=0)
-    return mass
+    return count, mass, low, high, magnitude
 
 
 def _element_blocks(node: Node) -> Iterator[tuple[slice, int, np.ndarray]]:
