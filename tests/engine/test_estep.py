@@ -65,8 +65,11 @@ def test_fit_does_not_depend_on_threads_or_blocks(faithful):
     for threads, rows in [(1, None), (2, 50), (2, 64)]:
         with em.set_options(n_threads=threads, block_rows=rows):
             fits.append(model.fit(faithful, seed=4, max_iter=50, tol=0))
+    # blocks and threads change the order of the sums, so each iterate differs by rounding, which
+    # 50 EM steps carry along: 1.4e-12 of ℓ at one step on an AMD EPYC (OpenBLAS 0.3.31), under
+    # 1e-12 elsewhere; a dependence on the blocking itself would show at 1e-6 and beyond
     for other in fits[1:]:
-        np.testing.assert_allclose(other.trace["loglik"], fits[0].trace["loglik"], rtol=1e-12)
+        np.testing.assert_allclose(other.trace["loglik"], fits[0].trace["loglik"], rtol=1e-10)
 
 
 def test_set_options_validates_and_restores():
