@@ -358,7 +358,8 @@ class Model:
             counts those): a plain EM step, or one that came through an extrapolation,
             flagged in ``fit.trace["extrapolated"]`` (no ELBO staircase there);
             ``fit.trace["e_steps"]`` counts the passes over the data. Convergence is
-            plain EM's test on a plain EM step, so a fit ends on an M-step's output.
+            plain EM's test on an EM step (a plain one, or SQUAREM's stabilizing step
+            from an accepted proposal), so a fit ends on an M-step's output.
             An explicit ``"squarem"`` or ``"daarem"`` with an online method is an error.
         prior : {"weak"} or None, default None
             None: maximum likelihood, except for the nodes whose family declares a prior

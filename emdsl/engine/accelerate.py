@@ -38,9 +38,9 @@ in every EM point, so r = v = 0 there and they stay exactly. A proposal is also 
 when the M-step from it has to floor a variance or cap a shape (``_unfloored_m_step``):
 the floors bound the set EM maximizes over, and beyond them ℓ can exceed anything EM
 reaches (a collapsing component), so that the next EM step would lose ground. The fit never *ends* on
-a proposal: convergence is declared only on a plain EM step whose change of ℓ is at
-most tol·|ℓ| (plain EM's test), so the final parameters are an M-step's output, inside
-its constraint set (floors included).
+a proposal: convergence is declared only on an EM step whose change of ℓ is at most
+tol·|ℓ| (plain EM's test), a plain one or SQUAREM's stabilizing step θ' ↦ M(θ'), so the
+final parameters are an M-step's output, inside its constraint set (floors included).
 
 **The trace.** Every accepted point is one iteration: a plain EM step from the
 previous one, with the ELBO of its M-step (the staircase), or a point that came
@@ -298,8 +298,11 @@ class Accelerator:
                floored: list[tuple[str, int, float]] | None = None) -> Accepted:
         """A plain EM step as an accepted iteration, with plain EM's convergence test."""
         q, elbo, floored, slack = self.em_step(p, iteration, theta, floored)
-        converged = self.tol > 0 and q.objective - p.objective <= self.tol * abs(q.objective)
-        return Accepted(q, elbo, slack, False, floored, converged)
+        return Accepted(q, elbo, slack, False, floored, self._em_test(p, q))
+
+    def _em_test(self, p: Point, q: Point) -> bool:
+        """Plain EM's convergence test on the EM step p ↦ q = M(p): a change of the objective of at most tol·|q|."""
+        return self.tol > 0 and q.objective - p.objective <= self.tol * abs(q.objective)
 
     def iterations(self, rate: float | None = None) -> Iterator[Accepted]:
         """Accepted iterations from the current point, one at a time (endless: the caller stops).
@@ -362,7 +365,11 @@ class Accelerator:
         # measured, it pays (fits with holes needed 2–3× fewer E-steps with it), and it makes
         # every accepted point an M-step's output, with a genuine ELBO (of the proposal's posterior).
         q, elbo, floored, more = self.em_step(proposal, iteration, *stabilizing)
-        yield self._accept(Accepted(q, elbo, max(proposal.slack, p1.slack) + more, True, floored))
+        # θ' ↦ M(θ') is an EM step like any other: plain EM's test applies to its change of the
+        # objective. Read only at θ₁ of the next cycle, a fit that is already there would spend
+        # one more cycle (3 E-steps) to prove it.
+        yield self._accept(Accepted(q, elbo, max(proposal.slack, p1.slack) + more, True, floored,
+                                    self._em_test(proposal, q)))
 
     def _unfloored_m_step(self, proposal: Point) -> tuple[Theta, list[tuple[str, int, float]]] | None:
         """M(θ') from a proposal that passed the objective's test, or None (the proposal is refused)

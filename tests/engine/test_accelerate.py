@@ -124,10 +124,15 @@ def check_accepted_trace(fit, tol: float | None = None) -> None:
     assert np.all((elbo + log_p)[1:][later] >= objective[:-1][later] - slack[1:][later])
     trace = fit.trace
     if fit.converged and tol is not None:
-        # the fit ends on a plain EM step that passed plain EM's own test, on the objective
-        assert not bool(trace["extrapolated"].values[-1])
-        change = trace["logpost"].values[-1] - trace["logpost"].values[-2]
-        assert change <= tol * abs(trace["logpost"].values[-1])
+        if bool(trace["extrapolated"].values[-1]):
+            # SQUAREM's stabilizing EM step θ' ↦ M(θ') passed the test: the proposal and that step
+            # are its last two E-steps (ℓ(θ') is not in the trace: see
+            # test_a_fit_may_end_on_the_stabilizing_em_step for its change)
+            assert np.diff(trace["e_steps"].values[-2:]).item() == 2
+        else:
+            # the fit ends on a plain EM step that passed plain EM's own test, on the objective
+            change = trace["logpost"].values[-1] - trace["logpost"].values[-2]
+            assert change <= tol * abs(trace["logpost"].values[-1])
 
 
 # -- the same optimum ----------------------------------------------------------------------------------
@@ -557,8 +562,7 @@ def test_dask_chunks_give_the_in_memory_accelerated_fit():
     np.testing.assert_allclose(chunked.params["x"]["mean"].values, memory.params["x"]["mean"].values, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_hidden_markov_model_reaches_the_plain_optimum(method):
+def _three_state_chain() -> tuple[em.Model, xr.Dataset]:
     rng = np.random.default_rng(0)
     T = 1500
     A = np.array([[0.9, 0.07, 0.03], [0.05, 0.9, 0.05], [0.03, 0.07, 0.9]])
@@ -566,7 +570,12 @@ def test_hidden_markov_model_reaches_the_plain_optimum(method):
     for t in range(1, T):
         z[t] = rng.choice(3, p=A[z[t - 1]])
     ds = xr.Dataset({"x": ("time", np.array([-2.0, 0.0, 2.5])[z] + rng.normal(0, 0.8, T))})
-    model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Normal)
+    return em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Normal), ds
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hidden_markov_model_reaches_the_plain_optimum(method):
+    model, ds = _three_state_chain()
     plain = _fit(model, ds, None, seed=0, tol=1e-13, max_iter=2000)
     fast = _fit(model, ds, method, seed=0, tol=1e-13, max_iter=2000)
     assert fast.converged
@@ -574,6 +583,33 @@ def test_hidden_markov_model_reaches_the_plain_optimum(method):
     transition = _matched(plain.params, fast.params, "z")["z"]["transition"]
     np.testing.assert_allclose(transition.values, plain.params["z"]["transition"].values, atol=1e-5)
     check_accepted_trace(fast, tol=1e-13)
+
+
+def test_a_fit_may_end_on_the_stabilizing_em_step(monkeypatch):
+    """SQUAREM's stabilizing step θ' ↦ M(θ') is an EM step: when its change of ℓ passes plain EM's
+    test the fit ends there, on an M-step's output, one cycle (3 E-steps) earlier than on θ₁ of the
+    next cycle; the EM step from the final point then changes ℓ by no more than that."""
+    tests = []
+    em_test = accelerate.Accelerator._em_test
+
+    def recorded(self, p, q):
+        passed = em_test(self, p, q)
+        tests.append((p.objective, q.objective, q.theta, passed))
+        return passed
+
+    monkeypatch.setattr(accelerate.Accelerator, "_em_test", recorded)
+    model, ds = _three_state_chain()
+    tol = 1e-10
+    fit = _fit(model, ds, "squarem", seed=0, tol=tol, max_iter=2000)
+    assert fit.converged and bool(fit.trace["extrapolated"].values[-1])
+    before, after, theta, passed = tests[-1]
+    assert passed and 0 <= after - before <= tol * abs(after)
+    assert after == fit.trace["logpost"].values[-1]
+    np.testing.assert_array_equal(theta["z"]["transition"], fit.params["z"]["transition"].values)
+    # the fit's last θ is M(θ'): one more plain EM step from it moves ℓ by less than tol·|ℓ|
+    monkeypatch.undo()
+    more = _fit(model, ds, None, init=fit, tol=0, max_iter=1)
+    assert 0 <= more.loglik - fit.loglik <= tol * abs(fit.loglik)
 
 
 @pytest.mark.parametrize("method", METHODS)
