@@ -144,8 +144,12 @@ def test_a_very_weak_prior_gives_the_maximum_likelihood_fit(response, family, ex
         response, family(prior=em.priors.Normal(0.0, 1e6)), covariates=["dose"])
     mle = plain.fit(ds, seed=0, tol=1e-13, max_iter=3000)
     fit = weak.fit(ds, init=mle, tol=1e-13, max_iter=3000)
-    np.testing.assert_allclose(fit.params[response]["coef"].values, mle.params[response]["coef"].values,
-                               rtol=1e-6, atol=1e-8)
+    # tol = 1e-13 on ℓ places a coefficient within ~1e-7 of the fixed point (measured: 1.6e-7 of
+    # scale 2 from plain EM's 5,000 steps), so the two fits agree to 1e-6 of the largest, not to 1e-8;
+    # tol = 0 is no option, as the flag's MLE runs off to infinity where the prior holds it
+    expected = mle.params[response]["coef"].values
+    np.testing.assert_allclose(fit.params[response]["coef"].values, expected, rtol=1e-6,
+                               atol=1e-6 * np.abs(expected).max())
     assert fit.loglik == pytest.approx(mle.loglik, rel=1e-10)
 
 
