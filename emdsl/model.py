@@ -347,7 +347,7 @@ class Model:
             otherwise the plain EM step is, so the objective still never decreases.
             ``"auto"``, the default: plain EM steps while EM converges fast, then SQUAREM
             once a step gains more than a quarter of the previous step's gain (EM is
-            slow): measured 3.6–15× fewer E-steps and 3–9× less time on slow fits
+            slow): measured 3.7–15× fewer E-steps and 2.8–11× less time on slow fits
             (overlapping components, hidden Markov models, the Hasselblad Poisson mixture)
             and the same steps as plain EM on fast ones; it quietly runs plain EM where
             acceleration does not apply (``method="stepwise"``/``"incremental"``,

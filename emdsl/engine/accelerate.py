@@ -87,16 +87,17 @@ Method = Literal["squarem", "daarem"]
 #: the values ``fit(accelerate=...)`` takes besides None (plain EM) and "auto"
 METHODS: tuple[str, ...] = ("squarem", "daarem")
 #: what ``accelerate="auto"`` runs once EM is slow (see :data:`AUTO_RATE`). Measured with
-#: benchmarks/bench_accelerate.py: SQUAREM needs 3.6–17× fewer E-steps than plain EM on the slow
+#: benchmarks/bench_accelerate.py: SQUAREM needs 3.7–17× fewer E-steps than plain EM on the slow
 #: cases (Hasselblad, overlapping Gaussians, six mixtures with holes in total, two HMMs);
 #: DAAREM ranges from 2.8× (overlapping Gaussians; 1.4× on a smaller draw of
-#: them, which SQUAREM cuts 9×) to 57× (Hasselblad), and is 29% slower on Old Faithful.
+#: them, which SQUAREM cuts 9×) to 56× (Hasselblad), and is 29% slower on Old Faithful.
 DEFAULT: Method = "squarem"
 #: "auto" takes plain EM steps while EM converges fast: until the objective's gain over one step
 #: exceeds this fraction of the previous step's (EM's linear rate, the largest fraction of missing
 #: information). At rate r plain EM divides the error by 1/r per E-step, and a SQUAREM cycle costs
 #: three E-steps; measured (benchmarks/bench_accelerate.py, plain EM's first ratios): Old Faithful
-#: stays below 0.06 and converges in 6 E-steps, where SQUAREM's cycle structure needs 7; the slow
+#: stays below 0.06 and converges in 6 E-steps; SQUAREM takes 6 too, but 5–10% more time (the
+#: proposals' own work: extrapolating, checking, shrinking, on a fit of 10 ms); the slow
 #: cases pass 0.3 within three steps (Hasselblad 0.50, overlapping Gaussians 0.33, 20% missing 0.32,
 #: HMM 0.39) and then climb towards 0.8–1.
 AUTO_RATE = 0.25
