@@ -72,7 +72,7 @@ import numpy as np
 
 from emdsl.compile import Plan
 from emdsl.engine.estep import EStep, Summary
-from emdsl.engine.loop import _check_guarantee, prior_slack, rounding_slack
+from emdsl.engine.loop import _check_guarantee, prior_slack, rounding_slack, within_tol
 from emdsl.engine.mstep import (
     Theta,
     expected_complete_loglik,
@@ -303,7 +303,7 @@ class Accelerator:
 
     def _em_test(self, p: Point, q: Point) -> bool:
         """Plain EM's convergence test on the EM step p ↦ q = M(p): a change of the objective of at most tol·|q|."""
-        return self.tol > 0 and q.objective - p.objective <= self.tol * abs(q.objective)
+        return within_tol(p.objective, q.objective, self.tol)
 
     def iterations(self, rate: float | None = None) -> Iterator[Accepted]:
         """Accepted iterations from the current point, one at a time (endless: the caller stops).
@@ -475,7 +475,7 @@ class Accelerator:
         self.shrink += 1
         self._end_cycle(restart, proposal.objective)
         # a small accepted change is not EM's convergence test: confirm it with a plain step
-        self.confirm = self.tol > 0 and proposal.objective - p.objective <= self.tol * abs(proposal.objective)
+        self.confirm = within_tol(p.objective, proposal.objective, self.tol)
         # no M-step produced the proposal: its recorded ELBO is ℓ itself (KL = 0)
         return Accepted(proposal, proposal.loglik, max(proposal.slack, p.slack), True, floored)
 

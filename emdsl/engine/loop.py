@@ -167,7 +167,7 @@ def run_em(
             _check_guarantee(iteration, loglik + prior, elbo + new_prior, new_loglik + new_prior, slack,
                              objective="log-posterior" if prior_size or new_prior_size else "log-likelihood")
             result.slack.append(slack)
-            delta = (new_loglik + new_prior) - (loglik + prior)  # the objective's change: the convergence test
+            before = loglik + prior  # the objective, whose change is the convergence test
             change = new_loglik - loglik  # the log-likelihood's, which events report next to it
             loglik, summary, previous_H, prior, prior_size = new_loglik, new_summary, H, new_prior, new_prior_size
             result.logpost.append(loglik + prior)
@@ -179,7 +179,7 @@ def run_em(
             result.time.append(time.perf_counter() - start)
             result.extrapolated.append(False)
             result.e_steps.append(iteration + 1)
-            result.converged = tol > 0 and delta <= tol * abs(loglik + prior)
+            result.converged = within_tol(before, loglik + prior, tol)
             report(change)
             if result.converged:
                 break
@@ -187,6 +187,16 @@ def run_em(
         stop.interrupt()
         result.stopped = True
     return result
+
+
+def within_tol(before: float, after: float, tol: float) -> bool:
+    """EM's convergence test: the objective changed from ``before`` to ``after`` by at most
+    tol·|after| (never with tol = 0, which runs to ``max_iter``).
+
+    The one stopping rule of every loop: plain EM's, the online methods' over an epoch, and
+    the accelerated one's on an EM step or a small accepted proposal.
+    """
+    return bool(tol > 0 and after - before <= tol * abs(after))
 
 
 def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:

@@ -51,7 +51,7 @@ from emdsl.compile import Plan, blocks
 from emdsl.data import is_chunked
 from emdsl.engine.estep import Summary, engine
 from emdsl.engine.events import IterationEvent, dispatch
-from emdsl.engine.loop import RestartResult, StopFlag, prior_slack, rounding_slack
+from emdsl.engine.loop import RestartResult, StopFlag, prior_slack, rounding_slack, within_tol
 from emdsl.engine.mstep import Theta, expected_complete_loglik, log_prior, maximize, natural_matrix
 from emdsl.errors import ModelError, MonotonicityError
 
@@ -222,7 +222,7 @@ def run_online(
             result.extrapolated.append(False)
             result.e_steps.append(e_steps)
             delta = None if previous is None else objective - previous
-            result.converged = bool(tol > 0 and delta is not None and delta <= tol * abs(objective))
+            result.converged = previous is not None and within_tol(previous, objective, tol)
             previous = objective
             report(delta)
             if result.converged:
