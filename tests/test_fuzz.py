@@ -430,10 +430,7 @@ def _names_a_culprit(message: str, case: Case, extra: set[str] = frozenset()) ->
 @given(case=cases())
 def test_every_case_fits_soundly_or_names_the_culprit(case: Case, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("fuzz")
-    # Cases at extreme magnitudes run in a child process: a crash in native code (scipy) is
-    # then a recorded bug, not the end of the test run.
-    risky = any(fault.startswith(("scale", "offset", "bad value huge")) for fault in case.faults)
-    outcomes, bug = _isolated(case, tmp_path) if risky and hasattr(os, "fork") else _outcome(case, tmp_path)
+    outcomes, bug = _run(case, tmp_path)
     OUTCOMES.update(outcomes)
     accelerate = next(fault for fault in case.faults if fault.startswith("accelerate="))
     for form in (case.faults[0], accelerate):
@@ -442,6 +439,13 @@ def test_every_case_fits_soundly_or_names_the_culprit(case: Case, tmp_path_facto
         if not _COLLECT:
             raise AssertionError(f"{bug['what']}: {bug['error']}\nfaults: {case.faults}")
         BUGS.append(bug)
+
+
+def _run(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
+    """:func:`_outcome`; in a child process for cases at extreme magnitudes, so that a crash in
+    native code (scipy) or a hang is a recorded bug, not the end of the test run."""
+    risky = any(fault.startswith(("scale", "offset", "bad value huge")) for fault in case.faults)
+    return _isolated(case, tmp_path) if risky and hasattr(os, "fork") else _outcome(case, tmp_path)
 
 
 def _outcome(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
@@ -479,7 +483,8 @@ def _bug(what: str, error: BaseException | str, case: Case) -> tuple[list[str], 
 
 
 def _isolated(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
-    """:func:`_outcome` in a forked child; a child killed by a signal is a bug."""
+    """:func:`_outcome` in a forked child; a child killed by a signal, or still running after
+    ``_forked.TIMEOUT`` seconds, is a bug."""
     return in_child(lambda: _outcome(case, tmp_path),
                     lambda error: _bug(f"{type(error).__name__} in the child", error, case),
                     lambda crash: _bug(crash, "the process died in native code", case))
@@ -532,6 +537,13 @@ def _regression_cases() -> dict[str, Case]:
             two, xr.Dataset({"v0": ("sample", np.log(x))}),
             {"seed": 3, "max_iter": 5, "init": {"ga×gb": {"probs": [2.0]}}, "accelerate": "squarem"},
             {"v0", "ga", "gb", "ga×gb", "init"} | common, ["two", "init={'ga×gb': ...}"]),
+        "DAAREM at rates near 1e91 (the ridge's bracket overflowed; its search never ended)": Case(
+            em.Model().latent("z", em.Categorical(2)).observe("v0", em.Exponential()),
+            xr.Dataset({"v0": ("sample", np.array([2.2785567086110906e-92, 2.4778386069601658e-92,
+                                                   1.2224421459907857e-91, 1.2033191410314797e-91,
+                                                   3.183552231285955e-91]))}),
+            {"seed": 187724, "max_iter": 5, "tol": 0.0, "prior": "weak", "accelerate": "daarem"},
+            {"v0", "z"} | common, ["mixture", "scale=1e-91", "prior=weak", "accelerate=daarem"]),
         "weak prior with a held mean and two latents": Case(
             em.Model().latent("ga", em.Categorical(2)).latent("gb", em.Categorical(2))
             .observe("v0", em.Normal(mean=[0.0, 1.0]), given=("ga",)),
@@ -543,5 +555,5 @@ def _regression_cases() -> dict[str, Case]:
 @pytest.mark.parametrize("name", list(_regression_cases()))
 def test_classes_found_by_long_runs(name, tmp_path):
     case = _regression_cases()[name]
-    _, bug = _outcome(case, tmp_path)
+    _, bug = _run(case, tmp_path)
     assert bug is None, f"{bug['what']}: {bug['error']}"

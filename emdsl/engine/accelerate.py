@@ -101,6 +101,8 @@ DEFAULT: Method = "squarem"
 #: cases pass 0.3 within three steps (Hasselblad 0.50, overlapping Gaussians 0.33, 20% missing 0.32,
 #: HMM 0.39) and then climb towards 0.8–1.
 AUTO_RATE = 0.25
+#: DAAREM's ridge λ is searched up to here: beyond, 10·λ would overflow
+_RIDGE_MAX = 1e300
 
 
 def check_method(accelerate: Any) -> Method | Literal["auto"] | None:
@@ -518,39 +520,53 @@ class Accelerator:
         δ = 1 / (1 + α^(κ − s)) grows towards 1 as proposals keep being accepted (s counts
         them) and falls back after a cycle that lost ground (Henderson & Varadhan 2019, §3).
         """
-        u, d, vt = np.linalg.svd(dF, full_matrices=False)
-        keep = d > d[0] * 1e-12 if d.size and d[0] > 0 else np.zeros(d.shape, bool)
-        if not keep.any():
-            return np.zeros(dF.shape[1])
-        u, d, vt = u[:, keep], d[keep], vt[keep]
-        uf = u.T @ f
-        full = float(np.linalg.norm(uf / d))
-        target = full / np.sqrt(1.0 + self.alpha ** (self.kappa - self.shrink))
+        # values near the largest float overflow the products below; that is detected and handled
+        with np.errstate(over="ignore", invalid="ignore"):
+            u, d, vt = np.linalg.svd(dF, full_matrices=False)
+            keep = d > d[0] * 1e-12 if d.size and d[0] > 0 else np.zeros(d.shape, bool)
+            if not keep.any():
+                return np.zeros(dF.shape[1])
+            u, d, vt = u[:, keep], d[keep], vt[keep]
+            uf = u.T @ f
+            full = float(np.linalg.norm(uf / d))
+            if not np.isfinite(full):  # the undamped coefficients overflow: no extrapolation this step
+                return np.zeros(dF.shape[1])
+            target = full / np.sqrt(1.0 + self.alpha ** (self.kappa - self.shrink))
 
-        def norm(lam: float) -> float:
-            return float(np.linalg.norm(d * uf / (d * d + lam)))
+            def norm(lam: float) -> float:
+                return float(np.linalg.norm(d * uf / (d * d + lam)))
 
-        if target >= full or full == 0:
-            lam = 0.0
-        else:
-            # ‖γ(λ)‖ falls monotonically in λ: bisect in log λ between bounds that bracket the target
-            low, high = 1e-300, max(self.lam, 1e-12)
-            while norm(high) > target:
-                high *= 10.0
-            low = high / 10.0
-            while norm(low) < target and low > 1e-300:
-                low /= 10.0
-            for _ in range(60):
-                mid = np.sqrt(low * high)
-                if norm(mid) > target:
-                    low = mid
-                else:
-                    high = mid
-                if high / low < 1.01:
-                    break
-            lam = float(np.sqrt(low * high))
-        self.lam = max(lam, 1e-12)
-        return vt.T @ (d * uf / (d * d + lam))
+            if target >= full or full == 0:
+                lam = 0.0
+            else:
+                # ‖γ(λ)‖ falls monotonically in λ: bisect in log λ between bounds that bracket the target
+                high = max(self.lam, 1e-12)
+                while norm(high) > target and high < _RIDGE_MAX:
+                    high *= 10.0
+                if not norm(high) <= target:
+                    # values near the largest float: d² overflows, or no ridge a float can hold outweighs
+                    # it; the least-squares coefficients shrunk to the target norm damp them as much
+                    return vt.T @ (uf / d * (target / full))
+                low = high / 10.0
+                while norm(low) < target and low > 1e-300:
+                    low /= 10.0
+                for _ in range(60):
+                    mid = _geometric_mean(low, high)
+                    if norm(mid) > target:
+                        low = mid
+                    else:
+                        high = mid
+                    if high / low < 1.01:
+                        break
+                lam = float(_geometric_mean(low, high))
+            self.lam = max(lam, 1e-12)
+            return vt.T @ (d * uf / (d * d + lam))
+
+
+def _geometric_mean(low: float, high: float) -> float:
+    """√(low·high), also where the product overflows."""
+    product = low * high
+    return float(np.sqrt(product) if np.isfinite(product) else np.sqrt(low) * np.sqrt(high))
 
 
 def run(method: Method | Literal["auto"], plan: Plan, estep: EStep, start: Point, *, result: Any, max_iter: int, tol: float,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import types
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -634,3 +636,41 @@ def test_several_latents_reach_the_plain_optimum(method):
         np.testing.assert_allclose(fast.params[node][key].values, plain.params[node][key].values, atol=1e-5,
                                    err_msg=f"{node}.{key}")
     check_accepted_trace(fast, tol=1e-13)
+
+
+def _ridge_state() -> Any:
+    """What DAAREM's damping reads and writes on the accelerator (κ, α as the defaults, no step accepted yet)."""
+    return types.SimpleNamespace(alpha=1.2, kappa=25.0, shrink=0, lam=1e5)
+
+
+def test_daarem_damping_shrinks_the_coefficients_to_the_target_norm():
+    rng = np.random.default_rng(3)
+    dF, f = rng.normal(size=(12, 4)), rng.normal(size=12)
+    state = _ridge_state()
+    gamma = accelerate.Accelerator._damped_coefficients(state, dF, f)
+    least_squares = np.linalg.lstsq(dF, f, rcond=None)[0]
+    delta = 1.0 / (1.0 + 1.2 ** 25.0)
+    # the bisection stops once its bracket is within 1%: the norm is that close to √δ‖γ_LS‖
+    assert np.linalg.norm(gamma) == pytest.approx(np.sqrt(delta) * np.linalg.norm(least_squares), rel=0.01)
+    assert state.lam > 0
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e200, 1e300])
+def test_daarem_damping_ends_when_the_residuals_are_near_the_largest_float(scale):
+    # found by a long fuzz run (Gamma rates near 1e300): d² overflowed, no ridge λ below the
+    # largest float outweighed it, and the search for the bracket's ends never stopped
+    rng = np.random.default_rng(4)
+    dF, f = rng.normal(size=(6, 3)) * scale, rng.normal(size=6) * scale
+    state = _ridge_state()
+    gamma = accelerate.Accelerator._damped_coefficients(state, dF, f)
+    least_squares = np.linalg.lstsq(dF / scale, f / scale, rcond=None)[0]
+    delta = 1.0 / (1.0 + 1.2 ** 25.0)
+    assert np.all(np.isfinite(gamma))
+    assert np.linalg.norm(gamma) == pytest.approx(np.sqrt(delta) * np.linalg.norm(least_squares), rel=0.01)
+
+
+def test_daarem_damping_of_overflowing_coefficients_is_no_extrapolation():
+    dF = np.array([[1e-300, 0.0], [0.0, 2e-300], [0.0, 0.0]])
+    f = np.array([1e300, 1.0, 0.0])  # γ_LS's first coefficient is 1e600: beyond floats
+    gamma = accelerate.Accelerator._damped_coefficients(_ridge_state(), dF, f)
+    np.testing.assert_array_equal(gamma, np.zeros(2))
