@@ -544,6 +544,15 @@ def _regression_cases() -> dict[str, Case]:
                                                    3.183552231285955e-91]))}),
             {"seed": 187724, "max_iter": 5, "tol": 0.0, "prior": "weak", "accelerate": "daarem"},
             {"v0", "z"} | common, ["mixture", "scale=1e-91", "prior=weak", "accelerate=daarem"]),
+        "DAAREM on two Multinomials of int16 counts (the ridge's bracket underflowed to 0)": Case(
+            em.Model().latent("z", em.Categorical(3)).observe("v0", em.Multinomial(dim="cat0"))
+            .observe("v1", em.Multinomial(dim="cat1")),
+            xr.Dataset({"v0": (("sample", "cat0"), np.array([[8, 1, 1], [10, 0, 0], [7, 3, 0], [7, 3, 0], [6, 4, 0],
+                                                             [6, 0, 4], [7, 3, 0], [8, 2, 0]], dtype=np.int16)),
+                        "v1": (("sample", "cat1"), np.array([[10, 0], [4, 6], [0, 10], [3, 7], [2, 8], [10, 0],
+                                                             [2, 8], [1, 9]], dtype=np.int16))}),
+            {"seed": 2, "max_iter": 25, "tol": 0.0, "accelerate": "daarem"},
+            {"v0", "v1", "z", "cat0", "cat1"} | common, ["mixture", "dtype=int16", "accelerate=daarem"]),
         "weak prior with a held mean and two latents": Case(
             em.Model().latent("ga", em.Categorical(2)).latent("gb", em.Categorical(2))
             .observe("v0", em.Normal(mean=[0.0, 1.0]), given=("ga",)),

@@ -543,13 +543,14 @@ class Accelerator:
                 high = max(self.lam, 1e-12)
                 while norm(high) > target and high < _RIDGE_MAX:
                     high *= 10.0
-                if not norm(high) <= target:
-                    # values near the largest float: d² overflows, or no ridge a float can hold outweighs
-                    # it; the least-squares coefficients shrunk to the target norm damp them as much
-                    return vt.T @ (uf / d * (target / full))
                 low = high / 10.0
                 while norm(low) < target and low > 1e-300:
                     low /= 10.0
+                if not norm(high) <= target < norm(low):
+                    # residuals near the largest float (d² overflows, or no ridge a float holds
+                    # outweighs it) or the smallest (d² below any ridge): the least-squares
+                    # coefficients shrunk to the target norm damp them as much
+                    return vt.T @ (uf / d * (target / full))
                 for _ in range(60):
                     mid = _geometric_mean(low, high)
                     if norm(mid) > target:
@@ -564,9 +565,10 @@ class Accelerator:
 
 
 def _geometric_mean(low: float, high: float) -> float:
-    """√(low·high), also where the product overflows."""
+    """√(low·high), also where the product overflows or underflows (the bracket's ends reach 1e±300)."""
     product = low * high
-    return float(np.sqrt(product) if np.isfinite(product) else np.sqrt(low) * np.sqrt(high))
+    normal = np.finfo(float).tiny <= product < np.inf
+    return float(np.sqrt(product) if normal else np.sqrt(low) * np.sqrt(high))
 
 
 def run(method: Method | Literal["auto"], plan: Plan, estep: EStep, start: Point, *, result: Any, max_iter: int, tol: float,

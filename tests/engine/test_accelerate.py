@@ -655,10 +655,11 @@ def test_daarem_damping_shrinks_the_coefficients_to_the_target_norm():
     assert state.lam > 0
 
 
-@pytest.mark.parametrize("scale", [1e150, 1e200, 1e300])
+@pytest.mark.parametrize("scale", [1e-160, 1e-150, 1e150, 1e200, 1e300])
 def test_daarem_damping_ends_when_the_residuals_are_near_the_largest_float(scale):
-    # found by a long fuzz run (Gamma rates near 1e300): d² overflowed, no ridge λ below the
-    # largest float outweighed it, and the search for the bracket's ends never stopped
+    # found by long fuzz runs: at rates near 1e91 √(low·high) overflowed, the stored λ became ∞
+    # and the search for the bracket's ends never stopped; at tiny residuals the product
+    # underflowed to 0 and the bisection divided by it
     rng = np.random.default_rng(4)
     dF, f = rng.normal(size=(6, 3)) * scale, rng.normal(size=6) * scale
     state = _ridge_state()
