@@ -553,6 +553,12 @@ def _regression_cases() -> dict[str, Case]:
                                                              [2, 8], [1, 9]], dtype=np.int16))}),
             {"seed": 2, "max_iter": 25, "tol": 0.0, "accelerate": "daarem"},
             {"v0", "v1", "z", "cat0", "cat1"} | common, ["mixture", "dtype=int16", "accelerate=daarem"]),
+        "two Gammas of constant columns, a value near the largest float in each (slack ∞)": Case(
+            em.Model().latent("z", em.Categorical(5)).observe("v0", em.Gamma()).observe("v1", em.Gamma()),
+            xr.Dataset({"v0": ("sample", np.where(np.arange(40) == 11, 1.7e308, 0.6427949531921227)),
+                        "v1": ("sample", np.where(np.arange(40) == 13, 1.7e308, 0.652186058668217))}),
+            {"seed": 50170, "max_iter": 1, "tol": 1e-3, "n_init": 3, "prior": "weak"},
+            {"v0", "v1", "z"} | common, ["mixture", "constant column", "bad value huge", "prior=weak"]),
         "weak prior with a held mean and two latents": Case(
             em.Model().latent("ga", em.Categorical(2)).latent("gb", em.Categorical(2))
             .observe("v0", em.Normal(mean=[0.0, 1.0]), given=("ga",)),

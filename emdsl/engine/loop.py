@@ -216,6 +216,11 @@ def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:
     return float(_ULPS * eps * depth * terms)
 
 
+#: a state whose L lies this far below the sample's best has responsibility exactly 0: exp underflows
+#: below −745, and the other terms of its log-weight (log π, log A) are each above log(tiny) ≈ −708
+_NEGLIGIBLE = 1e4
+
+
 def _summed_magnitude(plan: Plan, H: np.ndarray) -> float:
     """A bound on Σ_n w_n Σ_s |H_ks Φ_sn| over the terms that reach ℓ and the ELBO.
 
@@ -223,9 +228,10 @@ def _summed_magnitude(plan: Plan, H: np.ndarray) -> float:
     largest float meets a coefficient above 1 (Gamma's rate, an Exponential's): that
     product is −∞ in L, the state's probability for that sample is exactly 0, and the
     term reaches neither ℓ nor the statistics. Then the bound is taken per sample over
-    the states whose L is finite, max_k Σ_s |H_ks| |Φ_sn| (one more pass over the data,
-    only in that case), which bounds both ℓ's and the ELBO's terms (each weighs the
-    states by responsibilities that sum to 1).
+    the states whose L is finite and within :data:`_NEGLIGIBLE` of the sample's best (a
+    finite L of −1e308 has responsibility exactly 0 too, and two of them summed to ∞),
+    max_k Σ_s |H_ks| |Φ_sn| (one more pass over the data, only in that case), which bounds
+    both ℓ's and the ELBO's terms (each weighs the states by responsibilities that sum to 1).
     """
     with np.errstate(over="ignore", invalid="ignore"):
         cheap = float(np.abs(H).max(axis=0) @ plan.phi_magnitude)
@@ -240,8 +246,11 @@ def _summed_magnitude(plan: Plan, H: np.ndarray) -> float:
         for a, b in blocks(plan.n_samples, phi_rows(S)):
             phi = np.empty((S, b - a))
             plan.read(a, b, phi, np.empty(plan.max_D * (b - a)))
-            finite = np.isfinite(H[:, :S] @ phi)
-            sizes = np.where(finite, absolute @ np.abs(phi), 0.0).max(axis=0)
+            L = H[:, :S] @ phi
+            finite = np.isfinite(L)
+            best = np.where(finite, L, -np.inf).max(axis=0)
+            reaching = finite & (L >= best - _NEGLIGIBLE)
+            sizes = np.where(reaching, absolute @ np.abs(phi), 0.0).max(axis=0)
             total += float(sizes.sum() if plan.weights is None else sizes @ plan.weights[a:b])
     return total
 
