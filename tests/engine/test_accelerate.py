@@ -643,15 +643,19 @@ def _ridge_state() -> Any:
     return types.SimpleNamespace(alpha=1.2, kappa=25.0, shrink=0, lam=1e5)
 
 
+def _target_norm(state: Any, least_squares: np.ndarray) -> float:
+    """√δ ‖γ_LS‖ with δ = 1 / (1 + α^(κ − s)): the norm the damping aims at (Henderson & Varadhan 2019, §3)."""
+    return float(np.linalg.norm(least_squares) / np.sqrt(1.0 + state.alpha ** (state.kappa - state.shrink)))
+
+
 def test_daarem_damping_shrinks_the_coefficients_to_the_target_norm():
     rng = np.random.default_rng(3)
     dF, f = rng.normal(size=(12, 4)), rng.normal(size=12)
     state = _ridge_state()
     gamma = accelerate.Accelerator._damped_coefficients(state, dF, f)
     least_squares = np.linalg.lstsq(dF, f, rcond=None)[0]
-    delta = 1.0 / (1.0 + 1.2 ** 25.0)
     # the bisection stops once its bracket is within 1%: the norm is that close to √δ‖γ_LS‖
-    assert np.linalg.norm(gamma) == pytest.approx(np.sqrt(delta) * np.linalg.norm(least_squares), rel=0.01)
+    assert np.linalg.norm(gamma) == pytest.approx(_target_norm(state, least_squares), rel=0.01)
     assert state.lam > 0
 
 
@@ -665,9 +669,8 @@ def test_daarem_damping_ends_when_the_residuals_are_near_the_largest_float(scale
     state = _ridge_state()
     gamma = accelerate.Accelerator._damped_coefficients(state, dF, f)
     least_squares = np.linalg.lstsq(dF / scale, f / scale, rcond=None)[0]
-    delta = 1.0 / (1.0 + 1.2 ** 25.0)
     assert np.all(np.isfinite(gamma))
-    assert np.linalg.norm(gamma) == pytest.approx(np.sqrt(delta) * np.linalg.norm(least_squares), rel=0.01)
+    assert np.linalg.norm(gamma) == pytest.approx(_target_norm(state, least_squares), rel=0.01)
 
 
 def test_daarem_damping_of_overflowing_coefficients_is_no_extrapolation():
