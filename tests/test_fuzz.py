@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 import emdsl as em
 from emdsl.errors import ModelError
-from tests._forked import in_child
+from tests._forked import in_child, long_run_timeout
 
 _EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
 _SETTINGS = settings(max_examples=int(_EXAMPLES), deadline=None,
@@ -426,6 +426,7 @@ def _names_a_culprit(message: str, case: Case, extra: set[str] = frozenset()) ->
     return any(re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", message) for name in case.culprits | set(extra))
 
 
+@long_run_timeout(_EXAMPLES)
 @_SETTINGS
 @given(case=cases())
 def test_every_case_fits_soundly_or_names_the_culprit(case: Case, tmp_path_factory):

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import emdsl as em
 from emdsl.errors import ModelError
-from tests._forked import in_child
+from tests._forked import in_child, long_run_timeout
 
 _EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
 _SETTINGS = settings(max_examples=int(_EXAMPLES) if _EXAMPLES else 25, deadline=None,
@@ -191,6 +191,7 @@ def _isolated(case: dict[str, Any]) -> tuple[str, str | None]:
                     lambda crash: ("BUG", crash))
 
 
+@long_run_timeout(_EXAMPLES)
 @_SETTINGS
 @given(case=cases())
 def test_every_family_at_every_magnitude_fits_or_names_the_culprit(case):
