@@ -78,6 +78,15 @@ def test_threaded_equals_numpy(data: xr.Dataset, reference: em.Fit, chunks: int 
     assert fit.bic() == pytest.approx(reference.bic(), rel=1e-10)
 
 
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_model_without_a_latent(data: xr.Dataset, init: str) -> None:
+    """One component and no ``latent(...)`` at all: the dask start needs no latent to seed
+    (it read the latent's family and raised AttributeError, found by the dask fuzz)."""
+    model = em.Model().observe("y", em.Normal).observe("counts", em.Poisson)
+    want = model.fit(data, seed=0, init=init, weights="w")
+    assert_same_fit(model.fit(data.chunk({"sample": 97}), seed=0, init=init, weights="w"), want)
+
+
 def test_mixed_dask_and_memory_variables(data: xr.Dataset, reference: em.Fit) -> None:
     """Only some variables dask-backed (and the weights in memory): everything is rechunked alike."""
     mixed = data.copy()

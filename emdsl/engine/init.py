@@ -318,7 +318,7 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
             labels, centres = _scipy_kmeans(plan, z.T, rng, weights)
             return labels, centres, scaling
 
-        if isinstance(plan.latent.family, JointCategorical) and plan.K > 1:
+        if plan.K > 1 and isinstance(plan.latent.family, JointCategorical):  # K = 1: maybe no latent at all
             if plan.n_samples <= chunked.SEED_SAMPLE:
                 return _kmeans_per_latent(plan, plan.latent.family, rng, *_gathered(plan, chosen))
             return _sampled_per_latent(plan, plan.latent.family, rng, chosen)
