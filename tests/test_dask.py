@@ -87,6 +87,18 @@ def test_model_without_a_latent(data: xr.Dataset, init: str) -> None:
     assert_same_fit(model.fit(data.chunk({"sample": 97}), seed=0, init=init, weights="w"), want)
 
 
+def test_random_start_does_not_depend_on_the_chunks(data: xr.Dataset) -> None:
+    """``init="random"`` with a seed is one start, whatever the chunks or the engine's blocks
+    (each block was seeded by its own first row, so chunked data started elsewhere: found by
+    fuzzing dask against memory)."""
+    want = MODEL.fit(data, seed=5, init="random", max_iter=3, tol=0, weights="w")
+    for chunks in (97, (500, 3, 500)):
+        assert_same_fit(MODEL.fit(data.chunk({"sample": chunks}), seed=5, init="random", max_iter=3, tol=0,
+                                  weights="w"), want)
+    with em.set_options(block_rows=100):
+        assert_same_fit(MODEL.fit(data, seed=5, init="random", max_iter=3, tol=0, weights="w"), want)
+
+
 def test_mixed_dask_and_memory_variables(data: xr.Dataset, reference: em.Fit) -> None:
     """Only some variables dask-backed (and the weights in memory): everything is rechunked alike."""
     mixed = data.copy()

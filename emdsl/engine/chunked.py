@@ -43,6 +43,7 @@ import numpy as np
 from emdsl.compile import Plan
 from emdsl.data import dask_source
 from emdsl.engine.estep import Summary
+from emdsl.engine.init import row_uniforms
 
 _CURRENT = threading.local()
 
@@ -367,14 +368,13 @@ class NearestJoint:
 
 
 class RandomState:
-    """A uniformly random state per row, reproducible from the seed and the row's chunk."""
+    """A uniformly random state per row, reproducible from the seed and the row (not its chunk)."""
 
     def __init__(self, K: int, seed: int) -> None:
         self.K, self.seed = K, seed
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, rows.start])
-        return np.argmax(rng.random((rows.stop - rows.start, self.K)), axis=1)
+        return np.argmax(row_uniforms(self.seed, rows.start, rows.stop, self.K), axis=1)
 
 
 def kmeans_plusplus(plan: Plan, rng: np.random.Generator,

@@ -502,10 +502,31 @@ def _random_responsibilities(K: int, rng: np.random.Generator) -> Any:
     base = int(rng.integers(2**63))
 
     def resp_of(start: int, stop: int) -> np.ndarray:
-        # Seeded by block position, so the result does not depend on thread scheduling.
-        resp = np.random.default_rng([base, start]).random((K, stop - start))
+        resp = row_uniforms(base, start, stop, K).T
         return resp / resp.sum(axis=0)
     return resp_of
+
+
+#: rows per random stream of a random start (see :func:`row_uniforms`)
+RANDOM_STREAM_ROWS = 4096
+
+
+def row_uniforms(seed: int, start: int, stop: int, width: int) -> np.ndarray:
+    """Uniforms for the rows ``start:stop`` ((stop − start) × width), each row's the same however the rows are cut.
+
+    Row i's values come from the stream seeded by (seed, i // :data:`RANDOM_STREAM_ROWS`): a
+    block or chunk that begins inside a stream draws the stream and keeps its rows. Seeding
+    by the block's own start made a random start depend on the engine's block size
+    (``em.set_options(block_rows=...)``) and on dask's chunks, so the same seed gave another
+    fit on chunked data (found by fuzzing dask against memory).
+    """
+    if stop <= start:
+        return np.empty((0, width))
+    first, last = start // RANDOM_STREAM_ROWS, (stop - 1) // RANDOM_STREAM_ROWS
+    drawn = np.concatenate([np.random.default_rng([seed, stream]).random((RANDOM_STREAM_ROWS, width))
+                            for stream in range(first, last + 1)])
+    offset = start - first * RANDOM_STREAM_ROWS
+    return drawn[offset:offset + stop - start]
 
 
 def _chain_responsibilities(plan: Plan, resp: xr.DataArray) -> np.ndarray:
