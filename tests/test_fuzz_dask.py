@@ -1,0 +1,145 @@
+"""Fuzzing dask against memory: a fit on chunked data is the in-memory fit, or the same refusal.
+
+Every case that ``tests/test_fuzz.py`` generates (one latent, a Markov latent or two latents;
+every family; holes, bad values, extreme magnitudes, weights, starts, priors, acceleration) is
+fitted twice with the same arguments: on the Dataset in memory and on it chunked along
+``sample`` in chunks of 1 to 7 rows. A case passes when
+
+* both fit, to the same log-likelihood (1e-8 relative, or the recorded rounding slack: the
+  sums over chunks are the in-memory sums in another order) with the same number of
+  iterations, and ``score_samples`` on the chunked data (a lazy output) equals it on the data
+  in memory; or
+* both raise ``ModelError`` naming a culprit of the case.
+
+Anything else is a bug: one path refuses what the other fits, an exception that is not a
+``ModelError``, or another optimum. Cases at extreme magnitudes run in a forked child, as in
+``tests/test_fuzz.py`` (with dask's synchronous scheduler there: the parent's thread pool does
+not exist in a forked child).
+
+``EMDSL_FUZZ_EXAMPLES=300`` sets the number of examples (default 40, derandomized under
+``CI=true``); ``EMDSL_FUZZ_REPORT=path`` records every outcome and the reproducer of every
+bug there as JSON instead of failing.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emdsl.errors import ModelError
+from tests._forked import in_child, long_run_timeout
+from tests.test_fuzz import Case, _names_a_culprit, cases
+
+dask = pytest.importorskip("dask")
+pytest.importorskip("dask.array")
+
+_EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
+_SETTINGS = settings(max_examples=int(_EXAMPLES) if _EXAMPLES else 40, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_REPORT = os.environ.get("EMDSL_FUZZ_REPORT")
+OUTCOMES: collections.Counter[str] = collections.Counter()
+BUGS: list[dict[str, Any]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    if _REPORT:
+        with open(_REPORT, "w") as out:
+            json.dump({"outcomes": dict(OUTCOMES.most_common()), "bugs": BUGS}, out, indent=1, default=repr)
+
+
+def _ending(case: Case, data: xr.Dataset, kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """How a fit of ``case`` on ``data`` ends: ("fit", (ℓ, iterations, slack, scores)), ("refused", message)
+    for a ModelError that names a culprit, or ("bug", what happened)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fit = case.model.fit(data, **kwargs)
+        except ModelError as error:
+            if _names_a_culprit(str(error), case):
+                return "refused", str(error)
+            return "bug", f"ModelError naming no culprit: {str(error)[:400]}"
+        except Exception as error:  # noqa: BLE001 - any other exception is the finding
+            return "bug", f"{type(error).__name__} in fit: {str(error)[:400]}"
+        try:
+            scores = np.asarray(fit.score_samples(data).values, dtype=float)
+        except ModelError as error:
+            scores = f"refused: {str(error)[:200]}"
+        except Exception as error:  # noqa: BLE001
+            return "bug", f"{type(error).__name__} in score_samples: {str(error)[:400]}"
+    return "fit", (float(fit.loglik), int(fit.n_iter), float(fit.traces["slack"].values.max()), scores)
+
+
+def _both(case: Case, chunk: int) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    kwargs = dict(case.kwargs)
+    if isinstance(kwargs.get("init"), str) and kwargs["init"] == "fit-values":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                kwargs["init"] = case.model.fit(case.data, **{**kwargs, "init": "kmeans++", "max_iter": 2,
+                                                              "n_init": 1})
+            except ModelError:
+                kwargs["init"] = "kmeans++"  # the model itself is refused: both fits below say so
+    return _ending(case, case.data, kwargs), _ending(case, case.data.chunk({"sample": chunk}), kwargs)
+
+
+def _isolated(case: Case, chunk: int) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    def work() -> tuple[tuple[str, Any], tuple[str, Any]]:
+        with dask.config.set(scheduler="synchronous"):
+            return _both(case, chunk)
+
+    def failed(what: str) -> tuple[tuple[str, Any], tuple[str, Any]]:
+        return ("bug", what), ("bug", what)
+
+    return in_child(work, lambda error: failed(f"{type(error).__name__} in the child: {error}"), failed)
+
+
+def _difference(in_memory: tuple[str, Any], chunked: tuple[str, Any]) -> str | None:
+    """What differs between the two endings (None: they agree)."""
+    for ending in (in_memory, chunked):
+        if ending[0] == "bug":
+            return ending[1]
+    if in_memory[0] != chunked[0]:
+        return f"in memory: {in_memory[0]}; chunked: {chunked[0]} ({str(chunked[1])[:300]}; {str(in_memory[1])[:300]})"
+    if in_memory[0] == "refused":
+        return None
+    (loglik, n_iter, slack, scores), (got, got_iter, got_slack, got_scores) = in_memory[1], chunked[1]
+    if n_iter != got_iter:
+        return f"iterations: {n_iter} in memory, {got_iter} chunked (ℓ {loglik!r}, {got!r})"
+    if not got == pytest.approx(loglik, rel=1e-8, abs=max(slack, got_slack)):
+        return f"log-likelihood: {loglik!r} in memory, {got!r} chunked"
+    if isinstance(scores, str) or isinstance(got_scores, str):
+        return None if isinstance(scores, str) == isinstance(got_scores, str) else \
+            f"score_samples: {str(scores)[:200]} in memory, {str(got_scores)[:200]} chunked"
+    if not np.allclose(got_scores, scores, rtol=1e-8, atol=max(slack, got_slack)):
+        return f"score_samples differ by up to {np.max(np.abs(got_scores - scores))!r}"
+    return None
+
+
+@long_run_timeout(_EXAMPLES)
+@_SETTINGS
+@given(case=cases(), chunk=st.integers(1, 7))
+def test_chunked_data_fit_like_data_in_memory(case: Case, chunk: int) -> None:
+    risky = any(fault.startswith(("scale", "offset", "bad value huge")) for fault in case.faults)
+    in_memory, chunked = _isolated(case, chunk) if risky and hasattr(os, "fork") else _both(case, chunk)
+    OUTCOMES[f"{in_memory[0]} / {chunked[0]}"] += 1
+    difference = _difference(in_memory, chunked)
+    if difference is None:
+        return
+    bug = {"difference": difference, "faults": case.faults, "chunk": chunk, "model": repr(case.model),
+           "kwargs": {key: repr(value)[:200] for key, value in case.kwargs.items()},
+           "data": {name: np.asarray(da.values).tolist() for name, da in case.data.data_vars.items()}
+           if case.data.sizes.get("sample", 0) <= 8 else repr(case.data)[:600]}
+    if not _REPORT:
+        raise AssertionError(f"{difference}\nfaults: {case.faults}, chunks of {chunk}")
+    BUGS.append(bug)
