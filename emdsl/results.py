@@ -347,6 +347,8 @@ class Fit:
         """log p(x_n | θ̂) for each sample of ``data``: DataArray (sample,).
 
         For a Markov latent, log p(x_s | θ̂) of each sequence: over the sequence dims (0-d for one).
+        A sample so far outside the parameters' range that its log-density is below the float
+        range scores −inf (its probability rounds to 0); its posterior is an error.
         """
         plan, theta, H = self._compiled(data)
         if plan.sequences is not None and is_chunked(plan):  # lazy, a chunk per run of whole sequences

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.stats as st
@@ -214,6 +216,32 @@ def test_element_seen_only_where_the_weight_is_zero_is_named(chunked, family):
     ds["x"][:3, 1] = np.nan
     with pytest.raises(em.ModelError, match=r"variable 'x' at f=1 has no observed value \(every value is NaN\)"):
         model.fit(ds)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["in-memory", "dask"])
+def test_sample_of_weight_0_beyond_every_state_counts_for_nothing(chunked):
+    """A sample of weight 0 whose value overflows every state's log-density (1.7e308 against rates
+    near 1e153: L = −∞ everywhere) used to turn ℓ and the fit into NaN (0 · −∞): found by fuzzing
+    dask against memory. It counts for nothing, so the fit is the fit without it; its score is
+    −∞ (its probability rounds to 0) and its posterior an error naming the variable."""
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.gamma(3.0, 1.0, 60), rng.gamma(12.0, 1.0, 60)] * 1e-153
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Gamma)
+    kept = xr.Dataset({"x": ("sample", x), "w": ("sample", rng.uniform(0.5, 2.0, 120))})
+    ds = xr.concat([xr.Dataset({"x": ("sample", [1.7e308]), "w": ("sample", [0.0])}), kept], dim="sample")
+    ds = ds.chunk({"sample": 50}) if chunked else ds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the overflow itself, detected and handled
+        fit = model.fit(ds, weights="w", seed=0)
+        want = model.fit(kept, weights="w", seed=0)
+        scores = fit.score_samples(ds).values
+        with pytest.raises(em.ModelError, match=r"observe\('x', Gamma\): the sample at row 0 .* below the float"):
+            fit.predict_proba(ds).values
+    assert np.isfinite(fit.traces["loglik"].values).all() and np.isfinite(fit.traces["slack"].values).all()
+    assert fit.loglik == pytest.approx(want.loglik, rel=1e-10)
+    for key in ("shape", "rate"):
+        np.testing.assert_allclose(fit.params["x"][key].values, want.params["x"][key].values, rtol=1e-8)
+    assert scores[0] == -np.inf and np.isfinite(scores[1:]).all()
 
 
 def test_element_constant_where_the_weight_is_positive_is_named():

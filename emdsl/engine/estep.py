@@ -153,10 +153,37 @@ class EStep:
                 terms = patterns[node.name][g]
                 log_joint[:, columns[chosen]] += terms.log_density(x[terms.o][:, chosen])
         peak = log_joint.max(axis=0)
+        # A row whose L is −∞ in every state (its terms overflow: a value far beyond what the
+        # parameters make possible) would turn into NaN below; it is made uniform here, and
+        # the caller decides: a row of weight 0 adds nothing, anything else is refused.
+        lost = peak == -np.inf
+        if lost.any():
+            log_joint[:, lost] = 0.0
+            peak[lost] = 0.0
+        else:
+            lost = None
         log_joint -= peak
         np.exp(log_joint, out=resp)
         total = resp.sum(axis=0)
-        return phi, log_joint, resp, total, peak, partial
+        return phi, log_joint, resp, total, peak, partial, lost
+
+    def _lost_error(self, H: np.ndarray, start: int, lost: np.ndarray) -> ModelError:
+        """The error for rows whose L is −∞ in every state: which row, and the nodes whose terms overflow there."""
+        row = start + int(np.flatnonzero(lost)[0])
+        phi = np.empty((self.S, 1))
+        self.plan.read(row, row + 1, phi, np.empty(self.plan.max_D))
+        with np.errstate(over="ignore", invalid="ignore"):
+            culprits = [node.where() for node in self.plan.nodes
+                        if np.all(H[:, node.offset:node.offset + node.n_rows]
+                                  @ phi[node.offset:node.offset + node.n_rows, 0] == -np.inf)]
+        culprits = culprits or [node.where() for node in self.plan.nodes]
+        offset = _chunk_offset()
+        where = f"row {offset + row}" if offset is not None else f"row {row}"
+        latent = self.plan.latent.name if self.plan.latent is not None else "the model"
+        return ModelError(
+            f"{'; '.join(culprits)}: the sample at {where} (counting from 0) lies so far outside the range of the "
+            f"parameters that its log-density is below the float range (−∞) in every state of {latent!r}, so its "
+            "posterior cannot be computed; check its values, or fit data that include such values")
 
     def summarize(self, H: np.ndarray, theta: Mapping[str, Any] | None = None) -> Summary:
         """One E-step pass: R Φᵀ, Σ log p(x_n) (without log h) and the entropy of R (θ: for holes in events)."""
@@ -168,7 +195,9 @@ class EStep:
             stats = np.zeros((self.K, self.S))
             loglik = entropy = magnitude = 0.0
             for start, stop in chunk:
-                phi, shifted, resp, total, peak, partial = self._log_joint(H, start, stop, buf, patterns)
+                phi, shifted, resp, total, peak, partial, lost = self._log_joint(H, start, stop, buf, patterns)
+                if lost is not None and (self.weights is None or np.any(self.weights[start:stop][lost] != 0)):
+                    raise self._lost_error(H, start, lost)
                 log_total = np.log(total)
                 if self.weights is None:
                     resp /= total
@@ -242,11 +271,15 @@ class EStep:
 
         def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> None:
             for start, stop in chunk:
-                _, _, resp, total, peak, _ = self._log_joint(H, start, stop, buf, patterns)
+                _, _, resp, total, peak, _, lost = self._log_joint(H, start, stop, buf, patterns)
                 if resp_out is not None:
+                    if lost is not None:  # no posterior: its ratios of densities are all ∞ / ∞
+                        raise self._lost_error(H, start, lost)
                     resp_out[start:stop] = (resp / total).T
                 if loglik_out is not None:
                     loglik_out[start:stop] = peak + np.log(total)
+                    if lost is not None:  # log p(x) below the float range: its float is −∞
+                        loglik_out[start:stop][lost] = -np.inf
 
         self._map(work)
 
@@ -504,3 +537,13 @@ def engine(plan: Plan) -> Iterator[EStep]:
 
     with make_estep(plan) as estep, threadpool_limits(limits=1, user_api="blas"):
         yield estep
+
+
+def _chunk_offset() -> int | None:
+    """The first global row of the dask chunk this E-step is working on (None in memory: rows are global)."""
+    from emdsl.engine import chunked  # chunked builds on this module
+
+    try:
+        return chunked.current_chunk()[1]
+    except RuntimeError:  # not inside a chunk's task
+        return None
