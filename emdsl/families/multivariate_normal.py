@@ -27,6 +27,8 @@ from emdsl.families._base import (
 
 CovarianceType = Literal["full", "diag", "spherical", "tied"]
 _TYPES = ("full", "diag", "spherical", "tied")
+#: the weak prior's scale is the data's covariance unless its condition number exceeds 1 / this
+_SINGULAR = 1e-10
 
 
 class MultivariateNormal(ObservedFamily):
@@ -341,7 +343,8 @@ class MultivariateNormal(ObservedFamily):
         "The weak prior").
 
         var(x) is the covariance of the complete events (their diagonal when there are no
-        more of them than D, or when it is singular) for ``"full"`` and ``"tied"``; each
+        more of them than D, or when it is singular: condition number above 1e10) for ``"full"``
+        and ``"tied"``; each
         element's variance for ``"diag"``; their average times I for ``"spherical"``.
         """
         n, rest = float(stats[0]), stats[1:]
@@ -359,8 +362,14 @@ class MultivariateNormal(ObservedFamily):
                 cov = _unpack_upper(s_xx[None], D)[0] / count - np.multiply.outer(mean, mean)
             variance = np.diagonal(cov) if n > 0 else np.ones(D)
             scale = np.diag(np.where(variance > 0, variance, 1.0))
-            if self.covariance_type in ("full", "tied") and n > D and np.linalg.eigvalsh(cov)[0] > 0:
-                scale = 0.5 * (cov + cov.T)
+            if self.covariance_type in ("full", "tied") and n > D:
+                symmetric = 0.5 * (cov + cov.T)
+                eigenvalues = np.linalg.eigvalsh(symmetric)
+                # Numerically singular (collinear elements: a duplicated column) is singular: rounding
+                # left the smallest eigenvalue of three equal columns' covariance at +1e-17, and the
+                # inverse-Wishart's normalizer, log |Ψ|, came out −∞, and with it every log-posterior.
+                if eigenvalues[0] > _SINGULAR * eigenvalues[-1]:
+                    scale = symmetric
         dof = D + 2.0
         return {"mean": mean, "kappa": normal.WEAK_KAPPA, "dof": dof, "scale": dof * K ** (-2.0 / D) * scale}
 
