@@ -6,9 +6,9 @@ fitted twice with the same arguments: on the Dataset in memory and on it chunked
 ``sample`` in chunks of 1 to 7 rows. A case passes when
 
 * both fit, to the same log-likelihood (1e-8 relative, or the recorded rounding slack: the
-  sums over chunks are the in-memory sums in another order) with the same number of
-  iterations, and ``score_samples`` on the chunked data (a lazy output) equals it on the data
-  in memory; or
+  sums over chunks are the in-memory sums in another order; 10·tol relative when rounding moved
+  the stopping test by an iteration), and ``score_samples`` on the chunked data (a lazy
+  output) equals it on the data in memory; or
 * both raise ``ModelError`` naming a culprit of the case.
 
 Anything else is a bug: one path refuses what the other fits, an exception that is not a
@@ -77,7 +77,10 @@ def _ending(case: Case, data: xr.Dataset, kwargs: dict[str, Any]) -> tuple[str, 
             scores = f"refused: {str(error)[:200]}"
         except Exception as error:  # noqa: BLE001
             return "bug", f"{type(error).__name__} in score_samples: {str(error)[:400]}"
-    return "fit", (float(fit.loglik), int(fit.n_iter), float(fit.traces["slack"].values.max()), scores)
+    slack = fit.traces["slack"].values
+    if not (np.isfinite(fit.loglik) and np.isfinite(slack).all()):  # as tests/test_fuzz.py checks
+        return "bug", f"a fit with ℓ = {fit.loglik!r} and rounding slack up to {slack.max()!r}"
+    return "fit", (float(fit.loglik), int(fit.n_iter), float(slack.max()), scores)
 
 
 def _both(case: Case, chunk: int) -> tuple[tuple[str, Any], tuple[str, Any]]:
@@ -104,8 +107,8 @@ def _isolated(case: Case, chunk: int) -> tuple[tuple[str, Any], tuple[str, Any]]
     return in_child(work, lambda error: failed(f"{type(error).__name__} in the child: {error}"), failed)
 
 
-def _difference(in_memory: tuple[str, Any], chunked: tuple[str, Any]) -> str | None:
-    """What differs between the two endings (None: they agree)."""
+def _difference(in_memory: tuple[str, Any], chunked: tuple[str, Any], tol: float) -> str | None:
+    """What differs between the two endings of fits with ``fit(tol=tol)`` (None: they agree)."""
     for ending in (in_memory, chunked):
         if ending[0] == "bug":
             return ending[1]
@@ -114,14 +117,15 @@ def _difference(in_memory: tuple[str, Any], chunked: tuple[str, Any]) -> str | N
     if in_memory[0] == "refused":
         return None
     (loglik, n_iter, slack, scores), (got, got_iter, got_slack, got_scores) = in_memory[1], chunked[1]
-    if n_iter != got_iter:
-        return f"iterations: {n_iter} in memory, {got_iter} chunked (ℓ {loglik!r}, {got!r})"
-    if not got == pytest.approx(loglik, rel=1e-8, abs=max(slack, got_slack)):
-        return f"log-likelihood: {loglik!r} in memory, {got!r} chunked"
+    # Rounding can move a change of ℓ across tol·|ℓ| and the stop by an iteration, which moves ℓ by
+    # about that much; the same iterations must give the same ℓ.
+    rel = 1e-8 if n_iter == got_iter else max(1e-8, 10 * tol)
+    if not got == pytest.approx(loglik, rel=rel, abs=max(slack, got_slack)):
+        return f"log-likelihood: {loglik!r} in memory ({n_iter} iterations), {got!r} chunked ({got_iter})"
     if isinstance(scores, str) or isinstance(got_scores, str):
         return None if isinstance(scores, str) == isinstance(got_scores, str) else \
             f"score_samples: {str(scores)[:200]} in memory, {str(got_scores)[:200]} chunked"
-    if not np.allclose(got_scores, scores, rtol=1e-8, atol=max(slack, got_slack)):
+    if not np.allclose(got_scores, scores, rtol=rel, atol=max(slack, got_slack)):
         return f"score_samples differ by up to {np.max(np.abs(got_scores - scores))!r}"
     return None
 
@@ -133,7 +137,7 @@ def test_chunked_data_fit_like_data_in_memory(case: Case, chunk: int) -> None:
     risky = any(fault.startswith(("scale", "offset", "bad value huge")) for fault in case.faults)
     in_memory, chunked = _isolated(case, chunk) if risky and hasattr(os, "fork") else _both(case, chunk)
     OUTCOMES[f"{in_memory[0]} / {chunked[0]}"] += 1
-    difference = _difference(in_memory, chunked)
+    difference = _difference(in_memory, chunked, float(case.kwargs["tol"]))
     if difference is None:
         return
     bug = {"difference": difference, "faults": case.faults, "chunk": chunk, "model": repr(case.model),

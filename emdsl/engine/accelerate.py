@@ -31,7 +31,8 @@ argument carries over. Every M-step inside is checked exactly as in the plain lo
 use (weights, probabilities, variances, covariance matrices, rates), as the
 affine combination above. A proposal outside the valid set (``family.check_params``
 fails, a covariance has no Cholesky factor, a value is not finite, a row of
-probabilities is off 1 by more than rounding) is shrunk towards the EM point (a halfway
+probabilities is off 1 by more than rounding, a value beyond a cap of the M-step:
+``within_m_step_bounds``) is shrunk towards the EM point (a halfway
 towards 1) until it is valid; nothing is clipped. Rows that sum to 1 are divided by
 their sums only to undo rounding (see ``_Layout``). Held (fixed) parameters are equal
 in every EM point, so r = v = 0 there and they stay exactly. A proposal is also refused
@@ -221,7 +222,8 @@ def _unit_rows(value: np.ndarray) -> bool:
 
 
 def admissible(plan: Plan, theta: Theta | None) -> bool:
-    """Whether every parameter of θ is finite and valid for its family (covariances: Cholesky)."""
+    """Whether every parameter of θ is finite, valid for its family (covariances: Cholesky) and inside
+    the bounds its M-step maximizes within (``within_m_step_bounds``)."""
     if theta is None:
         return False
     families = [(node.name, node.family) for node in plan.nodes]
@@ -238,7 +240,8 @@ def admissible(plan: Plan, theta: Theta | None) -> bool:
                     np.linalg.cholesky(params[key])
         except (ValueError, np.linalg.LinAlgError):  # ModelError is a ValueError
             return False
-    return True
+    # the latent's weights and transitions fill their simplex; observed families may cap within theirs
+    return all(node.family.within_m_step_bounds(theta[node.name]) for node in plan.nodes)
 
 
 # -- the driver ------------------------------------------------------------------------------

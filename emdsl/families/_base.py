@@ -297,6 +297,16 @@ class ObservedFamily(Family):
     def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
         """Raise ``ModelError`` naming ``where`` if a parameter value is invalid."""
 
+    def within_m_step_bounds(self, params: Mapping[str, np.ndarray]) -> bool:
+        """Whether learned parameters lie inside the set the M-step maximizes over, where it is
+        narrower than the valid set (a cap the M-step does not report as floored).
+
+        Accelerated EM keeps its proposals inside (``engine/accelerate.py``): beyond a bound
+        the likelihood can exceed anything the M-step reaches, and the EM step from there
+        would lose ground.
+        """
+        return True
+
     def check_given(self, **given: Any) -> None:
         """Validate parameter values given to the constructor (held, not learned), naming the argument."""
         for name, value in given.items():

@@ -124,6 +124,10 @@ class Exponential(ElementwiseFamily):
     def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
         check_range(params, "rate", where, low=0.0)
 
+    def within_m_step_bounds(self, params: Mapping[str, np.ndarray]) -> bool:
+        # the M-steps cap λ at 1 / _SMALLEST_MEAN; a held rate is not learned, so not bounded
+        return "rate" in self.fixed or bool(np.all(np.asarray(params["rate"]) <= 1.0 / _SMALLEST_MEAN))
+
     def outside_support(self, x: np.ndarray, aux: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str] | None:
         with np.errstate(invalid="ignore"):
             return ~np.isnan(x) & ~(np.isfinite(x) & (x >= 0)), "Exponential values must be finite and >= 0"
