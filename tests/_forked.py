@@ -8,20 +8,12 @@ import signal
 from collections.abc import Callable
 from typing import TypeVar
 
-import pytest
-
 T = TypeVar("T")
 
 
 #: seconds a child may run: a fuzz case is small, so one that takes longer hangs (an endless loop)
 TIMEOUT = 120
 
-
-def long_run_timeout(examples: str | None) -> pytest.MarkDecorator:
-    """pytest-timeout's limit for a fuzz test of ``EMDSL_FUZZ_EXAMPLES`` examples: a long run by hand
-    (10,000 examples take about 9 minutes) would outlast the suite's 600 s a test (pyproject.toml), so
-    it gets a second an example; a hang inside one case is the child's :data:`TIMEOUT` to find."""
-    return pytest.mark.timeout(max(600, int(examples)) if examples else 600)
 
 
 def in_child(work: Callable[[], T], on_error: Callable[[BaseException], T], on_crash: Callable[[str], T],

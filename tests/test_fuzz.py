@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -35,17 +34,15 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import emdsl as em
 from emdsl.errors import ModelError
-from tests._forked import in_child, long_run_timeout
+from tests._forked import in_child
+from tests._fuzzing import REPORT, fuzz_settings, long_run_timeout, write_report
 
-_EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
-_SETTINGS = settings(max_examples=int(_EXAMPLES), deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]) if _EXAMPLES else \
-    settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_SETTINGS = fuzz_settings(None)
 
 OUTCOMES: collections.Counter[str] = collections.Counter()
 #: the fit's outcome per model structure (mixture, markov, two latents) and per accelerate=, for the report
@@ -53,17 +50,12 @@ BY_FORM: collections.Counter[str] = collections.Counter()
 #: with EMDSL_FUZZ_REPORT set, bugs are recorded there (with a reproducer) instead of failing the run,
 #: so that one long run counts every outcome
 BUGS: list[dict[str, Any]] = []
-_COLLECT = bool(os.environ.get("EMDSL_FUZZ_REPORT"))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    path = os.environ.get("EMDSL_FUZZ_REPORT")
-    if path:
-        with open(path, "w") as out:
-            json.dump({"outcomes": dict(OUTCOMES.most_common()), "by_form": dict(sorted(BY_FORM.items())),
-                       "bugs": BUGS}, out, indent=1, default=repr)
+    write_report(outcomes=dict(OUTCOMES.most_common()), by_form=dict(sorted(BY_FORM.items())), bugs=BUGS)
 
 
 # -- generated cases ---------------------------------------------------------------------
@@ -428,7 +420,7 @@ def _names_a_culprit(message: str, case: Case, extra: set[str] = frozenset()) ->
     return any(re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", message) for name in case.culprits | set(extra))
 
 
-@long_run_timeout(_EXAMPLES)
+@long_run_timeout()
 @_SETTINGS
 @given(case=cases())
 def test_every_case_fits_soundly_or_names_the_culprit(case: Case, tmp_path_factory):
@@ -439,7 +431,7 @@ def test_every_case_fits_soundly_or_names_the_culprit(case: Case, tmp_path_facto
     for form in (case.faults[0], accelerate):
         BY_FORM[f"{form}: {outcomes[-1].split(':')[0].split(' (')[0]}"] += 1
     if bug is not None:
-        if not _COLLECT:
+        if not REPORT:
             raise AssertionError(f"{bug['what']}: {bug['error']}\nfaults: {case.faults}")
         BUGS.append(bug)
 

@@ -24,7 +24,6 @@ bug there as JSON instead of failing.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import warnings
 from typing import Any
@@ -32,20 +31,18 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from emdsl.errors import ModelError
-from tests._forked import in_child, long_run_timeout
+from tests._forked import in_child
+from tests._fuzzing import REPORT, fuzz_settings, long_run_timeout, write_report
 from tests.test_fuzz import Case, _names_a_culprit, cases
 
 dask = pytest.importorskip("dask")
 pytest.importorskip("dask.array")
 
-_EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
-_SETTINGS = settings(max_examples=int(_EXAMPLES) if _EXAMPLES else 40, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-_REPORT = os.environ.get("EMDSL_FUZZ_REPORT")
+_SETTINGS = fuzz_settings(40)
 OUTCOMES: collections.Counter[str] = collections.Counter()
 BUGS: list[dict[str, Any]] = []
 
@@ -53,9 +50,7 @@ BUGS: list[dict[str, Any]] = []
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    if _REPORT:
-        with open(_REPORT, "w") as out:
-            json.dump({"outcomes": dict(OUTCOMES.most_common()), "bugs": BUGS}, out, indent=1, default=repr)
+    write_report(outcomes=dict(OUTCOMES.most_common()), bugs=BUGS)
 
 
 def _ending(case: Case, data: xr.Dataset, kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -130,7 +125,7 @@ def _difference(in_memory: tuple[str, Any], chunked: tuple[str, Any], tol: float
     return None
 
 
-@long_run_timeout(_EXAMPLES)
+@long_run_timeout()
 @_SETTINGS
 @given(case=cases(), chunk=st.integers(1, 7))
 def test_chunked_data_fit_like_data_in_memory(case: Case, chunk: int) -> None:
@@ -144,6 +139,6 @@ def test_chunked_data_fit_like_data_in_memory(case: Case, chunk: int) -> None:
            "kwargs": {key: repr(value)[:200] for key, value in case.kwargs.items()},
            "data": {name: np.asarray(da.values).tolist() for name, da in case.data.data_vars.items()}
            if case.data.sizes.get("sample", 0) <= 8 else repr(case.data)[:600]}
-    if not _REPORT:
+    if not REPORT:
         raise AssertionError(f"{difference}\nfaults: {case.faults}, chunks of {chunk}")
     BUGS.append(bug)

@@ -17,7 +17,6 @@ records every outcome (and the reproducer of every failure) there as JSON instea
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 import warnings
@@ -26,17 +25,15 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import emdsl as em
 from emdsl.errors import ModelError
-from tests._forked import in_child, long_run_timeout
+from tests._forked import in_child
+from tests._fuzzing import REPORT, fuzz_settings, long_run_timeout, write_report
 
-_EXAMPLES = os.environ.get("EMDSL_FUZZ_EXAMPLES")
-_SETTINGS = settings(max_examples=int(_EXAMPLES) if _EXAMPLES else 25, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-_REPORT = os.environ.get("EMDSL_FUZZ_REPORT")
+_SETTINGS = fuzz_settings(25)
 OUTCOMES: collections.Counter[str] = collections.Counter()
 BUGS: list[dict[str, Any]] = []
 
@@ -50,9 +47,7 @@ FAMILIES = REAL + POSITIVE + UNIT + COUNTS + ("Categorical",)
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     yield
-    if _REPORT:
-        with open(_REPORT, "w") as out:
-            json.dump({"outcomes": dict(OUTCOMES.most_common()), "bugs": BUGS}, out, indent=1, default=repr)
+    write_report(outcomes=dict(OUTCOMES.most_common()), bugs=BUGS)
 
 
 @st.composite
@@ -191,7 +186,7 @@ def _isolated(case: dict[str, Any]) -> tuple[str, str | None]:
                     lambda crash: ("BUG", crash))
 
 
-@long_run_timeout(_EXAMPLES)
+@long_run_timeout()
 @_SETTINGS
 @given(case=cases())
 def test_every_family_at_every_magnitude_fits_or_names_the_culprit(case):
@@ -199,7 +194,7 @@ def test_every_family_at_every_magnitude_fits_or_names_the_culprit(case):
     OUTCOMES[outcome] += 1
     if bug is None:
         return
-    if not _REPORT:
+    if not REPORT:
         raise AssertionError(f"{bug}\nfaults: {case['faults']}\nmodel: {case['model']!r}\nkwargs: {case['kwargs']}")
     BUGS.append({"bug": bug, "faults": case["faults"], "model": repr(case["model"]),
                  "kwargs": {k: repr(v) for k, v in case["kwargs"].items()}})
