@@ -7,6 +7,8 @@ parameters, log-likelihoods and traces must agree to rounding (1e-10 relative).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -97,6 +99,31 @@ def test_random_start_does_not_depend_on_the_chunks(data: xr.Dataset) -> None:
                                   weights="w"), want)
     with em.set_options(block_rows=100):
         assert_same_fit(MODEL.fit(data, seed=5, init="random", max_iter=3, tol=0, weights="w"), want)
+
+
+@pytest.mark.parametrize("family, markov", [("Gamma", False), ("Gamma", True), ("Exponential", True)])
+def test_rounding_slack_next_to_the_largest_float(family: str, markov: bool) -> None:
+    """One value at 1.7e308: the states that cannot hold it have L ≈ −1e308 or −∞ there, terms that reach
+    neither ℓ nor the statistics. The run-time check's slack leaves them out, on dask as in memory
+    (dask kept the cheap bound, ∞, and the Exponential chain's was 5.7e294 on ℓ = −775.6 in both)."""
+    rng = np.random.default_rng(7)
+    x = np.exp(np.r_[rng.normal(0, 0.5, 20), rng.normal(2, 0.5, 20)] / 2)
+    x[5] = 1.7e308
+    declared = getattr(em, family)()
+    if markov:
+        model = em.Model().latent("z", em.Categorical(2), markov="time").observe("v", declared)
+        ds = xr.Dataset({"v": (("sample", "time"), x.reshape(4, 10))})
+    else:
+        model = em.Model().latent("z", em.Categorical(2)).observe("v", declared)
+        ds = xr.Dataset({"v": ("sample", x)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the overflow itself, detected and handled
+        want = model.fit(ds, seed=1, max_iter=25)
+        got = model.fit(ds.chunk({"sample": 2}), seed=1, max_iter=25)
+    slack = want.traces["slack"].values
+    assert np.all(slack < 0.1), slack  # ℓ is about −750: a check that can fail
+    np.testing.assert_allclose(got.traces["slack"].values, slack, rtol=1e-6)
+    assert got.loglik == pytest.approx(want.loglik, rel=1e-10)
 
 
 def test_mixed_dask_and_memory_variables(data: xr.Dataset, reference: em.Fit) -> None:

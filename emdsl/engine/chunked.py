@@ -32,7 +32,9 @@ starts restores the speed, at the cost of memory the workers keep for reuse.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import operator
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,6 +46,7 @@ from emdsl.compile import Plan
 from emdsl.data import dask_source
 from emdsl.engine.estep import Summary
 from emdsl.engine.init import row_uniforms
+from emdsl.engine.loop import reaching_magnitude as _reaching_in_memory
 
 _CURRENT = threading.local()
 
@@ -88,6 +91,19 @@ def _statistics_chunk(skeleton: Plan, slots: Sequence[Any], offset: int,
 
     with _working_on(plan, offset), _estep(plan) as estep:
         return estep.statistics_from(local)
+
+
+def _reaching_chunk(skeleton: Plan, slots: Sequence[Any], H: np.ndarray, offset: int, *blocks: np.ndarray) -> float:
+    plan = dask_source.local_plan(skeleton, slots, blocks, offset)
+    with _working_on(plan, offset):
+        return _reaching_in_memory(plan, H)
+
+
+def reaching_magnitude(plan: Plan, H: np.ndarray) -> float:
+    """``loop.reaching_magnitude`` of a dask-backed plan: one pass, summed over the chunks."""
+    slots, arrays = dask_source.layout(plan)
+    return float(dask_source.scan(arrays, functools.partial(_reaching_chunk, dask_source.skeleton(plan), slots, H),
+                                  operator.add))
 
 
 def _evaluate_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.ndarray,
@@ -297,8 +313,6 @@ def gather_weighted_rows(plan: Plan, nodes: Sequence[int], rows: np.ndarray) -> 
 
 
 def _gather(plan: Plan, nodes: Sequence[int], rows: np.ndarray, *also: Any) -> Any:
-    import functools
-
     slots, arrays = dask_source.layout(plan)
     part = functools.partial(_gather_part, dask_source.skeleton(plan), slots, list(nodes), np.asarray(rows))
     return dask_source.scan(arrays, part, _stack, *also)

@@ -209,7 +209,8 @@ def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:
     while the sums that produce it are large (a component collapsing onto a point).
     """
     eps = np.finfo(plan.dtype).eps  # float32's when the E-step runs in single precision (engine/precision.py)
-    terms = _summed_magnitude(plan, H) + magnitude + abs(plan.log_base_total)
+    reached = magnitude + abs(plan.log_base_total)
+    terms = _summed_magnitude(plan, H, reached) + reached
     # Sums inside a block run over up to 16k rows in BLAS (no pairwise summation): √(S·n)
     # is the typical growth of their error; blocks then add up in a short tree.
     depth = np.sqrt(plan.n_stats * min(plan.n_samples, 16384.0)) + np.log2(plan.n_samples + 2)
@@ -219,34 +220,50 @@ def rounding_slack(plan: Plan, H: np.ndarray, magnitude: float) -> float:
 #: a state whose L lies this far below the sample's best has responsibility exactly 0: exp underflows
 #: below −745, and the other terms of its log-weight (log π, log A) are each above log(tiny) ≈ −708
 _NEGLIGIBLE = 1e4
+#: the cheap bound is kept while it is within this factor of the sizes that reach ℓ (on ordinary
+#: data it is 1–100 times them); beyond, it counts terms of states no sample can be in
+_LOOSE = 1e6
 
 
-def _summed_magnitude(plan: Plan, H: np.ndarray) -> float:
+def _summed_magnitude(plan: Plan, H: np.ndarray, reached: float) -> float:
     """A bound on Σ_n w_n Σ_s |H_ks Φ_sn| over the terms that reach ℓ and the ELBO.
 
-    Cheap form: Σ_s max_k |H_ks| Σ_n w_n |Φ_sn|. It overflows when a value near the
-    largest float meets a coefficient above 1 (Gamma's rate, an Exponential's): that
-    product is −∞ in L, the state's probability for that sample is exactly 0, and the
-    term reaches neither ℓ nor the statistics. Then the bound is taken per sample over
+    Cheap form: Σ_s max_k |H_ks| Σ_n w_n |Φ_sn|. It overflows, or dwarfs the sizes that
+    do reach ℓ (``reached``: the samples' log-likelihoods and log h), when a value near the
+    largest float meets a coefficient near or above 1 (Gamma's rate, an Exponential's): that
+    product is about −1e308 or −∞ in L, the state's probability for that sample is exactly 0,
+    and the term reaches neither ℓ nor the statistics. Then the bound is taken per sample over
     the states whose L is finite and within :data:`_NEGLIGIBLE` of the sample's best (a
     finite L of −1e308 has responsibility exactly 0 too, and two of them summed to ∞),
     max_k Σ_s |H_ks| |Φ_sn| (one more pass over the data, only in that case), which bounds
     both ℓ's and the ELBO's terms (each weighs the states by responsibilities that sum to 1).
+    The cheap bound gave a slack of 5.7e294 on a fit with ℓ = −775.6 (an Exponential chain
+    with one value at 1.7e308): a check that could never fail.
     """
     with np.errstate(over="ignore", invalid="ignore"):
         cheap = float(np.abs(H).max(axis=0) @ plan.phi_magnitude)
-    if np.isfinite(cheap):
-        return cheap
-    if is_chunked(plan):
+    if np.isfinite(cheap) and cheap <= _LOOSE * max(reached, plan.n_samples):
         return cheap
     S = plan.n_stats
     with np.errstate(over="ignore", invalid="ignore"):
         total = float(np.abs(H[:, S:]).max(axis=0, initial=0.0) @ plan.phi_magnitude[S:]) if H.shape[1] > S else 0.0
-        absolute = np.abs(H[:, :S])
-        for a, b in blocks(plan.n_samples, phi_rows(S)):
-            phi = np.empty((S, b - a))
+    if is_chunked(plan):  # the same pass, chunk by chunk (it returned the cheap ∞ before: a vacuous check)
+        from emdsl.engine import chunked
+
+        return total + chunked.reaching_magnitude(plan, H[:, :S])
+    return total + reaching_magnitude(plan, H[:, :S])
+
+
+def reaching_magnitude(plan: Plan, H: np.ndarray) -> float:
+    """Σ_n w_n max_k Σ_s |H_ks Φ_sn| over the states whose L reaches ℓ (finite, within
+    :data:`_NEGLIGIBLE` of the sample's best), for a plan in memory or one chunk's; H is K × S."""
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        absolute = np.abs(H)
+        for a, b in blocks(plan.n_samples, phi_rows(plan.n_stats)):
+            phi = np.empty((plan.n_stats, b - a))
             plan.read(a, b, phi, np.empty(plan.max_D * (b - a)))
-            L = H[:, :S] @ phi
+            L = H @ phi
             finite = np.isfinite(L)
             best = np.where(finite, L, -np.inf).max(axis=0)
             reaching = finite & (L >= best - _NEGLIGIBLE)
