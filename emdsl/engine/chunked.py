@@ -94,9 +94,7 @@ def _statistics_chunk(skeleton: Plan, slots: Sequence[Any], offset: int,
 
 
 def _reaching_chunk(skeleton: Plan, slots: Sequence[Any], H: np.ndarray, offset: int, *blocks: np.ndarray) -> float:
-    plan = dask_source.local_plan(skeleton, slots, blocks, offset)
-    with _working_on(plan, offset):
-        return _reaching_in_memory(plan, H)
+    return _reaching_in_memory(dask_source.local_plan(skeleton, slots, blocks, offset), H)
 
 
 def reaching_magnitude(plan: Plan, H: np.ndarray) -> float:

@@ -177,11 +177,10 @@ class EStep:
                         if np.all(H[:, node.offset:node.offset + node.n_rows]
                                   @ phi[node.offset:node.offset + node.n_rows, 0] == -np.inf)]
         culprits = culprits or [node.where() for node in self.plan.nodes]
-        offset = _chunk_offset()
-        where = f"row {offset + row}" if offset is not None else f"row {row}"
+        row += _chunk_offset() or 0  # a dask chunk's rows count from its first global row
         latent = self.plan.latent.name if self.plan.latent is not None else "the model"
         return ModelError(
-            f"{'; '.join(culprits)}: the sample at {where} (counting from 0) lies so far outside the range of the "
+            f"{'; '.join(culprits)}: the sample at row {row} (counting from 0) lies so far outside the range of the "
             f"parameters that its log-density is below the float range (−∞) in every state of {latent!r}, so its "
             "posterior cannot be computed; check its values, or fit data that include such values")
 

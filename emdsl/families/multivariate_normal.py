@@ -365,9 +365,9 @@ class MultivariateNormal(ObservedFamily):
             if self.covariance_type in ("full", "tied") and n > D:
                 symmetric = 0.5 * (cov + cov.T)
                 eigenvalues = np.linalg.eigvalsh(symmetric)
-                # Numerically singular (collinear elements: a duplicated column) is singular: rounding
-                # left the smallest eigenvalue of three equal columns' covariance at +1e-17, and the
-                # inverse-Wishart's normalizer, log |Ψ|, came out −∞, and with it every log-posterior.
+                # A covariance singular up to rounding counts as singular: with a duplicated column,
+                # rounding left its smallest eigenvalue at +6e-16, and the inverse-Wishart's
+                # normalizer, log |Ψ|, came out −∞, and with it every log-posterior.
                 if eigenvalues[0] > _SINGULAR * eigenvalues[-1]:
                     scale = symmetric
         dof = D + 2.0
