@@ -15,7 +15,6 @@ T = TypeVar("T")
 TIMEOUT = 120
 
 
-
 def in_child(work: Callable[[], T], on_error: Callable[[BaseException], T], on_crash: Callable[[str], T],
              timeout: int = TIMEOUT) -> T:
     """``work()`` in a forked child, its result pickled back through a pipe.

@@ -439,8 +439,29 @@ def test_every_case_fits_soundly_or_names_the_culprit(case: Case, tmp_path_facto
 def _run(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
     """:func:`_outcome`; in a child process for cases at extreme magnitudes, so that a crash in
     native code (scipy) or a hang is a recorded bug, not the end of the test run."""
-    risky = any(fault.startswith(("scale", "offset", "bad value huge")) for fault in case.faults)
-    return _isolated(case, tmp_path) if risky and hasattr(os, "fork") else _outcome(case, tmp_path)
+    return _isolated(case, tmp_path) if _risky(case) else _outcome(case, tmp_path)
+
+
+def _risky(case: Case) -> bool:
+    """Whether the case runs in a forked child: data at extreme magnitudes, where a fork exists."""
+    return hasattr(os, "fork") and any(fault.startswith(("scale", "offset", "bad value huge"))
+                                       for fault in case.faults)
+
+
+def _start(case: Case, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``init="fit-values"`` replaced by a short fit of the same model (may raise ModelError)."""
+    if isinstance(kwargs.get("init"), str) and kwargs["init"] == "fit-values":
+        return {**kwargs, "init": case.model.fit(case.data, **{**kwargs, "init": "kmeans++", "max_iter": 2,
+                                                               "n_init": 1})}
+    return kwargs
+
+
+def _reproducer(case: Case) -> dict[str, Any]:
+    """What a bug's report holds to rebuild the case: faults, model, arguments, and small data in full."""
+    return {"faults": case.faults, "model": repr(case.model),
+            "kwargs": {k: repr(v)[:200] for k, v in case.kwargs.items()},
+            "data": {name: np.asarray(da.values).tolist() for name, da in case.data.data_vars.items()}
+            if case.data.sizes.get("sample", 0) <= 8 else repr(case.data)[:600]}
 
 
 def _outcome(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
@@ -450,10 +471,7 @@ def _outcome(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            if isinstance(kwargs.get("init"), str) and kwargs["init"] == "fit-values":
-                kwargs["init"] = case.model.fit(case.data, **{**kwargs, "init": "kmeans++", "max_iter": 2,
-                                                              "n_init": 1})
-            fit = case.model.fit(case.data, **kwargs)
+            fit = case.model.fit(case.data, **_start(case, kwargs))
         except ModelError as error:
             message = str(error)
             if _names_a_culprit(message, case):
@@ -470,11 +488,7 @@ def _outcome(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:
 
 def _bug(what: str, error: BaseException | str, case: Case) -> tuple[list[str], dict[str, Any]]:
     message = error if isinstance(error, str) else f"{type(error).__name__}: {str(error)[:400]}"
-    return [f"BUG: {what}"], {
-        "what": what, "error": message, "faults": case.faults, "model": repr(case.model),
-        "kwargs": {k: repr(v)[:200] for k, v in case.kwargs.items()},
-        "data": {name: np.asarray(da.values).tolist() for name, da in case.data.data_vars.items()}
-        if case.data.sizes.get("sample", 0) <= 8 else repr(case.data)[:600]}
+    return [f"BUG: {what}"], {"what": what, "error": message, **_reproducer(case)}
 
 
 def _isolated(case: Case, tmp_path) -> tuple[list[str], dict[str, Any] | None]:

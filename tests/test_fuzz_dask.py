@@ -24,7 +24,6 @@ bug there as JSON instead of failing.
 from __future__ import annotations
 
 import collections
-import os
 import warnings
 from typing import Any
 
@@ -37,7 +36,7 @@ from hypothesis import strategies as st
 from emdsl.errors import ModelError
 from tests._forked import in_child
 from tests._fuzzing import REPORT, fuzz_settings, long_run_timeout, write_report
-from tests.test_fuzz import Case, _names_a_culprit, cases
+from tests.test_fuzz import Case, _names_a_culprit, _reproducer, _risky, _start, cases
 
 dask = pytest.importorskip("dask")
 pytest.importorskip("dask.array")
@@ -79,15 +78,12 @@ def _ending(case: Case, data: xr.Dataset, kwargs: dict[str, Any]) -> tuple[str, 
 
 
 def _both(case: Case, chunk: int) -> tuple[tuple[str, Any], tuple[str, Any]]:
-    kwargs = dict(case.kwargs)
-    if isinstance(kwargs.get("init"), str) and kwargs["init"] == "fit-values":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                kwargs["init"] = case.model.fit(case.data, **{**kwargs, "init": "kmeans++", "max_iter": 2,
-                                                              "n_init": 1})
-            except ModelError:
-                kwargs["init"] = "kmeans++"  # the model itself is refused: both fits below say so
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            kwargs = _start(case, dict(case.kwargs))
+        except ModelError:  # the model itself is refused: both fits below say so
+            kwargs = {**case.kwargs, "init": "kmeans++"}
     return _ending(case, case.data, kwargs), _ending(case, case.data.chunk({"sample": chunk}), kwargs)
 
 
@@ -129,16 +125,11 @@ def _difference(in_memory: tuple[str, Any], chunked: tuple[str, Any], tol: float
 @_SETTINGS
 @given(case=cases(), chunk=st.integers(1, 7))
 def test_chunked_data_fit_like_data_in_memory(case: Case, chunk: int) -> None:
-    risky = any(fault.startswith(("scale", "offset", "bad value huge")) for fault in case.faults)
-    in_memory, chunked = _isolated(case, chunk) if risky and hasattr(os, "fork") else _both(case, chunk)
+    in_memory, chunked = _isolated(case, chunk) if _risky(case) else _both(case, chunk)
     OUTCOMES[f"{in_memory[0]} / {chunked[0]}"] += 1
     difference = _difference(in_memory, chunked, float(case.kwargs["tol"]))
     if difference is None:
         return
-    bug = {"difference": difference, "faults": case.faults, "chunk": chunk, "model": repr(case.model),
-           "kwargs": {key: repr(value)[:200] for key, value in case.kwargs.items()},
-           "data": {name: np.asarray(da.values).tolist() for name, da in case.data.data_vars.items()}
-           if case.data.sizes.get("sample", 0) <= 8 else repr(case.data)[:600]}
     if not REPORT:
         raise AssertionError(f"{difference}\nfaults: {case.faults}, chunks of {chunk}")
-    BUGS.append(bug)
+    BUGS.append({"difference": difference, "chunk": chunk, **_reproducer(case)})
