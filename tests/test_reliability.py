@@ -637,3 +637,16 @@ def test_compiling_a_wide_covariance_scans_phi_in_bounded_blocks():
         tracemalloc.stop()
     assert plan.n_stats > 1 + 20 + 200  # the counts, x, the upper triangle of x xᵀ
     assert peak < 3 * X.nbytes + 2 * SCAN_PHI_BYTES, peak / 2**20
+
+
+@pytest.mark.parametrize("method", ["em", "stepwise"])
+def test_a_start_whose_log_likelihood_is_not_finite_names_the_node(method):
+    """A starting variance of 1e-320 is positive, but its reciprocal overflows: the fit ran to max_iter
+    with ℓ = NaN; now it is refused, naming the node."""
+    x = np.r_[np.zeros(5), np.linspace(1.0, 2.0, 20)]
+    start = {"x": {"mean": np.array([0.0, 1.5]), "variance": np.array([1e-320, 1.0])}, "z": {"probs": [0.5, 0.5]}}
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the overflow itself, which the error explains
+        with pytest.raises(ModelError, match=r"starting parameters is nan.*observe\('x', Normal\).*not finite"):
+            model.fit(x, init=start, method=method)

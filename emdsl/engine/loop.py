@@ -21,7 +21,7 @@ from emdsl.engine.mstep import (
     maximize,
     natural_matrix,
 )
-from emdsl.errors import DegenerateComponentWarning, MonotonicityError
+from emdsl.errors import DegenerateComponentWarning, ModelError, MonotonicityError
 
 #: ulps of rounding allowed per unit of magnitude summed, times the depth of the sums
 _ULPS = 16.0
@@ -128,6 +128,7 @@ def run_em(
                            extrapolated=[False], e_steps=[1])
     prior, prior_size = log_prior(plan, theta)
     result.logpost.append(loglik + prior)
+    _check_start(plan, previous_H, loglik, prior)
     collapsed: set[tuple[str, int]] = set()
 
     def report(delta: float | None) -> None:
@@ -285,6 +286,13 @@ def _check_guarantee(iteration: int, previous: float, elbo: float, loglik: float
                      objective: str = "log-likelihood") -> None:
     """ℓ never decreases, through ELBO ≥ previous and ℓ ≥ ELBO (with priors, each + log p(θ))."""
     elbo_name = "ELBO" if objective == "log-likelihood" else "ELBO + log-prior"
+    # Comparisons with NaN are false and −∞ ≥ −∞ − ∞ holds: without this, a non-finite value
+    # would pass every check below (a singular weak prior once made every log-posterior −∞).
+    if not (np.isfinite(loglik) and np.isfinite(previous) and not np.isnan(elbo) and not np.isnan(slack)):
+        raise MonotonicityError(f"iteration {iteration}: a value EM's check reads is not finite (the previous "
+                                f"{objective} {previous!r}, the {elbo_name} {elbo!r}, the {objective} {loglik!r}, "
+                                f"the rounding bound {slack!r}), so that the check that the {objective} never "
+                                "decreases would hold vacuously; this is a bug")
     if loglik < previous - slack:
         raise MonotonicityError(f"iteration {iteration}: the {objective} decreased from {previous!r} to "
                                 f"{loglik!r} (by {previous - loglik:.3g}, beyond the rounding bound "
@@ -296,6 +304,28 @@ def _check_guarantee(iteration: int, previous: float, elbo: float, loglik: float
         raise MonotonicityError(f"iteration {iteration}: the {elbo_name} {elbo!r} exceeds the {objective} "
                                 f"{loglik!r} (KL < 0 beyond the rounding bound {slack:.3g}); this is a bug "
                                 "in the E-step")
+
+
+def _check_start(plan: Plan, H: np.ndarray, loglik: float, prior: float) -> None:
+    """ℓ(θ⁽⁰⁾) (and log p(θ⁽⁰⁾)) must be finite: EM's check compares every later value with them.
+
+    Names the nodes whose natural parameters overflow there: any non-finite one of a
+    continuous family, NaN or +∞ of a discrete one (−∞ is the log of a probability 0, which
+    is allowed). A starting variance of 1e-320 passes "positive", but its reciprocal
+    overflows (the fit used to run to max_iter with ℓ = NaN).
+    """
+    def overflows(node: Any) -> bool:
+        block = H[:, node.offset:node.offset + node.n_rows]
+        return bool(np.any(~np.isfinite(block) if node.family.continuous else np.isnan(block) | (block == np.inf)))
+
+    for what, value in (("log-likelihood", loglik), ("log-prior", prior)):
+        if np.isfinite(value):
+            continue
+        overflowing = [node.where() for node in plan.nodes if overflows(node)]
+        where = (f": the natural parameters of {', '.join(overflowing)} are not finite there, e.g. from a "
+                 "variance so small that its reciprocal exceeds the largest float") if overflowing else ""
+        raise ModelError(f"fit: the {what} of the starting parameters is {value!r}, not a number EM can "
+                         f"climb from{where}; check the starting values (init=...), or the data's extreme values")
 
 
 def _warn_collapsed(plan: Plan, floored: list[tuple[str, int, float]], iteration: int,

@@ -51,7 +51,7 @@ from emdsl.compile import Plan, blocks
 from emdsl.data import is_chunked
 from emdsl.engine.estep import Summary, engine
 from emdsl.engine.events import IterationEvent, dispatch
-from emdsl.engine.loop import RestartResult, StopFlag, prior_slack, rounding_slack, within_tol
+from emdsl.engine.loop import RestartResult, StopFlag, _check_start, prior_slack, rounding_slack, within_tol
 from emdsl.engine.mstep import Theta, expected_complete_loglik, log_prior, maximize, natural_matrix
 from emdsl.errors import ModelError, MonotonicityError
 
@@ -177,9 +177,11 @@ def run_online(
         stop.interrupt()
         return None
     loglik = summary.loglik + plan.log_base_total
+    prior = log_prior(plan, theta)[0]
+    _check_start(plan, H, loglik, prior)
     result = RestartResult(theta, [loglik], [loglik], [0.0], [time.perf_counter() - start],
                            [rounding_slack(plan, H, summary.magnitude)], counts=summary.stats[:, 0].copy(),
-                           extrapolated=[False], e_steps=[1], logpost=[loglik + log_prior(plan, theta)[0]])
+                           extrapolated=[False], e_steps=[1], logpost=[loglik + prior])
     total = float(summary.stats[:, 0].sum())  # W: the data's total weight
     state = OnlineState(summary.stats / total, 0, float(step_decay), batch_size)
     e_steps = 1
@@ -212,6 +214,9 @@ def run_online(
                              + summary.entropy + plan.log_base_total)
             else:
                 objective = running + plan.log_base_total
+            if not np.isfinite(objective):  # the trace would carry it, and the stopping test never hold
+                raise MonotonicityError(f"{method} EM, epoch {epoch}: the epoch's objective is {objective!r}, "
+                                        "not finite; this is a bug")
             result.theta = theta
             result.loglik.append(objective)
             result.elbo.append(objective)

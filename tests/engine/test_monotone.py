@@ -104,3 +104,37 @@ def test_brute_force_enumeration_equals_loglik():
                          + st.norm(p["c"]["mean"].values[k, ], np.sqrt(p["c"]["variance"].values[k])).logpdf(ds["c"].values[n]))
         total += np.logaddexp(*terms)
     assert fit.loglik == pytest.approx(total, rel=1e-11)
+
+
+# -- a value the check reads that is not finite ------------------------------------------------------------
+def test_the_check_refuses_values_that_would_pass_it_vacuously():
+    """NaN compares false with everything and −∞ ≥ −∞ − ∞: each would let a decrease through."""
+    from emdsl.engine.loop import _check_guarantee
+
+    _check_guarantee(3, -10.0, -9.5, -9.0, 1e-9)  # an ordinary step passes
+    for previous, elbo, loglik, slack in [(-10.0, np.nan, -9.0, 1e-9), (-10.0, -9.5, np.nan, 1e-9),
+                                          (np.nan, -9.5, -9.0, 1e-9), (-np.inf, -np.inf, -np.inf, 0.0),
+                                          (-10.0, -9.5, np.inf, 1e-9), (-10.0, -9.5, -9.0, np.nan)]:
+        with pytest.raises(em.MonotonicityError, match="iteration 3: .*not finite"):
+            _check_guarantee(3, previous, elbo, loglik, slack)
+
+
+@pytest.mark.parametrize("accelerate", [None, "squarem", "daarem"])
+def test_a_log_likelihood_that_becomes_nan_stops_the_fit(monkeypatch, accelerate):
+    """A bug that made ℓ NaN mid-fit ran on to max_iter with NaN in the trace; now the fit stops with it."""
+    from emdsl.engine.estep import EStep
+
+    original, calls = EStep.summarize, []
+
+    def failing(self, H, theta=None):
+        summary = original(self, H, theta)
+        calls.append(None)
+        if len(calls) >= 4:
+            summary.loglik = float("nan")
+        return summary
+
+    monkeypatch.setattr(EStep, "summarize", failing)
+    X = blobs(300)
+    model = em.Model().latent("z", em.Categorical(3)).observe("x", em.MultivariateNormal)
+    with pytest.raises(em.MonotonicityError, match="not finite"):
+        model.fit(xr.Dataset({"x": (("sample", "feature"), X)}), seed=0, tol=0, max_iter=30, accelerate=accelerate)
