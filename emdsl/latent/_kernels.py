@@ -51,7 +51,7 @@ def forward_backward(states, L, starts, weights, initial, transition, impossible
     init_out (K) and the expected transition counts w Σ_t ξ_t to xi_out (K × K). A row
     is impossible when its observation has, given the past, a probability below
     exp(``impossible``) times what the best state would give it (−inf: never; used for
-    zeros fixed in the declaration).
+    zeros fixed in the declaration). A sequence of weight 0 is skipped: resp 0, peak 0, c 1.
     """
     K = len(states)
     beta = np.empty(K)
@@ -62,6 +62,15 @@ def forward_backward(states, L, starts, weights, initial, transition, impossible
         a = starts[s]
         e = starts[s + 1]
         w = weights[s]
+        if w == 0.0:
+            # adds nothing (w γ = 0, log p × 0 = 0 with peak 0 and scale 1): skipped, so that a
+            # sequence of weight 0 that no state can emit is ignored, as a mixture's sample is
+            for t in range(a, e):
+                peak[t] = 0.0
+                scale[t] = 1.0
+                for k in range(K):
+                    resp[t, k] = 0.0
+            continue
         # forward: resp holds α̂
         for t in range(a, e):
             if t == a:

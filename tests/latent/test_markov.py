@@ -341,3 +341,28 @@ def test_text_and_html_name_the_chain_sequences_and_steps(tmp_path):
     assert "1 sequence, 40 steps along 'time'" in repr(one)
     fit.save(tmp_path / "chain.nc")  # no training data in the file: the steps only
     assert "110 steps along 'time'" in repr(em.load(tmp_path / "chain.nc"))
+
+
+@pytest.mark.parametrize("chunks", [None, 4])
+def test_a_sequence_of_weight_0_that_no_state_can_emit_adds_nothing(chunks):
+    """Like a mixture's sample of weight 0, such a sequence is ignored (it was refused as impossible):
+    the fit is the fit without it, in memory and on dask."""
+    left_right = np.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]])
+    model = em.Model().latent("z", em.Categorical(3, initial=[1.0, 0.0, 0.0], transition=left_right),
+                              markov="time").observe("x", em.Normal)
+    rng = np.random.default_rng(3)
+    x = np.array([0.0, 0.0, 100.0, 100.0, 200.0]) + rng.normal(size=(12, 5))
+    x[9] = [0.0, 100.0, 200.0, 0.0, 0.0]  # a left-to-right chain never returns to state 0
+    w = np.ones(12)
+    w[9] = 0.0
+    ds = xr.Dataset({"x": (("sequence", "time"), x), "w": ("sequence", w)}, coords={"sequence": np.arange(12)})
+    start = {"x": {"mean": [0.0, 100.0, 200.0], "variance": [1.0, 1.0, 1.0]}}
+    with pytest.raises(em.ModelError, match=r"sequence=9, time=3 has probability 0"):
+        model.fit(ds, init=start, max_iter=0)  # with weight 1 it is refused, as before
+    data = ds if chunks is None else ds.chunk({"sequence": chunks})
+    fit = model.fit(data, weights="w", init=start, tol=1e-12)
+    without = model.fit(ds.drop_sel(sequence=9), weights="w", init=start, tol=1e-12)
+    assert fit.n_iter == without.n_iter
+    np.testing.assert_allclose(fit.trace["loglik"].values, without.trace["loglik"].values, rtol=1e-10)
+    for name in ("mean", "variance"):
+        np.testing.assert_allclose(fit.params["x"][name].values, without.params["x"][name].values, rtol=1e-10)
