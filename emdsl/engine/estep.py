@@ -142,7 +142,11 @@ class EStep:
         """Φ and L − max_k L, exp of it, its column sums and the max, for one block."""
         phi, log_joint, resp = buf.views(self.S, self.K, stop - start)
         self.plan.read(start, stop, phi, buf.scratch)
-        np.matmul(H, phi, out=log_joint)
+        # A value near the largest float times a coefficient above 1 (Gamma's rate) overflows to
+        # −∞: that state's probability is exactly 0, which is handled (see ``lost`` below, and
+        # loop.rounding_slack), so numpy's warning would only alarm. Validated data cannot make +∞.
+        with np.errstate(over="ignore"):
+            np.matmul(H, phi, out=log_joint)
         if self.plan.clamp is not None:
             _clamp(log_joint, self.plan.clamp[start:stop], self.plan)
         partial = self._partial_rows(start, stop) if patterns else []
@@ -298,7 +302,8 @@ class EStep:
             b = min(a + width, n)
             phi = buf.phi[:self.S * (b - a)].reshape(self.S, b - a)
             self.plan.read(start + a, start + b, phi, buf.scratch)
-            np.matmul(phi.T, HT, out=L[a:b])
+            with np.errstate(over="ignore"):  # −∞: a state that cannot hold the value, as in _log_joint
+                np.matmul(phi.T, HT, out=L[a:b])
         partial = self._partial_rows(start, stop) if patterns else []
         for node, pattern, columns, x in partial:
             for g in np.unique(pattern):
