@@ -273,7 +273,7 @@ SEED_SAMPLE = 100_000
 def seed_nodes(plan: Plan, names: Sequence[str] | None = None) -> list[int]:
     """The positions of the plan's continuous nodes (those named, when given): what k-means seeds on."""
     return [i for i, node in enumerate(plan.nodes)
-            if node.family.continuous and (names is None or node.name in names)]
+            if node.family.seeds_kmeans and (names is None or node.name in names)]
 
 
 def _read_rows(plan: Plan, nodes: Sequence[int], start: int, stop: int) -> np.ndarray:

@@ -134,7 +134,7 @@ def _complete(plan: Plan, given: Mapping[str, Mapping[str, np.ndarray]]) -> bool
 
 
 def _continuous(plan: Plan, nodes: list | None = None, rescale: bool = True) -> np.ndarray | None:
-    """Seeding features of the continuous nodes, (N × D) — for seeding only.
+    """Seeding features of the nodes k-means++ seeds on (``seeds_kmeans``: continuous, not regressions), (N × D).
 
     Each family maps its data (standardized, or in the data's units) to the space it seeds
     in (:meth:`~emdsl.families._base.ObservedFamily.seed_features`: log x for positive
@@ -142,7 +142,7 @@ def _continuous(plan: Plan, nodes: list | None = None, rescale: bool = True) -> 
     centred and scaled per element, so that k-means++ never sees values near 1e±300 (whose
     squared distances overflow) and no element outweighs the others by its units alone.
     """
-    chosen = [node for node in (nodes if nodes is not None else plan.nodes) if node.family.continuous]
+    chosen = [node for node in (nodes if nodes is not None else plan.nodes) if node.family.seeds_kmeans]
     if not chosen:
         return None
     z = np.empty((sum(node.D for node in chosen), plan.n_samples))
@@ -311,7 +311,7 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
     if is_chunked(plan):  # dask-backed: seeded on a sample of rows, labels computed chunk by chunk
         from emdsl.engine import chunked
 
-        chosen = [node for node in plan.nodes if node.family.continuous]
+        chosen = [node for node in plan.nodes if node.family.seeds_kmeans]
 
         def on_rows(raw: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             z, scaling = _seed_space(chosen, np.array(raw.T), weights=weights)
@@ -372,7 +372,7 @@ def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Gener
             labels, centres, _ = kmeans(z, member.k, rng, weights)  # duplicates: some states may start empty
             parts.append(labels)
         if seeded is not None:
-            nodes = None if on_shared else [node for node in own if node.family.continuous]
+            nodes = None if on_shared else [node for node in own if node.family.seeds_kmeans]
             seeded.append(LatentSeeding(member.k, nodes, centres, list(shared) if offsets is not None else [], offsets))
         if on_shared and z is not None and member.k > 1:
             shared.append(position)

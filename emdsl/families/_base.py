@@ -318,6 +318,12 @@ class ObservedFamily(Family):
         """Elements of ``x`` (b × D, NaN = missing) outside the support, and what the support is."""
         return None
 
+    @property
+    def seeds_kmeans(self) -> bool:
+        """Whether k-means++ on this node's values seeds the latent's states: its values are
+        continuous and cluster as the states do (a regression's response does not)."""
+        return self.continuous
+
     def seed_features(self, x: np.ndarray) -> np.ndarray:
         """The data (as :meth:`Node.read` gives them, NaN = missing) in the space k-means++ seeds in.
 

@@ -1,0 +1,79 @@
+"""Mixtures of regressions against R's flexmix 2.3.18, the reference for them.
+
+The data (``tests/data/regression_mixture.csv``, 200 rows) follow flexmix's own ``NPreg``
+design: x uniform on [0, 10]; a Gaussian response on one of two curves, 5x or
+15 + 10x − x², σ = 3; a Poisson response with log-means 2 − 0.2x or 1 + 0.1x. R is not a
+dependency, so flexmix's results are recorded from a run by hand (Debian's r-cran-flexmix,
+2026-12-04)::
+
+    d <- read.csv("tests/data/regression_mixture.csv"); set.seed(1)
+    ctrl <- list(tolerance = 1e-13, iter.max = 100000)
+    g <- stepFlexmix(yn ~ x + I(x^2), data = d, k = 2, nrep = 20, control = ctrl)
+    p <- stepFlexmix(yp ~ x, data = d, k = 2, nrep = 20, control = ctrl,
+                     model = FLXMRglm(family = "poisson"))
+    c(logLik(.), parameters(.), prior(.))
+
+flexmix's Gaussian M-step is not maximum likelihood: its σ² is Σ w r² / mean(w) / (n − rank)
+over all n rows (``FLXMRglm``), so its fit ends a little below the maximum (0.0126 here);
+emdsl's likelihood at flexmix's parameters must equal flexmix's, and emdsl's fit must beat it.
+The Poisson M-step is the weighted GLM in both, so the optimum must be the same.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+import emdsl as em
+
+DATA = Path(__file__).parent / "data" / "regression_mixture.csv"
+#: flexmix: ℓ; per component (intercept, x, x², σ); the prior probabilities
+GAUSSIAN = (-618.584950833241,
+            np.array([[0.0407217113714781, 4.71780426424094, 0.0345320601290796],
+                      [13.8331720648402, 10.4559899706745, -1.03077919287873]]),
+            np.array([3.15531667200113, 2.73379855531926]), np.array([0.461494165204372, 0.538505834795628]))
+#: flexmix: ℓ; per component (intercept, x); the prior probabilities
+POISSON = (-459.731792964171, np.array([[2.27489331941251, -0.257398222851632], [0.969831553127999, 0.101403287851385]]),
+           np.array([0.380083705200434, 0.619916294799566]))
+
+
+@pytest.fixture(scope="module")
+def data() -> xr.Dataset:
+    ds = xr.Dataset.from_dataframe(pd.read_csv(DATA))
+    ds["x2"] = ds["x"] ** 2
+    return ds
+
+
+def test_gaussian_regression_mixture_beats_flexmix_whose_likelihood_it_reproduces(data):
+    loglik, coef, sigma, probs = GAUSSIAN
+    model = em.Model().latent("z", em.Categorical(2)).observe("yn", em.Normal, covariates=["x", "x2"])
+    at_theirs = model.fit(data, init={"yn": {"coef": coef, "variance": sigma ** 2}, "z": {"probs": probs}},
+                          max_iter=0)
+    assert at_theirs.loglik == pytest.approx(loglik, rel=1e-11)
+    fit = model.fit(data, seed=0, n_init=10, tol=1e-13, max_iter=100_000)
+    assert loglik < fit.loglik < loglik + 0.05  # flexmix's σ² is shrunk by n / (n − 3): 0.0126 short
+    order = np.argsort(fit.params["yn"]["coef"].values[:, 0])  # flexmix's order: the lower intercept first
+    np.testing.assert_allclose(fit.params["yn"]["coef"].values[order], coef, atol=0.01, rtol=0.01)
+    np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, atol=1e-3)
+
+
+def test_regression_mixture_restarts_start_apart(data):
+    """Seeding on k-means of the response put every restart on one wrong split (y's levels are shared by
+    two crossing curves: ℓ = −697.4 each time); regressions no longer seed k-means, so restarts differ."""
+    model = em.Model().latent("z", em.Categorical(2)).observe("yn", em.Normal, covariates=["x", "x2"])
+    single = [model.fit(data, seed=seed, tol=1e-13, max_iter=100_000).loglik for seed in range(10)]
+    best = max(single)
+    assert best > GAUSSIAN[0]
+    assert sum(np.isclose(single, best, rtol=1e-9)) >= 7
+
+
+def test_poisson_regression_mixture_reaches_flexmixs_optimum(data):
+    loglik, coef, probs = POISSON
+    model = em.Model().latent("z", em.Categorical(2)).observe("yp", em.Poisson, covariates=["x"])
+    fit = model.fit(data, seed=0, n_init=10, tol=1e-13, max_iter=100_000)
+    assert fit.loglik == pytest.approx(loglik, rel=1e-10)
+    order = np.argsort(fit.params["yp"]["coef"].values[:, 1])  # flexmix's order: the falling line first
+    np.testing.assert_allclose(fit.params["yp"]["coef"].values[order], coef, rtol=1e-5)
+    np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-5)
