@@ -13,10 +13,22 @@ dependency, so flexmix's results are recorded from a run by hand (Debian's r-cra
                      model = FLXMRglm(family = "poisson"))
     c(logLik(.), parameters(.), prior(.))
 
+A second file (``tests/data/concomitant_binomial.csv``, 300 rows) has binomial counts k of 10
+trials on one of two logistic lines in x, the line's weight a logistic curve in a second
+covariate w (a concomitant model)::
+
+    d <- read.csv("tests/data/concomitant_binomial.csv"); set.seed(1)
+    b <- stepFlexmix(cbind(k, trials - k) ~ x, data = d, k = 2, nrep = 20, control = ctrl,
+                     model = FLXMRglm(family = "binomial"), concomitant = FLXPmultinom(~ w))
+    c(logLik(b), parameters(b), parameters(b, which = "concomitant"))
+
+and the same without the concomitant (``prior(b0)`` for the weights).
+
 flexmix's Gaussian M-step is not maximum likelihood: its σ² is Σ w r² / mean(w) / (n − rank)
 over all n rows (``FLXMRglm``), so its fit ends a little below the maximum (0.0126 here);
 emdsl's likelihood at flexmix's parameters must equal flexmix's, and emdsl's fit must beat it.
-The Poisson M-step is the weighted GLM in both, so the optimum must be the same.
+The Poisson and binomial M-steps are the weighted GLM in both, and the concomitant one is
+nnet's weighted multinomial logit, so those optima must be the same.
 """
 
 from pathlib import Path
@@ -34,8 +46,17 @@ GAUSSIAN = (-618.584950833241,
             np.array([[0.0407217113714781, 4.71780426424094, 0.0345320601290796],
                       [13.8331720648402, 10.4559899706745, -1.03077919287873]]),
             np.array([3.15531667200113, 2.73379855531926]), np.array([0.461494165204372, 0.538505834795628]))
+#: flexmix: ℓ; per component (intercept, x) of the binomial logits; the concomitant (intercept, w) of
+#: component 2 against component 1 (or, without one, the prior probabilities)
+CONCOMITANT = (-607.048034246689,
+               np.array([[1.26038712579249, -0.353642027936508], [-1.76008446128749, 0.461498185714425]]),
+               np.array([-2.35827668824019, 0.623657805444815]))
+BINOMIAL = (-641.990294585637,
+            np.array([[-1.83157370893822, 0.476211771188903], [1.20090032634929, -0.34590170701896]]),
+            np.array([0.493024632325951, 0.506975367674049]))
 #: flexmix: ℓ; per component (intercept, x); the prior probabilities
-POISSON = (-459.731792964171, np.array([[2.27489331941251, -0.257398222851632], [0.969831553127999, 0.101403287851385]]),
+POISSON = (-459.731792964171,
+           np.array([[2.27489331941251, -0.257398222851632], [0.969831553127999, 0.101403287851385]]),
            np.array([0.380083705200434, 0.619916294799566]))
 
 
@@ -76,4 +97,33 @@ def test_poisson_regression_mixture_reaches_flexmixs_optimum(data):
     assert fit.loglik == pytest.approx(loglik, rel=1e-10)
     order = np.argsort(fit.params["yp"]["coef"].values[:, 1])  # flexmix's order: the falling line first
     np.testing.assert_allclose(fit.params["yp"]["coef"].values[order], coef, rtol=1e-5)
+    np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def counts() -> xr.Dataset:
+    return xr.Dataset.from_dataframe(pd.read_csv(DATA.parent / "concomitant_binomial.csv"))
+
+
+def test_binomial_regression_mixture_with_concomitant_weights_reaches_flexmixs_optimum(counts):
+    loglik, coef, gamma = CONCOMITANT
+    model = (em.Model().latent("z", em.Categorical(2), covariates=["w"])
+             .observe("k", em.Binomial(trials="trials"), covariates=["x"]))
+    fit = model.fit(counts, seed=0, n_init=10, tol=1e-13, max_iter=100_000)
+    assert fit.loglik == pytest.approx(loglik, rel=1e-11)
+    # flexmix's component 1 is the falling line
+    first = int(np.argmin(fit.params["k"]["coef"].sel(term="x").values))
+    second = 1 - first
+    np.testing.assert_allclose(fit.params["k"]["coef"].values[[first, second]], coef, rtol=1e-5)
+    ours = fit.params["z"]["coef"].sel(term=["intercept", "w"]).values
+    np.testing.assert_allclose(ours[second] - ours[first], gamma, rtol=1e-5)
+
+
+def test_binomial_regression_mixture_reaches_flexmixs_optimum(counts):
+    loglik, coef, probs = BINOMIAL
+    model = em.Model().latent("z", em.Categorical(2)).observe("k", em.Binomial(trials="trials"), covariates=["x"])
+    fit = model.fit(counts, seed=0, n_init=10, tol=1e-13, max_iter=100_000)
+    assert fit.loglik == pytest.approx(loglik, rel=1e-11)
+    order = np.argsort(fit.params["k"]["coef"].sel(term="x").values)[::-1]  # flexmix's order: the rising line first
+    np.testing.assert_allclose(fit.params["k"]["coef"].values[order], coef, rtol=1e-5)
     np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-5)
