@@ -1,7 +1,8 @@
-"""Old Faithful's Gaussian mixtures against R's mclust 6.0.0, the reference for model-based clustering.
+"""Old Faithful's Gaussian mixtures against R's mclust 6.0.0 and mixtools 2.0.0.
 
-mclust is not installed in CI (R is not a dependency), so its results are recorded here from a
-run by hand (Debian's r-cran-mclust 6.0.0, 2026-12-04), with its EM run to a tight tolerance::
+R is not a dependency, so these results are recorded from runs by hand (Debian's r-cran-mclust
+and r-cran-mixtools, 2026-12-04). mclust, the reference for model-based clustering, with its EM
+run to a tight tolerance::
 
     library(mclust)
     X <- read.csv("emdsl/datasets/faithful.csv")[, c("eruptions", "waiting")]
@@ -13,6 +14,12 @@ mclust starts from one model-based hierarchical clustering, so it may stop at a 
 optimum; emdsl with ten restarts must never end below it, must reach exactly its value
 where mclust found the global optimum, and must count the same free parameters (BIC).
 The models' names map as VVV = "full", EEE = "tied", VII = "spherical", VVI = "diag".
+
+mixtools' ``normalmixEM`` (the best of 10 random starts, ``epsilon = 1e-12``) on the waiting
+times, with a variance per component and with one shared (``arbvar = FALSE``)::
+
+    best <- normalmixEM(faithful$waiting, k = 2, epsilon = 1e-12, maxit = 100000)
+    c(best$loglik, best$lambda, best$mu, best$sigma)
 """
 
 import numpy as np
@@ -46,3 +53,26 @@ def test_faithful_mixtures_reach_mclusts_optimum(name, G):
         assert fit.loglik > loglik + 1.0
     else:
         assert fit.loglik == pytest.approx(loglik, rel=1e-10, abs=0)
+
+
+#: mixtools: ℓ, λ, μ, σ (λ, μ ordered by μ)
+MIXTOOLS = {
+    "variance": (-1034.00174983, [0.360886081218, 0.639113918782], [54.6148564444, 80.0910695952],
+                 [5.87121962416, 5.86773426745]),
+    "tied": (-1034.00176036, [0.360849441373, 0.639150558627], [54.6136262957, 80.090303595],
+             [5.86909140585, 5.86909140585]),
+}
+
+
+@pytest.mark.parametrize("variance", list(MIXTOOLS))
+def test_faithful_waiting_matches_mixtools(variance):
+    loglik, probs, mean, sigma = MIXTOOLS[variance]
+    family = em.Normal(tied="variance") if variance == "tied" else em.Normal()
+    fit = em.Model().latent("z", em.Categorical(2)).observe("waiting", family).fit(
+        em.datasets.load("faithful"), n_init=10, seed=0, tol=1e-13)
+    assert fit.loglik == pytest.approx(loglik, rel=1e-11)
+    order = np.argsort(fit.params["waiting"]["mean"].values.ravel())
+    np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-5)
+    np.testing.assert_allclose(fit.params["waiting"]["mean"].values.ravel()[order], mean, rtol=1e-6)
+    sd = np.broadcast_to(np.sqrt(fit.params["waiting"]["variance"].values.ravel()), (2,))
+    np.testing.assert_allclose(sd[order], sigma, rtol=1e-5)
