@@ -3,7 +3,8 @@
 After 20 EM iterations from the same θ⁽⁰⁾ the parameters, the log-likelihood trace and the
 Viterbi paths agree to 1e-6: Gaussian (diag and full), categorical and Poisson emissions,
 one sequence and several of different lengths (NaN-padded here, ``lengths`` there).
-hmmlearn's priors are set to their no-prior values so both run maximum likelihood.
+hmmlearn's priors are set to their no-prior values so both run maximum likelihood, except in the
+categorical test with Dirichlet priors, where both run the same MAP M-step.
 """
 
 import numpy as np
@@ -127,6 +128,32 @@ def test_categorical_hmm():
     _, states = reference.decode(X, [len(p) for p in parts], algorithm="viterbi")
     path = fit.viterbi(x.to_dataset(name="x"))[0].values
     np.testing.assert_array_equal(np.concatenate([path[0, :400], path[1, :350]]), states)
+
+
+def test_categorical_hmm_with_dirichlet_priors():
+    """hmmlearn's MAP M-step (prior − 1 + counts, normalized) on the start, each transition row and each
+    emission row is emdsl's Dirichlet prior on the chain and on the Categorical emission."""
+    emission = np.array([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    truth = hmm.CategoricalHMM(3)
+    truth.startprob_, truth.transmat_, truth.emissionprob_ = START, TRANSITION, emission
+    parts = _sample(truth, [400, 350], seed=3)
+    alpha, beta = np.array([2.5, 1.5, 3.0]), np.array([1.3, 2.0, 1.1, 4.0])
+    reference = hmm.CategoricalHMM(3, n_iter=N_ITER, tol=-np.inf, init_params="", implementation="scaling",
+                                   startprob_prior=alpha, transmat_prior=np.tile(alpha, (3, 1)),
+                                   emissionprob_prior=np.tile(beta, (3, 1)))
+    B0 = np.array([[0.4, 0.3, 0.2, 0.1], [0.2, 0.2, 0.3, 0.3], [0.3, 0.2, 0.3, 0.2]])
+    reference.startprob_, reference.transmat_, reference.emissionprob_ = PI0, A0, B0
+    reference, _ = _run_hmmlearn(reference, parts)
+
+    x = _padded([p[:, 0].astype(float) for p in parts], ("sequence", "time")).to_dataset(name="x")
+    model = (em.Model().latent("z", em.Categorical(3, prior=em.priors.Dirichlet(alpha)), markov="time")
+             .observe("x", em.Categorical(prior=em.priors.Dirichlet(beta))))
+    fit = model.fit(x, init={"z": {"initial": PI0, "transition": A0}, "x": {"probs": B0}},
+                    max_iter=N_ITER, tol=0, accelerate=None)
+    np.testing.assert_allclose(fit.params["z"]["initial"].values, reference.startprob_, atol=1e-12)
+    np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-12)
+    np.testing.assert_allclose(fit.params["x"]["probs"].values, reference.emissionprob_, atol=1e-12)
+    _same_trace(fit, reference)  # hmmlearn's monitor records ℓ, as emdsl's loglik does (logpost adds log p)
 
 
 def test_poisson_hmm():
