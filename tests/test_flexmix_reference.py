@@ -22,7 +22,9 @@ covariate w (a concomitant model)::
                      model = FLXMRglm(family = "binomial"), concomitant = FLXPmultinom(~ w))
     c(logLik(b), parameters(b), parameters(b, which = "concomitant"))
 
-and the same without the concomitant (``prior(b0)`` for the weights).
+and the same without the concomitant (``prior(b0)`` for the weights). Standard errors from
+``summary(refit(.))``: flexmix's Hessian of the observed likelihood by finite differences
+(``optim``), against emdsl's observed information, so they agree to about 1e-5.
 
 flexmix's Gaussian M-step is not maximum likelihood: its σ² is Σ w r² / mean(w) / (n − rank)
 over all n rows (``FLXMRglm``), so its fit ends a little below the maximum (0.0126 here);
@@ -54,6 +56,11 @@ CONCOMITANT = (-607.048034246689,
 BINOMIAL = (-641.990294585637,
             np.array([[-1.83157370893822, 0.476211771188903], [1.20090032634929, -0.34590170701896]]),
             np.array([0.493024632325951, 0.506975367674049]))
+#: flexmix's standard errors (refit): per component of CONCOMITANT (intercept, x), and of its concomitant
+CONCOMITANT_SE = (np.array([[0.1279463667, 0.02382576597], [0.1478282419, 0.0277711454]]),
+                  np.array([0.3793789695, 0.09261975315]))
+#: flexmix's standard errors (refit) per component of POISSON (intercept, x)
+POISSON_SE = np.array([[0.124299163, 0.03620989144], [0.1228281484, 0.01911653573]])
 #: flexmix: ℓ; per component (intercept, x); the prior probabilities
 POISSON = (-459.731792964171,
            np.array([[2.27489331941251, -0.257398222851632], [0.969831553127999, 0.101403287851385]]),
@@ -98,6 +105,7 @@ def test_poisson_regression_mixture_reaches_flexmixs_optimum(data):
     order = np.argsort(fit.params["yp"]["coef"].values[:, 1])  # flexmix's order: the falling line first
     np.testing.assert_allclose(fit.params["yp"]["coef"].values[order], coef, rtol=1e-5)
     np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-5)
+    np.testing.assert_allclose(fit.standard_errors()["yp"]["coef"].values[order], POISSON_SE, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +125,11 @@ def test_binomial_regression_mixture_with_concomitant_weights_reaches_flexmixs_o
     np.testing.assert_allclose(fit.params["k"]["coef"].values[[first, second]], coef, rtol=1e-5)
     ours = fit.params["z"]["coef"].sel(term=["intercept", "w"]).values
     np.testing.assert_allclose(ours[second] - ours[first], gamma, rtol=1e-5)
+    se = fit.standard_errors()
+    np.testing.assert_allclose(se["k"]["coef"].values[[first, second]], CONCOMITANT_SE[0], rtol=1e-4)
+    # one of the two states is the reference (γ = 0): the other's errors are those of the difference
+    np.testing.assert_allclose(se["z"]["coef"].sel(term=["intercept", "w"]).values[max(first, second)],
+                               CONCOMITANT_SE[1], rtol=1e-4)
 
 
 def test_binomial_regression_mixture_reaches_flexmixs_optimum(counts):
