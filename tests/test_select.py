@@ -26,17 +26,22 @@ def test_table_has_every_criterion_and_the_grid_coordinates(three_clusters):
     for label, fit in sel.fits.items():
         row = table.sel(model=label)
         assert float(row["bic"]) == pytest.approx(fit.bic()) and float(row["aic"]) == pytest.approx(fit.aic())
-        assert float(row["icl"]) >= float(row["bic"])  # ICL adds a non-negative entropy
+        assert float(row["icl"]) >= float(row["bic"])  # ICL adds the MAP labels' non-negative cost
         n = 450
         assert float(row["bic"]) == pytest.approx(-2 * fit.loglik + fit.n_params * np.log(n))
 
 
-def test_icl_is_bic_plus_twice_the_posterior_entropy(three_clusters):
+def test_icl_is_minus_twice_the_classification_likelihood_plus_bics_penalty(three_clusters):
+    """Biernacki et al.'s ICL, as mclust and flexmix compute it (tests/test_r_references.py checks
+    mclust's values): −2 Σ_n log(π_ẑ f_ẑ(x_n)) over the MAP labels ẑ, plus n_params · log N."""
     sel = em.select(em.grid("x", ks=[3], covariances=["full"]), three_clusters, seed=0)
     fit = sel.best
     r = fit.posterior.values
+    classification = fit.loglik + np.sum(np.log(r.max(axis=1)))  # log π_ẑ f_ẑ(x) = log p(x) + log r_ẑ
+    assert float(sel.table["icl"][0]) == pytest.approx(-2 * classification + fit.n_params * np.log(450),
+                                                       rel=1e-12)
     entropy = -np.sum(r * np.log(np.clip(r, 1e-300, None)))
-    assert float(sel.table["icl"][0]) == pytest.approx(fit.bic() + 2 * entropy, rel=1e-12)
+    assert float(sel.table["icl"][0]) <= fit.bic() + 2 * entropy  # McLachlan & Peel's entropy form
 
 
 @pytest.mark.parametrize("criterion", ["bic", "icl"])
@@ -77,3 +82,15 @@ def test_bad_input_is_named(three_clusters):
         em.select(em.grid("x", ks=[1]), three_clusters, criterion="waic")
     with pytest.raises(em.ModelError, match="not an emdsl Model"):
         em.select({"a": 3}, three_clusters)
+
+
+def test_labels_may_be_tuples(three_clusters):
+    """{(covariance, K): Model} is the natural grid; a list of tuples made xarray read the label
+    coordinate as 2-D (MissingDimensionsError)."""
+    models = {(covariance, k): em.Model().latent("z", em.Categorical(k)).observe("x", em.MultivariateNormal(
+        covariance=covariance)) for covariance in ("full", "spherical") for k in (2, 3)}
+    sel = em.select(models, three_clusters, seed=0)
+    assert sel.table.sizes["model"] == 4 and sel.table["model"].values.tolist() == list(models)
+    assert sel.best_label in models and sel.best_label[1] == 3 and sel.best is sel.fits[sel.best_label]
+    assert f"best: {sel.best_label!r}" in repr(sel)
+    sel.plot()
