@@ -111,6 +111,24 @@ def _plain(label: Any) -> Any:
     return label.item() if isinstance(label, np.generic) else label
 
 
+def label_array(labels: Sequence[Hashable]) -> np.ndarray:
+    """Labels given by the user (of models, say) as a 1-D coordinate: strings or integers keep their
+    dtype, anything else (tuples such as ``("full", 3)``) stays as given in an object array, where
+    ``np.asarray`` would read a list of tuples as 2-D.
+
+    Examples
+    --------
+    >>> label_array([("full", 2), ("tied", 3)]).shape
+    (2,)
+    """
+    if all(isinstance(label, str) for label in labels) or all(
+            isinstance(label, int | np.integer) and not isinstance(label, bool) for label in labels):
+        return np.asarray(labels)
+    out = np.empty(len(labels), dtype=object)
+    out[:] = list(labels)
+    return out
+
+
 def describe_position(array: xr.DataArray, flat_index: int) -> str:
     """``"sample=17"`` (labels where the dims have coordinates) for an element of ``array``."""
     where = np.unravel_index(flat_index, array.shape)

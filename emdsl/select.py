@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 
 from emdsl.errors import DegenerateComponentWarning, ModelError
+from emdsl.labels import label_array
 from emdsl.model import Model
 
 if TYPE_CHECKING:
@@ -209,14 +210,7 @@ def _table(fits: Mapping[Hashable, Fit]) -> xr.Dataset:
         ks.append(latent.family.k if latent is not None else 1)
         kinds.append(next((getattr(d.family, "covariance_type", None) for d in fit.model.observed
                            if getattr(d.family, "covariance_type", None)), None))
-    # an object array of the labels as given: a list of tuples, e.g. {("full", 2): ...}, would
-    # otherwise read as a 2-D coordinate (xarray's MissingDimensionsError)
-    if all(isinstance(label, str) for label in labels) or all(isinstance(label, int | np.integer) for label in labels):
-        model = np.asarray(labels)
-    else:
-        model = np.empty(len(labels), dtype=object)
-        model[:] = labels
-    coords: dict[str, Any] = {"model": model, "K": ("model", ks)}
+    coords: dict[str, Any] = {"model": label_array(labels), "K": ("model", ks)}
     if all(kind is not None for kind in kinds):
         coords["covariance"] = ("model", kinds)
     return xr.Dataset({key: ("model", np.asarray(v)) for key, v in values.items()}, coords=coords,

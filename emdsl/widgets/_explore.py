@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 
 from emdsl.errors import ModelError
+from emdsl.labels import label_array
 from emdsl.model import Model
 from emdsl.results import Fit
 
@@ -178,7 +179,7 @@ def criteria(fits: Mapping[Hashable, Fit]) -> xr.Dataset:
             "n_params": ("model", [f.n_params for f in values], {"long_name": "free parameters"}),
             "converged": ("model", [f.converged for f in values]),
         },
-        coords={"model": ("model", np.asarray(labels, dtype=object) if not _numeric(labels) else labels)},
+        coords={"model": ("model", label_array(labels) if not _numeric(labels) else labels)},
     )
 
 

@@ -117,6 +117,17 @@ def test_named_candidates_and_fit_kwargs(faithful: xr.Dataset) -> None:
     assert "lowest AIC" in repr(widget)
 
 
+def test_tuple_labels(faithful: xr.Dataset) -> None:
+    """{(covariance, K): Model}: the labels' coordinate was read as 2-D (a ValueError from xarray)."""
+    models = {(covariance, k): em.Model().latent("z", em.Categorical(k)).observe(
+        ["eruptions", "waiting"], em.MultivariateNormal(covariance=covariance), name="x")
+        for covariance in ("full", "diag") for k in (2, 3)}
+    widget = explore(models, faithful)
+    assert [label for label, _ in widget.slider.options] == [str(label) for label in models]
+    assert widget.label in models and set(widget.fits) == set(models)
+    assert criteria(widget.fits)["model"].values.tolist() == list(models)
+
+
 def test_criteria_dataset(faithful: xr.Dataset) -> None:
     fit = mixture(2).fit(faithful, seed=0)
     table = criteria({2: fit})
