@@ -1,4 +1,4 @@
-"""Old Faithful's Gaussian mixtures against R's mclust 6.0.0 and mixtools 2.0.0.
+"""Mixtures against R's mclust 6.0.0 and mixtools 2.0.0: Old Faithful's Gaussian mixtures, and a Gamma mixture.
 
 R is not a dependency, so these results are recorded from runs by hand (Debian's r-cran-mclust
 and r-cran-mixtools, 2026-12-04). mclust, the reference for model-based clustering, with its EM
