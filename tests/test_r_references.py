@@ -1,4 +1,5 @@
-"""Mixtures against R's mclust 6.0.0 and mixtools 2.0.0: Old Faithful's Gaussian mixtures, and a Gamma mixture.
+"""Mixtures against R's mclust 6.0.0 and mixtools 2.0.0: Old Faithful's Gaussian mixtures, Gamma and
+multinomial mixtures.
 
 R is not a dependency, so these results are recorded from runs by hand (Debian's r-cran-mclust
 and r-cran-mixtools, 2026-12-04). mclust, the reference for model-based clustering, with its EM
@@ -26,7 +27,8 @@ times, with a variance per component and with one shared (``arbvar = FALSE``)::
 and mixtools' ``gammamixEM`` (the best of 10 random starts, ``epsilon = 1e-12``) on
 ``tests/data/gamma_mixture.csv`` (400 draws: 150 from Gamma(2, scale 1.5), 250 from
 Gamma(9, scale 1)); its M-step for the shapes is a numerical optimization, so it stops
-1e-6 below the optimum that emdsl's Newton M-step reaches.
+1e-6 below the optimum that emdsl's Newton M-step reaches. And ``multmixEM`` on
+``tests/data/multinomial_mixture.csv`` (200 rows of counts over 4 categories, 5–29 trials).
 """
 
 from pathlib import Path
@@ -115,3 +117,19 @@ def test_gamma_mixture_reaches_mixtools_optimum():
     np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-3)
     np.testing.assert_allclose(fit.params["x"]["shape"].values.ravel()[order], shape, rtol=1e-3)
     np.testing.assert_allclose(1 / fit.params["x"]["rate"].values.ravel()[order], scale, rtol=1e-3)
+
+
+#: mixtools multmixEM: ℓ (with the multinomial coefficients); λ and θ per component (θ's first ascending)
+MULTMIX = (-1122.4016181347, [0.3812683, 0.6187317],
+           [[0.09910197, 0.1997515, 0.30469307, 0.3964535], [0.50011501, 0.3092816, 0.08733155, 0.1032718]])
+
+
+def test_multinomial_mixture_matches_mixtools():
+    loglik, probs, theta = MULTMIX
+    counts = pd.read_csv(Path(__file__).parent / "data" / "multinomial_mixture.csv").values
+    fit = em.Model().latent("z", em.Categorical(2)).observe("x", em.Multinomial).fit(
+        xr.Dataset({"x": (("sample", "category"), counts)}), n_init=10, seed=0, tol=1e-13, max_iter=100_000)
+    assert fit.loglik == pytest.approx(loglik, rel=1e-11)
+    order = np.argsort(fit.params["x"]["probs"].values[:, 0])
+    np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-6)
+    np.testing.assert_allclose(fit.params["x"]["probs"].values[order], theta, rtol=1e-6)
