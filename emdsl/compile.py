@@ -374,8 +374,12 @@ def compile_plan(
 
         dask_source.align(plan)
     _bind_fixed(plan)
-    if fitting and not is_chunked(plan):
-        plan.phi_magnitude  # noqa: B018 - sums that overflow are refused before θ⁽⁰⁾ is computed from them
+    if fitting:
+        # Sums that overflow are refused before θ⁽⁰⁾ is computed from them; on dask data too (one
+        # pass, which the first iteration needs anyway): the start's M-step met the overflowed sums
+        # first there and failed with "cannot convert float NaN to integer" (found by fuzzing dask
+        # against memory).
+        plan.phi_magnitude  # noqa: B018
     if fitting:
         _bind_priors(plan, weak=prior == "weak")
     if latent is not None and isinstance(latent.family, JointCategorical):

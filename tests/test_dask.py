@@ -286,3 +286,15 @@ def test_tasks_pickle_for_worker_processes(data: xr.Dataset, reference: em.Fit) 
     local = _summarize_chunk(dask_source.skeleton(plan), slots, 0, H, theta, *blocks)
     np.testing.assert_allclose(remote.stats, local.stats, rtol=1e-14)
     assert remote.loglik == pytest.approx(local.loglik, rel=1e-14)
+
+
+def test_statistics_that_overflow_are_refused_on_dask_as_in_memory() -> None:
+    """1.7e308 in a Gamma variable, weighted 1.14: its sums overflow. In memory that is refused before
+    the start; on dask the start's M-step met the overflowed sums first ("cannot convert float NaN to
+    integer"). Found by fuzzing dask against memory."""
+    ds = xr.Dataset({"v": (("sample", "e"), [[2.07, 1.84], [1.7e308, 3.17]]), "w": ("sample", [0.0, 1.14])})
+    model = em.Model().observe("v", em.Gamma())
+    for data in (ds, ds.chunk({"sample": 1})):
+        with pytest.raises(em.ModelError, match=r"observe\('v', Gamma\): variable 'v' reaches 1.7e\+308, and summed "
+                                                r"over the 1.14 \(weighted\) samples its statistics overflow"):
+            model.fit(data, weights="w", seed=0)
