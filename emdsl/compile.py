@@ -380,7 +380,6 @@ def compile_plan(
         # first there and failed with "cannot convert float NaN to integer" (found by fuzzing dask
         # against memory).
         plan.phi_magnitude  # noqa: B018
-    if fitting:
         _bind_priors(plan, weak=prior == "weak")
     if latent is not None and isinstance(latent.family, JointCategorical):
         # several latents, any of them partly labelled: one column of known states per latent

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from emdsl.errors import DegenerateComponentWarning, ModelError
-from emdsl.labels import label_array
+from emdsl.labels import _plain, label_array
 from emdsl.model import Model
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class Selection:
         if sound.sizes["model"] == 0:
             raise ModelError(f"select: every model's fit collapsed (degenerate): {list(self.fits)}; fit "
                              "again with prior='weak', a larger floor=, or fewer components")
-        return _label(sound["model"].values[int(np.argmin(sound[self.criterion].values))])
+        # the label as given: numpy scalars (from a str or int coordinate) unwrapped
+        return _plain(sound["model"].values[int(np.argmin(sound[self.criterion].values))])
 
     @property
     def best(self) -> Fit:
@@ -215,11 +216,6 @@ def _table(fits: Mapping[Hashable, Fit]) -> xr.Dataset:
         coords["covariance"] = ("model", kinds)
     return xr.Dataset({key: ("model", np.asarray(v)) for key, v in values.items()}, coords=coords,
                       attrs={"description": "lower is better for every criterion"})
-
-
-def _label(value: Any) -> Hashable:
-    """A label as given to :func:`select`, from the table's ``model`` coordinate (numpy scalars unwrapped)."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _classification_cost(fit: Fit) -> float:
