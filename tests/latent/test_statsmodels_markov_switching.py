@@ -27,23 +27,25 @@ def rates() -> xr.Dataset:
 
 
 def _statsmodels_params(fit: em.Fit) -> np.ndarray:
-    """θ̂ in statsmodels' order: p[0->0], p[1->0], const[0], const[1], x1[0], x1[1], sigma2[0], sigma2[1]."""
+    """θ̂ in statsmodels' order: p[0->0], p[1->0], const[0], const[1], x1[0], x1[1], then sigma2[0], sigma2[1]
+    (or one sigma2 when the variance does not switch)."""
     A = fit.params["z"]["transition"].values
     coef = fit.params["tbilrate"]["coef"].sel(term=["intercept", "infl"]).values
-    variance = fit.params["tbilrate"]["variance"].values
+    variance = np.ravel(fit.params["tbilrate"]["variance"].values)
     return np.array([A[0, 0], A[1, 0], *coef[:, 0], *coef[:, 1], *variance])
 
 
-@pytest.mark.parametrize("initial", [(0.5, 0.5), (0.8, 0.2)])
-def test_markov_switching_regression_matches_statsmodels(rates, initial):
+@pytest.mark.parametrize(("initial", "switching"), [((0.5, 0.5), True), ((0.8, 0.2), True), ((0.5, 0.5), False)])
+def test_markov_switching_regression_matches_statsmodels(rates, initial, switching):
+    """``switching_variance=False`` is a variance tied across the states (``em.Normal(tied="variance")``)."""
     y, x = rates["tbilrate"].values, rates["infl"].values
-    reference = sm.tsa.MarkovRegression(y, k_regimes=2, exog=x, switching_variance=True)
+    reference = sm.tsa.MarkovRegression(y, k_regimes=2, exog=x, switching_variance=switching)
     reference.initialize_known(np.array(initial))
     ahead = xr.Dataset({"tbilrate": ("sample", [np.nan, np.nan]), "infl": ("sample", [0.0, 0.0])},
                        coords={"sample": [-2, -1]})
     padded = xr.concat([ahead, rates], dim="sample")
     model = (em.Model().latent("z", em.Categorical(2, initial=list(initial)), markov="sample")
-             .observe("tbilrate", em.Normal, covariates=["infl"]))
+             .observe("tbilrate", em.Normal() if switching else em.Normal(tied="variance"), covariates=["infl"]))
     fit = model.fit(padded, n_init=10, seed=0, tol=1e-13, max_iter=20_000)
     assert fit.converged
     theta = _statsmodels_params(fit)
