@@ -59,12 +59,12 @@ BINOMIAL = (-641.990294585637,
 #: flexmix's standard errors (refit): per component of CONCOMITANT (intercept, x), and of its concomitant
 CONCOMITANT_SE = (np.array([[0.1279463667, 0.02382576597], [0.1478282419, 0.0277711454]]),
                   np.array([0.3793789695, 0.09261975315]))
-#: flexmix's standard errors (refit) per component of POISSON (intercept, x)
-POISSON_SE = np.array([[0.124299163, 0.03620989144], [0.1228281484, 0.01911653573]])
 #: flexmix: ℓ; per component (intercept, x); the prior probabilities
 POISSON = (-459.731792964171,
            np.array([[2.27489331941251, -0.257398222851632], [0.969831553127999, 0.101403287851385]]),
            np.array([0.380083705200434, 0.619916294799566]))
+#: flexmix's standard errors (refit) per component of POISSON (intercept, x)
+POISSON_SE = np.array([[0.124299163, 0.03620989144], [0.1228281484, 0.01911653573]])
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_gaussian_regression_mixture_beats_flexmix_whose_likelihood_it_reproduce
                           max_iter=0)
     assert at_theirs.loglik == pytest.approx(loglik, rel=1e-11)
     fit = model.fit(data, seed=0, n_init=10, tol=1e-13, max_iter=100_000)
-    assert loglik < fit.loglik < loglik + 0.05  # flexmix's σ² is shrunk by n / (n − 3): 0.0126 short
+    assert loglik < fit.loglik < loglik + 0.05  # flexmix's σ² divides by n − 3, not n: 0.0126 short
     order = np.argsort(fit.params["yn"]["coef"].values[:, 0])  # flexmix's order: the lower intercept first
     np.testing.assert_allclose(fit.params["yn"]["coef"].values[order], coef, atol=0.01, rtol=0.01)
     np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, atol=1e-3)
