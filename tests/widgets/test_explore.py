@@ -183,6 +183,8 @@ with sync_playwright() as playwright:
     page.keyboard.press("ArrowRight")
     try:
         page.wait_for_function("old => (" + shown + ")()[0] !== old", arg=out["before"][0], timeout=10000)
+        # the new picture's size is 0 × 0 until it is decoded (seen on a loaded machine)
+        page.wait_for_function("() => (" + size + ")().every(s => s[0] > 0)", timeout=10000)
     except Exception as error:
         out["timeout"] = str(error).splitlines()[0]
     out["after"], out["readout_after"] = page.evaluate(shown), page.inner_text(".widget-readout")
