@@ -1,4 +1,4 @@
-"""Mixtures of regressions against R's flexmix 2.3.18, the reference for them.
+"""Mixtures of regressions against R's flexmix 2.3.18, the reference for them, and mixtools 2.0.0.
 
 The data (``tests/data/regression_mixture.csv``, 200 rows) follow flexmix's own ``NPreg``
 design: x uniform on [0, 10]; a Gaussian response on one of two curves, 5x or
@@ -30,7 +30,11 @@ flexmix's Gaussian M-step is not maximum likelihood: its σ² is Σ w r² / mean
 over all n rows (``FLXMRglm``), so its fit ends a little below the maximum (0.0126 here);
 emdsl's likelihood at flexmix's parameters must equal flexmix's, and emdsl's fit must beat it.
 The Poisson and binomial M-steps are the weighted GLM in both, and the concomitant one is
-nnet's weighted multinomial logit, so those optima must be the same.
+nnet's weighted multinomial logit, so those optima must be the same. mixtools' ``regmixEM``
+(the best of 20 random starts, ``epsilon = 1e-12``) is maximum likelihood for the Gaussian one::
+
+    f <- regmixEM(d$yn, cbind(d$x, d$x^2), k = 2, epsilon = 1e-12, maxit = 100000)
+    c(f$loglik, f$beta, f$sigma, f$lambda)
 """
 
 from pathlib import Path
@@ -48,6 +52,11 @@ GAUSSIAN = (-618.584950833241,
             np.array([[0.0407217113714781, 4.71780426424094, 0.0345320601290796],
                       [13.8331720648402, 10.4559899706745, -1.03077919287873]]),
             np.array([3.15531667200113, 2.73379855531926]), np.array([0.461494165204372, 0.538505834795628]))
+#: mixtools regmixEM: ℓ; per component (intercept, x, x², σ); the mixing proportions
+REGMIX = (-618.5723543598,
+          np.array([[0.0428005190628, 4.7158049254339, 0.0347245999516],
+                    [13.83274461931, 10.45659124444, -1.03085464505]]),
+          np.array([3.12856528782, 2.71133451339]), np.array([0.461490327044, 0.538509672956]))
 #: flexmix: ℓ; per component (intercept, x) of the binomial logits; the concomitant (intercept, w) of
 #: component 2 against component 1 (or, without one, the prior probabilities)
 CONCOMITANT = (-607.048034246689,
@@ -85,6 +94,12 @@ def test_gaussian_regression_mixture_beats_flexmix_whose_likelihood_it_reproduce
     order = np.argsort(fit.params["yn"]["coef"].values[:, 0])  # flexmix's order: the lower intercept first
     np.testing.assert_allclose(fit.params["yn"]["coef"].values[order], coef, atol=0.01, rtol=0.01)
     np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, atol=1e-3)
+    # the maximum itself is mixtools' (its σ is maximum likelihood)
+    loglik, coef, sigma, probs = REGMIX
+    assert fit.loglik == pytest.approx(loglik, rel=1e-11)
+    np.testing.assert_allclose(fit.params["yn"]["coef"].values[order], coef, rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(fit.params["yn"]["variance"].values[order]), sigma, rtol=1e-6)
+    np.testing.assert_allclose(fit.params["z"]["probs"].values[order], probs, rtol=1e-6)
 
 
 def test_regression_mixture_restarts_start_apart(data):
