@@ -4,8 +4,11 @@ After 20 EM iterations from the same θ⁽⁰⁾ the parameters, the log-likelih
 Viterbi paths agree to 1e-6: Gaussian (diag and full), categorical and Poisson emissions,
 one sequence and several of different lengths (NaN-padded here, ``lengths`` there).
 hmmlearn's priors are set to their no-prior values so both run maximum likelihood, except in the
-categorical test with Dirichlet priors, where both run the same MAP M-step.
+tests with priors (Dirichlet on a categorical HMM, normal–inverse-Wishart on a Gaussian one), where both
+run the same MAP M-step.
 """
+
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +106,42 @@ def test_gaussian_hmm(covariance_type, lengths):
     total = ours if isinstance(ours, float) else float(ours.sum())
     if all(len(q) == len(parts[0]) for q in parts):
         assert total == pytest.approx(log_prob, rel=1e-9)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "full"])
+def test_gaussian_hmm_with_conjugate_priors(covariance_type):
+    """hmmlearn's MAP M-step (Huang, Acero & Hon) is emdsl's normal–inverse-Wishart prior: means_prior m,
+    means_weight κ and covars_prior Ψ are the prior's, and covars_weight w counts what emdsl's
+    denominators count as ν + D + 2 ("full", so ν = w − 2D − 2) and ν + 3 ("diag", ν = w − 4)."""
+    parts = _sample(_gaussian(covariance_type), [600], seed=1)
+    mean, kappa, weight = np.array([0.5, 1.0]), 2.0, 10.0
+    scale = np.array([[2.0, 0.3], [0.3, 1.5]]) if covariance_type == "full" else np.array([2.0, 1.5])
+    reference = hmm.GaussianHMM(3, covariance_type=covariance_type, n_iter=N_ITER, tol=-np.inf, init_params="",
+                                implementation="scaling", means_prior=mean, means_weight=kappa,
+                                covars_prior=scale, covars_weight=weight)
+    reference.startprob_, reference.transmat_, reference.means_ = PI0, A0, MEANS0
+    reference.covars_ = _as_type(COVARIANCES0, covariance_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hmmlearn's monitor warns that ℓ falls, as it may under a prior
+        reference, _ = _run_hmmlearn(reference, parts)
+
+    dof = weight - 2 * 2 - 2 if covariance_type == "full" else weight - 4
+    prior = em.priors.NormalInverseWishart(mean=mean, kappa=kappa, dof=dof, scale=scale)
+    model = (em.Model().latent("z", em.Categorical(3), markov="time")
+             .observe("x", em.MultivariateNormal(covariance=covariance_type, prior=prior)))
+    start = {"z": {"initial": PI0, "transition": A0},
+             "x": {"mean": MEANS0, "covariance": _as_type(COVARIANCES0, covariance_type)}}
+    fit = model.fit(xr.Dataset({"x": (("time", "feature"), parts[0])}), init=start, max_iter=N_ITER, tol=0,
+                    accelerate=None)
+    p = fit.params
+    np.testing.assert_allclose(p["x"]["mean"].values, reference.means_, atol=1e-12)
+    ours = p["x"]["covariance"].values
+    np.testing.assert_allclose(ours if ours.ndim == 3 else np.apply_along_axis(np.diag, -1, ours),
+                               reference.covars_, atol=1e-12)
+    np.testing.assert_allclose(p["z"]["transition"].values, reference.transmat_, atol=1e-12)
+    _same_trace(fit, reference)
+    # emdsl checks the log-posterior, which never falls; ℓ alone may, as hmmlearn's warnings say
+    assert np.all(np.diff(fit.trace["logpost"].values) >= -fit.trace["slack"].values[1:])
 
 
 def test_categorical_hmm():
