@@ -1,7 +1,7 @@
 """Parity with hmmlearn (an independent implementation) from the same starting parameters.
 
 After 20 EM iterations from the same θ⁽⁰⁾ the parameters, the log-likelihood trace and the
-Viterbi paths agree to 1e-6: Gaussian (diag and full), categorical and Poisson emissions,
+Viterbi paths agree to 1e-6: Gaussian (diag and full), categorical, multinomial and Poisson emissions,
 one sequence and several of different lengths (NaN-padded here, ``lengths`` there).
 hmmlearn's priors are set to their no-prior values so both run maximum likelihood, except in the
 tests with priors (Dirichlet on a categorical HMM, normal–inverse-Wishart on a Gaussian one), where both
@@ -193,6 +193,30 @@ def test_categorical_hmm_with_dirichlet_priors():
     np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-12)
     np.testing.assert_allclose(fit.params["x"]["probs"].values, reference.emissionprob_, atol=1e-12)
     _same_trace(fit, reference)  # hmmlearn's monitor records ℓ, as emdsl's loglik does (logpost adds log p)
+
+
+def test_multinomial_hmm():
+    """hmmlearn's MultinomialHMM (counts over categories, n trials per step) is a Multinomial emission;
+    ℓ includes the multinomial coefficient in both."""
+    truth = hmm.MultinomialHMM(3, n_trials=12)
+    truth.startprob_, truth.transmat_ = START, TRANSITION
+    truth.emissionprob_ = np.array([[0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hmmlearn's note that its MultinomialHMM changed in 0.3
+        parts = _sample(truth, [400], seed=7)
+        B0 = np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
+        reference = hmm.MultinomialHMM(3, n_trials=12, n_iter=N_ITER, tol=-np.inf, init_params="",
+                                       implementation="scaling")
+        reference.startprob_, reference.transmat_, reference.emissionprob_ = PI0, A0, B0
+        reference, X = _run_hmmlearn(reference, parts)
+
+    ds = xr.Dataset({"counts": (("time", "category"), parts[0].astype(float))})
+    model = em.Model().latent("z", em.Categorical(3), markov="time").observe("counts", em.Multinomial)
+    fit = model.fit(ds, init={"z": {"initial": PI0, "transition": A0}, "counts": {"probs": B0}},
+                    max_iter=N_ITER, tol=0, accelerate=None)
+    np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-12)
+    np.testing.assert_allclose(fit.params["counts"]["probs"].values, reference.emissionprob_, atol=1e-12)
+    _same_trace(fit, reference)
 
 
 def test_poisson_hmm():
