@@ -55,6 +55,8 @@ MEANS0 = MEANS + np.array([[0.5, -0.3], [-0.4, 0.2], [0.3, 0.5]])
 COVARIANCES0 = COVARIANCES * 1.5
 A0 = np.array([[0.6, 0.2, 0.2], [0.3, 0.5, 0.2], [0.25, 0.25, 0.5]])
 PI0 = np.array([0.2, 0.5, 0.3])
+#: the categorical tests' emission probabilities at the start
+B0 = np.array([[0.4, 0.3, 0.2, 0.1], [0.2, 0.2, 0.3, 0.3], [0.3, 0.2, 0.3, 0.2]])
 
 
 def _as_type(covariances, covariance_type):
@@ -67,6 +69,19 @@ def _gaussian(covariance_type):
     model.startprob_, model.transmat_, model.means_ = START, TRANSITION, MEANS
     model.covars_ = _as_type(COVARIANCES, covariance_type)
     return model
+
+
+def _gaussian_start(covariance_type):
+    """θ⁽⁰⁾ of the Gaussian tests in emdsl's init= form (hmmlearn's reference gets the same)."""
+    return {"z": {"initial": PI0, "transition": A0},
+            "x": {"mean": MEANS0, "covariance": _as_type(COVARIANCES0, covariance_type)}}
+
+
+def _same_covariances(fit, reference, atol):
+    ours = fit.params["x"]["covariance"].values
+    # hmmlearn's covars_ property gives (K, D, D) for every type
+    np.testing.assert_allclose(ours if ours.ndim == 3 else np.apply_along_axis(np.diag, -1, ours),
+                               reference.covars_, atol=atol)
 
 
 @pytest.mark.parametrize("covariance_type", ["diag", "full"])
@@ -83,19 +98,15 @@ def test_gaussian_hmm(covariance_type, lengths):
     x = xr.DataArray(parts[0], dims=dims) if len(parts) == 1 else _padded(parts, dims)
     family = em.MultivariateNormal(covariance=covariance_type)
     model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", family)
-    start = {"z": {"initial": PI0, "transition": A0},
-             "x": {"mean": MEANS0, "covariance": _as_type(COVARIANCES0, covariance_type)}}
     # plain EM (accelerate=None), iterate by iterate as hmmlearn runs it
-    fit = model.fit(x.to_dataset(name="x"), init=start, max_iter=N_ITER, tol=0, accelerate=None)
+    fit = model.fit(x.to_dataset(name="x"), init=_gaussian_start(covariance_type), max_iter=N_ITER, tol=0,
+                    accelerate=None)
 
     p = fit.params
     np.testing.assert_allclose(p["z"]["initial"].values, reference.startprob_, atol=1e-6)
     np.testing.assert_allclose(p["z"]["transition"].values, reference.transmat_, atol=1e-6)
     np.testing.assert_allclose(p["x"]["mean"].values, reference.means_, atol=1e-6)
-    ours_cov = p["x"]["covariance"].values
-    theirs_cov = reference.covars_  # hmmlearn's property gives (K, D, D) for every type
-    np.testing.assert_allclose(ours_cov if ours_cov.ndim == 3 else np.apply_along_axis(np.diag, -1, ours_cov),
-                               theirs_cov, atol=1e-6)
+    _same_covariances(fit, reference, atol=1e-6)
     _same_trace(fit, reference)
     assert fit.loglik == pytest.approx(reference.score(X, [len(q) for q in parts]), rel=1e-9)
 
@@ -129,36 +140,34 @@ def test_gaussian_hmm_with_conjugate_priors(covariance_type):
     prior = em.priors.NormalInverseWishart(mean=mean, kappa=kappa, dof=dof, scale=scale)
     model = (em.Model().latent("z", em.Categorical(3), markov="time")
              .observe("x", em.MultivariateNormal(covariance=covariance_type, prior=prior)))
-    start = {"z": {"initial": PI0, "transition": A0},
-             "x": {"mean": MEANS0, "covariance": _as_type(COVARIANCES0, covariance_type)}}
-    fit = model.fit(xr.Dataset({"x": (("time", "feature"), parts[0])}), init=start, max_iter=N_ITER, tol=0,
-                    accelerate=None)
+    fit = model.fit(xr.Dataset({"x": (("time", "feature"), parts[0])}), init=_gaussian_start(covariance_type),
+                    max_iter=N_ITER, tol=0, accelerate=None)
     p = fit.params
     np.testing.assert_allclose(p["x"]["mean"].values, reference.means_, atol=1e-12)
-    ours = p["x"]["covariance"].values
-    np.testing.assert_allclose(ours if ours.ndim == 3 else np.apply_along_axis(np.diag, -1, ours),
-                               reference.covars_, atol=1e-12)
+    _same_covariances(fit, reference, atol=1e-12)
     np.testing.assert_allclose(p["z"]["transition"].values, reference.transmat_, atol=1e-12)
     _same_trace(fit, reference)
     # emdsl checks the log-posterior, which never falls; ℓ alone may, as hmmlearn's warnings say
     assert np.all(np.diff(fit.trace["logpost"].values) >= -fit.trace["slack"].values[1:])
 
 
-def test_categorical_hmm():
-    emission = np.array([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+def _categorical_parts():
+    """Two sequences (400 and 350 steps) from a 3-state categorical HMM over 4 levels."""
     truth = hmm.CategoricalHMM(3)
-    truth.startprob_, truth.transmat_, truth.emissionprob_ = START, TRANSITION, emission
-    parts = _sample(truth, [400, 350], seed=3)
-    B0 = np.array([[0.4, 0.3, 0.2, 0.1], [0.2, 0.2, 0.3, 0.3], [0.3, 0.2, 0.3, 0.2]])
-    A0 = np.array([[0.6, 0.2, 0.2], [0.3, 0.5, 0.2], [0.25, 0.25, 0.5]])
-    pi0 = np.array([0.2, 0.5, 0.3])
+    truth.startprob_, truth.transmat_ = START, TRANSITION
+    truth.emissionprob_ = np.array([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    return _sample(truth, [400, 350], seed=3)
+
+
+def test_categorical_hmm():
+    parts = _categorical_parts()
     reference = hmm.CategoricalHMM(3, n_iter=N_ITER, tol=-np.inf, init_params="", implementation="scaling")
-    reference.startprob_, reference.transmat_, reference.emissionprob_ = pi0, A0, B0
+    reference.startprob_, reference.transmat_, reference.emissionprob_ = PI0, A0, B0
     reference, X = _run_hmmlearn(reference, parts)
 
     x = _padded([p[:, 0].astype(float) for p in parts], ("sequence", "time"))
     model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Categorical)
-    fit = model.fit(x.to_dataset(name="x"), init={"z": {"initial": pi0, "transition": A0}, "x": {"probs": B0}},
+    fit = model.fit(x.to_dataset(name="x"), init={"z": {"initial": PI0, "transition": A0}, "x": {"probs": B0}},
                     max_iter=N_ITER, tol=0, accelerate=None)  # plain EM, iterate by iterate as hmmlearn
     np.testing.assert_allclose(fit.params["z"]["initial"].values, reference.startprob_, atol=1e-6)
     np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-6)
@@ -172,15 +181,11 @@ def test_categorical_hmm():
 def test_categorical_hmm_with_dirichlet_priors():
     """hmmlearn's MAP M-step (prior − 1 + counts, normalized) on the start, each transition row and each
     emission row is emdsl's Dirichlet prior on the chain and on the Categorical emission."""
-    emission = np.array([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
-    truth = hmm.CategoricalHMM(3)
-    truth.startprob_, truth.transmat_, truth.emissionprob_ = START, TRANSITION, emission
-    parts = _sample(truth, [400, 350], seed=3)
+    parts = _categorical_parts()
     alpha, beta = np.array([2.5, 1.5, 3.0]), np.array([1.3, 2.0, 1.1, 4.0])
     reference = hmm.CategoricalHMM(3, n_iter=N_ITER, tol=-np.inf, init_params="", implementation="scaling",
                                    startprob_prior=alpha, transmat_prior=np.tile(alpha, (3, 1)),
                                    emissionprob_prior=np.tile(beta, (3, 1)))
-    B0 = np.array([[0.4, 0.3, 0.2, 0.1], [0.2, 0.2, 0.3, 0.3], [0.3, 0.2, 0.3, 0.2]])
     reference.startprob_, reference.transmat_, reference.emissionprob_ = PI0, A0, B0
     reference, _ = _run_hmmlearn(reference, parts)
 
@@ -204,15 +209,15 @@ def test_multinomial_hmm():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # hmmlearn's note that its MultinomialHMM changed in 0.3
         parts = _sample(truth, [400], seed=7)
-        B0 = np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
+        probs0 = np.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]])
         reference = hmm.MultinomialHMM(3, n_trials=12, n_iter=N_ITER, tol=-np.inf, init_params="",
                                        implementation="scaling")
-        reference.startprob_, reference.transmat_, reference.emissionprob_ = PI0, A0, B0
+        reference.startprob_, reference.transmat_, reference.emissionprob_ = PI0, A0, probs0
         reference, X = _run_hmmlearn(reference, parts)
 
     ds = xr.Dataset({"counts": (("time", "category"), parts[0].astype(float))})
     model = em.Model().latent("z", em.Categorical(3), markov="time").observe("counts", em.Multinomial)
-    fit = model.fit(ds, init={"z": {"initial": PI0, "transition": A0}, "counts": {"probs": B0}},
+    fit = model.fit(ds, init={"z": {"initial": PI0, "transition": A0}, "counts": {"probs": probs0}},
                     max_iter=N_ITER, tol=0, accelerate=None)
     np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-12)
     np.testing.assert_allclose(fit.params["counts"]["probs"].values, reference.emissionprob_, atol=1e-12)
@@ -225,15 +230,13 @@ def test_poisson_hmm():
     truth.lambdas_ = np.array([[1.0, 10.0], [5.0, 2.0], [15.0, 15.0]])
     parts = _sample(truth, [500], seed=5)
     lambdas0 = np.array([[2.0, 8.0], [4.0, 4.0], [12.0, 10.0]])
-    A0 = np.array([[0.6, 0.2, 0.2], [0.3, 0.5, 0.2], [0.25, 0.25, 0.5]])
-    pi0 = np.array([0.2, 0.5, 0.3])
     reference = hmm.PoissonHMM(3, n_iter=N_ITER, tol=-np.inf, init_params="", implementation="scaling")
-    reference.startprob_, reference.transmat_, reference.lambdas_ = pi0, A0, lambdas0
+    reference.startprob_, reference.transmat_, reference.lambdas_ = PI0, A0, lambdas0
     reference, X = _run_hmmlearn(reference, parts)
 
     ds = xr.Dataset({"counts": (("time", "station"), parts[0].astype(float))})
     model = em.Model().latent("z", em.Categorical(3), markov="time").observe("counts", em.Poisson)
-    fit = model.fit(ds, init={"z": {"initial": pi0, "transition": A0}, "counts": {"rate": lambdas0}},
+    fit = model.fit(ds, init={"z": {"initial": PI0, "transition": A0}, "counts": {"rate": lambdas0}},
                     max_iter=N_ITER, tol=0)
     np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-6)
     np.testing.assert_allclose(fit.params["counts"]["rate"].values, reference.lambdas_, rtol=1e-6)
