@@ -24,12 +24,12 @@ def penguins() -> xr.Dataset:
     return em.datasets.load("penguins")
 
 
-def test_available_lists_both():
-    assert em.datasets.available() == ["faithful", "nile", "penguins", "us_rates"]
+def test_available_lists_them_all():
+    assert em.datasets.available() == ["earthquakes", "faithful", "nile", "penguins", "us_rates"]
 
 
 def test_unknown_name_says_what_exists():
-    with pytest.raises(ValueError, match="faithful, nile, penguins, us_rates"):
+    with pytest.raises(ValueError, match="earthquakes, faithful, nile, penguins, us_rates"):
         em.datasets.load("iris")
 
 
@@ -117,6 +117,20 @@ def test_us_rates_match_the_file_and_the_volcker_years():
         np.testing.assert_array_equal(ds[column].values, frame[column].values)
     assert (int(ds["year"][0]), int(ds["quarter"][0]), int(ds["year"][-1]), int(ds["quarter"][-1])) == (1959, 1, 2009, 3)
     # the bill rate peaked above 15% in 1981 (FRED's TB3MS), inflation in double digits around 1980
-    peak = int(ds["tbilrate"].argmax())
+    peak = int(np.argmax(ds["tbilrate"].values))
     assert int(ds["year"][peak]) == 1981 and float(ds["tbilrate"].max()) > 15
+    assert ds.attrs["licence"].startswith("public domain")
+
+
+def test_earthquakes_match_the_file_and_the_books_summary():
+    ds = em.datasets.load("earthquakes")
+    frame = _csv("earthquakes")
+    assert dict(ds.sizes) == {"year": 107} and list(ds.data_vars) == ["quakes"]
+    np.testing.assert_array_equal(ds["year"].values, frame["year"].values)
+    np.testing.assert_array_equal(ds["quakes"].values, frame["quakes"].values)
+    np.testing.assert_array_equal(ds["year"].values, np.arange(1900, 2007))
+    # Zucchini, MacDonald & Langrock (2016) §1.2.3: mean 19.364, variance 51.573
+    assert round(float(ds["quakes"].mean()), 3) == 19.364
+    assert round(float(ds["quakes"].var(ddof=1)), 3) == 51.573
+    assert ds["quakes"].attrs == {"units": "earthquakes per year"}
     assert ds.attrs["licence"].startswith("public domain")

@@ -19,6 +19,20 @@ _MISSING = "NA"
 # of str with a missing marker for a hole, which Categorical reads as a missing label) or
 # "integer" (int64; only for columns without holes, whose values are labels more than amounts).
 _DESCRIPTIONS: dict[str, dict[str, Any]] = {
+    "earthquakes": {
+        "title": "Major earthquakes in the world per year, 1900-2006",
+        "source": "Zucchini, MacDonald & Langrock (2016), Hidden Markov Models for Time Series: An "
+                  "Introduction Using R, 2nd ed., Chapman & Hall/CRC, Table 1.1; compiled from the US "
+                  "Geological Survey's Earthquake Hazards Program",
+        "licence": "public domain (US government data)",
+        "description": "The number of earthquakes of magnitude 7 or more in each of the 107 years "
+                       "1900-2006: overdispersed counts (mean 19.4, variance 51.6) with runs of busy "
+                       "and quiet years, the book's running example of Poisson mixtures and Poisson "
+                       "hidden Markov models.",
+        "units": {"quakes": "earthquakes per year"},
+        "integer": ("year",),
+        "dim": "year",
+    },
     "faithful": {
         "title": "Old Faithful geyser eruptions",
         "source": "Härdle (1991), as in R's datasets::faithful; Azzalini & Bowman (1990)",
@@ -83,6 +97,10 @@ def load(name: str) -> xr.Dataset:
     Parameters
     ----------
     name : str
+        ``"earthquakes"``: the number of major earthquakes ``quakes`` (magnitude 7 or
+        more, public domain) in each year 1900-2006, over ``year``: counts for Poisson
+        mixtures and Poisson hidden Markov models.
+
         ``"faithful"``: Old Faithful, variables ``eruptions`` and ``waiting`` over ``sample``.
 
         ``"penguins"``: the Palmer penguins (CC0), 344 penguins over ``sample``: the
