@@ -1,4 +1,5 @@
-"""A Markov-switching regression against statsmodels' ``MarkovRegression``: the same likelihood, the same optimum.
+"""A Markov-switching regression against statsmodels' ``MarkovRegression``: the same likelihood, the same optimum,
+the same standard errors.
 
 statsmodels fits y_t = β_{s_t}ᵀ x_t + ε_t, ε_t ~ N(0, σ²_{s_t}) with a 2-state chain s by
 maximum likelihood (EM, then BFGS); the same model in emdsl is a Markov latent with a Normal
@@ -26,13 +27,13 @@ def rates() -> xr.Dataset:
     return em.datasets.load("us_rates")[["tbilrate", "infl"]]
 
 
-def _statsmodels_params(fit: em.Fit) -> np.ndarray:
-    """θ̂ in statsmodels' order: p[0->0], p[1->0], const[0], const[1], x1[0], x1[1], then sigma2[0], sigma2[1]
-    (or one sigma2 when the variance does not switch)."""
-    A = fit.params["z"]["transition"].values
-    coef = fit.params["tbilrate"]["coef"].sel(term=["intercept", "infl"]).values
-    variance = np.ravel(fit.params["tbilrate"]["variance"].values)
-    return np.array([A[0, 0], A[1, 0], *coef[:, 0], *coef[:, 1], *variance])
+def _in_statsmodels_order(tree) -> np.ndarray:
+    """A tree like ``fit.params`` (the parameters or their standard errors) in statsmodels' order: p[0->0],
+    p[1->0], const[0], const[1], x1[0], x1[1], then sigma2[0], sigma2[1] (or one sigma2 when the
+    variance does not switch)."""
+    A = tree["z"]["transition"].values
+    coef = tree["tbilrate"]["coef"].sel(term=["intercept", "infl"]).values
+    return np.array([A[0, 0], A[1, 0], *coef[:, 0], *coef[:, 1], *np.ravel(tree["tbilrate"]["variance"].values)])
 
 
 @pytest.mark.parametrize(("initial", "switching"), [((0.5, 0.5), True), ((0.8, 0.2), True), ((0.5, 0.5), False)])
@@ -48,7 +49,7 @@ def test_markov_switching_regression_matches_statsmodels(rates, initial, switchi
              .observe("tbilrate", em.Normal() if switching else em.Normal(tied="variance"), covariates=["infl"]))
     fit = model.fit(padded, n_init=10, seed=0, tol=1e-13, max_iter=20_000)
     assert fit.converged
-    theta = _statsmodels_params(fit)
+    theta = _in_statsmodels_order(fit.params)
     # the same likelihood at the same parameters
     assert reference.loglike(theta) == pytest.approx(fit.loglik, rel=1e-11)
     # the same optimum: statsmodels' optimizer started there finds nothing better, and its gradient vanishes
@@ -58,3 +59,9 @@ def test_markov_switching_regression_matches_statsmodels(rates, initial, switchi
     assert again.llf <= fit.loglik + 1e-9 * abs(fit.loglik)
     np.testing.assert_allclose(again.params, theta, rtol=1e-4, atol=1e-6)
     assert np.abs(reference.score(theta)).max() < 1e-3
+    # the same standard errors: statsmodels inverts a numerical Hessian of its log-likelihood
+    # (cov_type="approx"); emdsl's observed information, by the delta method to these parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        smoothed = reference.smooth(theta, cov_type="approx")
+    np.testing.assert_allclose(_in_statsmodels_order(fit.standard_errors()), smoothed.bse, rtol=1e-6)
