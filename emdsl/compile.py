@@ -1052,6 +1052,7 @@ def start_values(plan: Plan, values: Mapping[str, Mapping[str, Any]], what: str 
         converted = {p: labels.internal(plan, node, axes[p], v, f"{what}[{name!r}][{p!r}]")
                      for p, v in params.items() if v is not None}
         family.check_params(converted, f"{what}[{name!r}]")
+        converted = family.tidy_params(converted)
         if node is not None and family.standardize:
             converted = _standardized_values(node, converted, f"{what}[{name!r}]")
         elif node is not None:
@@ -1085,7 +1086,7 @@ def _member_weights(joint: JointCategorical, values: Mapping[str, Any], what: st
         except (TypeError, ValueError):
             raise ModelError(f"{where}['probs']: expected numbers, got {value!r}") from None
         member.check_params({"probs": array}, f"{where}['probs']")
-        out[name] = array
+        out[name] = member.tidy_params({"probs": array})["probs"]
     return out
 
 

@@ -77,6 +77,16 @@ class Family:
         """The constructor arguments that recreate this family (values as given)."""
         raise NotImplementedError
 
+    def tidy_params(self, params: Mapping[str, np.ndarray]) -> Params:
+        """Given values that passed :meth:`check_params` made exact where that check allows for
+        rounding: rows of probabilities divided by their sums, covariance matrices symmetrized.
+
+        The checks accept values computed elsewhere in single precision (another library's
+        float32 results sum to 1 within a few 1e-8); a fixed value is then used exactly
+        normalized, so that its density is one.
+        """
+        return dict(params)
+
     @property
     def fixed(self) -> dict[str, Any]:
         """Parameter values given to the constructor; they are held, not learned."""

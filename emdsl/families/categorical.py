@@ -29,6 +29,9 @@ from emdsl.families._base import (
 # whose probability reached exactly 0 contributes log p = −690 (and r = 0) instead of
 # −inf, which would turn 0 · log p into NaN in the E-step's matrix product.
 _TINY = 1e-300
+#: how far from 1 a row of given probabilities may sum (it is then divided by its sum): single
+#: precision's rounding over a row of a few hundred entries, not a typo's worth
+SUM_TOLERANCE = 1e-6
 #: the weak prior's pseudo-samples (fit(prior="weak")): Dirichlet(1 + 0.01 · frequency)
 WEAK_COUNT = 0.01
 
@@ -77,6 +80,16 @@ def _missing_label(value: Any) -> bool:
 
 def _short_list(values: Sequence[Any]) -> str:
     return repr(list(values)) if len(values) <= 20 else repr(list(values[:20]))[:-1] + ", …]"
+
+
+def unit_rows(params: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``params`` with the rows (last axis) of the arrays ``names`` divided by their sums."""
+    out = dict(params)
+    for name in names:
+        if out.get(name) is not None:
+            value = np.asarray(out[name], dtype=float)
+            out[name] = value / value.sum(axis=-1, keepdims=True)
+    return out
 
 
 def log_probs(probs: np.ndarray) -> np.ndarray:
@@ -230,6 +243,9 @@ class Categorical(LatentFamily):
     def n_free_params(self) -> int:  # type: ignore[override]
         return 0 if self._probs is not None else self.k - 1
 
+    def tidy_params(self, params: Mapping[str, np.ndarray]) -> Params:
+        return unit_rows(params, ("probs", "initial", "transition"))
+
     def check_params(self, params: Mapping[str, np.ndarray], where: str, size: int | None = None) -> None:
         probs = params.get("probs")
         if probs is None:
@@ -354,7 +370,7 @@ def _check_distribution(value: np.ndarray, where: str, shape: tuple[int, ...], s
     if not np.all(np.isfinite(value)) or np.any(value < 0):
         raise ModelError(f"{where}: probabilities must be finite and non-negative, got {value.tolist()}")
     sums = np.atleast_1d(value.sum(axis=-1))
-    bad = np.flatnonzero(~np.isclose(sums, 1.0, rtol=0, atol=1e-8))
+    bad = np.flatnonzero(~np.isclose(sums, 1.0, rtol=0, atol=SUM_TOLERANCE))
     if len(bad):
         row = f"row {states[bad[0]]!r} " if value.ndim == 2 else ""
         raise ModelError(f"{where}: {row}sums to {sums[bad[0]]:.10g}; "
@@ -483,6 +499,6 @@ def _check_rows(probs: np.ndarray, where: str, size: int | None) -> None:
     if not np.all(np.isfinite(probs)) or np.any(probs < 0):
         raise ModelError(f"{where}: probs must be finite and non-negative, got {probs.tolist()}")
     sums = probs.sum(axis=-1)
-    if not np.allclose(sums, 1.0, rtol=0, atol=1e-8):
-        bad = np.ravel(sums)[np.flatnonzero(~np.isclose(np.ravel(sums), 1.0, rtol=0, atol=1e-8))[0]]
+    if not np.allclose(sums, 1.0, rtol=0, atol=SUM_TOLERANCE):
+        bad = np.ravel(sums)[np.flatnonzero(~np.isclose(np.ravel(sums), 1.0, rtol=0, atol=SUM_TOLERANCE))[0]]
         raise ModelError(f"{where}: probs must sum to 1 over the last axis, a row sums to {bad:.10g}")

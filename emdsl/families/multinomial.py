@@ -24,7 +24,7 @@ from emdsl.families._base import (
     keep_empty,
 )
 from emdsl.families.binomial import Binomial
-from emdsl.families.categorical import _check_rows, log_probs
+from emdsl.families.categorical import _check_rows, log_probs, unit_rows
 from emdsl.families.poisson import (
     MAX_COUNT,
     TOO_LARGE,
@@ -152,6 +152,9 @@ class Multinomial(ObservedFamily):
 
     def n_free_params(self, K: int, D: int) -> int:
         return 0 if self._probs is not None else K * (D - 1)
+
+    def tidy_params(self, params: Mapping[str, np.ndarray]) -> Params:
+        return unit_rows(params, ("probs",))
 
     def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
         if "probs" in params:

@@ -430,17 +430,24 @@ class MultivariateNormal(ObservedFamily):
                 raise ModelError(f"{where}: {self.covariance_type} covariance must be positive, "
                                  f"got smallest value {cov.min():.6g}")
             return
+        if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
+            raise ModelError(f"{where}: {self.covariance_type} covariance must be D × D matrices, got shape {cov.shape}")
         matrices = cov.reshape((-1,) + cov.shape[-2:])
-        scale = np.abs(np.diagonal(matrices, axis1=1, axis2=2)).max() if cov.shape[-1] == cov.shape[-2] else 0
-        if cov.shape[-1] != cov.shape[-2] or not np.allclose(matrices, np.swapaxes(matrices, 1, 2),
-                                                               rtol=1e-10, atol=1e-12 * scale):
-            raise ModelError(f"{where}: covariance must be symmetric (D × D), got shape {cov.shape}")
+        _check_symmetric(matrices, where, per_state=cov.ndim == 3)
         for k, matrix in enumerate(matrices):
             smallest = np.linalg.eigvalsh(matrix)[0]
             if smallest <= 0:
                 which = f" for state {k}" if cov.ndim == 3 else ""
                 raise ModelError(f"{where}: covariance{which} is not positive definite "
                                  f"(smallest eigenvalue {smallest:.6g})")
+
+    def tidy_params(self, params: Mapping[str, np.ndarray]) -> Params:
+        out = dict(params)
+        cov = out.get("covariance")
+        if cov is not None and self.covariance_type in ("full", "tied"):
+            cov = np.asarray(cov, dtype=float)
+            out["covariance"] = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+        return out
 
     def expected_value(self, params: Params) -> np.ndarray:
         return params["mean"]
@@ -574,6 +581,23 @@ def _scale_covariance(cov: np.ndarray, scale: np.ndarray, covariance_type: str) 
         return cov * float(scale[0]) ** 2
     return cov * np.multiply.outer(scale, scale)
 
+
+#: how asymmetric a given covariance may be, relative to the largest variance of its matrix (it is
+#: then symmetrized): single precision's rounding of a matrix computed elsewhere (another
+#: library's float32 Σ xxᵀ), far below any asymmetry that is a mistake
+SYMMETRY_TOLERANCE = 1e-6
+
+
+def _check_symmetric(matrices: np.ndarray, where: str, per_state: bool) -> None:
+    """Raise ``ModelError`` naming the first entry where a (n × D × D) stack is not symmetric."""
+    scale = np.abs(np.diagonal(matrices, axis1=1, axis2=2)).max(axis=1)
+    gap = np.abs(matrices - np.swapaxes(matrices, 1, 2))
+    bad = np.argwhere(gap > SYMMETRY_TOLERANCE * scale[:, None, None])
+    if len(bad):
+        k, i, j = (int(v) for v in bad[0])
+        which = f" of state {k}" if per_state else ""
+        raise ModelError(f"{where}: covariance must be symmetric; entry [{i}, {j}]{which} is "
+                         f"{matrices[k, i, j]:.10g} but [{j}, {i}] is {matrices[k, j, i]:.10g}")
 
 class PatternTerms:
     """The conditional Gaussian of one pattern of holes, per component (DESIGN.md §2).

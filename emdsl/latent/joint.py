@@ -25,7 +25,7 @@ import numpy as np
 
 from emdsl.errors import ModelError
 from emdsl.families._base import LatentFamily, Params
-from emdsl.families.categorical import log_probs
+from emdsl.families.categorical import log_probs, unit_rows
 
 
 class JointCategorical(LatentFamily):
@@ -104,6 +104,9 @@ class JointCategorical(LatentFamily):
 
     def n_free_params(self) -> int:  # type: ignore[override]
         return sum(member.n_free_params() for member in self.members)  # type: ignore[attr-defined]
+
+    def tidy_params(self, params: Mapping[str, np.ndarray]) -> Params:
+        return unit_rows(params, self.names)
 
     def check_params(self, params: Mapping[str, np.ndarray], where: str, size: int | None = None) -> None:
         for name, member in zip(self.names, self.members, strict=True):
