@@ -45,6 +45,9 @@ class Fit:
         Whether the chosen restart met the convergence test.
     seed : int
         The seed that reproduces this fit.
+    weights : xarray.DataArray or None
+        The weights the fit was given: one per sample, or for a Markov latent one per
+        sequence (over the sequence dims); None when unweighted.
 
     Examples
     --------

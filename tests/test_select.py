@@ -1,5 +1,7 @@
 """em.select, em.grid and Selection: model selection by information criteria (issue 8)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -94,3 +96,79 @@ def test_labels_may_be_tuples(three_clusters):
     assert sel.best_label in models and sel.best_label[1] == 3 and sel.best is sel.fits[sel.best_label]
     assert f"best: {sel.best_label!r}" in repr(sel)
     sel.plot()
+
+
+def _two_state_chain() -> tuple[np.ndarray, np.ndarray, xr.Dataset]:
+    """Two short Gaussian sequences with weights, small enough to enumerate every state path."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 7)) + np.array([0, 0, 0, 2, 2, 0, 2])
+    w = np.array([1.0, 3.0])
+    return x, w, xr.Dataset({"x": (("seq", "time"), x), "w": ("seq", w)})
+
+
+def test_icl_of_a_hidden_markov_model_labels_each_sequence_by_its_most_probable_path():
+    """Celeux & Durand (2008): ICL = BIC + 2 Σ_s w_s (log p(x_s) − max_z log p(x_s, z)), the
+    maximum over the chain's paths found here by enumerating all 2⁷ of them with scipy."""
+    from itertools import product
+
+    from scipy import stats
+
+    x, w, ds = _two_state_chain()
+    model = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal)
+    sel = em.select({"chain": model}, ds, weights="w", seed=0)
+    fit = sel.best
+    initial, A = fit.params["z"]["initial"].values, fit.params["z"]["transition"].values
+    mean, sd = fit.params["x"]["mean"].values.ravel(), np.sqrt(fit.params["x"]["variance"].values.ravel())
+    cost = 0.0
+    for s in range(2):
+        joint = [np.log(initial[z[0]]) + sum(np.log(A[a, b]) for a, b in zip(z[:-1], z[1:], strict=True))
+                 + stats.norm(mean[list(z)], sd[list(z)]).logpdf(x[s]).sum() for z in product(range(2), repeat=7)]
+        cost += w[s] * (np.logaddexp.reduce(joint) - max(joint))
+    assert float(sel.table["icl"][0]) == pytest.approx(fit.bic() + 2 * cost, rel=1e-12)
+
+
+def test_a_weighted_chain_keeps_its_weights_per_sequence():
+    """Weights of whole sequences are given back as given (they were repeated along every step,
+    and standard_errors could not read them back); a weight of 3 is three copies of the sequence."""
+    x, w, ds = _two_state_chain()
+    model = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal)
+    fit = model.fit(ds, weights="w", seed=0, tol=1e-13)
+    assert fit.weights.dims == ("seq",)
+    np.testing.assert_array_equal(fit.weights.values, w)
+    copies = model.fit(xr.Dataset({"x": (("seq", "time"), x[[0, 1, 1, 1]])}), seed=0, tol=1e-13)
+    assert fit.loglik == pytest.approx(copies.loglik, rel=1e-10)
+    assert fit.bic() == pytest.approx(copies.bic(), rel=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an initial probability on its boundary, in both fits alike
+        weighted, copied = fit.standard_errors(), copies.standard_errors()
+    by_mean = [np.argsort(f.params["x"]["mean"].values.ravel()) for f in (fit, copies)]  # labels may swap
+    np.testing.assert_allclose(weighted["x"]["mean"].values.ravel()[by_mean[0]],
+                               copied["x"]["mean"].values.ravel()[by_mean[1]], rtol=1e-5)
+    icl = em.select({"chain": model}, ds, weights="w", seed=0, tol=1e-13).table["icl"][0]
+    icl_copies = em.select({"chain": model}, xr.Dataset({"x": (("seq", "time"), x[[0, 1, 1, 1]])}),
+                           seed=0, tol=1e-13).table["icl"][0]
+    assert float(icl) == pytest.approx(float(icl_copies), rel=1e-9)
+
+
+def test_icl_of_several_latents_labels_each_sample_by_its_joint_state():
+    """Two latents under one observed node are a mixture over their joint states with product
+    weights: at the same parameters, its ICL's classification cost is that mixture's."""
+    rng = np.random.default_rng(5)
+    X = np.vstack([rng.normal(c, 1.0, size=(60, 2)) for c in ([0, 0], [5, 0], [0, 5], [5, 5], [9, 9], [-4, 6])])
+    ds = as_dataset(X, ("u", "v"))
+    means = np.array([[0, 0], [5, 0], [0, 5], [5, 5], [9, 9], [-4, 6]], dtype=float)
+    pa, pb = np.array([0.4, 0.6]), np.array([0.2, 0.3, 0.5])
+    two = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+           .observe("x", em.MultivariateNormal(covariance="diag"), given=["a", "b"]))
+    one = em.Model().latent("z", em.Categorical(6)).observe("x", em.MultivariateNormal(covariance="diag"))
+    cov = np.ones((6, 2))
+    at_two = em.select({"two": two}, ds, max_iter=0,
+                       init={"a": {"probs": pa}, "b": {"probs": pb},
+                             "x": {"mean": means.reshape(2, 3, 2), "covariance": cov.reshape(2, 3, 2)}}).best
+    at_one = em.select({"one": one}, ds, max_iter=0,
+                       init={"z": {"probs": np.outer(pa, pb).ravel()}, "x": {"mean": means, "covariance": cov}}).best
+    assert at_two.loglik == pytest.approx(at_one.loglik, rel=1e-12)
+    from emdsl.select import _classification_cost
+
+    assert _classification_cost(at_two) == pytest.approx(_classification_cost(at_one), rel=1e-10)
+    assert _classification_cost(at_two) > 1.0  # the bug this guards: a max over latent a alone gave far more

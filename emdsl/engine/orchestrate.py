@@ -118,8 +118,7 @@ def fit_model(
     fit = Fit(model, label_params(chosen.theta), units_tree(plan), all_traces, restart=best,
               converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
               n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds,
-              weights=None if plan.weights is None else labels.samples_array(plan, plan.weights, "weights"),
-              degenerate=degenerate)
+              weights=_weights_as_given(plan), weight_total=plan.total_weight, degenerate=degenerate)
     if method != "em":  # what Fit.partial_fit continues from
         fit.traces.attrs["method"] = method
         fit._online = online.StreamState(getattr(chosen, "online", None), batch_size, float(step_decay))
@@ -311,3 +310,13 @@ def traces(runs: Sequence[RestartResult]) -> xr.Dataset:
                             {"long_name": "log-posterior log p(x | θ⁽ᵗ⁾) + log p(θ⁽ᵗ⁾) (= loglik without priors)"})},
         attrs={"converged": ",".join(str(int(run.converged)) for run in runs)},
     )
+
+
+def _weights_as_given(plan: Plan) -> xr.DataArray | None:
+    """The fit's weights labelled as the user gave them: one per sample, or for a Markov latent one
+    per sequence (the plan repeats those along each sequence's steps), over the sequence dims."""
+    if plan.weights is None:
+        return None
+    if plan.sequences is not None and plan.sequences.weights is not None:
+        return labels.sequences_array(plan, plan.sequences.weights, "weights")
+    return labels.samples_array(plan, plan.weights, "weights")
