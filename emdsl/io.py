@@ -9,8 +9,9 @@ Layout (format version 1), as groups of one netCDF-4 file:
 
 * root attributes: ``emdsl_format``, ``model`` (:meth:`Model.to_json`),
   ``sample_dim`` (JSON), ``restart``, ``converged``, ``stopped``, ``loglik``,
-  ``n_params``, ``n_samples``, ``seed`` (decimal text: seeds exceed 64 bits), and
-  ``weight_total`` (Σ of the sample weights) when the fit records it;
+  ``n_params``, ``n_samples``, ``seed`` (decimal text: seeds exceed 64 bits),
+  ``weight_total`` (Σ of the sample weights) when the fit records it, and a Markov
+  fit's ``sequence_dims`` (JSON list);
 * ``params/<node>``: one Dataset per latent and observed node, in the data's units;
 * ``standardization/<node>``: ``center`` and ``scale`` of each observed node;
 * ``traces``: ``loglik``, ``elbo``, ``kl``, ``time`` over ``step``, with the
@@ -103,6 +104,9 @@ def save(fit: Fit, path: str | os.PathLike[str]) -> None:
     weight_total = getattr(fit, "weight_total", None)
     if weight_total is not None:
         tree.attrs["weight_total"] = float(weight_total)
+    # Optional: the sequences a Markov fit ran over (predictions find them in new data by name).
+    if getattr(fit, "sequence_dims", None) is not None:
+        tree.attrs["sequence_dims"] = json.dumps(list(fit.sequence_dims))
     tree.to_netcdf(path, engine="netcdf4")
 
 
@@ -212,6 +216,8 @@ class _Reader:
         optional: dict[str, Any] = {}
         if "degenerate" in attrs:
             optional["degenerate"] = self.flag(attrs, "degenerate")
+        if "sequence_dims" in attrs:
+            optional["sequence_dims"] = self.sequence_dims(attrs, model)
         if "weight_total" in attrs:
             optional["weight_total"] = self.real(attrs, "weight_total")
             if optional["weight_total"] <= 0:
@@ -310,6 +316,22 @@ class _Reader:
         if not isinstance(value, str) or not _SEED.fullmatch(value):
             raise self.fail("seed", f"expected an integer written in decimal, got {_describe(value)}")
         return int(value)
+
+    def sequence_dims(self, attrs: Mapping[Hashable, Any], model: Model) -> tuple[Hashable, ...]:
+        text = self.text(attrs, "sequence_dims")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise self.fail("sequence_dims", f"not valid JSON: {_describe(text)}") from None
+        if (not isinstance(value, list) or len(set(map(repr, value))) != len(value)
+                or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value)):
+            raise self.fail("sequence_dims", f"expected a list of distinct dimension names, got {_describe(value)}")
+        latent = model.latent_var
+        if latent is None or latent.markov is None:
+            raise self.fail("sequence_dims", "the model declares no Markov latent, so it has no sequences")
+        if latent.markov in value:
+            raise self.fail("sequence_dims", f"the chain's own dimension {latent.markov!r} cannot index its sequences")
+        return tuple(value)
 
     def sample_dim(self, attrs: Mapping[Hashable, Any]) -> Hashable:
         text = self.text(attrs, "sample_dim")

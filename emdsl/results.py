@@ -81,6 +81,7 @@ class Fit:
         weights: xr.DataArray | None = None,
         weight_total: float | None = None,
         degenerate: bool = False,
+        sequence_dims: tuple[Hashable, ...] | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -97,6 +98,9 @@ class Fit:
         self._data = data
         self.weights = weights
         self.degenerate = degenerate
+        #: a Markov latent's sequence dims as fitted (() for one sequence; None: not recorded, found
+        #: again from the data's dims, those before the chain's)
+        self.sequence_dims = None if sequence_dims is None else tuple(sequence_dims)
         self.weight_total = float(weight_total if weight_total is not None else
                                   (n_samples if weights is None else weights.sum()))
 
@@ -483,7 +487,10 @@ class Fit:
         variables = [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
         if self._markov is not None:
-            use_dim = None  # the sequences are found again from the dims (those before the markov dim)
+            # the sequences the fit ran over, where the data have them; else (one sequence given, or
+            # a fit that did not record them) found from the dims before the chain's
+            known = self.sequence_dims
+            use_dim = known if known and variables and all(d in ds[v].dims for v in variables for d in known) else None
         plan = compile_plan(self.model, ds, sample_dim=use_dim, fitting=False, weights=weights,
                             standardization={name: (units["center"], units["scale"])
                                              for name, units in self.standardization.items()},
@@ -504,7 +511,11 @@ class Fit:
         A hole in element d of sample n becomes E[x_nd | observed part of x_n] =
         Σ_k p(z=k | x_n) E[x_nd | z=k, observed part] (the conditional Gaussian mean for a
         MultivariateNormal); a categorical hole becomes its most probable level under the
-        same mixture. Observed values are returned unchanged.
+        same mixture. Observed values are returned unchanged. With a Markov latent the
+        weights are p(z_t = k | the whole sequence), and the NaN padding after a shorter
+        sequence's last observation is left as it is (it is not a hole). On dask-backed
+        data the result is lazy, except for a Markov latent, whose result is computed
+        (each posterior needs its whole sequence).
 
         Parameters
         ----------
@@ -528,6 +539,9 @@ class Fit:
                 raise ModelError("impute: this fit was loaded from a file and holds no data; pass the data")
             data = self._data
         plan, theta, _ = self._compiled(data)
+        if self._markov is not None and is_chunked(plan):
+            data = labels.as_dataset(data, like=self.model).compute()
+            plan, theta, _ = self._compiled(data)
         return impute(plan, theta, labels.as_dataset(data, like=self.model))
 
     def standard_errors(self, method: Literal["observed", "empirical"] = "observed", data: Any = None

@@ -267,6 +267,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str | None, bool]] = {
     "traces restart renumbered": (rewrite(_renumbered_restarts), "traces/restart", False),
     "traces converged flags": (set_attrs("traces", converged="yes"), "traces/converged", False),
     "weight_total zero": (set_attrs(weight_total=0.0), "weight_total", False),
+    "sequence_dims not a list": (set_attrs(sequence_dims='"seq"'), "sequence_dims", False),
+    "sequence_dims on a mixture": (set_attrs(sequence_dims='["seq"]'), "sequence_dims", False),
 }
 
 

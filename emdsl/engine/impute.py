@@ -112,14 +112,34 @@ def _assign(plan: Plan, ds: xr.Dataset, filled: list[Any]) -> xr.Dataset:
                       else _labels(values, node.levels))
         if node.stacked:
             for d, variable in enumerate(node.variables):
-                out[variable] = out[variable].copy(data=_as_dtype(values[:, d], ds[variable]))
+                out[variable] = _placed(plan, ds[variable], values[:, d], [])
         else:
             variable = node.variables[0]
             event_dims = [dim for dim in node.event_dims if dim in ds[variable].dims]
-            da = ds[variable].transpose(plan.sample_dim, *event_dims)
-            data = _as_dtype(values.reshape(da.shape), da)
-            out[variable] = da.copy(data=data).transpose(*ds[variable].dims)
+            out[variable] = _placed(plan, ds[variable], values, event_dims)
     return out
+
+
+def _placed(plan: Plan, da: xr.DataArray, values: Any, event_dims: list[Any]) -> xr.DataArray:
+    """``da`` with the plan's rows of ``values`` (N × event elements) written back where they came from.
+
+    A Markov latent's rows are its sequences' steps up to each one's last observation, flattened
+    (compile.markov_layout): the steps past it are the padding of a shorter sequence, not holes,
+    and keep their missing values.
+    """
+    sequences = plan.sequences
+    if sequences is None:
+        ordered = da.transpose(plan.sample_dim, *event_dims)
+        return ordered.copy(data=_as_dtype(values.reshape(ordered.shape), ordered)).transpose(*da.dims)
+    ordered = da.transpose(*sequences.sequence_dims, sequences.dim, *event_dims)
+    grid = np.array(ordered.values)
+    steps = grid.reshape((sequences.n_sequences * sequences.length, -1))
+    kept = (np.arange(sequences.length)[None, :] < sequences.lengths[:, None]).ravel()
+    written = _as_dtype(np.asarray(values).reshape((int(kept.sum()), -1)), ordered)
+    if written.dtype != steps.dtype:  # e.g. float codes of a label column read back as labels
+        steps = steps.astype(np.result_type(steps.dtype, written.dtype) if steps.dtype.kind != "O" else object)
+    steps[kept] = written
+    return ordered.copy(data=steps.reshape(grid.shape)).transpose(*da.dims)
 
 
 def _labels(codes: np.ndarray, levels: tuple) -> np.ndarray:

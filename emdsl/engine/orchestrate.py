@@ -118,7 +118,8 @@ def fit_model(
     fit = Fit(model, label_params(chosen.theta), units_tree(plan), all_traces, restart=best,
               converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
               n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds,
-              weights=_weights_as_given(plan), weight_total=plan.total_weight, degenerate=degenerate)
+              weights=_weights_as_given(plan), weight_total=plan.total_weight, degenerate=degenerate,
+              sequence_dims=None if plan.sequences is None else plan.sequences.sequence_dims)
     if method != "em":  # what Fit.partial_fit continues from
         fit.traces.attrs["method"] = method
         fit._online = online.StreamState(getattr(chosen, "online", None), batch_size, float(step_decay))
