@@ -236,7 +236,8 @@ def _classification_cost(fit: Fit) -> float:
     weights = None if fit.weights is None else np.asarray(fit.weights.values, dtype=float).ravel()
     if fit.model.latent_var.markov is not None:
         _, log_joint = fit.viterbi(fit.data)
-        terms = np.asarray(fit.score_samples(fit.data).values, dtype=float).ravel() - np.ravel(log_joint.values)
+        # one sequence: a float and a 0-d array; several: arrays over the sequence dims
+        terms = np.ravel(np.asarray(fit.score_samples(fit.data), dtype=float)) - np.ravel(np.asarray(log_joint, dtype=float))
     else:
         resp = np.asarray(fit.posterior.values)  # (sample, states of each latent...)
         terms = -np.log(resp.reshape(len(resp), -1).max(axis=1))

@@ -127,6 +127,18 @@ def test_icl_of_a_hidden_markov_model_labels_each_sequence_by_its_most_probable_
     assert float(sel.table["icl"][0]) == pytest.approx(fit.bic() + 2 * cost, rel=1e-12)
 
 
+def test_icl_of_one_sequence():
+    """One sequence (data over the chain's dim alone): viterbi gives a float, score_samples a 0-d array."""
+    x, _, ds = _two_state_chain()
+    one = ds[["x"]].isel(seq=0)
+    model = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal)
+    sel = em.select({"chain": model}, one, criterion="icl", seed=0)
+    fit = sel.best
+    _, log_joint = fit.viterbi(one)
+    assert float(sel.table["icl"][0]) == pytest.approx(fit.bic() + 2 * (fit.loglik - log_joint), rel=1e-12)
+    assert float(sel.table["icl"][0]) > fit.bic()
+
+
 def test_a_weighted_chain_keeps_its_weights_per_sequence():
     """Weights of whole sequences are given back as given (they were repeated along every step,
     and standard_errors could not read them back); a weight of 3 is three copies of the sequence."""
