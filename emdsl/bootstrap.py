@@ -118,7 +118,8 @@ def bootstrap(
              for name, values in labels.tree_values(fit.params).items()}
     job = _Job(fit.model, ds, fit.sample_dim, start, kind,
                None if fit.weights is None else np.asarray(fit.weights.values, dtype=float),
-               weights_are_counts, max_iter, tol, _parametric_source(fit, ds) if kind == "parametric" else None)
+               weights_are_counts, max_iter, tol, _parametric_source(fit, ds) if kind == "parametric" else None,
+               getattr(fit, "sequence_dims", None))
     if weights_are_counts:
         job.check_counts()
     workers = min(int(n_jobs or os.cpu_count() or 1), int(n))
@@ -146,14 +147,15 @@ class _Job:
 
     def __init__(self, model: Model, data: xr.Dataset, sample_dim: Hashable, start: dict[str, dict[str, Any]],
                  kind: str, weights: np.ndarray | None, weights_are_counts: bool, max_iter: int, tol: float,
-                 source: Any) -> None:
+                 source: Any, sequence_dims: tuple[Hashable, ...] | None = None) -> None:
         self.model, self.data, self.sample_dim, self.start = model, data, sample_dim, start
         self.kind, self.weights, self.weights_are_counts = kind, weights, weights_are_counts
         self.max_iter, self.tol, self.source = max_iter, tol, source
         self.n_rows = int(data.sizes[sample_dim]) if kind == "nonparametric" else 0  # rows resampled
         latent = model.latent_var
-        # a chain's refit finds its sequences from the dims again; fit(sample_dim=...) would name the sequences
-        self.refit_dim = None if latent is not None and latent.markov is not None else sample_dim
+        # a chain's refit runs over the sequences the fit did (None: found from the dims before the chain's)
+        self.refit_dim = (sample_dim if latent is None or latent.markov is None
+                          else (None if sequence_dims is None else tuple(sequence_dims)))
 
     def check_counts(self) -> None:
         if self.weights is None or not np.all(self.weights == np.round(self.weights)):

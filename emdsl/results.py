@@ -482,15 +482,23 @@ class Fit:
             raise ModelError(f"{what}: the model declares no latent variable, so there is no posterior; "
                              "use score_samples for the density")
 
+    def _sequence_dims_in(self, ds: xr.Dataset, variables: list[str]) -> tuple[Hashable, ...]:
+        """The dims of ``ds`` that index a Markov fit's sequences: those it was fitted over, where the
+        data have them; else every dim of the first observed variable that is neither the chain's
+        nor one of its node's elements (the fit's parameters carry those), in any order."""
+        known = self.sequence_dims
+        if known and all(d in ds[v].dims for v in variables for d in known):
+            return known
+        decl = next(decl for decl in self.model.observed if decl.variables[0] in ds.data_vars)
+        elements = set(self.params[decl.name].to_dataset().dims)
+        return tuple(d for d in ds[decl.variables[0]].dims if d != self._markov and d not in elements)
+
     def _compiled(self, data: Any, weights: Any = None) -> tuple[Plan, Theta, np.ndarray]:
         ds = labels.as_dataset(data, like=self.model)
         variables = [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
         if self._markov is not None:
-            # the sequences the fit ran over, where the data have them; else (one sequence given, or
-            # a fit that did not record them) found from the dims before the chain's
-            known = self.sequence_dims
-            use_dim = known if known and variables and all(d in ds[v].dims for v in variables for d in known) else None
+            use_dim = self._sequence_dims_in(ds, variables) if variables else None
         plan = compile_plan(self.model, ds, sample_dim=use_dim, fitting=False, weights=weights,
                             standardization={name: (units["center"], units["scale"])
                                              for name, units in self.standardization.items()},

@@ -94,3 +94,28 @@ def test_impute_of_a_chain_on_dask_data_equals_in_memory():
     from_dask = fit.impute(ds.chunk({"seq": 2}))  # it raised: rows of a chunk were not whole sequences
     np.testing.assert_array_equal(np.asarray(from_dask["x"].values), in_memory["x"].values)
     assert np.isnan(in_memory["x"].values).sum() == 5
+
+
+def test_one_sequence_with_an_element_dim_scores_the_same_transposed():
+    """Fitted on x(time, feature), the chain has no sequence dims: 'feature' is the node's element
+    dim (its parameters carry it), not a sequence, whatever the order of the data's dims."""
+    rng = np.random.default_rng(0)
+    state = (np.arange(120) // 20) % 2
+    x = np.where(state[:, None] == 0, [0.0, 0.0], [3.0, -3.0]) + rng.normal(0, 1, (120, 2))
+    ds = xr.Dataset({"x": (("time", "feature"), x)}, coords={"feature": ["p", "q"]})
+    for family in (em.MultivariateNormal(dim="feature"), em.Normal):
+        fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", family).fit(ds, seed=0)
+        assert fit.sequence_dims == ()
+        flipped = ds.transpose("feature", "time")
+        assert float(fit.score_samples(flipped)) == pytest.approx(fit.loglik, rel=1e-12)
+        np.testing.assert_allclose(fit.predict_proba(flipped).values, fit.predict_proba(ds).values, rtol=1e-12)
+
+
+def test_a_parametric_bootstrap_refits_over_the_fitted_sequences(time_first):
+    model = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal)
+    fit = model.fit(time_first, seed=0, sample_dim="seq")
+    same = model.fit(time_first.transpose("seq", "time"), seed=0)
+    boot = em.bootstrap(fit, n=2, seed=0, kind="parametric")  # the refits made 'seq' an element dim
+    reference = em.bootstrap(same, n=2, seed=0, kind="parametric")
+    assert boot["x.mean"].dims == ("replicate", "z")
+    np.testing.assert_allclose(boot["loglik"].values, reference["loglik"].values, rtol=1e-10)
