@@ -59,7 +59,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import xarray as xr
 
+from emdsl import labels
 from emdsl.compile import Plan
+from emdsl.data import is_chunked
 from emdsl.engine.estep import engine
 from emdsl.engine.mstep import Theta, natural_matrix
 from emdsl.errors import ModelError
@@ -448,6 +450,10 @@ def standard_errors(fit: Fit, method: Method = "observed", data: Any = None) -> 
                              "pass the data it was fitted to: fit.standard_errors(data=ds)")
     weights = fit.weights if fit.weights is not None else None
     plan, theta, _ = fit._compiled(data, weights=weights)
+    if method == "empirical" and is_chunked(plan):
+        # the per-sample scores are an N × P array in memory: so may the data they come from be
+        plan, theta, _ = fit._compiled(labels.as_dataset(data, like=fit.model).compute(),
+                                       weights=None if weights is None else weights.compute())
     if method == "empirical" and fit.model.latent_var is not None and fit.model.latent_var.markov is not None:
         raise ModelError("standard_errors(method='empirical'): the samples of a Markov chain are not "
                          "independent, so per-sample scores do not estimate the information; use 'observed'")
