@@ -460,7 +460,14 @@ def standard_errors(fit: Fit, method: Method = "observed", data: Any = None) -> 
     if not fit.converged:
         warnings.warn("standard_errors: the fit did not converge; standard errors assume the parameters "
                       "maximize the likelihood", RuntimeWarning, stacklevel=3)
-    info, problem = information(plan, theta, method)
+    try:
+        info, problem = information(plan, theta, method)
+    except np.linalg.LinAlgError as error:  # a covariance not positive definite at a nearby point
+        why = ("the fit is degenerate (a component collapsed or a covariance sits at its floor, "
+               "where the likelihood has no maximum); refit with prior='weak' or fewer components"
+               if fit.degenerate else "a covariance is singular at or next to the fitted parameters")
+        raise ModelError(f"standard_errors: the information matrix cannot be computed: {why} "
+                         f"(numpy: {error})") from None
     cov = covariance(info, problem)
     _check_stationary(problem, cov)
     variance = user_covariance_diagonal(problem, cov)

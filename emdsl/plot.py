@@ -690,6 +690,11 @@ class FitPlotter:
         return f"{element.label} [{units}]" if units else element.label
 
     def _draw_2d(self, ax: Axes, a: Element, b: Element, ds: xr.Dataset, resp: np.ndarray) -> None:
+        labelled = [e.label for e, m in ((a, self._marginal(a)), (b, self._marginal(b))) if m.levels is not None]
+        if labelled:
+            raise ModelError(f"plot.components(x, y): a scatter needs two numeric elements; {labelled} "
+                             f"{'is' if len(labelled) == 1 else 'are'} categorical: draw "
+                             f"{'it' if len(labelled) == 1 else 'each'} alone (components(x=...))")
         colors = state_colors(resp.shape[1])
         xv, yv = self._values(ds, a), self._values(ds, b)
         ax.scatter(xv, yv, c=np.clip(resp @ colors, 0, 1), s=12, alpha=0.75, linewidths=0, gid="data")
@@ -858,12 +863,25 @@ class FitPlotter:
         time_dim = self._markov
         others = [d for d in path.dims if d != time_dim]
         if others:
+            sizes = [path.sizes[d] for d in others]
             if isinstance(sequence, Mapping):
+                lacking = [d for d in others if d not in sequence]
+                if lacking:
+                    raise ModelError(f"plot.states(sequence=...): give a label for every sequence dim {others}, "
+                                     f"missing {lacking}")
                 chosen = {d: sequence[d] for d in others}
-                proba, path, ds = proba.sel(chosen), path.sel(chosen), ds.sel(chosen)
+                try:
+                    proba, path, ds = proba.sel(chosen), path.sel(chosen), ds.sel(chosen)
+                except (KeyError, IndexError):
+                    raise ModelError(f"plot.states(sequence={sequence!r}): no such sequence; the labels are "
+                                     + "; ".join(f"{d}: {list(path[d].values)[:10]}" if d in path.coords
+                                                 else f"{d}: 0..{path.sizes[d] - 1}" for d in others)) from None
             else:
-                index = dict(zip(others, np.unravel_index(int(sequence), [path.sizes[d] for d in others]),
-                                 strict=True))
+                count = int(np.prod(sizes))
+                if isinstance(sequence, bool) or not isinstance(sequence, int | np.integer) or not 0 <= sequence < count:
+                    raise ModelError(f"plot.states(sequence={sequence!r}): expected the number of a sequence, "
+                                     f"0 to {count - 1}, or a mapping of labels over {others}")
+                index = dict(zip(others, np.unravel_index(int(sequence), sizes), strict=True))
                 proba, path, ds = proba.isel(index), path.isel(index), ds.isel(index)
         states = list(self._states)
         k = len(states)

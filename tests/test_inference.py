@@ -333,3 +333,17 @@ def test_standard_errors_on_dask_data_equal_those_in_memory(method):
     for name in ("z", "x"):
         for key, da in expected[name].to_dataset().data_vars.items():
             np.testing.assert_allclose(got[name][key].values, da.values, rtol=1e-6)
+
+
+def test_standard_errors_of_a_degenerate_gaussian_fit_say_so():
+    """Counts whose rows sum to a constant have a singular covariance: the fit is degenerate (a
+    covariance at its floor) and its information matrix does not exist; numpy's LinAlgError escaped."""
+    rng = np.random.default_rng(1)
+    ds = xr.Dataset({"cnt": (("sample", "cat"), rng.multinomial(10, [0.2, 0.3, 0.5], 240).astype(float))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = em.Model().latent("z", em.Categorical(2)).observe("cnt", em.MultivariateNormal(dim="cat")).fit(
+            ds, seed=0)
+    assert fit.degenerate
+    with pytest.raises(em.ModelError, match="standard_errors: .*the fit is degenerate"):
+        fit.standard_errors()

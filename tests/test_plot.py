@@ -333,3 +333,25 @@ def test_posterior_subsamples_many_samples() -> None:
     vertices = max(len(path.vertices) for c in ax.collections for path in c.get_paths())
     assert vertices < 4 * plot._MAX_STACKED_POINTS + 10
     assert ax.get_xlim() == (0, 11999)
+
+
+def test_bad_choices_of_sequence_or_a_categorical_axis_are_named():
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset({"x": (("seq", "time"), np.where((np.arange(60) // 15) % 2, 3.0, 0.0)
+                           + rng.normal(0, 1, (4, 60)))})
+    chain = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal).fit(ds, seed=0)
+    assert isinstance(chain.plot.states(sequence=3), Figure)
+    for bad in (4, -1, 1.5):
+        with pytest.raises(em.ModelError, match=r"sequence=.*0 to 3"):
+            chain.plot.states(sequence=bad)
+    with pytest.raises(em.ModelError, match="no such sequence"):
+        chain.plot.states(sequence={"seq": 7})
+    z = rng.integers(0, 2, 200)
+    mixed = xr.Dataset({"x": ("sample", rng.normal(3.0 * z, 1.0)),
+                        "color": ("sample", np.where(z == 0, "red", rng.choice(["red", "blue"], 200)).astype(object))})
+    fit = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal).observe("color", em.Categorical).fit(
+        mixed, seed=0)
+    assert isinstance(fit.plot.components(x="color"), Figure)
+    for x, y in (("x", "color"), ("color", "x")):
+        with pytest.raises(em.ModelError, match=r"\['color'\] is categorical"):
+            fit.plot.components(x=x, y=y)
