@@ -15,7 +15,9 @@ Layout (format version 1), as groups of one netCDF-4 file:
 * ``params/<node>``: one Dataset per latent and observed node, in the data's units;
 * ``standardization/<node>``: ``center`` and ``scale`` of each observed node;
 * ``traces``: ``loglik``, ``elbo``, ``kl``, ``time`` over ``step``, with the
-  ``restart`` and ``iteration`` coordinates.
+  ``restart`` and ``iteration`` coordinates;
+* ``weights`` (a weighted fit's): ``weights`` over ``row``, flat in the data's order, with
+  the ``dims`` and ``shape`` (JSON) they were given over.
 """
 
 from __future__ import annotations
@@ -82,11 +84,18 @@ def save(fit: Fit, path: str | os.PathLike[str]) -> None:
     >>> back.params["z"]["probs"].equals(fit.params["z"]["probs"])
     True
     """
-    tree = xr.DataTree.from_dict({
+    groups = {
         **{f"params/{name}": node.to_dataset() for name, node in fit.params.children.items()},
         **{f"standardization/{name}": units for name, units in fit.standardization.items()},
         "traces": fit.traces,
-    })
+    }
+    if getattr(fit, "weights", None) is not None:
+        # Optional: the weights the fit was given, flat and in the data's order (standard errors of
+        # the loaded fit need them; their labels may be tuples, which netCDF does not hold).
+        groups["weights"] = xr.Dataset({"weights": ("row", np.asarray(fit.weights.values, dtype=float).ravel())},
+                                       attrs={"dims": json.dumps(list(fit.weights.dims)),
+                                              "shape": json.dumps(list(fit.weights.shape))})
+    tree = xr.DataTree.from_dict(groups)
     tree.attrs = {
         "emdsl_format": FORMAT_VERSION,
         "model": fit.model.to_json(),
@@ -218,6 +227,11 @@ class _Reader:
             optional["degenerate"] = self.flag(attrs, "degenerate")
         if "sequence_dims" in attrs:
             optional["sequence_dims"] = self.sequence_dims(attrs, model)
+        if "weights" in tree.children:
+            if "weight_total" not in attrs:
+                raise self.fail("weights", "stored without weight_total, their sum")
+            optional["weights"] = self.weights(tree.children["weights"].to_dataset(), self.real(attrs, "weight_total"),
+                                               optional.get("sequence_dims"), sample_dim)
         if "weight_total" in attrs:
             optional["weight_total"] = self.real(attrs, "weight_total")
             if optional["weight_total"] <= 0:
@@ -316,6 +330,32 @@ class _Reader:
         if not isinstance(value, str) or not _SEED.fullmatch(value):
             raise self.fail("seed", f"expected an integer written in decimal, got {_describe(value)}")
         return int(value)
+
+    def weights(self, ds: xr.Dataset, total: float, sequence_dims: tuple[Hashable, ...] | None,
+                sample_dim: Hashable) -> xr.DataArray:
+        """The fit's weights: finite, non-negative, summing to ``weight_total`` (their sum over each
+        sequence's steps for a Markov fit, which is at least theirs), over the sample or sequence dims."""
+        self.exact_variables(ds, ["weights"], "weights")
+        da = ds["weights"]
+        if da.dims != ("row",):
+            raise self.fail("weights/weights", f"expected dims ('row',), got {da.dims}")
+        self.numbers(da, "weights/weights")
+        values = np.asarray(da.values, dtype=float)
+        if np.any(values < 0) or not values.sum() > 0:
+            raise self.fail("weights/weights", "weights must be non-negative with a positive sum")
+        try:
+            dims, shape = json.loads(self.text(ds.attrs, "dims")), json.loads(self.text(ds.attrs, "shape"))
+        except (ValueError, RecursionError):
+            raise self.fail("weights", "attributes dims and shape must be JSON lists") from None
+        expected = [sample_dim] if sequence_dims is None else list(sequence_dims)
+        if dims != expected:
+            raise self.fail("weights", f"expected dims {expected}, got {_describe(dims)}")
+        if (not isinstance(shape, list) or len(shape) != len(dims)
+                or not all(_is_integer(n) and n >= 0 for n in shape) or math.prod(shape) != values.size):
+            raise self.fail("weights", f"shape {_describe(shape)} does not hold {values.size} weights")
+        if sequence_dims is None and not math.isclose(values.sum(), total, rel_tol=1e-9):
+            raise self.fail("weights", f"they sum to {values.sum()!r}, not to weight_total {total!r}")
+        return xr.DataArray(values.reshape(shape), dims=dims, name="weights")
 
     def sequence_dims(self, attrs: Mapping[Hashable, Any], model: Model) -> tuple[Hashable, ...]:
         text = self.text(attrs, "sequence_dims")

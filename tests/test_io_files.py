@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,45 @@ def test_fit_load_and_save_delegate_to_emdsl_io(tmp_path, good_file):
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         em.load(tmp_path / "nowhere.nc")
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_a_weighted_fit_keeps_its_weights_and_standard_errors(tmp_path, chain):
+    """Without its weights, the loaded fit's standard errors were an unweighted fit's (silently)."""
+    rng = np.random.default_rng(0)
+    if chain:
+        x = rng.normal(size=(3, 80))
+        x[:, 40:] += 3
+        ds = xr.Dataset({"x": (("seq", "time"), x), "w": ("seq", [1.0, 2.0, 3.0])}, coords={"seq": ["a", "b", "c"]})
+        model = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal)
+    else:
+        ds = xr.Dataset({"x": ("sample", np.r_[rng.normal(0, 1, 100), rng.normal(4, 1, 100)]),
+                         "w": ("sample", rng.integers(1, 5, 200).astype(float))})
+        model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal)
+    fit = model.fit(ds, weights="w", seed=0, tol=1e-12)
+    fit.save(tmp_path / "weighted.nc")
+    back = em.load(tmp_path / "weighted.nc")
+    np.testing.assert_array_equal(back.weights.values, fit.weights.values)
+    assert back.weights.dims == fit.weights.dims
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a chain's initial probability on its boundary, alike in both
+        expected, got = fit.standard_errors(), back.standard_errors(data=ds)
+    np.testing.assert_allclose(got["x"]["mean"].values, expected["x"]["mean"].values, rtol=1e-10)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (set_values("weights/weights", lambda v: -v), "non-negative"),
+    (set_values("weights/weights", lambda v: v * np.nan), "not finite"),
+    (set_values("weights/weights", lambda v: v * 2), "not to weight_total"),
+    (set_attrs("weights", dims='["draw"]'), "expected dims"),
+    (set_attrs("weights", shape="[3]"), "does not hold"),
+    (set_attrs(weight_total=None), "without weight_total"),
+])
+def test_crafted_weights_are_refused_naming_the_field(tmp_path, edit, message):
+    rng = np.random.default_rng(1)
+    ds = xr.Dataset({"x": ("sample", rng.normal(size=50)), "w": ("sample", rng.integers(1, 4, 50).astype(float))})
+    path = tmp_path / "weighted.nc"
+    em.Model().observe("x", em.Normal).fit(ds, weights="w").save(path)
+    edit(path)
+    with pytest.raises(em.ModelError, match=f"field weights.*{message}"):
+        em.load(path)
