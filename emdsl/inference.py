@@ -44,7 +44,7 @@ constraint (they come from a rank-(K − 1) covariance whose rows sum to zero).
 
 Fixed parameters (given to the family in the declaration) have no standard error: they
 are left out of the result, whose node attrs list them under ``fixed``. An entry on the
-boundary of its range (a probability of exactly 0 or 1, a rate of 0) has no finite
+boundary of its range (a probability within 1e-6 of 0 or 1, a rate of 0) has no finite
 information: it is held, gets a standard error of 0, and is named in a warning and in
 the node's ``at_boundary`` attr.
 """
@@ -77,6 +77,11 @@ Constraint = Literal["real", "reference", "positive", "unit", "simplex", "symmet
 _STEP = 2e-3
 #: an entry closer than this to the edge of its range is on the boundary (no finite information)
 _EDGE = 1e-10
+#: a probability closer than this to 0 or 1 is on the boundary. EM reaches such an edge only in the
+#: limit (a one-sequence chain's initial distribution, a transition never taken, each entry shrinking
+#: by a factor per iteration), so where it stops, 1e-12 or 1e-8, depended on tol; the information
+#: there belongs to no maximum, and the outcome was a standard error of 0, a finite one or an error
+_PROBABILITY_EDGE = 1e-6
 #: rows per block of the per-sample scores (P × K × rows floats are held at once)
 _ROWS = 1024
 
@@ -188,7 +193,7 @@ def _block(name: str, param: str, kind: Constraint, value: np.ndarray) -> _Block
         inside = flat > _EDGE * max(float(np.abs(flat).max()), 1e-300)
         return _Block(name, param, kind, value, np.flatnonzero(inside), boundary=np.flatnonzero(~inside))
     if kind == "unit":
-        inside = (flat > _EDGE) & (flat < 1 - _EDGE)
+        inside = (flat > _PROBABILITY_EDGE) & (flat < 1 - _PROBABILITY_EDGE)
         return _Block(name, param, kind, value, np.flatnonzero(inside), boundary=np.flatnonzero(~inside))
     if kind == "symmetric":
         D = value.shape[-1]
@@ -204,7 +209,7 @@ def _block(name: str, param: str, kind: Constraint, value: np.ndarray) -> _Block
             index = r * L + entry
             if entry == reference[r]:
                 continue
-            if row[entry] > _EDGE:
+            if row[entry] > _PROBABILITY_EDGE:
                 free.append(index)
                 refs.append(r * L + reference[r])
             else:

@@ -347,3 +347,23 @@ def test_standard_errors_of_a_degenerate_gaussian_fit_say_so():
     assert fit.degenerate
     with pytest.raises(em.ModelError, match="standard_errors: .*the fit is degenerate"):
         fit.standard_errors()
+
+
+def test_a_one_sequence_chain_has_its_initial_distribution_on_the_boundary_whatever_the_tol():
+    """With one sequence ℓ is linear in the initial distribution, so its maximum is a vertex that EM
+    approaches by a factor per iteration: where it stopped (1e-8 or 1e-11 from it) decided between a
+    standard error of 0, a finite one and an error. Entries within 1e-6 of an edge are held."""
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0, 1, 50), rng.normal(3, 1, 50), rng.normal(0, 1, 50)]
+    ds = xr.Dataset({"x": ("time", x)})
+    model = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Normal)
+    errors = []
+    for tol in (1e-6, 1e-9, 1e-13):
+        fit = model.fit(ds, seed=0, tol=tol)
+        assert fit.params["z"]["initial"].values.min() < 1e-6
+        with pytest.warns(RuntimeWarning, match="boundary"):
+            se = fit.standard_errors()
+        np.testing.assert_array_equal(se["z"]["initial"].values, 0.0)
+        assert se["z"].attrs["at_boundary"].startswith("initial[")
+        errors.append(np.sort(se["x"]["mean"].values.ravel()))
+    np.testing.assert_allclose(errors[0], errors[-1], rtol=1e-2)
