@@ -125,3 +125,19 @@ def test_a_regression_plot_on_new_data_and_on_given_axes():
     assert len(points.get_offsets()) == 50
     with pytest.raises(ModelError, match="dose"):
         fit.plot.components(data=ds.drop_vars("dose"))
+
+
+def test_a_switching_regression_over_padded_sequences_draws_the_observed_steps():
+    """Sequences of different lengths (NaN padding in response and covariate alike): the fit skips
+    the padding, and so does the plot (it refused the padding's missing covariates)."""
+    rng = np.random.default_rng(0)
+    u = rng.uniform(-2, 2, (3, 60))
+    y = np.where((np.arange(60) // 15) % 2 == 0, 1 + 2 * u, -1 - u) + rng.normal(0, 0.3, (3, 60))
+    y[1, 50:] = u[1, 50:] = np.nan
+    y[2, 40:] = u[2, 40:] = np.nan
+    ds = xr.Dataset({"y": (("seq", "time"), y), "u": (("seq", "time"), u)})
+    fit = (em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal, covariates=["u"])
+           .fit(ds, seed=0))
+    fig = fit.plot.components()
+    points = sum(len(c.get_offsets()) for c in fig.axes[0].collections if c.get_gid() == "data")
+    assert points == 60 + 50 + 40
