@@ -200,12 +200,15 @@ class Fit:
         """Update the fit in place with stepwise EM on a new chunk of a stream; returns the fit.
 
         The chunk is read in the fit's units and levels, split into the fit's minibatches
-        (``batch_size``; default: the whole chunk), and each minibatch moves the running
-        statistics by γ_t = (t + 1)^−step_decay (:mod:`emdsl.engine.online`), continuing
-        the step count of a ``method="stepwise"`` fit (a batch-EM fit starts a new count).
-        ``loglik`` becomes the prequential log-likelihood (each chunk scored at the
-        parameters it arrived to, added to the fit's own), and the trace gains one entry
-        per chunk.
+        (its ``batch_size``; by default a 32nd of the rows it was fitted to, or of the chunk),
+        and each minibatch moves the running statistics by γ_t = (t + 1)^−step_decay
+        (:mod:`emdsl.engine.online`), continuing the step count of a ``method="stepwise"``
+        fit. A batch-EM fit (``method="em"``) continues from the statistics of its own
+        E-step over its training data, counted as one epoch of minibatches. A fit loaded
+        from a file keeps neither its data nor running statistics and cannot continue
+        (``ModelError``). ``loglik`` becomes the prequential log-likelihood (each chunk
+        scored at the parameters it arrived to, added to the fit's own), and the trace
+        gains one entry per chunk.
 
         Examples
         --------

@@ -331,6 +331,26 @@ class StreamState:
     step_decay: float
 
 
+def _stream_from_batch_fit(fit: Any) -> StreamState:
+    """The running statistics a fit without any (``method="em"``) continues from: those of its own
+    E-step over its training data at θ̂ (which the M-step maps back to θ̂), with the step count of
+    one epoch of default minibatches over them, as if a stepwise fit had just passed over the data.
+
+    Without them the stream restarted from the new chunk's first minibatch alone, which threw the
+    fit away (a converged two-component fit, given 40 of its own rows, collapsed to a variance of
+    1e-3). A fit loaded from a file holds neither its data nor running statistics.
+    """
+    if fit.data is None:
+        raise ModelError("partial_fit: this fit was loaded from a file and keeps no running statistics of the "
+                         "data it was fitted to, so a new chunk cannot be weighed against them; refit on the "
+                         "data seen so far (fit(..., method='stepwise')) and continue that fit")
+    plan, theta, H = fit._compiled(fit.data, weights=fit.weights)
+    summary = _summarize(plan, (0, plan.n_samples), H, theta)
+    state = OnlineState(summary.stats / plan.total_weight, len(batches(plan, None)), STEP_DECAY,
+                        len(range(*batches(plan, None)[0])))
+    return StreamState(state, state.batch_size, STEP_DECAY)
+
+
 def continue_fit(fit: Any, data: Any, weights: Any = None) -> Any:
     """:meth:`Fit.partial_fit`'s body: stepwise-EM updates from a new chunk, in the fit's units and levels."""
     import xarray as xr
@@ -339,7 +359,7 @@ def continue_fit(fit: Any, data: Any, weights: Any = None) -> Any:
 
     if fit.model.latent_var is not None and fit.model.latent_var.markov is not None:
         raise ModelError("partial_fit: online EM over a Markov latent would cut sequences; refit with method='em'")
-    stream = getattr(fit, "_online", None) or StreamState(None, None, STEP_DECAY)
+    stream = getattr(fit, "_online", None) or _stream_from_batch_fit(fit)
     plan, theta, _ = fit._compiled(data, weights=weights)
     weight = plan.total_weight
     start = time.perf_counter()

@@ -75,6 +75,22 @@ def test_partial_fit_on_a_stream(data: xr.Dataset, batch: em.Fit) -> None:
     assert 0 <= gap <= bound(fit, steps, B)
 
 
+def test_partial_fit_continues_a_batch_em_fit_from_its_own_statistics(data: xr.Dataset, batch: em.Fit,
+                                                                        tmp_path) -> None:
+    """A batch-EM fit has no running statistics: its own E-step over its training data stands in
+    for them (one epoch of minibatches). The stream restarted from the chunk's first minibatch
+    alone before, which threw the fit away (a component's variance fell to the floor)."""
+    fit = MODEL.fit(data.isel(sample=slice(0, 4000)), seed=0, tol=1e-12, max_iter=2000)
+    for start in range(4000, N, 1000):  # the rest of the stream, in chunks
+        fit = fit.partial_fit(data.isel(sample=slice(start, start + 1000)))
+    assert fit._online.state.steps == 32 + 4 * 8  # one epoch of the fit's minibatches, then 8 per chunk
+    gap = (batch.loglik - float(fit.score_samples(data).sum())) / N
+    assert 0 <= gap <= bound(fit, fit._online.state.steps, 4000 // 32)
+    fit.save(tmp_path / "fit.nc")
+    with pytest.raises(ModelError, match="partial_fit: this fit was loaded from a file"):
+        em.load(tmp_path / "fit.nc").partial_fit(data.isel(sample=slice(0, 100)))
+
+
 def test_incremental_em_is_monotone_and_exact(data: xr.Dataset, batch: em.Fit) -> None:
     """Neal & Hinton: the ELBO never decreases, and the fixed point is EM's."""
     fit = MODEL.fit(data, seed=0, method="incremental", batch_size=1000, max_iter=40, tol=1e-10)
