@@ -135,17 +135,26 @@ def _tracked_parameter(info: FitInfo, tree: xr.DataTree) -> _Tracked | None:
         colours = np.repeat(state_colors(len(states)), len(states), axis=0)[:MAX_PARAMETER_LINES]
         return _Tracked(f"transition probabilities p({latent.name}_next | {latent.name})", latent.name, "transition",
                         labels, tuple(map(tuple, colours)))
-    if latent is not None:  # one line per state, in the state's colour in every emdsl plot
+    if latent is not None and len(info.model.latents) > 1:  # several latents: the first one's own weights
+        latent = info.model.latents[0]
+    if latent is not None and "probs" in tree[latent.name].to_dataset().data_vars:
+        # one line per state, in the state's colour in every emdsl plot
         states = tree[latent.name]["probs"][latent.name].values[:MAX_PARAMETER_LINES]
         colours = state_colors(tree[latent.name]["probs"].size)[:MAX_PARAMETER_LINES]
         return _Tracked(f"mixture weights π({latent.name})", latent.name, "probs",
                         tuple(f"{latent.name}={s}" for s in states), tuple(map(tuple, colours)))
+    if latent is not None:  # weights that depend on covariates: their coefficients
+        return _every_entry(tree, latent.name, "coef")
     if not info.model.observed:
         return None
     node = info.model.observed[0].name
     node_ds = tree[node].to_dataset()
-    key = "mean" if "mean" in node_ds.data_vars else next(iter(node_ds.data_vars))
-    da = node_ds[key]
+    return _every_entry(tree, node, "mean" if "mean" in node_ds.data_vars else str(next(iter(node_ds.data_vars))))
+
+
+def _every_entry(tree: xr.DataTree, node: str, key: str) -> _Tracked:
+    """One line per entry of a node's parameter (the first MAX_PARAMETER_LINES), labelled by its coordinates."""
+    da = tree[node].to_dataset()[key]
     labels = []
     for index in np.ndindex(da.shape):
         parts = [str(da[d].values[i]) if d in da.coords else str(i) for d, i in zip(da.dims, index, strict=True)]

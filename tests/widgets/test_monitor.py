@@ -464,3 +464,26 @@ def test_monitor_is_a_callback(model, faithful) -> None:
 def test_public_name(model) -> None:
     assert em.widgets.ConvergenceMonitor is ConvergenceMonitor
     assert "ConvergenceMonitor" in em.widgets.__all__ and "ConvergenceMonitor" in dir(em.widgets)
+
+
+def test_parameter_panel_of_covariate_weights_and_of_several_latents() -> None:
+    """Weights that depend on covariates (no probs: their coefficients are followed) and several
+    latents (each has its own weights: the first one's are followed); both raised KeyError."""
+    rng = np.random.default_rng(0)
+    u = rng.uniform(-2, 2, 200)
+    ds = xr.Dataset({"u": ("sample", u), "a": ("sample", rng.normal(size=200) + 3 * (u > 0)),
+                     "b": ("sample", rng.normal(size=200))})
+    concomitant = em.Model().latent("z", em.Categorical(2), covariates=["u"]).observe("a", em.Normal)
+    monitor = ConvergenceMonitor()
+    fit = concomitant.fit(ds, seed=0, callbacks=[monitor])
+    _, parameters = monitor._plots.figure.axes
+    np.testing.assert_allclose([line.get_ydata()[-1] for line in parameters.get_lines()],
+                               fit.params["z"]["coef"].values.ravel())
+    two = (em.Model().latent("p", em.Categorical(2)).latent("q", em.Categorical(3))
+           .observe("a", em.Normal, given=["p"]).observe("b", em.Normal, given=["q"]))
+    monitor = ConvergenceMonitor()
+    fit = two.fit(ds, seed=0, callbacks=[monitor])
+    _, parameters = monitor._plots.figure.axes
+    assert [line.get_label() for line in parameters.get_lines()] == ["p=0", "p=1"]
+    np.testing.assert_allclose([line.get_ydata()[-1] for line in parameters.get_lines()],
+                               fit.params["p"]["probs"].values)
