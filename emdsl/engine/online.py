@@ -237,6 +237,8 @@ def run_online(
     except KeyboardInterrupt:
         stop.interrupt()
         result.stopped = True
+    if method == "incremental":  # what partial_fit continues from: every minibatch's latest statistics
+        state = OnlineState(sum(parts[1:], parts[0]).stats / total, e_steps - 1, float(step_decay), batch_size)
     result.online = state  # type: ignore[attr-defined]
     return result
 

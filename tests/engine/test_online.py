@@ -91,6 +91,17 @@ def test_partial_fit_continues_a_batch_em_fit_from_its_own_statistics(data: xr.D
         em.load(tmp_path / "fit.nc").partial_fit(data.isel(sample=slice(0, 100)))
 
 
+def test_partial_fit_continues_an_incremental_fit_from_its_final_statistics(data: xr.Dataset) -> None:
+    """An incremental fit hands partial_fit every minibatch's latest statistics and its update count;
+    it handed over those of its starting point, with a count of 0."""
+    fit = MODEL.fit(data, seed=0, method="incremental", batch_size=B, max_iter=30)
+    state = fit._online.state
+    assert state.steps == fit.trace["e_steps"].values[-2] - 1  # every minibatch update (before the final pass)
+    means = fit.params["x"]["mean"].values.copy()
+    fit.partial_fit(data.isel(sample=slice(0, B)))  # one minibatch of its own data: a step of γ ≈ 0.01
+    np.testing.assert_allclose(fit.params["x"]["mean"].values, means, atol=0.02)
+
+
 def test_incremental_em_is_monotone_and_exact(data: xr.Dataset, batch: em.Fit) -> None:
     """Neal & Hinton: the ELBO never decreases, and the fixed point is EM's."""
     fit = MODEL.fit(data, seed=0, method="incremental", batch_size=1000, max_iter=40, tol=1e-10)
