@@ -363,3 +363,18 @@ def test_poisson_given_strings(dtype):
     with pytest.raises(em.ModelError, match=r"observe\('c', Poisson\): variable 'c' is not numeric .*"
                                             r"for labels use em.Categorical"):
         em.Model().observe("c", em.Poisson).fit(ds)
+
+
+def test_a_pandas_nullable_boolean_column_with_na_is_a_bernoulli_with_holes():
+    """pd.NA in a 'boolean' column is a missing value, as in an 'Int64' one (it raised TypeError)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    z = rng.integers(0, 2, 200)
+    flag = pd.array(np.where(np.arange(200) % 13 == 0, None, rng.random(200) < 0.2 + 0.6 * z), dtype="boolean")
+    frame = pd.DataFrame({"x": rng.normal(3 * z, 1), "flag": flag})
+    model = em.Model().latent("z", em.Categorical(2)).observe("x", em.Normal).observe("flag", em.Bernoulli)
+    nullable = model.fit(frame, seed=0)
+    as_floats = model.fit(frame.assign(flag=frame["flag"].astype(float)), seed=0)  # NA → NaN
+    assert nullable.loglik == pytest.approx(as_floats.loglik, rel=1e-12)
+    assert nullable.loglik == pytest.approx(float(nullable.score_samples(frame).sum()), rel=1e-12)

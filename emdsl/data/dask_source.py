@@ -51,6 +51,10 @@ def values_of(data: Any) -> Any:
     array = getattr(data, "data", data)
     if is_dask(array):
         return array.rechunk({axis: -1 for axis in range(1, array.ndim)}) if array.ndim > 1 else array
+    if (hasattr(array, "isna") and hasattr(array, "to_numpy") and getattr(array.dtype, "kind", "O") in "iufb"
+            and bool(np.asarray(array.isna()).any())):
+        # a pandas nullable array (boolean, Int64, Float64) with pd.NA: numbers, NA a missing value (NaN)
+        return array.to_numpy(dtype=float, na_value=np.nan)
     return np.asarray(data.values if hasattr(data, "values") else data)
 
 
