@@ -187,6 +187,10 @@ def grid(variables: str | Sequence[str], *, ks: Iterable[int] = range(1, 7),
     """
     from emdsl.families import Categorical, MultivariateNormal
 
+    ks = list(ks)
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1]
+    if bad:
+        raise ModelError(f"grid(ks=...): numbers of components must be positive integers, got {bad}")
     out = {}
     for k in ks:
         for covariance in covariances:

@@ -184,3 +184,10 @@ def test_icl_of_several_latents_labels_each_sample_by_its_joint_state():
 
     assert _classification_cost(at_two) == pytest.approx(_classification_cost(at_one), rel=1e-10)
     assert _classification_cost(at_two) > 1.0  # the bug this guards: a max over latent a alone gave far more
+
+
+@pytest.mark.parametrize("ks", [[0, 1], [-1], [2.7], [True]])
+def test_grid_refuses_numbers_of_components_that_are_not_positive_integers(ks):
+    """K=0 and K=-1 became one-component models, and 2.7 a two-state one labelled "K=2.7"."""
+    with pytest.raises(em.ModelError, match=r"grid\(ks=...\): numbers of components must be positive integers"):
+        em.grid("x", ks=ks)
