@@ -7,6 +7,8 @@ covariance). This module converts between those arrays and labelled xarray objec
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -264,6 +266,7 @@ def params_tree(plan: Plan, params: Mapping[str, Mapping[str, np.ndarray]]) -> x
         ds = xr.Dataset({key: labelled(plan, None, axes, params[plan.latent.name][key], key)
                          for key, axes in family.param_axes().items()})
         ds.attrs = {"family": family.kind, "role": "latent", "fixed": ",".join(family.fixed)}
+        _record_baselines(ds, family)
         if plan.sequences is not None:
             ds.attrs["markov"] = str(plan.sequences.dim)
         children[plan.latent.name] = ds
@@ -276,8 +279,30 @@ def params_tree(plan: Plan, params: Mapping[str, Mapping[str, np.ndarray]]) -> x
                     "variables": ",".join(node.variables), "fixed": ",".join(node.family.fixed)}
         if node.family.multivariate and hasattr(node.family, "covariance_type"):
             ds.attrs["covariance_type"] = node.family.covariance_type
+        _record_baselines(ds, node.family)
         children[node.name] = ds
     return xr.DataTree.from_dict(children)
+
+
+def _record_baselines(ds: xr.Dataset, family: Any) -> None:
+    """A regression's baseline levels (``regression.Terms``) as the ``term`` coordinate's attribute."""
+    baselines = getattr(getattr(family, "terms", None), "baselines", None)
+    if baselines and "term" in ds.coords:
+        ds["term"].attrs["baselines"] = json.dumps(baselines)
+
+
+def recorded_terms(tree: xr.DataTree, name: str) -> Any:
+    """A node's terms from a fit's parameters, with the baselines recorded beside them (if any)."""
+    from emdsl.regression import Terms
+
+    term = tree[name]["term"]
+    try:
+        baselines = json.loads(term.attrs.get("baselines", "{}"))
+    except ValueError:
+        baselines = {}
+    if not isinstance(baselines, dict) or not all(isinstance(v, str) for v in baselines.values()):
+        baselines = {}
+    return Terms([str(t) for t in term.values], baselines)
 
 
 def tree_values(tree: xr.DataTree | Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -918,7 +918,7 @@ def bind_concomitant(plan: Any, covariates: Sequence[str], ds: xr.Dataset, sampl
         reach = design
         rows = np.arange(plan.n_samples, dtype=np.intp)
         pattern = np.zeros(plan.n_samples, dtype=np.intp)
-    family = _ConcomitantWeights(latent.family, tuple(found))
+    family = _ConcomitantWeights(latent.family, Terms(found))
     latent.family = family
     T = len(found)
     node = Node(latent.name, _ConcomitantLogit(family, reach), tuple(covariates), True, ("column",), (T,),
@@ -963,7 +963,7 @@ def bind(node: Any, covariates: Sequence[str], intercept: bool, ds: xr.Dataset, 
         if fitting:
             check_design(design, found, covariates, intercept, where)
     if node.family.kind == "Normal":
-        node.family = _NormalRegression(node.family, tuple(covariates), tuple(found), intercept)
+        node.family = _NormalRegression(node.family, tuple(covariates), Terms(found), intercept)
         node.aux["design"] = design
         return
     names = [node.variables[0], *found]
@@ -997,7 +997,7 @@ def bind(node: Any, covariates: Sequence[str], intercept: bool, ds: xr.Dataset, 
     reach: Any = design
     if chunked and not isinstance(design, np.ndarray):
         reach = LazyDesign(design, summary.low, summary.high) if summary is not None else None
-    node.family = _GLMRegression(node.family, tuple(covariates), tuple(found), intercept, offset is not None, reach)
+    node.family = _GLMRegression(node.family, tuple(covariates), Terms(found), intercept, offset is not None, reach)
     if chunked:  # one pass: each chunk's count of observed responses, and the sums the start's anchor needs
         from emdsl.data import dask_source
 
@@ -1065,12 +1065,27 @@ def start_anchor(family: _GLMRegression, rows: np.ndarray) -> np.ndarray:
     return anchor
 
 
+class Terms(tuple):
+    """A design's term names, with the baseline level of each categorical covariate that has one
+    (an intercept's model: the first level gets no column). Recorded with the fit (the ``term``
+    coordinate's ``baselines`` attribute), so that new data with a level the fit never saw are
+    refused even when they lack the baseline (which the term names alone cannot tell apart)."""
+
+    baselines: dict[str, str]
+
+    def __new__(cls, names: Sequence[str], baselines: Mapping[str, str] | None = None) -> Terms:
+        self = super().__new__(cls, names)
+        self.baselines = dict(baselines if baselines is not None else getattr(names, "baselines", {}))
+        return self
+
+
 def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sample_dim: Hashable, where: str,
                   terms: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """The design (N × T) and its term names: intercept, numeric covariates, one-hot levels."""
     n = int(ds.sizes[sample_dim])
     columns: list[np.ndarray] = [np.ones(n)] if intercept else []
     names: list[str] = ["intercept"] if intercept else []
+    baselines: dict[str, str] = {}
     for name in covariates:
         da = ds[name]
         if da.dims != (sample_dim,):
@@ -1092,8 +1107,10 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
                 bad = next(v for v in raw if not isinstance(v, str | bool | int | np.integer))
                 raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                                  f"{type(bad).__name__} values such as {bad!r}); convert it to numbers or to labels")
-            kept = _kept_levels(where, name, _levels(da, raw) if terms is None else None,
-                                {str(v) for v in raw}, terms, intercept)
+            seen = _levels(da, raw) if terms is None else None
+            if seen is not None and intercept:
+                baselines[name] = str(seen[0])
+            kept = _kept_levels(where, name, seen, {str(v) for v in raw}, terms, intercept)
             text = np.array([str(v) for v in raw], dtype=object)
             for level in kept:
                 columns.append((text == str(level)).astype(float))
@@ -1103,7 +1120,7 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
                              f"{values.dtype}); convert it to numbers (e.g. days since a date) or to labels")
     if terms is not None and list(terms) != names:
         raise ModelError(f"{where}: the new data give the terms {names}, but the fit has {list(terms)}")
-    return (np.column_stack(columns) if columns else np.zeros((n, 0))), names
+    return (np.column_stack(columns) if columns else np.zeros((n, 0))), Terms(names, baselines)
 
 
 def _kept_levels(where: str, name: str, levels: list[Any] | None, strings: set[str],
@@ -1117,6 +1134,13 @@ def _kept_levels(where: str, name: str, levels: list[Any] | None, strings: set[s
                              "it duplicates the intercept. Drop it")
         return levels[1:] if intercept else levels
     kept = [t[len(name) + 1:-1] for t in terms if t.startswith(f"{name}[") and t.endswith("]")]
+    baseline = getattr(terms, "baselines", {}).get(name)
+    if baseline is not None:  # the fit recorded its baseline level: any other level is new
+        unseen = sorted(strings - set(kept) - {baseline})
+        if unseen:
+            raise ModelError(f"{where}: the covariate {name!r} has levels {unseen} that the fit did not see "
+                             f"(it knows {[baseline, *kept]})")
+        return kept
     outside = sorted(strings - set(kept))
     if len(outside) > 1 or (outside and not intercept):
         raise ModelError(f"{where}: the covariate {name!r} has levels {outside} that the fit did not "
@@ -1284,6 +1308,7 @@ def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: boo
         arrays.append(dask_source.as_rows(dask_source.values_of(array), chunks))
     found = dask_source.scan(arrays, functools.partial(_covariate_part, kinds), _covariate_combine) if arrays else []
     names: list[str] = ["intercept"] if intercept else []
+    baselines: dict[str, str] = {}
     specs: list[list[str] | None] = []
     for name, kind, (missing, infinite, bad, strings) in zip(covariates, kinds, found, strict=True):
         da_ = ds[name]
@@ -1302,6 +1327,8 @@ def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: boo
         if bad[0] >= 0:
             raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                              f"{type(bad[1]).__name__} values such as {bad[1]!r}); convert it to numbers or to labels")
+        if terms is None and intercept:
+            baselines[name] = sorted(strings)[0]
         kept = _kept_levels(where, name, sorted(strings) if terms is None else None, strings, terms, intercept)
         specs.append(list(kept))
         names.extend(f"{name}[{level}]" for level in kept)
@@ -1310,7 +1337,7 @@ def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: boo
     like = da.zeros(n, chunks=(chunks,))
     design = da.map_blocks(functools.partial(_design_chunk, specs, intercept), like, *arrays, new_axis=1,
                            chunks=(chunks, (len(names),)), dtype=float, meta=np.empty((0, 0)))
-    return design, names
+    return design, Terms(names, baselines)
 
 
 def _summary_part(start: int, design: np.ndarray) -> DesignSummary:

@@ -341,3 +341,28 @@ def test_a_two_state_poisson_regression_is_recovered_from_one_default_start():
         z = max(np.abs((coef[k] - known[k].params) / known[k].bse).max() for k in range(2))
         recovered += fit.loglik >= reference.loglik - 1e-3 and z < 4
     assert recovered >= 19, recovered
+
+
+@pytest.mark.parametrize("where", ["node", "latent"])
+def test_a_new_level_without_the_baseline_is_refused_after_save_and_load(where, tmp_path):
+    """New data whose categorical covariate has one unseen level and lacks the baseline were scored
+    as if the unseen level were the baseline (the term names cannot tell them apart): the fit
+    records its baseline levels beside its terms."""
+    rng = np.random.default_rng(0)
+    n = 150
+    group = rng.choice(["a", "b", "c"], n).astype(object)
+    u, w = rng.normal(size=n), rng.normal(size=n)
+    ds = xr.Dataset({"y": ("sample", u + 2.0 * (group == "b") + rng.normal(size=n)), "u": ("sample", u),
+                     "w": ("sample", w), "grp": ("sample", group)})
+    model = (em.Model().latent("z", em.Categorical(2)).observe("y", em.Normal, covariates=["u", "grp"])
+             if where == "node" else
+             em.Model().latent("z", em.Categorical(2), covariates=["w", "grp"]).observe("y", em.Normal, covariates=["u"]))
+    fit = model.fit(ds, seed=0)
+    fit.save(tmp_path / "fit.nc")
+    new = ds.isel(sample=slice(0, 30))
+    new = new.assign(grp=("sample", np.where(new["grp"].values == "a", "zzz", new["grp"].values).astype(object)))
+    for this in (fit, em.load(tmp_path / "fit.nc")):
+        with pytest.raises(em.ModelError, match=r"'grp' has levels \['zzz'\] that the fit did not see "
+                                                r"\(it knows \['a', 'b', 'c'\]\)"):
+            this.score_samples(new)
+        assert float(this.score_samples(ds).sum()) == pytest.approx(fit.loglik, rel=1e-12)
