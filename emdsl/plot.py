@@ -886,7 +886,8 @@ class FitPlotter:
                                                  else f"{d}: 0..{path.sizes[d] - 1}" for d in others)) from None
             else:
                 count = int(np.prod(sizes))
-                if isinstance(sequence, bool) or not isinstance(sequence, int | np.integer) or not 0 <= sequence < count:
+                valid = isinstance(sequence, int | np.integer) and not isinstance(sequence, bool)
+                if not (valid and 0 <= sequence < count):
                     raise ModelError(f"plot.states(sequence={sequence!r}): expected the number of a sequence, "
                                      f"0 to {count - 1}, or a mapping of labels over {others}")
                 index = dict(zip(others, np.unravel_index(int(sequence), sizes), strict=True))

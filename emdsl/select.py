@@ -241,7 +241,8 @@ def _classification_cost(fit: Fit) -> float:
     if fit.model.latent_var.markov is not None:
         _, log_joint = fit.viterbi(fit.data)
         # one sequence: a float and a 0-d array; several: arrays over the sequence dims
-        terms = np.ravel(np.asarray(fit.score_samples(fit.data), dtype=float)) - np.ravel(np.asarray(log_joint, dtype=float))
+        scores = np.ravel(np.asarray(fit.score_samples(fit.data), dtype=float))
+        terms = scores - np.ravel(np.asarray(log_joint, dtype=float))
     else:
         resp = np.asarray(fit.posterior.values)  # (sample, states of each latent...)
         terms = -np.log(resp.reshape(len(resp), -1).max(axis=1))

@@ -431,7 +431,8 @@ class MultivariateNormal(ObservedFamily):
                                  f"got smallest value {cov.min():.6g}")
             return
         if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
-            raise ModelError(f"{where}: {self.covariance_type} covariance must be D × D matrices, got shape {cov.shape}")
+            raise ModelError(f"{where}: {self.covariance_type} covariance must be D × D matrices, "
+                             f"got shape {cov.shape}")
         matrices = cov.reshape((-1,) + cov.shape[-2:])
         _check_symmetric(matrices, where, per_state=cov.ndim == 3)
         for k, matrix in enumerate(matrices):
