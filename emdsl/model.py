@@ -183,9 +183,10 @@ class Model:
         covariates : list of str, optional
             Data variables (1-D over the samples) the node's mean is linear in, per latent
             state: a mixture of regressions (em.Normal), with parameters ``coef`` over
-            (latent, ``term``) and ``variance``. Numeric covariates enter as they are,
-            categorical ones (strings, booleans as labels) one-hot against their first
-            level, with terms named ``"sex[male]"``. See :mod:`emdsl.regression`.
+            (latent, ``term``) and ``variance``. Numeric covariates (a bool array as 0/1)
+            enter as they are, categorical ones (strings, or labels in an object array,
+            True/False included) one-hot against their first level in sorted order, with
+            terms named ``"sex[male]"``. See :mod:`emdsl.regression`.
         intercept : bool, default True
             Whether the design has the term ``"intercept"``.
         offset : str, optional
