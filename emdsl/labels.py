@@ -8,7 +8,6 @@ covariance). This module converts between those arrays and labelled xarray objec
 from __future__ import annotations
 
 import json
-
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -289,20 +288,6 @@ def _record_baselines(ds: xr.Dataset, family: Any) -> None:
     baselines = getattr(getattr(family, "terms", None), "baselines", None)
     if baselines and "term" in ds.coords:
         ds["term"].attrs["baselines"] = json.dumps(baselines)
-
-
-def recorded_terms(tree: xr.DataTree, name: str) -> Any:
-    """A node's terms from a fit's parameters, with the baselines recorded beside them (if any)."""
-    from emdsl.regression import Terms
-
-    term = tree[name]["term"]
-    try:
-        baselines = json.loads(term.attrs.get("baselines", "{}"))
-    except ValueError:
-        baselines = {}
-    if not isinstance(baselines, dict) or not all(isinstance(v, str) for v in baselines.values()):
-        baselines = {}
-    return Terms([str(t) for t in term.values], baselines)
 
 
 def tree_values(tree: xr.DataTree | Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import operator
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -1078,9 +1079,20 @@ class Terms(tuple):
         self.baselines = dict(baselines if baselines is not None else getattr(names, "baselines", {}))
         return self
 
+    @classmethod
+    def of(cls, term: xr.DataArray) -> Terms:
+        """The terms a fit's ``term`` coordinate holds, with the baselines recorded beside them (if any)."""
+        try:
+            baselines = json.loads(term.attrs.get("baselines", "{}"))
+        except ValueError:
+            baselines = {}
+        if not isinstance(baselines, dict) or not all(isinstance(v, str) for v in baselines.values()):
+            baselines = {}
+        return cls([str(t) for t in term.values], baselines)
+
 
 def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sample_dim: Hashable, where: str,
-                  terms: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+                  terms: Sequence[str] | None = None) -> tuple[np.ndarray, Terms]:
     """The design (N × T) and its term names: intercept, numeric covariates, one-hot levels."""
     n = int(ds.sizes[sample_dim])
     columns: list[np.ndarray] = [np.ones(n)] if intercept else []
@@ -1283,7 +1295,7 @@ def _design_chunk(specs: list[list[str] | None], intercept: bool, like: np.ndarr
 
 
 def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sample_dim: Hashable,
-                       where: str, terms: Sequence[str] | None, chunks: tuple[int, ...]) -> tuple[Any, list[str]]:
+                       where: str, terms: Sequence[str] | None, chunks: tuple[int, ...]) -> tuple[Any, Terms]:
     """:func:`design_matrix` over dask-backed covariates: a lazy (N × T) design with sample ``chunks``.
 
     One pass over the covariates finds what the in-memory path checks (holes, infinities,
@@ -1396,7 +1408,7 @@ def stored_family(decl: Any, params: Any) -> Any:
     if not covariates and getattr(decl, "intercept", True):
         return decl.family
     child = params.children.get(decl.name) if hasattr(params, "children") else None
-    terms = tuple(str(t) for t in child["term"].values) if child is not None and "term" in child.coords else covariates
+    terms = Terms.of(child["term"]) if child is not None and "term" in child.coords else covariates
     if not hasattr(decl, "variables"):  # the latent
         return _ConcomitantWeights(decl.family, terms)
     if decl.family.kind == "Normal":
@@ -1480,7 +1492,7 @@ def _draws(plan: Any, theta: Mapping[str, Any], entropy: int, start: int) -> tup
         from emdsl.latent.markov import sample_states
 
         path = sample_states(theta[latent.name], sequences.n_sequences, sequences.length, rng)
-        states = path[np.arange(sequences.length)[None, :] < sequences.lengths[:, None]]
+        states = path[sequences.observed]
     elif hidden:
         log_pi = hidden[0].family.log_weights_per_row(np.asarray(theta[latent.name]["coef"]),
                                                       np.asarray(hidden[0].sources[0], dtype=float).T)

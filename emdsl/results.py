@@ -502,10 +502,12 @@ class Fit:
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
         if self._markov is not None:
             use_dim = self._sequence_dims_in(ds, variables) if variables else None
+        from emdsl.regression import Terms
+
         levels: dict[str, Any] = self.levels
         for name, node in self.params.children.items():  # a regression's terms, with their baselines
             if "term" in node.coords and "baselines" in node["term"].attrs:
-                levels[name] = labels.recorded_terms(self.params, name)
+                levels[name] = Terms.of(node["term"])
         plan = compile_plan(self.model, ds, sample_dim=use_dim, fitting=False, weights=weights,
                             standardization={name: (units["center"], units["scale"])
                                              for name, units in self.standardization.items()},

@@ -134,7 +134,7 @@ def _placed(plan: Plan, da: xr.DataArray, values: Any, event_dims: list[Any]) ->
     ordered = da.transpose(*sequences.sequence_dims, sequences.dim, *event_dims)
     grid = np.array(ordered.values)
     steps = grid.reshape((sequences.n_sequences * sequences.length, -1))
-    kept = (np.arange(sequences.length)[None, :] < sequences.lengths[:, None]).ravel()
+    kept = sequences.observed.ravel()
     written = _as_dtype(np.asarray(values).reshape((int(kept.sum()), -1)), ordered)
     if written.dtype != steps.dtype:  # e.g. float codes of a label column read back as labels
         steps = steps.astype(np.result_type(steps.dtype, written.dtype) if steps.dtype.kind != "O" else object)

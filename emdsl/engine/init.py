@@ -541,7 +541,7 @@ def _chain_responsibilities(plan: Plan, resp: xr.DataArray) -> np.ndarray:
     if values.shape != expected:
         raise ModelError(f"init: responsibilities must have shape {expected}, got {values.shape}")
     grid = values.reshape(sequences.n_sequences, sequences.length, plan.K)
-    rows = grid[np.arange(sequences.length)[None, :] < sequences.lengths[:, None]]
+    rows = grid[sequences.observed]
     if not np.all(np.isfinite(rows)) or np.any(rows < 0) or not np.allclose(rows.sum(axis=1), 1.0, atol=1e-6):
         raise ModelError(f"init: responsibilities must be finite, non-negative and sum to 1 over "
                          f"{plan.latent.name!r} at every observed step")

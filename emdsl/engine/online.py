@@ -348,8 +348,8 @@ def _stream_from_batch_fit(fit: Any) -> StreamState:
                          "data seen so far (fit(..., method='stepwise')) and continue that fit")
     plan, theta, H = fit._compiled(fit.data, weights=fit.weights)
     summary = _summarize(plan, (0, plan.n_samples), H, theta)
-    state = OnlineState(summary.stats / plan.total_weight, len(batches(plan, None)), STEP_DECAY,
-                        len(range(*batches(plan, None)[0])))
+    epoch = batches(plan, None)
+    state = OnlineState(summary.stats / plan.total_weight, len(epoch), STEP_DECAY, len(range(*epoch[0])))
     return StreamState(state, state.batch_size, STEP_DECAY)
 
 

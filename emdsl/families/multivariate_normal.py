@@ -600,6 +600,7 @@ def _check_symmetric(matrices: np.ndarray, where: str, per_state: bool) -> None:
         raise ModelError(f"{where}: covariance must be symmetric; entry [{i}, {j}]{which} is "
                          f"{matrices[k, i, j]:.10g} but [{j}, {i}] is {matrices[k, j, i]:.10g}")
 
+
 class PatternTerms:
     """The conditional Gaussian of one pattern of holes, per component (DESIGN.md §2).
 

@@ -75,6 +75,12 @@ class Sequences:
         """Observed length of each sequence (padding trimmed)."""
         return np.diff(self.starts)
 
+    @property
+    def observed(self) -> np.ndarray:
+        """Which steps of the padded grid (n_sequences × length) are rows: each sequence's steps up to
+        its last observation."""
+        return np.arange(self.length)[None, :] < self.lengths[:, None]
+
     def blocks(self, rows: int) -> list[tuple[int, int]]:
         """Row ranges of whole sequences, about ``rows`` long (a longer sequence is a block of its own)."""
         out = []
@@ -100,8 +106,7 @@ class Sequences:
         """Per-row values (N, ...) onto the padded grid (n_sequences, length, ...), ``fill`` in the padding."""
         out = np.full((self.n_sequences, self.length) + values.shape[1:], fill,
                       dtype=values.dtype if dtype is None else dtype)
-        mask = np.arange(self.length)[None, :] < self.lengths[:, None]
-        out[mask] = values
+        out[self.observed] = values
         return out
 
 
