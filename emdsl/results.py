@@ -48,6 +48,9 @@ class Fit:
     weights : xarray.DataArray or None
         The weights the fit was given: one per sample, or for a Markov latent one per
         sequence (over the sequence dims); None when unweighted.
+    sequence_dims : tuple or None
+        A Markov latent's sequence dims as fitted (``()`` for one sequence): predictions
+        find the sequences by these names. None for a mixture.
 
     Examples
     --------
