@@ -184,9 +184,10 @@ class Model:
             Data variables (1-D over the samples) the node's mean is linear in, per latent
             state: a mixture of regressions (em.Normal), with parameters ``coef`` over
             (latent, ``term``) and ``variance``. Numeric covariates (a bool array as 0/1)
-            enter as they are, categorical ones (strings, or labels in an object array,
-            True/False included) one-hot against their first level in sorted order, with
-            terms named ``"sex[male]"``. See :mod:`emdsl.regression`.
+            enter as they are, categorical ones (strings, labels in an object array,
+            True/False included, or a pandas categorical of any type) one-hot against their
+            first level, with terms named ``"sex[male]"``: a pandas categorical's levels keep
+            their order (those that occur), other labels are sorted. See :mod:`emdsl.regression`.
         intercept : bool, default True
             Whether the design has the term ``"intercept"``.
         offset : str, optional

@@ -3,7 +3,8 @@ r"""Covariates: a Normal observation whose mean is linear in covariates, per lat
 ``observe("y", em.Normal, covariates=["dose", "sex"])`` makes y | z=k ~ N(x_nᵀβ_k, σ²_k)
 (a mixture of linear regressions, flexmix's ``FLXMRglm()``), with x_n the design row
 ["intercept", dose, sex[male], ...]: an intercept unless ``intercept=False``, numeric
-covariates as they are, categorical ones one-hot against their first level, in labelled
+covariates as they are, categorical ones one-hot against their first level (a pandas
+categorical's first category that occurs, else the first in sorted order), in labelled
 ``term``\s. It stays an exponential family in the joint statistics of (y, x):
 
 .. math::
@@ -1102,9 +1103,14 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
         da = ds[name]
         if da.dims != (sample_dim,):
             raise ModelError(f"{where}: the covariate {name!r} must be 1-D over {sample_dim!r}, got dims {da.dims}")
-        values = np.asarray(da.values)
+        categories = _categorical_labels(da)
+        values = np.asarray(da.values) if categories is None else categories
         kind = values.dtype.kind
-        if kind in "iuf" or kind == "b":
+        if categories is None and (kind in "iuf" or kind == "b"):
+            if terms is not None and any(t.startswith(f"{name}[") for t in terms):
+                raise ModelError(f"{where}: the covariate {name!r} is numeric in the new data, but the fit read it "
+                                 f"as categorical (terms {[t for t in terms if t.startswith(f'{name}[')]}); give "
+                                 "it as labels, e.g. .astype('category') as when fitting")
             numbers = values.astype(float)
             _no_missing(da, np.isnan(numbers), name, where)
             if np.isinf(numbers).any():
@@ -1115,7 +1121,7 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
         elif kind in "OUS":
             raw = [None if _missing(v) else v for v in values.tolist()]
             _no_missing(da, np.array([v is None for v in raw]), name, where)
-            if kind == "O" and not all(isinstance(v, str | bool | int | np.integer) for v in raw):
+            if categories is None and kind == "O" and not all(isinstance(v, str | bool | int | np.integer) for v in raw):
                 bad = next(v for v in raw if not isinstance(v, str | bool | int | np.integer))
                 raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                                  f"{type(bad).__name__} values such as {bad!r}); convert it to numbers or to labels")
@@ -1210,8 +1216,24 @@ def _no_missing(da: xr.DataArray, missing: np.ndarray, name: str, where: str) ->
 
 
 def _levels(da: xr.DataArray, raw: list[Any]) -> list[str]:
-    """A categorical covariate's levels: its distinct values (as text), sorted; the first is the baseline."""
-    return sorted({str(v) for v in raw})
+    """A categorical covariate's levels (as text), the first being the baseline: a pandas categorical's
+    categories in their order, those that occur (an unused one would be a column of zeros, which
+    no coefficient can fit); otherwise the distinct values, sorted."""
+    present = {str(v) for v in raw if v is not None}
+    categories = getattr(da.dtype, "categories", None)
+    if categories is not None:
+        return [level for level in map(str, categories) if level in present]
+    return sorted(present)
+
+
+def _categorical_labels(da: xr.DataArray) -> np.ndarray | None:
+    """A pandas categorical covariate as an object array of its labels as text (None where missing),
+    whatever its categories' type (integer codes of sites are categorical too); None for other dtypes."""
+    if getattr(da.dtype, "categories", None) is None:
+        return None
+    series = da.to_pandas()
+    names = [str(c) for c in series.cat.categories]
+    return np.array([names[c] if c >= 0 else None for c in series.cat.codes.to_numpy()], dtype=object)
 
 
 # -- dask-backed covariates: the design stays lazy, its checks are passes over the chunks -------------

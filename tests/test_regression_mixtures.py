@@ -235,6 +235,29 @@ def test_categorical_covariates_in_new_data_must_have_known_levels():
         fit.score_samples(new.assign(group=("sample", ["a", "d", "e", "a"])))
 
 
+def test_pandas_categorical_covariates_keep_their_order_whatever_their_type():
+    # levels in declared order (not sorted), integer categories read as labels, an unused one
+    # left out: the same fit as statsmodels' OLS on the design with those baselines
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(4)
+    n = 300
+    dose, group, site = rng.uniform(0, 2, n), rng.choice(["a", "b", "c"], n), rng.choice([10, 2, 7], n)
+    X = np.column_stack([np.ones(n), group == "a", group == "b", site == 2, site == 7, dose]).astype(float)
+    y = X @ [1.0, -2.0, 0.5, 1.5, -0.7, 0.3] + rng.normal(0, 0.5, n)
+    df = pd.DataFrame({"group": pd.Categorical(group, categories=["c", "a", "unused", "b"]),
+                       "site": pd.Categorical(site, categories=[10, 2, 7]), "dose": dose, "y": y})
+    ds = df.to_xarray()
+    fit = em.Model().observe("y", em.Normal, covariates=["group", "site", "dose"]).fit(ds, tol=1e-14)
+    coef = fit.params["y"]["coef"]
+    assert coef["term"].values.tolist() == ["intercept", "group[a]", "group[b]", "site[2]", "site[7]", "dose"]
+    np.testing.assert_allclose(coef.values.ravel(), sm.OLS(y, X).fit().params, rtol=1e-8)
+    # new data as plain labels score the same; plain numbers for a categorical covariate are refused
+    labels_only = ds.assign(group=("index", group), site=("index", site.astype(str)))
+    np.testing.assert_allclose(fit.score_samples(labels_only).values, fit.score_samples(ds).values)
+    with pytest.raises(em.ModelError, match="'site' is numeric in the new data.*categorical"):
+        fit.score_samples(ds.assign(site=("index", site)))
+
+
 def test_a_regression_fit_survives_saving(tmp_path):
     ds, _ = two_regimes(n=150)
     fit = (em.Model().latent("z", em.Categorical(2), covariates=["age"])
