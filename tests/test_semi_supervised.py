@@ -80,3 +80,47 @@ def test_a_label_that_is_not_a_state_is_named(iris):
     ds = xr.Dataset({"x": (("sample", "feature"), X), "species": ("sample", bad)})
     with pytest.raises(em.ModelError, match=r"'rose' at sample=17.*states are \['setosa'"):
         iris_model().fit(ds)
+
+
+def _three_with_two_labelled(n: int = 900) -> xr.Dataset:
+    """Three Normals at −2, 0, 2; 10% of the first two states' samples labelled, none of the third's."""
+    rng = np.random.default_rng(1)
+    z = rng.choice(3, n)
+    x = np.array([-2.0, 0.0, 2.0])[z] + rng.normal(size=n)
+    return xr.Dataset({"x": ("sample", x), "z": ("sample", np.where((rng.random(n) < 0.1) & (z < 2), z, np.nan))})
+
+
+def test_the_start_numbers_its_clusters_as_the_labels_do():
+    # k-means numbers clusters arbitrarily; with labels for only some states the start takes the
+    # numbering that agrees with the labelled samples, so every seed starts on the labels' side
+    ds = _three_with_two_labelled()
+    known = ~np.isnan(ds["z"].values)
+    model = em.Model().latent("z", em.Categorical(3)).observe("x", em.Normal)
+    logliks = []
+    for seed in range(6):
+        start = model.fit(ds, seed=seed, max_iter=0)
+        means = start.params["x"]["mean"].values
+        labelled = [ds["x"].values[known & (ds["z"].values == k)].mean() for k in (0, 1)]
+        # each labelled state starts nearer its own labelled samples' mean than the other one does
+        assert abs(means[0] - labelled[0]) < abs(means[1] - labelled[0])
+        assert abs(means[1] - labelled[1]) < abs(means[0] - labelled[1])
+        logliks.append(model.fit(ds, seed=seed, tol=1e-10).loglik)
+    np.testing.assert_allclose(logliks, max(logliks), rtol=1e-9)
+    lazy = model.fit(ds.chunk(sample=200), seed=3, max_iter=0)
+    np.testing.assert_allclose(lazy.params["x"]["mean"], model.fit(ds, seed=3, max_iter=0).params["x"]["mean"],
+                               rtol=1e-12)
+
+
+def test_each_of_several_latents_starts_numbered_as_its_labels():
+    rng = np.random.default_rng(8)
+    n = 600
+    a, b = rng.choice(2, n, p=[0.4, 0.6]), rng.choice(3, n)
+    ds = xr.Dataset({"x": ("sample", np.array([-1.0, 1.0])[a] + rng.normal(size=n)),
+                     "y": ("sample", np.array([-5.0, 0.0, 5.0])[b] + rng.normal(size=n)),
+                     "a": ("sample", np.where(rng.random(n) < 0.1, a, np.nan))})
+    model = (em.Model().latent("a", em.Categorical(2)).latent("b", em.Categorical(3))
+             .observe("x", em.Normal, given=("a",)).observe("y", em.Normal, given=("b",)))
+    for seed in range(6):
+        for data in (ds, ds.chunk(sample=150)):
+            means = model.fit(data, seed=seed, max_iter=0).params["x"]["mean"].values
+            assert means[0] < means[1], (seed, means)  # the labels put state 0 at −1 and state 1 at +1

@@ -390,13 +390,14 @@ class RandomState:
 
 
 def kmeans_plusplus(plan: Plan, rng: np.random.Generator,
-                    seeding: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray, np.ndarray]]
+                    seeding: Callable[[np.ndarray, np.ndarray | None, np.ndarray],
+                                      tuple[np.ndarray, np.ndarray, np.ndarray]]
                     ) -> Any:
     """k-means labels of a dask-backed plan: an array (N ≤ :data:`SEED_SAMPLE`) or a :class:`NearestSeed`.
 
     ``seeding`` runs the in-memory k-means (engine/init.py: seeding features, k-means++
     seeds, Lloyd's iterations to convergence) on rows as read, weighted by the fit's
-    weights of those rows (None without weights), and returns their labels,
+    weights of those rows (None without weights), given which rows they are, and returns their labels,
     the centres and the per-element scaling of the seeding space. Up to
     :data:`SEED_SAMPLE` rows, every row is gathered (one pass) and seeded exactly as in
     memory, so the fit is the in-memory fit. Beyond, k-means runs on a uniform sample of
@@ -412,9 +413,10 @@ def kmeans_plusplus(plan: Plan, rng: np.random.Generator,
             return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
         return RandomState(plan.K, int(rng.integers(2**63)))
     if plan.n_samples <= SEED_SAMPLE:
-        return seeding(*gather_weighted_rows(plan, nodes, np.arange(plan.n_samples)))[0]
+        every = np.arange(plan.n_samples)
+        return seeding(*gather_weighted_rows(plan, nodes, every), every)[0]
     rows = np.sort(rng.choice(plan.n_samples, SEED_SAMPLE, replace=False))
-    _, centres, scaling = seeding(*gather_weighted_rows(plan, nodes, rows))
+    _, centres, scaling = seeding(*gather_weighted_rows(plan, nodes, rows), rows)
     return NearestSeed(nodes, centres, scaling)
 
 

@@ -313,10 +313,12 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
 
         chosen = [node for node in plan.nodes if node.family.seeds_kmeans]
 
-        def on_rows(raw: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def on_rows(raw: np.ndarray, weights: np.ndarray | None,
+                    rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             z, scaling = _seed_space(chosen, np.array(raw.T), weights=weights)
             labels, centres = _scipy_kmeans(plan, z.T, rng, weights)
-            return labels, centres, scaling
+            order = _agreeing(labels, plan.K, None if plan.clamp is None else plan.clamp[rows], weights)
+            return order[labels], centres[np.argsort(order)], scaling
 
         if plan.K > 1 and isinstance(plan.latent.family, JointCategorical):  # K = 1: maybe no latent at all
             if plan.n_samples <= chunked.SEED_SAMPLE:
@@ -330,13 +332,41 @@ def _kmeans_plusplus(plan: Plan, rng: np.random.Generator) -> np.ndarray:
     z = _continuous(plan)
     if z is None:
         return np.argmax(rng.random((plan.n_samples, plan.K)), axis=1)
-    return _scipy_kmeans(plan, z, rng, plan.weights)[0]
+    labels = _scipy_kmeans(plan, z, rng, plan.weights)[0]
+    return _agreeing(labels, plan.K, plan.clamp, plan.weights)[labels]
+
+
+def _agreeing(labels: np.ndarray, k: int, known: np.ndarray | None, weights: np.ndarray | None) -> np.ndarray:
+    """The renumbering of k-means' clusters (``order[cluster]`` = state) that agrees with the most
+    (weight of) labelled samples: ``known`` holds their states, −1 where unknown.
+
+    k-means numbers its clusters arbitrarily. Labelled samples keep their state in the
+    E-step, so a start that calls their cluster by another number contradicts them: EM
+    then spends its first iterations swapping components, and can end in another optimum
+    (measured: 3 states with labels for two of them, 3 of 8 seeds ended 0.21 lower in ℓ
+    before this; with two latents, one labelled, starts that contradicted the labels took 54
+    iterations instead of 42–43).
+    """
+    identity = np.arange(k)
+    if known is None or k < 2:
+        return identity
+    rows = np.flatnonzero(known >= 0)
+    if not len(rows):
+        return identity
+    from scipy.optimize import linear_sum_assignment
+
+    agree = np.zeros((k, k))
+    np.add.at(agree, (labels[rows], known[rows]), 1.0 if weights is None else np.asarray(weights, float)[rows])
+    clusters, states = linear_sum_assignment(agree, maximize=True)
+    order = np.empty(k, dtype=np.intp)
+    order[clusters] = states
+    return order
 
 
 def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Generator,
                        features: Callable[[list | None], np.ndarray | None] | None = None,
                        weights: np.ndarray | None = None, seeded: list[LatentSeeding] | None = None,
-                       n_rows: int | None = None) -> np.ndarray:
+                       n_rows: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
     """Several latents: each seeded by k-means (:func:`kmeans`) on the nodes that depend on it
     alone (on every continuous node when none does); a sample's joint state combines their labels.
 
@@ -346,7 +376,8 @@ def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Gener
     ``weights``: :func:`_continuous` and the fit's weights unless given (dask: :func:`_gathered`,
     the rows gathered). With ``seeded`` (a list), how each latent was seeded is appended to it
     (:class:`LatentSeeding`), to label rows that were not seeded; ``n_rows``: how many rows
-    ``features`` gives (default: the plan's).
+    ``features`` gives (default: the plan's), ``rows``: which (default: all). Each latent's
+    clusters are numbered to agree with its labelled samples (:func:`_agreeing`).
     """
     if features is None:
         features, weights = (lambda nodes: _continuous(plan, nodes)), plan.weights
@@ -370,6 +401,10 @@ def _kmeans_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Gener
             parts.append(rng.integers(member.k, size=n))
         else:
             labels, centres, _ = kmeans(z, member.k, rng, weights)  # duplicates: some states may start empty
+            if plan.clamp is not None:
+                known = plan.clamp[:, position] if rows is None else plan.clamp[rows, position]
+                order = _agreeing(labels, member.k, known, weights)
+                labels, centres = order[labels], centres[np.argsort(order)]
             parts.append(labels)
         if seeded is not None:
             nodes = None if on_shared else [node for node in own if node.family.seeds_kmeans]
@@ -391,7 +426,7 @@ def _sampled_per_latent(plan: Plan, joint: JointCategorical, rng: np.random.Gene
                     else (np.zeros((len(rows), 0)), None))
     scalings: dict[frozenset, np.ndarray] = {}
     seeded: list[LatentSeeding] = []
-    _kmeans_per_latent(plan, joint, rng, _columns(chosen, raw, weights, scalings), weights, seeded, len(rows))
+    _kmeans_per_latent(plan, joint, rng, _columns(chosen, raw, weights, scalings), weights, seeded, len(rows), rows)
     for seeding in seeded:
         seeding.scaling = scalings.get(frozenset(map(id, chosen if seeding.nodes is None else seeding.nodes)))
     return chunked.NearestJoint(plan, chosen, joint.shape, seeded, int(rng.integers(2**63)))
