@@ -118,8 +118,16 @@ class Fit:
 
     @property
     def n_iter(self) -> int:
-        """Number of M-steps the chosen restart ran."""
-        return int(self.trace.sizes["iteration"] - 1)
+        """Iterations the chosen restart ran: M-steps (accepted points with acceleration), or epochs
+        of online EM (its final full pass at θ̂ is an entry of the trace, not an iteration) plus
+        the chunks given to :meth:`partial_fit`."""
+        return int(self.trace.sizes["iteration"] - 1 - self._final_passes()[self.restart])
+
+    def _final_passes(self) -> dict[int, int]:
+        """Per restart, 1 if its trace holds online EM's final pass (traces' ``final_pass``; older files: none)."""
+        ids = [int(r) for r in np.unique(self.traces["restart"].values)]
+        flags = [int(v) for v in str(self.traces.attrs.get("final_pass", "")).split(",") if v != ""]
+        return dict(zip(ids, flags if len(flags) == len(ids) else [0] * len(ids), strict=True))
 
     @property
     def status(self) -> str:
@@ -142,7 +150,8 @@ class Fit:
             return np.array(values if len(values) == len(ids) else [False] * len(ids))
 
         return xr.Dataset({"loglik": ("restart", self.traces["loglik"].values[last]),
-                           "n_iter": ("restart", self.traces["iteration"].values[last]),
+                           "n_iter": ("restart", self.traces["iteration"].values[last]
+                                      - np.array([self._final_passes()[int(r)] for r in ids])),
                            "converged": ("restart", flags("converged")),
                            "degenerate": ("restart", flags("degenerate"))},
                           coords={"restart": ids}, attrs={"kept": self.restart})

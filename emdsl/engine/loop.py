@@ -66,9 +66,13 @@ class RestartResult:
     #: per iteration: the objective EM climbs, ℓ(θ) + log p(θ) with priors (= loglik without)
     logpost: list[float] = dataclasses.field(default_factory=list)
 
+    #: the last entry is a full pass at θ̂ for its exact ℓ, not an iteration (online EM)
+    final_pass: bool = False
+
     @property
     def n_iter(self) -> int:
-        return len(self.loglik) - 1
+        """Iterations run: the entries after the start, less a final pass."""
+        return len(self.loglik) - 1 - int(self.final_pass)
 
     @property
     def final(self) -> float:

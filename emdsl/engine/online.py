@@ -257,6 +257,7 @@ def _final_pass(plan: Plan, estep: Any, result: RestartResult, start: float, e_s
     result.extrapolated.append(False)
     result.e_steps.append(e_steps + 1)
     result.counts = summary.stats[:, 0].copy()
+    result.final_pass = True
     # whether an M-step at the final statistics holds a variance at its floor (a collapsed component)
     result.floored = maximize(plan, summary.stats, result.theta)[1]
 

@@ -127,7 +127,9 @@ def fit_model(
     if tol > 0 and max_iter > 0 and not chosen.converged and not fit.stopped:
         climbed = chosen.objectives  # what the test read: with priors the log-posterior, which is not ℓ
         name, symbol = ("log-posterior", "ℓ + log p(θ)") if has_prior(plan) else ("log-likelihood", "ℓ")
-        change = climbed[-1] - climbed[-2] if chosen.n_iter else float("nan")
+        # the change the test read: online EM's last two epochs, before its final pass
+        tested = climbed[:-1] if chosen.final_pass else climbed
+        change = tested[-1] - tested[-2] if chosen.n_iter else float("nan")
         warnings.warn(f"EM did not converge in max_iter={max_iter} iterations: the last change of the "
                       f"{name}, {change:.3g}, is above tol·|{symbol}| = {tol * abs(climbed[-1]):.3g}; "
                       "raise max_iter (or tol)", ConvergenceWarning, stacklevel=3)
@@ -290,8 +292,8 @@ def traces(runs: Sequence[RestartResult]) -> xr.Dataset:
     def stacked(key: str) -> np.ndarray:
         return np.concatenate([np.asarray(getattr(run, key), dtype=float) for run in runs])
 
-    restart = np.concatenate([np.full(run.n_iter + 1, r) for r, run in enumerate(runs)])
-    iteration = np.concatenate([np.arange(run.n_iter + 1) for run in runs])
+    restart = np.concatenate([np.full(len(run.loglik), r) for r, run in enumerate(runs)])
+    iteration = np.concatenate([np.arange(len(run.loglik)) for run in runs])
     return xr.Dataset(
         {
             "loglik": ("step", stacked("loglik"), {"long_name": "log-likelihood log p(x | θ⁽ᵗ⁾)"}),
@@ -309,7 +311,9 @@ def traces(runs: Sequence[RestartResult]) -> xr.Dataset:
                 # The objective EM climbs; = loglik without a prior (a coordinate, like slack).
                 "logpost": ("step", stacked("logpost"),
                             {"long_name": "log-posterior log p(x | θ⁽ᵗ⁾) + log p(θ⁽ᵗ⁾) (= loglik without priors)"})},
-        attrs={"converged": ",".join(str(int(run.converged)) for run in runs)},
+        # final_pass: whether a restart's last entry is online EM's full pass at θ̂, not an iteration
+        attrs={"converged": ",".join(str(int(run.converged)) for run in runs),
+               "final_pass": ",".join(str(int(run.final_pass)) for run in runs)},
     )
 
 

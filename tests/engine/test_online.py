@@ -55,6 +55,21 @@ def test_stepwise_reaches_the_batch_optimum(data: xr.Dataset, batch: em.Fit) -> 
     assert fit.loglik == pytest.approx(float(fit.score_samples(data).sum()), rel=1e-12)
 
 
+@pytest.mark.parametrize("method", ["stepwise", "incremental"])
+def test_n_iter_counts_epochs_not_the_final_pass(data: xr.Dataset, method: str, tmp_path) -> None:
+    # the trace's last entry is the full pass at θ̂; like every fit, n_iter never exceeds max_iter
+    events: list[int] = []
+    fit = MODEL.fit(data, seed=0, method=method, batch_size=B, max_iter=3, tol=0, n_init=2,
+                    callbacks=[lambda event: events.append(event.iteration)])
+    assert fit.trace.sizes["iteration"] == 5 and fit.n_iter == 3
+    assert fit.restarts["n_iter"].values.tolist() == [3, 3]
+    assert max(events) == 3
+    fit.save(tmp_path / "fit.nc")
+    assert em.load(tmp_path / "fit.nc").n_iter == 3
+    if method == "stepwise":
+        assert fit.partial_fit(data.isel(sample=slice(0, 1000))).n_iter == 4
+
+
 def test_stepwise_on_dask_chunks(data: xr.Dataset, batch: em.Fit) -> None:
     pytest.importorskip("dask.array")
     fit = MODEL.fit(data.chunk({"sample": B}), seed=0, method="stepwise", max_iter=EPOCHS // 2, tol=0)
