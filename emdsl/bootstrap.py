@@ -229,7 +229,7 @@ def _parametric_source(fit: Fit, data: xr.Dataset) -> _Simulator:
     light = Fit(fit.model, fit.params, dict(fit.standardization), fit.traces,
                 restart=fit.restart, converged=fit.converged, loglik=fit.loglik, n_params=fit.n_params,
                 n_samples=fit.n_samples, sample_dim=fit.sample_dim, seed=fit.seed,
-                sequence_dims=getattr(fit, "sequence_dims", None))
+                sequence_dims=getattr(fit, "sequence_dims", None), data_dtypes=getattr(fit, "data_dtypes", None))
     latent = fit.model.latent_var
     regression = any(decl.covariates for decl in fit.model.observed) or (latent is not None and latent.covariates)
     chain = latent is not None and latent.markov is not None

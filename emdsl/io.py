@@ -11,7 +11,8 @@ Layout (format version 1), as groups of one netCDF-4 file:
   ``sample_dim`` (JSON), ``restart``, ``converged``, ``stopped``, ``loglik``,
   ``n_params``, ``n_samples``, ``seed`` (decimal text: seeds exceed 64 bits),
   ``weight_total`` (Σ of the sample weights) when the fit records it, and a Markov
-  fit's ``sequence_dims`` (JSON list);
+  fit's ``sequence_dims`` (JSON list); ``data_dtypes`` (JSON: each observed variable's
+  numpy dtype as fitted, which ``sample`` draws in) when recorded;
 * ``params/<node>``: one Dataset per latent and observed node, in the data's units;
 * ``standardization/<node>``: ``center`` and ``scale`` of each observed node;
 * ``traces``: ``loglik``, ``elbo``, ``kl``, ``time`` over ``step``, with the
@@ -116,6 +117,8 @@ def save(fit: Fit, path: str | os.PathLike[str]) -> None:
     # Optional: the sequences a Markov fit ran over (predictions find them in new data by name).
     if getattr(fit, "sequence_dims", None) is not None:
         tree.attrs["sequence_dims"] = json.dumps(list(fit.sequence_dims))
+    if getattr(fit, "data_dtypes", None):
+        tree.attrs["data_dtypes"] = json.dumps(fit.data_dtypes)
     tree.to_netcdf(path, engine="netcdf4")
 
 
@@ -227,6 +230,8 @@ class _Reader:
             optional["degenerate"] = self.flag(attrs, "degenerate")
         if "sequence_dims" in attrs:
             optional["sequence_dims"] = self.sequence_dims(attrs, model)
+        if "data_dtypes" in attrs:
+            optional["data_dtypes"] = self.data_dtypes(attrs, model)
         if "weights" in tree.children:
             if "weight_total" not in attrs:
                 raise self.fail("weights", "stored without weight_total, their sum")
@@ -372,6 +377,28 @@ class _Reader:
         if latent.markov in value:
             raise self.fail("sequence_dims", f"the chain's own dimension {latent.markov!r} cannot index its sequences")
         return tuple(value)
+
+    def data_dtypes(self, attrs: Mapping[Hashable, Any], model: Model) -> dict[str, str]:
+        text = self.text(attrs, "data_dtypes")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise self.fail("data_dtypes", f"not valid JSON: {_describe(text)}") from None
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise self.fail("data_dtypes", f"expected an object of variable names to dtypes, got {_describe(value)}")
+        known = {v for decl in model.observed for v in decl.variables}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise self.fail("data_dtypes", f"names {unknown}, which the model does not observe")
+        for name, dtype in value.items():
+            try:
+                kind = np.dtype(dtype).kind
+            except TypeError:
+                kind = None
+            if kind not in tuple("biuf"):  # what sample() may cast to; labels keep the fit's levels
+                raise self.fail("data_dtypes", f"{name!r}: {_describe(dtype)} is not a numpy bool, integer or "
+                                               "float dtype")
+        return value
 
     def sample_dim(self, attrs: Mapping[Hashable, Any]) -> Hashable:
         text = self.text(attrs, "sample_dim")

@@ -339,3 +339,30 @@ def sequences_array(plan: Plan, values: np.ndarray, name: str) -> xr.DataArray:
     assert sequences is not None
     return xr.DataArray(values.reshape(sequences.sequence_shape), dims=sequences.sequence_dims,
                         coords=sequences.sequence_coords, name=name)
+
+
+def in_fitted_dtypes(draws: xr.Dataset, dtypes: Mapping[str, str]) -> xr.Dataset:
+    """Simulated variables in the dtype they had when fitted (``Fit.data_dtypes``), where the draws
+    fit it exactly: counts as integers, 0/1 as bool, float32 as float32.
+
+    Families draw in float64. A variable whose draws do not fit (a Normal fitted to integer
+    data, a hole past a sequence's end, an integer beyond the dtype's range) stays float64
+    rather than be rounded or wrapped; lazy draws and labels are left as they are.
+    """
+    out = draws.copy()
+    for name, text in dtypes.items():
+        if name not in out.data_vars or out[name].chunks is not None or out[name].dtype.kind != "f":
+            continue
+        target, values = np.dtype(text), out[name].values
+        if target == values.dtype:
+            continue
+        if target.kind == "f":
+            out[name] = out[name].astype(target)
+            continue
+        if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+            continue
+        low, high = (0, 1) if target.kind == "b" else (np.iinfo(target).min, np.iinfo(target).max)
+        if values.size and (values.min() < low or values.max() > high):
+            continue
+        out[name] = out[name].astype(target)
+    return out

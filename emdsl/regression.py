@@ -1482,7 +1482,7 @@ def simulate(fit: Any, data: Any, seed: int | None = None) -> xr.Dataset:
         names = np.asarray(plan.latent.family.states, dtype=object)
         named = states.map_blocks(names.take, dtype=object) if is_dask(states) else names[states]
         out = out.assign_coords({plan.latent.name: (grid[0], named.reshape(grid[1]))})
-    return out
+    return labels.in_fitted_dtypes(out, getattr(fit, "data_dtypes", {}))
 
 
 def _drawn(plan: Any) -> list[Any]:

@@ -85,6 +85,7 @@ class Fit:
         weight_total: float | None = None,
         degenerate: bool = False,
         sequence_dims: tuple[Hashable, ...] | None = None,
+        data_dtypes: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.params = params
@@ -104,6 +105,9 @@ class Fit:
         #: a Markov latent's sequence dims as fitted (() for one sequence; None: not recorded, found
         #: again from the data's dims, those before the chain's)
         self.sequence_dims = None if sequence_dims is None else tuple(sequence_dims)
+        #: each observed variable's numpy dtype as fitted (text), which :meth:`sample` draws in
+        #: (bool, integers, float32); {} when not recorded (older files)
+        self.data_dtypes = dict(data_dtypes or {})
         self.weight_total = float(weight_total if weight_total is not None else
                                   (n_samples if weights is None else weights.sum()))
 
@@ -411,6 +415,9 @@ class Fit:
     def sample(self, n: int, length: int | None = None, seed: int | None = None) -> xr.Dataset:
         """Draw ``n`` samples, shaped like the training data; the latent states are a coordinate.
 
+        Each variable comes in the dtype it was fitted in where the draws fit it exactly
+        (counts as integers, 0/1 as bool, float32 as float32; :attr:`data_dtypes`), else float64.
+
         For a Markov latent, ``n`` sequences of ``length`` steps each, over
         (``sequence``, the markov dim).
 
@@ -469,7 +476,7 @@ class Fit:
         elif latent is not None:
             state_labels = np.asarray(latent.family.states, dtype=object)[states].tolist()
             out = out.assign_coords({latent.name: ((self.sample_dim,), state_labels)})
-        return out
+        return labels.in_fitted_dtypes(out, self.data_dtypes)
 
     def _sample_chain(self, n: int, length: int, rng: np.random.Generator, values: Mapping[str, Any]) -> xr.Dataset:
         from emdsl.latent.markov import sample_states
@@ -490,7 +497,8 @@ class Fit:
                 out[variable] = xr.DataArray(da.values.reshape((n, length) + da.shape[1:]), dims=grid + da.dims[1:],
                                              coords={d: da[d].values for d in da.dims[1:] if d in da.coords})
         state_labels = np.asarray(latent.family.states, dtype=object)[paths]
-        return out.assign_coords({latent.name: (grid, state_labels.tolist())})
+        return labels.in_fitted_dtypes(out.assign_coords({latent.name: (grid, state_labels.tolist())}),
+                                       self.data_dtypes)
 
     def _need_latent(self, what: str) -> None:
         if self.model.latent_var is None:

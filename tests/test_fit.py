@@ -160,6 +160,29 @@ def test_sample_is_shaped_like_the_data(faithful, faithful_model):
     assert mean == pytest.approx(fit.params["x"]["mean"].sel(z=1, feature="waiting").item(), abs=0.5)
 
 
+def test_sample_draws_in_the_dtypes_the_data_had(tmp_path):
+    # counts as the integers they were, 0/1 as bool, float32 as float32; a Normal fitted to integer
+    # data draws non-integers, which stay float64 rather than be rounded; labels stay labels
+    rng = np.random.default_rng(0)
+    n = 300
+    ds = xr.Dataset({"counts": ("sample", rng.poisson(3, n).astype(np.int32)), "flag": ("sample", rng.random(n) < 0.3),
+                     "size": ("sample", rng.normal(size=n).astype(np.float32)), "score": ("sample", rng.integers(0, 9, n)),
+                     "kind": ("sample", rng.choice(["a", "b"], n))})
+    model = (em.Model().latent("z", em.Categorical(2)).observe("counts", em.Poisson).observe("flag", em.Bernoulli)
+             .observe("size", em.Normal).observe("score", em.Normal).observe("kind", em.Categorical))
+    fit = model.fit(ds, seed=0)
+    fit.save(tmp_path / "fit.nc")
+    for one in (fit, em.load(tmp_path / "fit.nc")):
+        draws = one.sample(50, seed=1)
+        assert {v: draws[v].dtype for v in draws.data_vars} == {
+            "counts": np.int32, "flag": np.bool_, "size": np.float32, "score": np.float64, "kind": ds["kind"].dtype}
+        assert np.all(draws["counts"] >= 0) and draws["flag"].any() and not draws["flag"].all()
+        xr.testing.assert_identical(draws, fit.sample(50, seed=1))
+    chain = (em.Model().latent("z", em.Categorical(2), markov="time").observe("counts", em.Poisson)
+             .fit(ds[["counts"]].rename(sample="time"), seed=0))
+    assert chain.sample(2, length=30, seed=0)["counts"].dtype == np.int32
+
+
 def test_sample_keeps_extra_dims():
     rng = np.random.default_rng(0)
     ds = xr.Dataset({"x": (("sample", "station", "hour"), rng.normal(size=(100, 2, 3)))},

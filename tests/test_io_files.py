@@ -270,6 +270,9 @@ CASES: dict[str, tuple[Callable[[Path], None], str | None, bool]] = {
     "weight_total zero": (set_attrs(weight_total=0.0), "weight_total", False),
     "sequence_dims not a list": (set_attrs(sequence_dims='"seq"'), "sequence_dims", False),
     "sequence_dims on a mixture": (set_attrs(sequence_dims='["seq"]'), "sequence_dims", False),
+    "data_dtypes of an unknown variable": (set_attrs(data_dtypes='{"y": "<f8"}'), "data_dtypes", False),
+    "data_dtypes not a dtype": (set_attrs(data_dtypes='{"waiting": "date"}'), "data_dtypes", False),
+    "data_dtypes of labels": (set_attrs(data_dtypes='{"waiting": "<U3"}'), "data_dtypes", False),
 }
 
 

@@ -119,7 +119,8 @@ def fit_model(
               converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
               n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds,
               weights=_weights_as_given(plan), weight_total=plan.total_weight, degenerate=degenerate,
-              sequence_dims=None if plan.sequences is None else plan.sequences.sequence_dims)
+              sequence_dims=None if plan.sequences is None else plan.sequences.sequence_dims,
+              data_dtypes=numpy_dtypes(ds, [v for decl in model.observed for v in decl.variables]))
     if method != "em":  # what Fit.partial_fit continues from
         fit.traces.attrs["method"] = method
         fit._online = online.StreamState(getattr(chosen, "online", None), batch_size, float(step_decay))
@@ -285,6 +286,13 @@ def units_tree(plan: Plan) -> dict[str, xr.Dataset]:
         }, attrs={"description": "internal units: (x - center) / scale"})
         out[node.name] = units
     return out
+
+
+def numpy_dtypes(ds: xr.Dataset, names: Sequence[str]) -> dict[str, str]:
+    """The numpy dtype (as text) of each named variable of bool, integer or float dtype (not labels,
+    not a pandas extension dtype)."""
+    return {name: ds[name].dtype.str for name in names
+            if name in ds.variables and isinstance(ds[name].dtype, np.dtype) and ds[name].dtype.kind in "biuf"}
 
 
 def traces(runs: Sequence[RestartResult]) -> xr.Dataset:
