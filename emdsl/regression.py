@@ -1361,9 +1361,10 @@ def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: boo
         if bad[0] >= 0:
             raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                              f"{type(bad[1]).__name__} values such as {bad[1]!r}); convert it to numbers or to labels")
-        if terms is None and intercept:
-            baselines[name] = sorted(strings)[0]
-        kept = _kept_levels(where, name, sorted(strings) if terms is None else None, strings, terms, intercept)
+        seen = _levels(da_, list(strings)) if terms is None else None
+        if seen is not None and intercept:
+            baselines[name] = seen[0]
+        kept = _kept_levels(where, name, seen, strings, terms, intercept)
         specs.append(list(kept))
         names.extend(f"{name}[{level}]" for level in kept)
     if terms is not None and list(terms) != names:
