@@ -1163,9 +1163,8 @@ def markov_layout(model: Model, ds: xr.Dataset, sample_dim: Any, weights: Any
     # a regression's covariates and offset ride along with its response (emdsl.regression)
     extra += [v for decl in model.observed for v in (*decl.covariates, *filter(None, [decl.offset]))
               if v in ds.data_vars]
-    if latent.name in ds.data_vars:
-        raise ModelError(f"{where}: the data have a variable {latent.name!r}, which would give known states; "
-                         "known states are not supported for a Markov latent yet: rename or drop it")
+    # known states (semi-supervised): a variable named like the latent, over the chain's grid
+    known = [latent.name] if latent.name in ds.data_vars else []
     for variable in variables:
         if dim not in ds[variable].dims:
             raise ModelError(f"{where}: variable {variable!r} has dims {ds[variable].dims}, without the "
@@ -1192,12 +1191,18 @@ def markov_layout(model: Model, ds: xr.Dataset, sample_dim: Any, weights: Any
     shape = tuple(int(ds.sizes[d]) for d in sequence_dims)
     n_sequences = int(np.prod(shape, dtype=np.int64))
     grid = sequence_dims + (dim,)
+    for name in known:
+        if set(ds[name].dims) != set(grid):
+            raise ModelError(f"{where}: the known states {name!r} must be over the chain's grid {grid} (NaN or "
+                             f"None where unknown), got dims {ds[name].dims}")
     template = xr.DataArray(np.zeros(shape + (T,), dtype=bool), dims=grid)
     arrays = {}
     present = np.zeros((n_sequences, T), dtype=bool)
     # dask-backed data stay lazy: each chunk a run of whole sequences (emdsl/data/dask_source.py)
-    chunked = any(is_dask(ds[v].data) for v in dict.fromkeys(variables + extra))
-    for variable in dict.fromkeys(variables + extra):
+    chunked = any(is_dask(ds[v].data) for v in dict.fromkeys(variables + extra + known))
+    # A step whose state is known counts as a step of its sequence even without an observation
+    judged = variables + known
+    for variable in dict.fromkeys(variables + extra + known):
         da = ds[variable]
         if variable in extra:
             da = da.broadcast_like(template)
@@ -1207,12 +1212,12 @@ def markov_layout(model: Model, ds: xr.Dataset, sample_dim: Any, weights: Any
             continue
         values = np.asarray(da.values).reshape((n_sequences, T) + da.shape[len(grid):])
         arrays[variable] = (da, values)
-        if variable in variables:
+        if variable in judged:
             present |= _observed_mask(values).reshape(n_sequences, T, -1).any(axis=2)
     if chunked:
         from emdsl.data import dask_source
 
-        lazy, lengths = dask_source.chain_layout({v: da.data for v, (da, _) in arrays.items()}, list(variables),
+        lazy, lengths = dask_source.chain_layout({v: da.data for v, (da, _) in arrays.items()}, list(judged),
                                                  n_sequences, T, len(sequence_dims), dim, where)
     else:
         lengths = np.where(present.any(axis=1), T - np.argmax(present[:, ::-1], axis=1), 0)

@@ -109,9 +109,13 @@ class Model:
         the latent's name, its known values (state labels or indices) clamp the
         posterior of those samples, and NaN or None means unknown. ℓ is then the
         log-likelihood of the data and the known labels together, and when every
-        state has a label the fit starts from the labelled samples alone. With several
-        latents, each may be partly labelled this way: a sample keeps the joint states
-        that agree with its known labels.
+        state has a label the fit starts from the labelled samples alone (otherwise k-means'
+        clusters are numbered to agree with the labels). With several latents, each may be
+        partly labelled this way: a sample keeps the joint states that agree with its known
+        labels. For a Markov latent the known states lie on the chain's grid (the sequence
+        dims and ``markov``): the forward–backward recursion runs over the paths that agree
+        with them, and a labelled step counts as a step of its sequence even where nothing
+        is observed.
 
         Returns
         -------

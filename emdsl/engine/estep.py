@@ -310,6 +310,8 @@ class EStep:
                 chosen = pattern == g
                 terms = patterns[node.name][g]
                 L[columns[chosen]] += terms.log_density(x[terms.o][:, chosen]).T
+        if self.plan.clamp is not None:  # known states: p(x_t, z_t = label), as a mixture's _log_joint
+            _clamp(L.T, self.plan.clamp[start:stop])
         return L, (phi if n <= width else None), partial
 
     def _add_phi(self, stats: np.ndarray, resp: np.ndarray, phi: np.ndarray | None, start: int, stop: int,

@@ -140,7 +140,11 @@ class Markov(LatentStructure):
             return self._posterior_mode(stats, initial, transition, previous, np.asarray(prior["alpha"], dtype=float))
         if initial is None:
             first = stats[:, 0]
-            initial = first / first.sum()
+            if first.sum() > 0:
+                initial = first / first.sum()
+            else:  # no first step counted (a start from labelled steps only): Q does not depend on it
+                fallback = (previous or {}).get("initial")
+                initial = np.asarray(self.default_params()["initial"] if fallback is None else fallback, dtype=float)
         if transition is None:
             xi = stats[:, 1:]
             rows = xi.sum(axis=1, keepdims=True)

@@ -246,10 +246,91 @@ def test_responsibilities_as_a_start():
         _hmm(2).fit(ds, init=resp.rename(time="t"))
 
 
-def test_known_states_are_refused():
-    ds = xr.Dataset({"x": ("time", np.arange(10.0)), "z": ("time", np.zeros(10))})
-    with pytest.raises(em.ModelError, match="known states are not supported for a Markov latent"):
-        _hmm(2).fit(ds)
+def test_known_states_clamp_the_chain_exactly_as_enumeration_over_agreeing_paths():
+    """Labels (a variable named like the latent, NaN/None where unknown): ℓ is log p(x, labels), the
+    sum over the paths that agree with them, and the posterior is theirs; ragged sequences, holes,
+    labels by name and a label past a sequence's last observation (a step of its own)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 6)) * 1.5
+    x[0, 2] = np.nan
+    x[1, 4:] = np.nan  # the second sequence's observations end at step 3 ...
+    names = np.array(["a", "b", "c"], dtype=object)
+    known = np.full((2, 6), None, dtype=object)
+    known[0, [1, 4]] = names[[2, 0]]
+    known[1, [0, 4]] = names[[1, 2]]  # ... and its state is known at step 4
+    ds = xr.Dataset({"x": (("sequence", "time"), x), "z": (("sequence", "time"), known)})
+    model = em.Model().latent("z", em.Categorical(list(names)), markov="time").observe("x", em.Normal)
+    fit = model.fit(ds, init=_given(), max_iter=0)
+    codes = np.array([[-1 if v is None else list(names).index(v) for v in row] for row in known])
+    total = 0.0
+    for s, length in ((0, 6), (1, 5)):
+        # a label rules out the other states at its step, observed or not
+        labelled = codes[s, :length]
+        paths = np.array([p for p in itertools.product(range(3), repeat=length)
+                          if all(k < 0 or k == state for k, state in zip(labelled, p, strict=True))])
+        values = x[s, :length]
+        emission = np.where(np.isnan(values), 0.0, st.norm.logpdf(np.nan_to_num(values), MEAN[paths],
+                                                                  np.sqrt(VARIANCE)[paths]))
+        log_joint = (np.log(INITIAL)[paths[:, 0]] + np.log(TRANSITION)[paths[:, :-1], paths[:, 1:]].sum(axis=1)
+                     + emission.sum(axis=1))
+        part = logsumexp(log_joint)
+        posterior = np.stack([np.bincount(paths[:, t], np.exp(log_joint - part), minlength=3) for t in range(length)])
+        total += part
+        np.testing.assert_allclose(fit.posterior.isel(sequence=s, time=slice(0, length)).values, posterior,
+                                   atol=1e-12)
+    assert fit.loglik == pytest.approx(total, rel=1e-12)
+    assert fit.n_samples == 11  # 6 steps, and 5: the labelled step 4 counts
+
+
+@pytest.fixture(scope="module")
+def labelled_chain() -> tuple[xr.Dataset, np.ndarray]:
+    """Two sequences of a 3-state chain with overlapping emissions; 10% of the steps labelled."""
+    rng = np.random.default_rng(1)
+    z = np.zeros((2, 400), dtype=int)
+    for s in range(2):
+        z[s, 0] = rng.integers(3)
+        for t in range(1, 400):
+            z[s, t] = rng.choice(3, p=TRANSITION[z[s, t - 1]])
+    x = np.array([-1.0, 0.0, 1.0])[z] + rng.normal(0, 0.6, z.shape)
+    known = np.where(rng.random(z.shape) < 0.1, z, np.nan)
+    return xr.Dataset({"x": (("sequence", "time"), x), "z": (("sequence", "time"), known)}), z
+
+
+def test_known_states_fix_the_states_meaning_everywhere_a_chain_goes(labelled_chain):
+    ds, z = labelled_chain
+    known = ~np.isnan(ds["z"].values)
+    fit = _hmm(3).fit(ds, seed=0, tol=1e-10)
+    check_trace(fit)
+    # no label switching: state k is the chain at −1, 0, 1 as the labels say, from any seed
+    assert np.all(np.diff(fit.params["x"]["mean"].values) > 0)
+    for seed in (1, 2):
+        other = _hmm(3).fit(ds, seed=seed, tol=1e-10)
+        assert other.loglik == pytest.approx(fit.loglik, rel=1e-8)
+    # every state is labelled: the start is the supervised estimate from the labelled steps alone
+    start = _hmm(3).fit(ds, seed=0, max_iter=0).params["x"]["mean"].values
+    np.testing.assert_allclose(start, [ds["x"].values[known & (z == k)].mean() for k in range(3)], rtol=1e-12)
+    # the decoded path and the posterior keep the labels; plain and accelerated EM agree
+    path = fit.predict(ds).values
+    assert np.array_equal(path[known], ds["z"].values[known].astype(int))
+    assert np.all(fit.posterior.values[known].max(axis=1) == 1.0)
+    plain = _hmm(3).fit(ds, seed=0, tol=1e-12, accelerate=None)
+    assert plain.loglik == pytest.approx(fit.loglik, rel=1e-8)
+    # dask-backed data (a chunk per sequence) give the in-memory E-step
+    lazy = _hmm(3).fit(ds.chunk(sequence=1), init=fit, max_iter=2, accelerate=None)
+    eager = _hmm(3).fit(ds, init=fit, max_iter=2, accelerate=None)
+    assert lazy.loglik == pytest.approx(eager.loglik, rel=1e-12)
+    # labels help: decoding the unlabelled steps beats the unlabelled fit's best relabelling
+    unlabelled = _hmm(3).fit(ds.drop_vars("z"), seed=0, tol=1e-10).predict(ds.drop_vars("z")).values
+    best = max(np.mean(np.array(perm)[unlabelled][~known] == z[~known]) for perm in itertools.permutations(range(3)))
+    assert np.mean(path[~known] == z[~known]) >= best
+
+
+def test_known_states_of_a_chain_must_lie_on_its_grid_and_be_states():
+    ds = xr.Dataset({"x": (("sequence", "time"), np.arange(20.0).reshape(2, 10))})
+    with pytest.raises(em.ModelError, match=r"known states 'z' must be over the chain's grid \('sequence', 'time'\)"):
+        _hmm(2).fit(ds.assign(z=("time", np.zeros(10))))
+    with pytest.raises(em.ModelError, match="not states of 'z'"):
+        _hmm(2).fit(ds.assign(z=(("sequence", "time"), np.full((2, 10), 5.0))))
 
 
 @pytest.mark.filterwarnings("ignore::emdsl.DegenerateComponentWarning")  # state 1 is never reached, by design
