@@ -298,6 +298,20 @@ def cases(draw) -> Case:
                                    dims=("sample", "time") + da.dims[1:]) for name, da in data.items()}
         N = n_sequences
     ds = xr.Dataset(data)
+    known = draw(st.sampled_from([None] * 6 + ["some", "some", "bad"])) if has_latent and K > 1 else None
+    if known is not None:  # partly labelled (semi-supervised): a variable named like the latent
+        shown = rng.random(len(labels)) < 0.3
+        if structure == "two":
+            name, codes = draw(st.sampled_from([("ga", labels // sizes["gb"]), ("gb", labels % sizes["gb"])]))
+        else:
+            name, codes = latent_name, labels
+        values = np.where(shown, codes, np.nan)
+        if known == "bad":
+            values[0] = 99.0  # not a state
+            culprits.add(name)
+        grid = ("sample", "time") if structure == "markov" else ("sample",)
+        ds[name] = xr.DataArray(values.reshape(N, -1) if structure == "markov" else values, dims=grid)
+        faults.append(f"known states={known}")
     kwargs: dict[str, Any] = {"seed": seed, "max_iter": draw(st.sampled_from([0, 1, 5, 25])),
                               "tol": draw(st.sampled_from([0.0, 1e-8, 1e-3])), "n_init": draw(st.integers(1, 3))}
     init = draw(st.sampled_from(["kmeans++"] * 4 + ["random", "responsibilities", "bad", "fit-values"]))
