@@ -342,9 +342,10 @@ class Fit:
             path, log_prob = viterbi_paths(L, plan.sequences, theta[plan.latent.name])
             log_prob += self._base_per_sequence(plan)
         if not is_chunked(plan) and not np.all(np.isfinite(log_prob)):
+            from emdsl.latent.markov import viterbi_failure
+
             s = int(np.flatnonzero(~np.isfinite(log_prob))[0])
-            raise ModelError(f"viterbi: sequence {s} has probability 0 under the fitted parameters "
-                             "(no path avoids the zeros of initial/transition)")
+            raise ModelError(viterbi_failure(L, plan.sequences, s, plan.latent.name))
         states = np.asarray(self.model.latent_var.family.states, dtype=object)  # type: ignore[union-attr]
         if all(isinstance(v, int | np.integer) for v in states):
             states = states.astype(np.int64)

@@ -153,9 +153,9 @@ def _chain_chunk(skeleton: Plan, slots: Sequence[Any], offset: int, H: np.ndarra
     path, log_prob = viterbi_paths(L, sequences, theta[name])
     log_prob += base
     if not np.all(np.isfinite(log_prob)):
-        s = sequences.first + int(np.flatnonzero(~np.isfinite(log_prob))[0])
-        raise ModelError(f"viterbi: sequence {s} has probability 0 under the fitted parameters "
-                         "(no path avoids the zeros of initial/transition)")
+        from emdsl.latent.markov import viterbi_failure
+
+        raise ModelError(viterbi_failure(L, sequences, int(np.flatnonzero(~np.isfinite(log_prob))[0]), name))
     return path, log_prob
 
 

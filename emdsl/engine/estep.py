@@ -327,11 +327,12 @@ class EStep:
             self.plan.read(start + a, start + b, piece, buf.scratch)
             stats += resp[a:b].T @ piece.T
 
-    def _chain_failure(self, error: Any, start: int) -> ModelError:
+    def _chain_failure(self, error: Any, start: int, L: np.ndarray) -> ModelError:
         from emdsl.latent.markov import impossible_message
 
         assert self.sequences is not None and self.plan.latent is not None
-        return ModelError(impossible_message(self.sequences, start + error.row, self.plan.latent.name))
+        emits_nothing = bool(np.all(L[error.row] <= RULED_OUT))  # −∞, or ruled out by a known state
+        return ModelError(impossible_message(self.sequences, start + error.row, self.plan.latent.name, emits_nothing))
 
     def _summarize_chain(self, H: np.ndarray, theta: Mapping[str, Any] | None) -> Summary:
         from emdsl.latent.markov import ImpossibleSequence
@@ -356,7 +357,7 @@ class EStep:
                         L, sequences.starts[a:b + 1] - start, sequences.weights_of(a, b), params, resp, scratch, peak,
                         scale)
                 except ImpossibleSequence as error:
-                    raise self._chain_failure(error, start) from None
+                    raise self._chain_failure(error, start, L) from None
                 self._add_phi(stats[:, :self.S], resp, phi, start, stop, buf)
                 for node, pattern, columns, x in partial:
                     block = slice(node.offset, node.offset + node.n_rows)
@@ -394,7 +395,10 @@ class EStep:
                     loglik = structure.evaluate(L, sequences.starts[a:b + 1] - start, params, resp, scratch, peak,
                                                 scale)
                 except ImpossibleSequence as error:
-                    raise self._chain_failure(error, start) from None
+                    if resp_out is not None:  # a posterior needs every sequence possible
+                        raise self._chain_failure(error, start, L) from None
+                    # log p(x_s) alone: a sequence of probability 0 scores −∞, as a mixture's sample does
+                    loglik = _per_sequence(structure, L, sequences.starts[a:b + 1] - start, params, buf)
                 if resp_out is not None:
                     resp_out[start:stop] = resp
                 if loglik_out is not None:
@@ -486,8 +490,23 @@ def default_block_rows(n_stats: int, K: int) -> int:
     return int(np.clip((16 << 20) // (8 * (n_stats + 2 * K)), 1024, 16384))
 
 
+def _per_sequence(structure: Any, L: np.ndarray, starts: np.ndarray, params: Any, buf: _Buffers) -> np.ndarray:
+    """log p(x_s) of a block's sequences one at a time, −∞ for those of probability 0 (the block's
+    recursion stops at the first such sequence)."""
+    from emdsl.latent.markov import ImpossibleSequence
+
+    out = np.empty(len(starts) - 1)
+    for i, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+        views = buf.chain.views(int(b - a))
+        try:
+            out[i] = structure.evaluate(np.ascontiguousarray(L[a:b]), np.array([0, b - a]), params, *views)[0]
+        except ImpossibleSequence:
+            out[i] = -np.inf
+    return out
+
+
 #: log-joint of a state a known label rules out: exp() of it is 0 and 0 times it stays finite
-_RULED_OUT = -1e300
+RULED_OUT = -1e300
 
 
 def _clamp(log_joint: np.ndarray, known: np.ndarray, plan: Plan | None = None) -> None:
@@ -502,13 +521,13 @@ def _clamp(log_joint: np.ndarray, known: np.ndarray, plan: Plan | None = None) -
         rows = np.flatnonzero((known >= 0).any(axis=1))
         if len(rows):
             block = log_joint[:, rows]
-            block[~allowed_states(plan, known[rows]).T] = _RULED_OUT
+            block[~allowed_states(plan, known[rows]).T] = RULED_OUT
             log_joint[:, rows] = block
         return
     columns = np.flatnonzero(known >= 0)
     if len(columns):
         kept = log_joint[known[columns], columns]
-        log_joint[:, columns] = _RULED_OUT
+        log_joint[:, columns] = RULED_OUT
         log_joint[known[columns], columns] = kept
 
 

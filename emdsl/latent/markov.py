@@ -273,8 +273,9 @@ class ImpossibleSequence(ModelError):
         self.row = row
 
 
-def impossible_message(sequences: Sequences, row: int, name: str) -> str:
-    """Say which sequence and time step cannot be reached, in the data's labels."""
+def impossible_message(sequences: Sequences, row: int, name: str, emits_nothing: bool = False) -> str:
+    """Say which sequence and time step cannot be reached, in the data's labels, and why: no state
+    can emit the observation (``emits_nothing``), or none that the chain can reach there."""
     local = int(np.searchsorted(sequences.starts, row, side="right") - 1)
     t = row - int(sequences.starts[local])
     s = sequences.first + local
@@ -286,10 +287,28 @@ def impossible_message(sequences: Sequences, row: int, name: str) -> str:
             where.append(f"{dim}={_plain(coords[i]) if coords is not None else int(i)!r}")
     coords = sequences.time_coords.get(sequences.dim)
     where.append(f"{sequences.dim}={_plain(coords[t]) if coords is not None else t!r}")
-    return (f"latent({name!r}, ..., markov={sequences.dim!r}): the sequence at {', '.join(where)} has "
-            f"probability 0 under the parameters: no state allowed there by the initial distribution and "
-            "the transition matrix (e.g. its fixed zeros) can emit the observation. Check the zeros of "
-            "initial/transition, or the data at that step")
+    head = (f"latent({name!r}, ..., markov={sequences.dim!r}): the sequence at {', '.join(where)} has "
+            "probability 0 under the parameters: ")
+    if emits_nothing:
+        return head + ("no state can emit the observation there (its log-density is −∞ in every state: a "
+                       "value far outside the range of the parameters, or a known state that rules out the "
+                       "others). Check the data at that step")
+    return head + ("no state allowed there by the initial distribution and the transition matrix (e.g. its "
+                   "fixed zeros) can emit the observation. Check the zeros of initial/transition, or the data "
+                   "at that step")
+
+
+def viterbi_failure(L: np.ndarray, sequences: Sequences, local: int, name: str) -> str:
+    """Why a sequence (``local``: its index among ``sequences``) has no path: a step that no
+    state can emit (named as the E-step names it), else the zeros of initial/transition."""
+    from emdsl.engine.estep import RULED_OUT
+
+    a, b = int(sequences.starts[local]), int(sequences.starts[local + 1])
+    silent = np.flatnonzero(np.all(L[a:b] <= RULED_OUT, axis=1))  # −∞, or ruled out by a known state
+    if len(silent):
+        return impossible_message(sequences, a + int(silent[0]), name, emits_nothing=True)
+    return (f"viterbi: sequence {sequences.first + local} has probability 0 under the fitted parameters "
+            "(no path avoids the zeros of initial/transition)")
 
 
 def _plain(label: Any) -> Any:

@@ -447,3 +447,21 @@ def test_a_sequence_of_weight_0_that_no_state_can_emit_adds_nothing(chunks):
     np.testing.assert_allclose(fit.trace["loglik"].values, without.trace["loglik"].values, rtol=1e-10)
     for name in ("mean", "variance"):
         np.testing.assert_allclose(fit.params["x"][name].values, without.params["x"][name].values, rtol=1e-10)
+
+
+def test_a_sequence_of_weight_0_that_no_state_can_emit_scores_minus_infinity():
+    # a weight-0 sequence counts for nothing in the fit; scoring it is log p = −∞ (as a mixture's
+    # sample), and a posterior or path for it is refused, naming the step no state can emit
+    rng = np.random.default_rng(2)
+    x = rng.exponential(0.1, (3, 8))
+    x[0, 5] = 1.7e308  # rate × x overflows for the fitted rates (≈ 10): log-density −∞ in every state
+    ds = xr.Dataset({"x": (("sequence", "time"), x), "w": ("sequence", [0.0, 1.0, 2.0])})
+    model = em.Model().latent("z", em.Categorical(2), markov="time").observe("x", em.Exponential)
+    fit = model.fit(ds, weights="w", seed=0)
+    assert np.isfinite(fit.loglik)
+    for data in (ds, ds.chunk(sequence=1)):
+        scores = np.asarray(fit.score_samples(data).values)
+        assert scores[0] == -np.inf and np.all(np.isfinite(scores[1:]))
+    for call in (fit.predict_proba, fit.predict):
+        with pytest.raises(em.ModelError, match=r"sequence=0, time=5 .*no state can emit the observation"):
+            call(ds)
