@@ -57,7 +57,9 @@ def bootstrap(
         ``"nonparametric"``: the rows are resampled with replacement (multinomial counts
         over the N rows, given to the refit as weights, which is exactly the fit of the
         resampled table); a row keeps its own weight, i.e. weights are part of a row, as
-        survey or importance weights are. ``"parametric"``: each replicate is ``fit.sample``
+        survey or importance weights are. For a Markov latent the independent units are
+        the sequences: whole sequences are resampled the same way (a fit of one sequence
+        has nothing to resample: use ``"parametric"``). ``"parametric"``: each replicate is ``fit.sample``
         of the same size (N, or the sum of the weights rounded), drawn from the fitted model
         (with covariates, or a Markov latent: ``emdsl.regression.simulate`` at the data's
         covariates, along the data's sequences).
@@ -101,15 +103,20 @@ def bootstrap(
         raise ModelError(f"bootstrap(n=...): the number of replicates must be a positive integer, got {n!r}")
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int | np.integer) or n_jobs < 1):
         raise ModelError(f"bootstrap(n_jobs=...): must be a positive integer or None, got {n_jobs!r}")
-    latent = fit.model.latent_var
-    if latent is not None and latent.markov is not None and kind == "nonparametric":
-        raise ModelError("bootstrap: the samples of a Markov latent are not independent rows; resampling "
-                         "whole sequences is not implemented (kind='parametric' draws new sequences from the fit)")
     if data is None:
         data = fit.data
         if data is None:
             raise ModelError("bootstrap: this fit was loaded from a file and holds no training data; pass the data")
     ds = labels.as_dataset(data)
+    latent = fit.model.latent_var
+    sequence_dims = getattr(fit, "sequence_dims", None)
+    if latent is not None and latent.markov is not None:
+        variables = [v for decl in fit.model.observed for v in decl.variables if v in ds.data_vars]
+        sequence_dims = fit._sequence_dims_in(ds, variables)
+        if kind == "nonparametric" and not sequence_dims:
+            raise ModelError("bootstrap: the data are one sequence of a Markov latent, whose steps are not "
+                             "independent and which has no other sequence to resample; use kind='parametric' "
+                             "(new paths drawn from the fit)")
     seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
     children = np.random.SeedSequence(seed).spawn(int(n))
     fixed = _fixed(fit)
@@ -119,7 +126,7 @@ def bootstrap(
     job = _Job(fit.model, ds, fit.sample_dim, start, kind,
                None if fit.weights is None else np.asarray(fit.weights.values, dtype=float),
                weights_are_counts, max_iter, tol, _parametric_source(fit, ds) if kind == "parametric" else None,
-               getattr(fit, "sequence_dims", None))
+               sequence_dims)
     if weights_are_counts:
         job.check_counts()
     workers = min(int(n_jobs or os.cpu_count() or 1), int(n))
@@ -151,11 +158,14 @@ class _Job:
         self.model, self.data, self.sample_dim, self.start = model, data, sample_dim, start
         self.kind, self.weights, self.weights_are_counts = kind, weights, weights_are_counts
         self.max_iter, self.tol, self.source = max_iter, tol, source
-        self.n_rows = int(data.sizes[sample_dim]) if kind == "nonparametric" else 0  # rows resampled
         latent = model.latent_var
+        chain = latent is not None and latent.markov is not None
         # a chain's refit runs over the sequences the fit did (None: found from the dims before the chain's)
-        self.refit_dim = (sample_dim if latent is None or latent.markov is None
-                          else (None if sequence_dims is None else tuple(sequence_dims)))
+        self.refit_dim = sample_dim if not chain else (None if sequence_dims is None else tuple(sequence_dims))
+        #: what is resampled: the rows, or a chain's sequences (its units), over these dims
+        self.units: tuple[Hashable, ...] = (sample_dim,) if not chain else tuple(sequence_dims or ())
+        self.n_rows = (int(np.prod([data.sizes[d] for d in self.units], dtype=np.int64))
+                       if kind == "nonparametric" else 0)
 
     def check_counts(self) -> None:
         if self.weights is None or not np.all(self.weights == np.round(self.weights)):
@@ -174,8 +184,9 @@ class _Job:
             counts = rng.multinomial(self.n_rows, np.full(self.n_rows, 1.0 / self.n_rows)).astype(float)
             if self.weights is not None:
                 counts *= self.weights
-        coords = {self.sample_dim: self.data[self.sample_dim].values} if self.sample_dim in self.data.coords else {}
-        return self.data, xr.DataArray(counts, dims=(self.sample_dim,), coords=coords)
+        shape = tuple(int(self.data.sizes[d]) for d in self.units)
+        coords = {d: self.data[d].values for d in self.units if d in self.data.coords}
+        return self.data, xr.DataArray(counts.reshape(shape), dims=self.units, coords=coords)
 
     def run(self, seed: np.random.SeedSequence) -> dict[str, Any]:
         rng = np.random.default_rng(seed)

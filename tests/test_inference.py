@@ -258,12 +258,37 @@ def test_parametric_bootstrap_of_a_hidden_markov_model_draws_new_sequences():
         z[:, t] = (rng.random(S)[:, None] > np.cumsum(A[z[:, t - 1]], axis=1)).sum(axis=1)
     ds = xr.Dataset({"y": (("sequence", "time"), rng.normal(np.array([0.0, 1.5])[z], 0.7))})
     fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal).fit(ds, seed=0)
-    with pytest.raises(em.ModelError, match="resampling whole sequences is not implemented.*kind='parametric'"):
-        em.bootstrap(fit, ds, n=2)
     boot = em.bootstrap(fit, ds, n=100, kind="parametric", seed=1, n_jobs=1)
     assert boot["z.transition"].dims == ("replicate", "z", "z_next")
     se = fit.standard_errors()
     for key, node in (("y.mean", "y"), ("z.transition", "z")):
+        ratio = boot[key].std("replicate").values / se[node][key.split(".")[1]].values
+        assert np.all(np.abs(ratio - 1) < 0.3), (key, ratio)
+    with pytest.raises(em.ModelError, match="one sequence .*kind='parametric'"):
+        em.bootstrap(fit.model.fit(ds.isel(sequence=0), seed=0), n=2)
+
+
+def test_nonparametric_bootstrap_of_a_hidden_markov_model_resamples_whole_sequences():
+    """A chain's independent units are its sequences: each replicate refits with multinomial
+    counts over them as sequence weights (exactly the fit of the resampled set, checked to
+    1e-12 by hand). 40 sequences over two sequence dims, 100 replicates: the spread agrees with
+    the observed information within what 40 units allow (the bootstrap's estimate itself varies
+    by ~1/√80 ≈ 11% between data sets, plus ~7% Monte-Carlo error); measured with 300
+    replicates, ratios 0.83–1.04. Resampling steps instead of sequences would break the chain."""
+    rng = np.random.default_rng(3)
+    shape, T = (8, 5), 60
+    A = np.array([[0.9, 0.1], [0.2, 0.8]])
+    z = np.zeros(shape + (T,), int)
+    z[..., 0] = rng.integers(2, size=shape)
+    for t in range(1, T):
+        z[..., t] = (rng.random(shape)[..., None] > np.cumsum(A[z[..., t - 1]], axis=-1)).sum(axis=-1)
+    ds = xr.Dataset({"y": (("site", "year", "time"), rng.normal(np.array([0.0, 1.5])[z], 0.7))},
+                    coords={"site": [f"s{i}" for i in range(8)], "year": np.arange(2000, 2005)})
+    fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal).fit(ds, seed=0)
+    boot = em.bootstrap(fit, n=100, seed=2, n_jobs=1)
+    assert bool(boot["converged"].all())
+    se = fit.standard_errors()
+    for key, node in (("y.mean", "y"), ("y.variance", "y"), ("z.transition", "z")):
         ratio = boot[key].std("replicate").values / se[node][key.split(".")[1]].values
         assert np.all(np.abs(ratio - 1) < 0.3), (key, ratio)
 
