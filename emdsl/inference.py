@@ -33,7 +33,10 @@ derivative J = ∂H/∂ψ of the natural-parameter matrix, a small closed-form m
 * ``method="empirical"``: the outer product of the per-sample scores
   s_n = Σ_k r_nk J_k Φ_n (a mixture's samples are independent, so this estimates the
   information too, and it is robust to a misspecified family: it is the "meat" of a
-  sandwich estimator). It needs a pass over the data per block of samples.
+  sandwich estimator). It needs a pass over the data per block of samples. For a Markov
+  latent the independent units are the sequences: s_s = J · (the sequence's own E-step
+  sums), forward–backward run one sequence at a time (``EStep.sequence_statistics``), and
+  one sequence is refused.
 
 The coordinates ψ are unconstrained where a constraint exists (log of variances and
 rates, logit of probabilities, log-ratios of the free K − 1 weights of a simplex against
@@ -367,8 +370,11 @@ class _Problem:
         return self.J.reshape(self.P, self.H0.size) @ self.stats.ravel()
 
     def sample_scores(self, theta: Theta) -> np.ndarray:
-        """s_n = Σ_k r_nk J_k Φ_n for every sample (N × P), unweighted."""
+        """s_n = Σ_k r_nk J_k Φ_n for every sample (N × P), unweighted; for a Markov latent, every
+        sequence's (its units: n_sequences × P), J contracted with the sequence's own E-step sums."""
         plan, P, K = self.plan, self.P, self.plan.K
+        if plan.sequences is not None:
+            return np.einsum("pkw,skw->sp", self.J, self.estep.sequence_statistics(self.H0, theta))
         resp = np.empty((plan.n_samples, K))
         self.estep.evaluate(self.H0, theta, resp_out=resp)
         J = self.J.reshape(P * K, self.plan.n_stats)
@@ -404,7 +410,9 @@ def information(plan: Plan, theta: Theta, method: Method = "observed") -> tuple[
             info = -0.5 * (hessian + hessian.T)
         else:
             scores = problem.sample_scores(theta)
-            weighted = scores if plan.weights is None else scores * plan.weights[:, None]
+            units = (plan.weights if plan.sequences is None or plan.weights is None
+                     else plan.sequences.weights_of(0, plan.sequences.n_sequences))  # a sequence's weight
+            weighted = scores if units is None else scores * units[:, None]
             info = weighted.T @ scores
     return info, problem
 
@@ -459,9 +467,10 @@ def standard_errors(fit: Fit, method: Method = "observed", data: Any = None) -> 
         # the per-sample scores are an N × P array in memory: so may the data they come from be
         plan, theta, _ = fit._compiled(labels.as_dataset(data, like=fit.model).compute(),
                                        weights=None if weights is None else weights.compute())
-    if method == "empirical" and fit.model.latent_var is not None and fit.model.latent_var.markov is not None:
-        raise ModelError("standard_errors(method='empirical'): the samples of a Markov chain are not "
-                         "independent, so per-sample scores do not estimate the information; use 'observed'")
+    if method == "empirical" and plan.sequences is not None and plan.sequences.n_sequences < 2:
+        raise ModelError("standard_errors(method='empirical'): the data are one sequence of a Markov latent; "
+                         "the steps of a chain are not independent, and the sum of outer products of scores "
+                         "needs independent sequences; use 'observed'")
     if not fit.converged:
         warnings.warn("standard_errors: the fit did not converge; standard errors assume the parameters "
                       "maximize the likelihood", RuntimeWarning, stacklevel=3)

@@ -593,7 +593,8 @@ class Fit:
             Jacobian of the exact score (Fisher's identity: the score is the E-step's
             statistics times ∂H/∂θ) by Richardson-refined central differences, which
             splits into Louis' complete- minus missing-information terms.
-            ``"empirical"``: from the outer product of the per-sample scores.
+            ``"empirical"``: from the outer product of the per-sample scores (for a Markov
+            latent, the per-sequence scores; it needs several sequences).
         data : Dataset or what :meth:`Model.fit` accepts, optional
             The training data (default: the fit's own; needed for a loaded fit).
 

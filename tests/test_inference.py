@@ -105,6 +105,58 @@ def test_empirical_information_is_the_outer_product_of_per_sample_scores(waiting
     assert se.attrs["method"] == "empirical"
 
 
+def test_empirical_information_of_a_chain_sums_each_sequences_score():
+    """The independent units of a Markov latent are its sequences: the empirical information is
+    Σ_s g_s g_sᵀ with g_s the gradient of log p(x_s), here by central differences of a forward
+    recursion written with scipy, in the user's parameters (π₀, a₀₁, a₁₀, μ, σ²), with holes."""
+    rng = np.random.default_rng(6)
+    S, T = 40, 25
+    z = np.zeros((S, T), int)
+    z[:, 0] = rng.integers(2, size=S)
+    for t in range(1, T):
+        z[:, t] = np.where(rng.random(S) < np.where(z[:, t - 1] == 0, 0.15, 0.25), 1 - z[:, t - 1], z[:, t - 1])
+    y = rng.normal(np.array([0.0, 2.0])[z], 0.8)
+    y[rng.random(y.shape) < 0.1] = np.nan
+    fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal).fit(
+        xr.Dataset({"y": (("sequence", "time"), y)}), seed=0, tol=1e-14, max_iter=5000)
+    P = fit.params
+
+    def per_sequence(p: np.ndarray) -> np.ndarray:
+        initial, A = np.array([p[0], 1 - p[0]]), np.array([[1 - p[1], p[1]], [p[2], 1 - p[2]]])
+        dens = np.where(np.isnan(y)[..., None], 1.0, stats.norm.pdf(np.nan_to_num(y)[..., None], p[3:5], np.sqrt(p[5:7])))
+        out = np.empty(S)
+        for s in range(S):
+            alpha, total = initial * dens[s, 0], 0.0
+            for t in range(1, T):
+                c = alpha.sum()
+                total += np.log(c)
+                alpha = (alpha / c) @ A * dens[s, t]
+            out[s] = total + np.log(alpha.sum())
+        return out
+
+    theta = np.r_[P["z"]["initial"].values[0], P["z"]["transition"].values[0, 1], P["z"]["transition"].values[1, 0],
+                  P["y"]["mean"].values, P["y"]["variance"].values]
+    scores = numerical_gradients(per_sequence, theta)
+    se = np.sqrt(np.diag(np.linalg.inv(scores.T @ scores)))
+    ours = fit.standard_errors(method="empirical")
+    np.testing.assert_allclose(ours["z"]["initial"].values, se[[0, 0]], rtol=1e-5)
+    np.testing.assert_allclose(ours["z"]["transition"].values.ravel(), se[[1, 1, 2, 2]], rtol=1e-5)
+    np.testing.assert_allclose(ours["y"]["mean"].values, se[3:5], rtol=1e-5)
+    np.testing.assert_allclose(ours["y"]["variance"].values, se[5:7], rtol=1e-5)
+    # a sequence of weight 2 is two copies of it, in the empirical information too
+    w = rng.integers(1, 4, S)
+    weighted = fit.model.fit(xr.Dataset({"y": (("sequence", "time"), y), "w": ("sequence", w.astype(float))}),
+                             weights="w", init=fit, tol=1e-14, max_iter=5000)
+    copies = fit.model.fit(xr.Dataset({"y": (("sequence", "time"), np.repeat(y, w, axis=0))}), init=fit, tol=1e-14,
+                           max_iter=5000)
+    for node, key in (("y", "mean"), ("z", "transition")):
+        np.testing.assert_allclose(weighted.standard_errors(method="empirical")[node][key].values,
+                                   copies.standard_errors(method="empirical")[node][key].values, rtol=1e-5)
+    one = fit.model.fit(xr.Dataset({"y": ("time", y[0])}), seed=0)
+    with pytest.raises(em.ModelError, match="one sequence .*use 'observed'"):
+        one.standard_errors(method="empirical")
+
+
 def test_three_weights_respect_the_sum_to_one_constraint():
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.normal(-6, 1, 150), rng.normal(0, 1, 250), rng.normal(6, 1, 100)])

@@ -406,6 +406,49 @@ class EStep:
 
         self._map(work)
 
+    def sequence_statistics(self, H: np.ndarray, theta: Mapping[str, Any]) -> np.ndarray:
+        """Each sequence's own E-step sums, unweighted (n_sequences × K × (S + the chain's statistics)):
+        what its score reads (Fisher's identity, sequence by sequence: ``inference.sample_scores``).
+
+        The forward–backward recursion runs one sequence at a time here, since the chain's
+        transition counts are otherwise summed over the sequences of a block.
+        """
+        from emdsl.latent.markov import ImpossibleSequence
+
+        plan, sequences = self.plan, self.sequences
+        assert sequences is not None and plan.latent is not None
+        structure = plan.latent.structure
+        params = theta[plan.latent.name]
+        patterns = self._patterns(theta)
+        HT = np.ascontiguousarray(H[:, :self.S].T)
+        out = np.zeros((sequences.n_sequences, self.K, self.S + structure.n_stats))
+
+        def work(chunk: Sequence[tuple[int, int]], buf: _Buffers) -> None:
+            for start, stop in chunk:
+                L, _, partial = self._chain_emission(HT, start, stop, buf, patterns)
+                a, b = sequences.sequences_in(start, stop)
+                bounds = sequences.starts[a:b + 1] - start
+                for s, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True), start=a):
+                    resp, scratch, peak, scale = buf.chain.views(int(r1 - r0))
+                    try:
+                        latent = structure.posterior(L[r0:r1], np.array([0, r1 - r0]), np.ones(1), params, resp,
+                                                     scratch, peak, scale)[3]
+                    except ImpossibleSequence as error:
+                        raise self._chain_failure(error, start + int(r0), L[r0:r1]) from None
+                    mine = out[s]
+                    mine[:, self.S:] = latent
+                    self._add_phi(mine[:, :self.S], resp, None, start + int(r0), start + int(r1), buf)
+                    for node, pattern, columns, x in partial:
+                        inside = (columns >= r0) & (columns < r1)
+                        for g in np.unique(pattern[inside]):
+                            chosen = inside & (pattern == g)
+                            terms = patterns[node.name][g]
+                            extra, _ = terms.expected_statistics(x[terms.o][:, chosen], resp[columns[chosen] - r0].T)
+                            mine[:, node.offset:node.offset + node.n_rows] += extra
+
+        self._map(work)
+        return out
+
     def emissions(self, H: np.ndarray, theta: Mapping[str, Any] | None, out: np.ndarray) -> None:
         """The emission log-densities L (N × K) of every row of a Markov latent's data, log h excluded."""
         patterns = self._patterns(theta)
