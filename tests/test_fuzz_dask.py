@@ -116,7 +116,13 @@ def _difference(in_memory: tuple[str, Any], chunked: tuple[str, Any], tol: float
     if isinstance(scores, str) or isinstance(got_scores, str):
         return None if isinstance(scores, str) == isinstance(got_scores, str) else \
             f"score_samples: {str(scores)[:200]} in memory, {str(got_scores)[:200]} chunked"
-    if not np.allclose(got_scores, scores, rtol=rel, atol=max(slack, got_slack)):
+    # Per-sample scores move linearly with the parameters, where ℓ (flat at an optimum) hides
+    # them: an accelerated fit's long steps carry the chunks' summation-order rounding into the
+    # parameters (measured on 30 small weighted Gamma mixtures, 25 SQUAREM iterations: scores
+    # differing by up to 8e-9 against 1e-11 for plain EM), so the bound is relative to the largest.
+    finite = np.isfinite(scores)
+    scale = float(np.max(np.abs(scores[finite]))) if finite.any() else 0.0
+    if not np.allclose(got_scores, scores, rtol=rel, atol=max(slack, got_slack, rel * scale)):
         return f"score_samples differ by up to {np.max(np.abs(got_scores - scores))!r}"
     return None
 
