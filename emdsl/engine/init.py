@@ -207,6 +207,11 @@ def _centre_and_scale(rows: np.ndarray, scaling: np.ndarray | None = None,
 
 #: Lloyd's iterations after the k-means++ seeds, at most (k-means stops earlier, when no label changes)
 KMEANS_MAX_ITER = 100
+#: k-means also stops once a step moves the centres by at most this fraction of the data's mean
+#: variance (Σ_k ‖Δc_k‖², scikit-learn's KMeans ``tol``, whose GaussianMixture start this is).
+#: Without it, 600k points in six overlapping clusters ran all 100 steps, a few labels still
+#: swapping each time: 2.6 s, the time of 110 E-steps of that fit (benchmarks/bench_accelerate.py).
+KMEANS_TOL = 1e-4
 
 
 def kmeans_plusplus_seeds(z: np.ndarray, k: int, rng: np.random.Generator,
@@ -265,7 +270,8 @@ def kmeans(z: np.ndarray, k: int, rng: np.random.Generator,
 
     From :func:`kmeans_plusplus_seeds`, iterates (each point to its nearest centre, each
     centre to its points' mean: scipy's ``kmeans2``, one step at a time) until no label
-    changes, at most :data:`KMEANS_MAX_ITER` times, as scikit-learn's GaussianMixture
+    changes or a step moves the centres by at most :data:`KMEANS_TOL` of the data's mean
+    variance, at most :data:`KMEANS_MAX_ITER` times, as scikit-learn's GaussianMixture
     starts (a converged KMeans): the assignment to the seeds alone starts EM far from the
     clusters more often (wine, ``prior="weak"``: 6 of 20 single starts reached the
     cultivars, against 20 of 20; docs/design.md). A centre left without points keeps its
@@ -279,6 +285,7 @@ def kmeans(z: np.ndarray, k: int, rng: np.random.Generator,
     weights = None if weights is None else np.asarray(weights, dtype=float)  # a sequence is welcome too
     centres, too_few = kmeans_plusplus_seeds(z, k, rng, weights)
     labels = None
+    spread = _mean_variance(z, weights) * KMEANS_TOL
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="One of the clusters is empty")
         for _ in range(KMEANS_MAX_ITER + 1):
@@ -289,8 +296,22 @@ def kmeans(z: np.ndarray, k: int, rng: np.random.Generator,
                 moved, nearest = _weighted_lloyd_step(z, centres, weights)
             if labels is not None and np.array_equal(nearest, labels):
                 break  # a fixed point: the centres are the means of the labels they induce
+            shift = float(np.sum((moved - centres) ** 2))
             centres, labels = moved, nearest
+            if shift <= spread:
+                break  # the centres have stopped moving, as scikit-learn's KMeans judges it
     return np.asarray(labels, dtype=np.intp), np.asarray(centres, dtype=float), too_few
+
+
+def _mean_variance(z: np.ndarray, weights: np.ndarray | None) -> float:
+    """The (weighted) variance of each column of ``z``, averaged over the columns."""
+    if weights is None:
+        return float(np.mean(np.var(z, axis=0))) if len(z) else 0.0
+    total = float(weights.sum())
+    if not total > 0:
+        return 0.0
+    mean = weights @ z / total
+    return float(np.mean(weights @ (z - mean) ** 2 / total))
 
 
 def _weighted_lloyd_step(z: np.ndarray, centres: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

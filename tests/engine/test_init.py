@@ -118,3 +118,21 @@ def test_weighted_seeding_features_are_the_expanded_tables() -> None:
         for key in ("shape", "rate"):
             np.testing.assert_allclose(chunked.params[name][key].values, in_memory.params[name][key].values,
                                        rtol=1e-12, err_msg=f"{name}.{key}")
+
+
+def test_kmeans_stops_as_scikit_learns_once_the_centres_stop_moving() -> None:
+    """Six overlapping clusters: labels keep swapping long after the centres settle. k-means stops,
+    as scikit-learn's KMeans does, once a step moves the centres by at most KMEANS_TOL of the
+    data's mean variance: the same centres as scikit-learn's from the same seeds."""
+    cluster = pytest.importorskip("sklearn.cluster")
+    rng = np.random.default_rng(2)
+    centres_true = rng.normal(0, 1.3, (6, 3))
+    z = centres_true[rng.integers(6, size=20_000)] + rng.normal(size=(20_000, 3))
+    seeds, _ = init.kmeans_plusplus_seeds(z, 6, np.random.default_rng(0))
+    labels, centres, _ = init.kmeans(z, 6, np.random.default_rng(0))
+    reference = cluster.KMeans(6, init=seeds, n_init=1, tol=init.KMEANS_TOL, algorithm="lloyd").fit(z)
+    assert reference.n_iter_ < init.KMEANS_MAX_ITER
+    assert not np.array_equal(vq(z, centres)[0], labels)  # stopped before a fixed point, as scikit-learn did
+    np.testing.assert_allclose(centres, reference.cluster_centers_, rtol=1e-9, atol=1e-12)
+    for j in range(6):  # each centre is the mean of the points it labels
+        np.testing.assert_allclose(centres[j], z[labels == j].mean(axis=0), rtol=1e-12)
