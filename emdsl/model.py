@@ -409,10 +409,11 @@ class Model:
             ``max_iter`` in epochs (passes over the minibatches), record the running
             objective per epoch and end with one full pass giving the exact ℓ(θ̂); see
             :mod:`emdsl.engine.online` for what each checks instead of EM's monotonicity.
-            Continue a stream with :meth:`Fit.partial_fit`.
+            Continue a stream with :meth:`Fit.partial_fit`. For a Markov latent a minibatch
+            is a run of whole sequences (its independent units), so it needs several.
         batch_size : int, optional
             Rows per minibatch of the online methods (default: each dask chunk, or N / 32
-            rows of in-memory data).
+            rows of in-memory data); for a Markov latent, steps, rounded to whole sequences.
         step_decay : float, default 0.6
             α in (0.5, 1] of stepwise EM's steps γ_t = (t + 1)^−α.
         dtype : {"float64", "float32"}, optional

@@ -639,12 +639,7 @@ def _trim_chain(grid: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def local_sequences(sequences: Any, offset: int, n: int) -> Any:
     """The :class:`~emdsl.latent.markov.Sequences` of the rows [offset, offset + n) (whole sequences)."""
-    a, b = sequences.sequences_in(offset, offset + n)
-    if sequences.starts[a] != offset or sequences.starts[b] != offset + n:
-        raise RuntimeError(f"rows {offset}–{offset + n - 1} do not hold whole sequences")
-    weights = None if sequences.weights is None else sequences.weights[a:b]
-    return dataclasses.replace(sequences, starts=sequences.starts[a:b + 1] - offset, weights=weights,
-                               first=sequences.first + a)
+    return sequences.within(offset, offset + n)
 
 
 def _statistics_part(skeleton_plan: Any, slots: Sequence[Slot], start: int, *blocks: np.ndarray) -> np.ndarray:

@@ -119,18 +119,25 @@ def rows_plan(plan: Plan, start: int, stop: int) -> Plan:
         nodes.append(local)
     return dataclasses.replace(plan, n_samples=stop - start, sample_coords={}, nodes=nodes,
                                weights=None if plan.weights is None else plan.weights[start:stop],
-                               clamp=None if plan.clamp is None else plan.clamp[start:stop])
+                               clamp=None if plan.clamp is None else plan.clamp[start:stop],
+                               sequences=None if plan.sequences is None else plan.sequences.within(start, stop))
 
 
 def batches(plan: Plan, batch_size: int | None) -> list[tuple[int, int]]:
-    """Minibatch row ranges: ``batch_size`` rows, or (by default) each dask chunk, or N / 32 rows."""
-    if plan.sequences is not None:
-        raise ModelError("fit(method=...): online EM over a Markov latent would cut sequences between "
-                         "minibatches; fit hidden Markov models with method='em'")
+    """Minibatch row ranges: ``batch_size`` rows, or (by default) each dask chunk, or N / 32 rows.
+
+    A Markov latent's minibatches are runs of whole sequences (its independent units) of about
+    that many rows (steps), a longer sequence a minibatch of its own; a dask chunk is one already.
+    """
+    if plan.sequences is not None and plan.sequences.n_sequences < 2:
+        raise ModelError("fit(method=...): online EM over a Markov latent takes minibatches of whole sequences, "
+                         "and the data are one sequence (its steps are not independent); fit it with method='em'")
     if batch_size is None and is_chunked(plan):
         bounds = np.cumsum((0,) + tuple(plan.nodes[0].sources[0].chunks[0]))
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     size = batch_size or max(1, -(-plan.n_samples // DEFAULT_BATCHES))
+    if plan.sequences is not None:
+        return plan.sequences.blocks(int(size))
     return list(blocks(plan.n_samples, int(size)))
 
 
@@ -360,8 +367,6 @@ def continue_fit(fit: Any, data: Any, weights: Any = None) -> Any:
 
     from emdsl.engine.orchestrate import labeller
 
-    if fit.model.latent_var is not None and fit.model.latent_var.markov is not None:
-        raise ModelError("partial_fit: online EM over a Markov latent would cut sequences; refit with method='em'")
     stream = getattr(fit, "_online", None) or _stream_from_batch_fit(fit)
     plan, theta, _ = fit._compiled(data, weights=weights)
     weight = plan.total_weight

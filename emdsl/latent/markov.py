@@ -94,6 +94,14 @@ class Sequences:
             first = last
         return out
 
+    def within(self, start: int, stop: int) -> Sequences:
+        """The sequences of the rows [start, stop), numbered from ``start`` (they must be whole sequences)."""
+        a, b = self.sequences_in(start, stop)
+        if self.starts[a] != start or self.starts[b] != stop:
+            raise RuntimeError(f"rows {start}–{stop - 1} do not hold whole sequences")
+        weights = None if self.weights is None else self.weights[a:b]
+        return dataclasses.replace(self, starts=self.starts[a:b + 1] - start, weights=weights, first=self.first + a)
+
     def sequences_in(self, start: int, stop: int) -> tuple[int, int]:
         """The sequences whose rows are [start, stop) (a block of whole sequences)."""
         a, b = np.searchsorted(self.starts, [start, stop])

@@ -150,3 +150,48 @@ def test_a_wrong_m_step_is_caught(data: xr.Dataset, monkeypatch: pytest.MonkeyPa
 def test_bad_settings(data: xr.Dataset, kwargs: dict, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         MODEL.fit(data, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sequences() -> xr.Dataset:
+    """60 sequences of a 2-state chain, 80 steps each."""
+    rng = np.random.default_rng(3)
+    z = np.zeros((60, 80), int)
+    z[:, 0] = rng.integers(2, size=60)
+    for t in range(1, 80):
+        z[:, t] = (rng.random(60)[:, None] > np.cumsum(np.array([[0.9, 0.1], [0.2, 0.8]])[z[:, t - 1]], axis=-1)).sum(-1)
+    return xr.Dataset({"y": (("seq", "time"), rng.normal(np.array([0.0, 1.5])[z], 0.7))})
+
+
+CHAIN = em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal)
+
+
+def test_online_em_over_a_chain_takes_minibatches_of_whole_sequences(sequences: xr.Dataset) -> None:
+    """A chain's independent units are its sequences: a minibatch is a run of whole ones (about
+    batch_size steps). Incremental EM reaches batch EM's optimum; stepwise EM comes within the
+    module's bound, with B the minibatch's steps divided by the chain's integrated
+    autocorrelation time (1 + λ₂)/(1 − λ₂) (λ₂ = 0.7 here: consecutive steps share their state,
+    so a minibatch varies like 5.7 times fewer independent rows); dask chunks (of whole
+    sequences) are minibatches."""
+    batch = CHAIN.fit(sequences, seed=0, tol=1e-12)
+    second = float(np.trace(batch.params["z"]["transition"].values)) - 1.0  # λ₂ of a 2-state chain
+    per_unit = (1 + second) / (1 - second)
+    incremental = CHAIN.fit(sequences, seed=0, method="incremental", batch_size=400, max_iter=60, tol=0)
+    assert incremental.loglik == pytest.approx(batch.loglik, rel=1e-9)
+    np.testing.assert_allclose(incremental.params["z"]["transition"], batch.params["z"]["transition"], rtol=1e-5)
+    elbo = incremental.trace["elbo"].values[1:-1]
+    assert np.all(np.diff(elbo) >= -1e-9 * np.abs(elbo[1:]))
+    N = sequences["y"].size
+    for data, size in ((sequences, 400), (sequences.chunk(seq=5), 400)):
+        fit = CHAIN.fit(data, seed=0, method="stepwise", batch_size=None if data.chunks else size, max_iter=8, tol=0)
+        steps = int(fit.trace["e_steps"].values[-2] - 1)
+        assert 0 <= (batch.loglik - fit.loglik) / N <= bound(fit, steps, size / per_unit)
+    # a stream of whole sequences, after a batch fit
+    best = batch.loglik
+    fit = batch.partial_fit(sequences.isel(seq=slice(0, 20)))
+    assert fit.n_iter == batch.trace.sizes["iteration"] - 1 and fit.trace.sizes["iteration"] >= 2
+    state = fit._online.state
+    assert 0 <= (best - float(fit.score_samples(sequences).sum())) / N <= bound(fit, state.steps,
+                                                                              state.batch_size / per_unit)
+    with pytest.raises(ModelError, match="minibatches of whole sequences.*one sequence"):
+        CHAIN.fit(sequences.isel(seq=0), method="stepwise")
