@@ -422,6 +422,9 @@ def _exercise(fit: em.Fit, case: Case, tmp_path, outcomes: list[str]) -> None:
         elif name == "predict_proba":  # sums to 1 over the latents' states
             states = [dim for dim in out.dims if dim in {x.name for x in case.model.latents}]
             assert np.isfinite(out.values).all() and np.allclose(out.sum(states).values, 1.0), out
+        elif name == "score":  # the mean of score_samples: −∞ exactly when a sample (of weight 0) has probability 0
+            impossible = bool(np.isneginf(np.asarray(fit.score_samples(case.data).values)).any())
+            assert np.isfinite(out) or (impossible and out == -np.inf), (name, out)
         elif name != "sample":
             assert np.isfinite(out), (name, out)
     path = tmp_path / "fit.nc"
