@@ -123,8 +123,11 @@ def bootstrap(
     # plain arrays in the labelled layout: the refits skip aligning coordinates they already share
     start = {name: {key: np.asarray(da.values) for key, da in values.items() if key not in fixed[name]}
              for name, values in labels.tree_values(fit.params).items()}
+    weights = fit.weights
+    if weights is not None and sequence_dims:  # a chain's weights, per sequence, in the order resampled
+        weights = weights.transpose(*sequence_dims)
     job = _Job(fit.model, ds, fit.sample_dim, start, kind,
-               None if fit.weights is None else np.asarray(fit.weights.values, dtype=float),
+               None if weights is None else np.asarray(weights.values, dtype=float).ravel(),
                weights_are_counts, max_iter, tol, _parametric_source(fit, ds) if kind == "parametric" else None,
                sequence_dims)
     if weights_are_counts:

@@ -413,6 +413,12 @@ def information(plan: Plan, theta: Theta, method: Method = "observed") -> tuple[
             units = (plan.weights if plan.sequences is None or plan.weights is None
                      else plan.sequences.weights_of(0, plan.sequences.n_sequences))  # a sequence's weight
             weighted = scores if units is None else scores * units[:, None]
+            counted = len(scores) if units is None else int(np.count_nonzero(units))
+            if counted <= problem.P:  # Σ w g gᵀ has rank at most the number of units that count
+                what = "sequences" if plan.sequences is not None else "samples"
+                raise ModelError(f"standard_errors(method='empirical'): {counted} {what} (of nonzero weight) for "
+                                 f"{problem.P} free parameters; a sum of that many outer products of scores is a "
+                                 "singular information matrix; use 'observed'")
             info = weighted.T @ scores
     return info, problem
 

@@ -444,3 +444,26 @@ def test_a_one_sequence_chain_has_its_initial_distribution_on_the_boundary_whate
         assert se["z"].attrs["at_boundary"].startswith("initial[")
         errors.append(np.sort(se["x"]["mean"].values.ravel()))
     np.testing.assert_allclose(errors[0], errors[-1], rtol=1e-2)
+
+
+def test_a_chains_bootstrap_keeps_each_sequence_with_its_own_weight():
+    """Weights over two sequence dims, given in the other order: a sequence of weight 0 (an
+    outlier at 100) never enters a replicate, whichever sequences are drawn."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(3, 4, 30)) + np.repeat([0.0, 2.0], 15)
+    y[2, 1] += 100.0
+    w = np.ones((4, 3))
+    w[1, 2] = 0.0  # (year 1, site 2): the outlier
+    ds = xr.Dataset({"y": (("site", "year", "time"), y), "w": (("year", "site"), w)})
+    fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal).fit(ds, weights="w", seed=0)
+    boot = em.bootstrap(fit, n=20, seed=0, n_jobs=1)
+    assert float(np.abs(boot["y.mean"]).max()) < 5
+
+
+def test_empirical_information_needs_more_units_than_parameters():
+    rng = np.random.default_rng(1)
+    ds = xr.Dataset({"y": (("sequence", "time"), rng.normal(size=(4, 50)) + np.repeat([0.0, 2.0], 25))})
+    fit = em.Model().latent("z", em.Categorical(2), markov="time").observe("y", em.Normal).fit(ds, seed=0)
+    with pytest.raises(em.ModelError, match=r"4 sequences \(of nonzero weight\) for \d+ free parameters.*'observed'"):
+        fit.standard_errors(method="empirical")
+    assert np.all(np.isfinite(fit.standard_errors()["y"]["mean"].values))
