@@ -328,6 +328,14 @@ class _Reader:
             raise self.fail(name, f"expected text, got {_describe(value)}")
         return value
 
+    def json_attr(self, attrs: Mapping[Hashable, Any], name: str) -> Any:
+        """An attribute holding JSON text, parsed."""
+        text = self.text(attrs, name)
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise self.fail(name, f"not valid JSON: {_describe(text)}") from None
+
     def seed(self, attrs: Mapping[Hashable, Any]) -> int:
         value = self.attr(attrs, "seed")
         if _is_integer(value):
@@ -363,11 +371,7 @@ class _Reader:
         return xr.DataArray(values.reshape(shape), dims=dims, name="weights")
 
     def sequence_dims(self, attrs: Mapping[Hashable, Any], model: Model) -> tuple[Hashable, ...]:
-        text = self.text(attrs, "sequence_dims")
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            raise self.fail("sequence_dims", f"not valid JSON: {_describe(text)}") from None
+        value = self.json_attr(attrs, "sequence_dims")
         if (not isinstance(value, list) or len(set(map(repr, value))) != len(value)
                 or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value)):
             raise self.fail("sequence_dims", f"expected a list of distinct dimension names, got {_describe(value)}")
@@ -379,11 +383,7 @@ class _Reader:
         return tuple(value)
 
     def data_dtypes(self, attrs: Mapping[Hashable, Any], model: Model) -> dict[str, str]:
-        text = self.text(attrs, "data_dtypes")
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            raise self.fail("data_dtypes", f"not valid JSON: {_describe(text)}") from None
+        value = self.json_attr(attrs, "data_dtypes")
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise self.fail("data_dtypes", f"expected an object of variable names to dtypes, got {_describe(value)}")
         known = {v for decl in model.observed for v in decl.variables}
@@ -401,11 +401,7 @@ class _Reader:
         return value
 
     def sample_dim(self, attrs: Mapping[Hashable, Any]) -> Hashable:
-        text = self.text(attrs, "sample_dim")
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            raise self.fail("sample_dim", f"not valid JSON: {_describe(text)}") from None
+        value = self.json_attr(attrs, "sample_dim")
         if not isinstance(value, str | int) or isinstance(value, bool):
             raise self.fail("sample_dim", f"expected a dimension name, got {_describe(value)}")
         return value
