@@ -1106,7 +1106,7 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
         categories = _categorical_labels(da)
         values = np.asarray(da.values) if categories is None else categories
         kind = values.dtype.kind
-        if categories is None and (kind in "iuf" or kind == "b"):
+        if kind in "iuf" or kind == "b":  # (a pandas categorical's labels are an object array)
             if terms is not None and any(t.startswith(f"{name}[") for t in terms):
                 raise ModelError(f"{where}: the covariate {name!r} is numeric in the new data, but the fit read it "
                                  f"as categorical (terms {[t for t in terms if t.startswith(f'{name}[')]}); give "
@@ -1121,14 +1121,11 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
         elif kind in "OUS":
             raw = [None if _missing(v) else v for v in values.tolist()]
             _no_missing(da, np.array([v is None for v in raw]), name, where)
-            if categories is None and kind == "O" and not all(isinstance(v, str | bool | int | np.integer) for v in raw):
+            if kind == "O" and not all(isinstance(v, str | bool | int | np.integer) for v in raw):
                 bad = next(v for v in raw if not isinstance(v, str | bool | int | np.integer))
                 raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                                  f"{type(bad).__name__} values such as {bad!r}); convert it to numbers or to labels")
-            seen = _levels(da, raw) if terms is None else None
-            if seen is not None and intercept:
-                baselines[name] = str(seen[0])
-            kept = _kept_levels(where, name, seen, {str(v) for v in raw}, terms, intercept)
+            kept = _kept_levels(where, name, da, {str(v) for v in raw}, terms, intercept, baselines)
             text = np.array([str(v) for v in raw], dtype=object)
             for level in kept:
                 columns.append((text == str(level)).astype(float))
@@ -1141,15 +1138,18 @@ def design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: bool, sa
     return (np.column_stack(columns) if columns else np.zeros((n, 0))), Terms(names, baselines)
 
 
-def _kept_levels(where: str, name: str, levels: list[Any] | None, strings: set[str],
-                 terms: Sequence[str] | None, intercept: bool) -> list[Any]:
-    """The levels of a categorical covariate that get a column: all but the first (the baseline) when
-    there is an intercept; for new data (``terms`` given), the fit's, and no level it did not see."""
+def _kept_levels(where: str, name: str, da: xr.DataArray, strings: set[str], terms: Sequence[str] | None,
+                 intercept: bool, baselines: dict[str, str]) -> list[Any]:
+    """The levels of a categorical covariate ``da`` (its values as text: ``strings``) that get a column:
+    all but the first (the baseline, recorded in ``baselines``) when there is an intercept; for new
+    data (``terms`` given), the fit's, and no level it did not see."""
     if terms is None:
-        assert levels is not None
+        levels = _levels(da, strings)
         if len(levels) < 2 and intercept:
             raise ModelError(f"{where}: the covariate {name!r} is constant (every value is {levels[0]!r}); "
                              "it duplicates the intercept. Drop it")
+        if intercept:
+            baselines[name] = levels[0]
         return levels[1:] if intercept else levels
     kept = [t[len(name) + 1:-1] for t in terms if t.startswith(f"{name}[") and t.endswith("]")]
     baseline = getattr(terms, "baselines", {}).get(name)
@@ -1215,11 +1215,10 @@ def _no_missing(da: xr.DataArray, missing: np.ndarray, name: str, where: str) ->
                          "must be known for every sample: drop those samples or fill the covariate in")
 
 
-def _levels(da: xr.DataArray, raw: list[Any]) -> list[str]:
-    """A categorical covariate's levels (as text), the first being the baseline: a pandas categorical's
-    categories in their order, those that occur (an unused one would be a column of zeros, which
-    no coefficient can fit); otherwise the distinct values, sorted."""
-    present = {str(v) for v in raw if v is not None}
+def _levels(da: xr.DataArray, present: set[str]) -> list[str]:
+    """A categorical covariate's levels (as text; ``present``: its values), the first being the baseline:
+    a pandas categorical's categories in their order, those that occur (an unused one would be a
+    column of zeros, which no coefficient can fit); otherwise the distinct values, sorted."""
     categories = getattr(da.dtype, "categories", None)
     if categories is not None:
         return [level for level in map(str, categories) if level in present]
@@ -1361,10 +1360,7 @@ def lazy_design_matrix(ds: xr.Dataset, covariates: Sequence[str], intercept: boo
         if bad[0] >= 0:
             raise ModelError(f"{where}: the covariate {name!r} is neither numeric nor categorical (it holds "
                              f"{type(bad[1]).__name__} values such as {bad[1]!r}); convert it to numbers or to labels")
-        seen = _levels(da_, list(strings)) if terms is None else None
-        if seen is not None and intercept:
-            baselines[name] = seen[0]
-        kept = _kept_levels(where, name, seen, strings, terms, intercept)
+        kept = _kept_levels(where, name, da_, strings, terms, intercept, baselines)
         specs.append(list(kept))
         names.extend(f"{name}[{level}]" for level in kept)
     if terms is not None and list(terms) != names:
