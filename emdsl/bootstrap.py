@@ -109,10 +109,9 @@ def bootstrap(
             raise ModelError("bootstrap: this fit was loaded from a file and holds no training data; pass the data")
     ds = labels.as_dataset(data)
     latent = fit.model.latent_var
-    sequence_dims = getattr(fit, "sequence_dims", None)
+    sequence_dims = None  # a chain's, in these data: its sequences are what is resampled
     if latent is not None and latent.markov is not None:
-        variables = [v for decl in fit.model.observed for v in decl.variables if v in ds.data_vars]
-        sequence_dims = fit._sequence_dims_in(ds, variables)
+        sequence_dims = fit._sequence_dims_in(ds)
         if kind == "nonparametric" and not sequence_dims:
             raise ModelError("bootstrap: the data are one sequence of a Markov latent, whose steps are not "
                              "independent and which has no other sequence to resample; use kind='parametric' "

@@ -330,9 +330,8 @@ class FitPlotter:
             ds = ds.transpose(*steps, ...).stack({self._fit.sample_dim: steps})
         if self._markov is not None:
             # steps with nothing observed (a shorter sequence's padding) are not data to draw
-            observed = [v for decl in self._fit.model.observed for v in decl.variables if v in ds.data_vars]
             seen = np.zeros(ds.sizes[self._fit.sample_dim], dtype=bool)
-            for v in observed:
+            for v in self._fit._observed_in(ds):
                 seen |= ds[v].notnull().any([d for d in ds[v].dims if d != self._fit.sample_dim]).values
             if not seen.all():
                 ds, proba = ds.isel({self._fit.sample_dim: seen}), proba.isel({self._fit.sample_dim: seen})

@@ -153,9 +153,10 @@ class Fit:
             values = [bool(int(v)) for v in text.split(",") if v != ""]
             return np.array(values if len(values) == len(ids) else [False] * len(ids))
 
+        final_passes = self._final_passes()
         return xr.Dataset({"loglik": ("restart", self.traces["loglik"].values[last]),
                            "n_iter": ("restart", self.traces["iteration"].values[last]
-                                      - np.array([self._final_passes()[int(r)] for r in ids])),
+                                      - np.array([final_passes[int(r)] for r in ids])),
                            "converged": ("restart", flags("converged")),
                            "degenerate": ("restart", flags("degenerate"))},
                           coords={"restart": ids}, attrs={"kept": self.restart})
@@ -506,10 +507,11 @@ class Fit:
             raise ModelError(f"{what}: the model declares no latent variable, so there is no posterior; "
                              "use score_samples for the density")
 
-    def _sequence_dims_in(self, ds: xr.Dataset, variables: list[str]) -> tuple[Hashable, ...]:
+    def _sequence_dims_in(self, ds: xr.Dataset) -> tuple[Hashable, ...]:
         """The dims of ``ds`` that index a Markov fit's sequences: those it was fitted over, where the
         data have them; else every dim of the first observed variable that is neither the chain's
         nor one of its node's elements (the fit's parameters carry those), in any order."""
+        variables = self._observed_in(ds)
         known = self.sequence_dims
         if known and all(d in ds[v].dims for v in variables for d in known):
             return known
@@ -517,12 +519,16 @@ class Fit:
         elements = set(self.params[decl.name].to_dataset().dims)
         return tuple(d for d in ds[decl.variables[0]].dims if d != self._markov and d not in elements)
 
+    def _observed_in(self, ds: xr.Dataset) -> list[str]:
+        """The model's observed variables that ``ds`` holds."""
+        return [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
+
     def _compiled(self, data: Any, weights: Any = None) -> tuple[Plan, Theta, np.ndarray]:
         ds = labels.as_dataset(data, like=self.model)
-        variables = [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
+        variables = self._observed_in(ds)
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
         if self._markov is not None:
-            use_dim = self._sequence_dims_in(ds, variables) if variables else None
+            use_dim = self._sequence_dims_in(ds) if variables else None
         from emdsl.regression import Terms
 
         levels: dict[str, Any] = self.levels
