@@ -490,7 +490,7 @@ def local_plan(skeleton_plan: Any, slots: Sequence[Slot], blocks: Sequence[np.nd
     """An in-memory plan over one chunk, from that chunk's numpy blocks (one per slot).
 
     ``offset`` is the chunk's first global row: a Markov latent's chunk holds whole
-    sequences, whose layout it takes from the skeleton's (:func:`local_sequences`).
+    sequences, whose layout it takes from the skeleton's (``Sequences.within``).
     """
     sources: dict[int, dict[int, np.ndarray]] = {}
     aux: dict[int, dict[str, np.ndarray]] = {}
@@ -516,7 +516,7 @@ def local_plan(skeleton_plan: Any, slots: Sequence[Slot], blocks: Sequence[np.nd
         nodes.append(local)
     plan = dataclasses.replace(skeleton_plan, n_samples=int(n or 0), nodes=nodes, weights=weights, clamp=clamp)
     if plan.sequences is not None:
-        plan.sequences = local_sequences(plan.sequences, offset, plan.n_samples)
+        plan.sequences = plan.sequences.within(offset, offset + plan.n_samples)
     return plan
 
 
@@ -635,11 +635,6 @@ def _trim_chain(grid: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     values = np.asarray(grid)
     keep = np.arange(values.shape[1])[None, :] < lengths[:, None]
     return values[keep]
-
-
-def local_sequences(sequences: Any, offset: int, n: int) -> Any:
-    """The :class:`~emdsl.latent.markov.Sequences` of the rows [offset, offset + n) (whole sequences)."""
-    return sequences.within(offset, offset + n)
 
 
 def _statistics_part(skeleton_plan: Any, slots: Sequence[Slot], start: int, *blocks: np.ndarray) -> np.ndarray:

@@ -328,11 +328,11 @@ class EStep:
             stats += resp[a:b].T @ piece.T
 
     def _chain_failure(self, error: Any, start: int, L: np.ndarray) -> ModelError:
-        from emdsl.latent.markov import impossible_message
+        from emdsl.latent.markov import emits_nothing, impossible_message
 
         assert self.sequences is not None and self.plan.latent is not None
-        emits_nothing = bool(np.all(L[error.row] <= RULED_OUT))  # −∞, or ruled out by a known state
-        return ModelError(impossible_message(self.sequences, start + error.row, self.plan.latent.name, emits_nothing))
+        return ModelError(impossible_message(self.sequences, start + error.row, self.plan.latent.name,
+                                             bool(emits_nothing(L[error.row]))))
 
     def _summarize_chain(self, H: np.ndarray, theta: Mapping[str, Any] | None) -> Summary:
         from emdsl.latent.markov import ImpossibleSequence
@@ -542,7 +542,7 @@ def _per_sequence(structure: Any, L: np.ndarray, starts: np.ndarray, params: Any
     for i, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
         views = buf.chain.views(int(b - a))
         try:
-            out[i] = structure.evaluate(np.ascontiguousarray(L[a:b]), np.array([0, b - a]), params, *views)[0]
+            out[i] = structure.evaluate(L[a:b], np.array([0, b - a]), params, *views)[0]
         except ImpossibleSequence:
             out[i] = -np.inf
     return out

@@ -306,13 +306,19 @@ def impossible_message(sequences: Sequences, row: int, name: str, emits_nothing:
                    "at that step")
 
 
+def emits_nothing(L: np.ndarray) -> np.ndarray:
+    """Which rows of emission log-densities (… × K) no state can emit: −∞, or ruled out by a known
+    state (``estep.RULED_OUT``), in every state."""
+    from emdsl.engine.estep import RULED_OUT
+
+    return np.all(L <= RULED_OUT, axis=-1)
+
+
 def viterbi_failure(L: np.ndarray, sequences: Sequences, local: int, name: str) -> str:
     """Why a sequence (``local``: its index among ``sequences``) has no path: a step that no
     state can emit (named as the E-step names it), else the zeros of initial/transition."""
-    from emdsl.engine.estep import RULED_OUT
-
     a, b = int(sequences.starts[local]), int(sequences.starts[local + 1])
-    silent = np.flatnonzero(np.all(L[a:b] <= RULED_OUT, axis=1))  # −∞, or ruled out by a known state
+    silent = np.flatnonzero(emits_nothing(L[a:b]))
     if len(silent):
         return impossible_message(sequences, a + int(silent[0]), name, emits_nothing=True)
     return (f"viterbi: sequence {sequences.first + local} has probability 0 under the fitted parameters "
