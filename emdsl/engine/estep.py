@@ -212,14 +212,7 @@ class EStep:
                     sum_log_total, sum_peak = float(log_total @ w), float(peak @ w)
                     magnitude += float((np.abs(peak) + np.abs(log_total)) @ w)
                 stats += resp @ phi.T
-                for node, pattern, columns, x in partial:
-                    block = slice(node.offset, node.offset + node.n_rows)
-                    for g in np.unique(pattern):
-                        chosen = pattern == g
-                        terms = patterns[node.name][g]
-                        extra, gained = terms.expected_statistics(x[terms.o][:, chosen], resp[:, columns[chosen]])
-                        stats[:, block] += extra
-                        entropy += gained
+                entropy += _add_partial_rows(stats, partial, patterns, resp)
                 loglik += sum_peak + sum_log_total
                 # −Σ w r log r with log r = (L − max) − log Σ exp(L − max), and Σ_k r = 1. A state whose
                 # L is −∞ (its terms overflow: x near the largest float) has r = 0 exactly and adds 0, not NaN.
@@ -359,14 +352,7 @@ class EStep:
                 except ImpossibleSequence as error:
                     raise self._chain_failure(error, start, L) from None
                 self._add_phi(stats[:, :self.S], resp, phi, start, stop, buf)
-                for node, pattern, columns, x in partial:
-                    block = slice(node.offset, node.offset + node.n_rows)
-                    for g in np.unique(pattern):
-                        chosen = pattern == g
-                        terms = patterns[node.name][g]
-                        extra, more = terms.expected_statistics(x[terms.o][:, chosen], resp[columns[chosen]].T)
-                        stats[:, block] += extra
-                        gained += more
+                gained += _add_partial_rows(stats, partial, patterns, resp.T)
                 stats[:, self.S:] += latent
                 loglik += part
                 entropy += gained
@@ -438,13 +424,10 @@ class EStep:
                     mine = out[s]
                     mine[:, self.S:] = latent
                     self._add_phi(mine[:, :self.S], resp, None, start + int(r0), start + int(r1), buf)
-                    for node, pattern, columns, x in partial:
-                        inside = (columns >= r0) & (columns < r1)
-                        for g in np.unique(pattern[inside]):
-                            chosen = inside & (pattern == g)
-                            terms = patterns[node.name][g]
-                            extra, _ = terms.expected_statistics(x[terms.o][:, chosen], resp[columns[chosen] - r0].T)
-                            mine[:, node.offset:node.offset + node.n_rows] += extra
+                    inside = [(columns >= r0) & (columns < r1) for _, _, columns, _ in partial]
+                    own = [(node, pattern[i], columns[i] - r0, x[:, i])
+                           for (node, pattern, columns, x), i in zip(partial, inside, strict=True)]
+                    _add_partial_rows(mine, own, patterns, resp.T)
 
         self._map(work)
         return out
@@ -531,6 +514,23 @@ def default_block_rows(n_stats: int, K: int) -> int:
     the memory budget, not the cache, is what bounds the block.
     """
     return int(np.clip((16 << 20) // (8 * (n_stats + 2 * K)), 1024, 16384))
+
+
+def _add_partial_rows(stats: np.ndarray, partial: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]],
+                      patterns: Mapping[str, list[Any]], resp: np.ndarray) -> float:
+    """stats (K × …) += the expected statistics of a block's partly observed rows (``partial``, as
+    :meth:`EStep._partial_rows` gives them: their Φ columns are 0) under the responsibilities
+    ``resp`` (K × the block's rows); returns the holes' conditional entropy term."""
+    gained = 0.0
+    for node, pattern, columns, x in partial:
+        block = slice(node.offset, node.offset + node.n_rows)
+        for g in np.unique(pattern):
+            chosen = pattern == g
+            terms = patterns[node.name][g]
+            extra, more = terms.expected_statistics(x[terms.o][:, chosen], resp[:, columns[chosen]])
+            stats[:, block] += extra
+            gained += more
+    return gained
 
 
 def _per_sequence(structure: Any, L: np.ndarray, starts: np.ndarray, params: Any, buf: _Buffers) -> np.ndarray:
