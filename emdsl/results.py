@@ -51,6 +51,9 @@ class Fit:
     sequence_dims : tuple or None
         A Markov latent's sequence dims as fitted (``()`` for one sequence): predictions
         find the sequences by these names. None for a mixture.
+    data_dtypes : dict
+        Each observed variable's numpy dtype as fitted (bool, integer or float), which
+        :meth:`sample` draws in where the draws fit it exactly.
 
     Examples
     --------
