@@ -61,13 +61,42 @@ def _from_responsibilities(plan: Plan, estep: EStep, resp_of: Any,
     theta, _ = maximize(plan, summary.stats, None, hold)
     if plan.sequences is not None and plan.latent is not None:
         # Seeds (k-means++ labels, random responsibilities) ignore time, so their transition
-        # counts say little: the chain starts sticky (DESIGN.md §2), unless values are given.
+        # counts say little: the chain starts sticky (DESIGN.md §2), unless values are given,
+        # moved towards the transitions between consecutive labelled steps where there are some.
         name = plan.latent.name
-        theta[name] = {**plan.latent.structure.default_params(), **(hold or {}).get(name, {}), **plan.latent.held}
+        chain = plan.latent.structure.default_params()
+        if plan.clamp is not None and plan.clamp.ndim == 1:
+            chain = _labelled_chain(plan.clamp, plan.sequences, chain)
+        theta[name] = {**chain, **(hold or {}).get(name, {}), **plan.latent.held}
     if any(len(node.partial_rows) for node in plan.nodes):
         return theta, None  # holes were filled without θ: those statistics make no ELBO
     elbo = expected_complete_loglik(natural_matrix(plan, theta), summary.stats) + plan.log_base_total
     return theta, elbo + summary.entropy
+
+
+def _labelled_chain(known: np.ndarray, sequences: Any, sticky: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A chain's starting π and A: the sticky default's as a Dirichlet mean with K pseudo-counts per row,
+    updated by the (weighted) labelled first steps and transitions between consecutive labelled steps.
+
+    The pseudo-counts keep every entry positive: a zero in the start would be a structural zero
+    that EM never leaves, and a few labelled transitions must not rule any out.
+    """
+    K = len(sticky["initial"])
+    starts = sequences.starts
+    weights = sequences.weights_of(0, sequences.n_sequences)
+    first = np.zeros(K)
+    pairs = np.zeros((K, K))
+    for s in range(sequences.n_sequences):
+        labels = known[starts[s]:starts[s + 1]]
+        if not len(labels) or weights[s] == 0:
+            continue
+        if labels[0] >= 0:
+            first[labels[0]] += weights[s]
+        both = (labels[:-1] >= 0) & (labels[1:] >= 0)
+        np.add.at(pairs, (labels[:-1][both], labels[1:][both]), weights[s])
+    initial = (first + K * sticky["initial"]) / (first.sum() + K)
+    transition = (pairs + K * sticky["transition"]) / (pairs.sum(axis=1, keepdims=True) + K)
+    return {"initial": initial, "transition": transition}
 
 
 def _every_state_labelled(plan: Plan) -> bool:

@@ -325,6 +325,35 @@ def test_known_states_fix_the_states_meaning_everywhere_a_chain_goes(labelled_ch
     assert np.mean(path[~known] == z[~known]) >= best
 
 
+def test_known_states_move_the_chains_start_towards_the_labelled_transitions():
+    """θ⁽⁰⁾'s π and A: the sticky default as a Dirichlet mean with K pseudo-counts per row, updated by
+    the weighted labelled first steps and the transitions between consecutive labelled steps (a pair
+    across a sequence boundary or an unlabelled step is not one); every entry stays positive."""
+    known = np.full((3, 6), np.nan)
+    known[0] = [0, 1, 2, 0, np.nan, 1]  # pairs 0→1, 1→2, 2→0; first step 0
+    known[1, 1:4] = [2, 2, 1]  # pairs 2→2, 2→1; first step unknown
+    known[2, :2] = [1, 0]  # weight 2: pair 1→0 twice, first step 1 twice
+    x = np.random.default_rng(3).normal(size=(3, 6))
+    ds = xr.Dataset({"x": (("sequence", "time"), x), "z": (("sequence", "time"), known),
+                     "w": ("sequence", [1.0, 1.0, 2.0])})
+    start = _hmm(3).fit(ds, weights="w", seed=0, max_iter=0).params["z"]
+    sticky = em.Categorical(3).markov_form("test").default_params()
+    first = np.array([1.0, 2.0, 0.0])
+    pairs = np.zeros((3, 3))
+    for (i, j), w in {(0, 1): 1, (1, 2): 1, (2, 0): 1, (2, 2): 1, (2, 1): 1, (1, 0): 2}.items():
+        pairs[i, j] += w
+    np.testing.assert_allclose(start["initial"].values, (first + 3 * sticky["initial"]) / (first.sum() + 3),
+                               rtol=1e-12)
+    np.testing.assert_allclose(start["transition"].values,
+                               (pairs + 3 * sticky["transition"]) / (pairs.sum(axis=1, keepdims=True) + 3),
+                               rtol=1e-12)
+    assert np.all(start["transition"].values > 0)
+    # values given for the chain win over the labels'
+    given = {"z": {"transition": np.full((3, 3), 1 / 3)}}
+    held = _hmm(3).fit(ds, weights="w", seed=0, init=given, max_iter=0).params["z"]["transition"].values
+    np.testing.assert_allclose(held, 1 / 3, rtol=1e-12)
+
+
 def test_known_states_of_a_chain_must_lie_on_its_grid_and_be_states():
     ds = xr.Dataset({"x": (("sequence", "time"), np.arange(20.0).reshape(2, 10))})
     with pytest.raises(em.ModelError, match=r"known states 'z' must be over the chain's grid \('sequence', 'time'\)"):
