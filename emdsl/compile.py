@@ -956,6 +956,9 @@ def _member_priors(joint: JointCategorical, stats: np.ndarray | None) -> dict[st
     for name, member in zip(joint.names, joint.members, strict=True):
         where = f"latent({name!r}, {member!r})"
         if member.prior is not None:
+            if member.prior.initial is not None or np.ndim(member.prior.alpha) > 1:
+                raise ModelError(f"{where}: a matrix alpha and initial=... are for a Markov latent; the "
+                                 "weights of one of several latents take a number or one alpha per state")
             alpha = np.broadcast_to(np.asarray(member.prior.alpha, dtype=float), (member.k,))
             out[name] = member.bind_prior({"alpha": alpha}, None, None, member.k, where)
         elif stats is not None:
@@ -970,8 +973,15 @@ def _hyperparameters(plan: Plan, node: Node | None, family: Any, where: str) -> 
     number or a vector (over the event) is that multiple of I or that diagonal.
     """
     out = {}
-    for name, axes in family.prior_axes().items():
+    axes_of = family.prior_axes()
+    for name in family.prior.arguments():
+        if name not in axes_of:  # e.g. Dirichlet(initial=...) on a mixture: refused, not ignored
+            raise ModelError(f"{where}: {family.prior.kind}({name}=...) applies to a Markov latent's initial "
+                             f"distribution only; {family.kind} here has no such parameter")
+    for name, axes in axes_of.items():
         value = getattr(family.prior, name)
+        if value is None:  # an optional hyperparameter left out: the family fills its default
+            continue
         at = f"{where}: {family.prior.kind}({name}=...)"
         if "event_" in axes and np.ndim(value) < 2:
             out[name] = np.diag(labels.internal(plan, node, ("event",), value, at))

@@ -339,25 +339,45 @@ class Dirichlet(Prior):
     MAP M-step: π_l = (S_l + α_l − 1) / (Σ_l S_l + Σ_l α_l − L) with S_l the counts
     (the responsibilities N_k for latent weights).
 
+    On a Markov latent (``latent(..., markov=dim)``) it is a Dirichlet over the initial
+    distribution π and one over each row of the transition matrix A, as hmmlearn's
+    ``startprob_prior`` and ``transmat_prior``: α_ij − 1 pseudo-transitions from i to j. A
+    matrix α gives each row its own (a sticky chain: a large diagonal), and ``initial``
+    π's own α.
+
     Parameters
     ----------
     alpha : float or array_like
         α_l ≥ 1: one number for every category, or one per category (states, levels
-        in their order, or the Multinomial's categories).
+        in their order, or the Multinomial's categories). On a Markov latent also a
+        K × K matrix (over the latent and ``<latent>_next``): row i is the Dirichlet of A's row i.
+    initial : float or array_like, optional
+        Markov latents only: the α of π (a number or one per state). Default: ``alpha``
+        when that is a number or a vector, else 1 (flat).
 
     Examples
     --------
     >>> import emdsl as em
     >>> em.Categorical(3, prior=em.priors.Dirichlet(2.0))
     Categorical(3, prior=Dirichlet(alpha=2.0))
+    >>> sticky = em.priors.Dirichlet(1.0 + 20.0 * np.eye(2), initial=2.0)
+    >>> em.Model().latent("z", em.Categorical(2, prior=sticky), markov="time").latent_var.markov
+    'time'
     """
 
-    names = ("alpha",)
+    names = ("alpha", "initial")
 
-    def __init__(self, alpha: ArrayLike) -> None:
+    def __init__(self, alpha: ArrayLike, *, initial: ArrayLike | None = None) -> None:
         self.alpha = self._number("alpha", alpha, low=1.0)
-        if np.ndim(alpha) > 1:
-            raise ModelError(f"Dirichlet(alpha=...): expected a number or a vector, got shape {np.shape(alpha)}")
+        if np.ndim(alpha) > 2:
+            raise ModelError(f"Dirichlet(alpha=...): expected a number, a vector or (a Markov latent's "
+                             f"transitions, row by row) a matrix, got shape {np.shape(alpha)}")
+        self.initial = None if initial is None else self._number("initial", initial, low=1.0)
+        if np.ndim(initial) > 1:
+            raise ModelError(f"Dirichlet(initial=...): expected a number or a vector, got shape {np.shape(initial)}")
+
+    def arguments(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, **({} if self.initial is None else {"initial": self.initial})}
 
 
 def prior_class(name: str) -> type[Prior]:

@@ -277,8 +277,11 @@ class _MarkovCategorical(Categorical):
     ``prior=em.priors.Dirichlet(alpha)`` is, as for a mixture's weights, a Dirichlet over
     the states (α a number, or one per state): here over ``initial`` and over each row
     of ``transition`` (α_j the pseudo-counts of moving *into* state j, from any state).
-    The M-steps become π_k = (N⁰_k + α_k − 1) / Σ (…) and
-    A_ij = (ξ_ij + α_j − 1) / Σ_j (…); a zero of A or π (fixed, or in the starting
+    A K × K ``alpha`` gives each row of ``transition`` its own (α_ij: from i into j; a
+    sticky chain has a large diagonal), and ``Dirichlet(..., initial=α⁰)`` π its own
+    (by default ``alpha`` when it is not a matrix, else flat).
+    The M-steps become π_k = (N⁰_k + α⁰_k − 1) / Σ (…) and
+    A_ij = (ξ_ij + α_ij − 1) / Σ_j (…); a zero of A or π (fixed, or in the starting
     values) stays zero and lies outside the prior's support (the Dirichlet is over the
     row's other entries). ``fit(prior="weak")`` puts Dirichlet(1 + 0.01/K) on both; a fixed
     ``initial`` or ``transition`` gets no prior term.
@@ -309,15 +312,34 @@ class _MarkovCategorical(Categorical):
         """0: a chain's log-probabilities are not a per-sample constant but the structure's business."""
         return np.zeros(self.k)
 
+    def prior_axes(self) -> dict[str, Axes]:
+        matrix = self.prior is not None and np.ndim(self.prior.alpha) == 2
+        return {"alpha": ("latent", "latent_next") if matrix else ("latent",), "initial": ("latent",)}
+
+    def standard_prior(self, values: Mapping[str, np.ndarray], center: np.ndarray | None,
+                       scale: np.ndarray | None) -> Params:
+        """α of the rows of A (K × K, a vector repeated on every row) and α⁰ of π (``initial``, else
+        ``alpha`` when it is a vector, else 1)."""
+        alpha = np.asarray(values["alpha"], dtype=float)
+        initial = values.get("initial")
+        if initial is None:
+            initial = alpha if alpha.ndim == 1 else np.ones(self.k)
+        return {"alpha": np.broadcast_to(alpha, (self.k, self.k)).copy(), "initial": np.asarray(initial, dtype=float)}
+
+    def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
+        alpha = super().weak_prior_values(stats, K)["alpha"]
+        return {"alpha": np.broadcast_to(alpha, (K, K)).copy(), "initial": alpha}
+
     def log_prior(self, params: Params, prior: BoundPrior) -> tuple[float, float]:
-        """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), each over its support (see the class).
+        """log Dirichlet(π; α⁰) + Σ_i log Dirichlet(A_i·; α_i·), each over its support (see the class).
 
         A fixed ``initial`` or ``transition`` has no prior term (its M-step holds it).
         """
         from emdsl.latent.markov import chain_log_prior
 
         fixed = self.fixed
-        return chain_log_prior({name: value for name, value in params.items() if name not in fixed}, prior["alpha"])
+        return chain_log_prior({name: value for name, value in params.items() if name not in fixed},
+                               prior["initial"], prior["alpha"])
 
     def n_free_params(self) -> int:  # type: ignore[override]
         initial = 0 if self._initial is not None else self.k - 1

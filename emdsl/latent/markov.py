@@ -16,8 +16,9 @@ by the sequence's weight. The M-step is π = Σ w γ_0 / Σ w and A_ij = Σ ξ_i
 
 With a Dirichlet(α) prior (``em.Categorical(k, prior=em.priors.Dirichlet(alpha))``, α a
 number or one per state, as for a mixture's weights) the M-step is the posterior mode
-π_k ∝ Σ w γ_0k + α_k − 1 and A_ij ∝ Σ ξ_ij + α_j − 1: the same α on the initial
-distribution and on every row of A. A zero of the parameters the E-step used (a
+π_k ∝ Σ w γ_0k + α⁰_k − 1 and A_ij ∝ Σ ξ_ij + α_ij − 1: by default the same α on the
+initial distribution and on every row of A; a K × K α gives each row its own (a sticky
+prior), ``Dirichlet(..., initial=α⁰)`` π its own. A zero of the parameters the E-step used (a
 structural zero: fixed, or in the starting values) stays zero: the prior is a
 Dirichlet over the other entries of that row (:func:`chain_log_prior`), so MAP-EM stays
 a constrained maximization and the log-posterior never decreases. A row with no
@@ -145,7 +146,7 @@ class Markov(LatentStructure):
                previous: Params | None, prior: BoundPrior | None = None) -> Params:
         initial, transition = held(hold, "initial"), held(hold, "transition")
         if prior is not None:
-            return self._posterior_mode(stats, initial, transition, previous, np.asarray(prior["alpha"], dtype=float))
+            return self._posterior_mode(stats, initial, transition, previous, prior["initial"], prior["alpha"])
         if initial is None:
             first = stats[:, 0]
             if first.sum() > 0:
@@ -167,11 +168,13 @@ class Markov(LatentStructure):
         return {"initial": initial, "transition": transition}
 
     def _posterior_mode(self, stats: np.ndarray, initial: np.ndarray | None, transition: np.ndarray | None,
-                        previous: Params | None, alpha: np.ndarray) -> Params:
-        """MAP of π and of each row of A under Dirichlet(α), zeros of ``previous`` kept (see the module)."""
+                        previous: Params | None, alpha0: np.ndarray, alpha: np.ndarray) -> Params:
+        """MAP of π under Dirichlet(α⁰) and of each row i of A under Dirichlet(α_i·), zeros of ``previous``
+        kept (see the module)."""
         previous = previous or {}
         out = {}
-        for name, counts, fixed in (("initial", stats[:, :1].T, initial), ("transition", stats[:, 1:], transition)):
+        for name, counts, fixed, alpha in (("initial", stats[:, :1].T, initial, alpha0[None, :]),
+                                           ("transition", stats[:, 1:], transition, alpha)):
             if fixed is not None:
                 out[name] = fixed
                 continue
@@ -331,8 +334,9 @@ def _plain(label: Any) -> Any:
     return label.item() if isinstance(label, np.generic) else label
 
 
-def chain_log_prior(params: Params, alpha: np.ndarray) -> tuple[float, float]:
-    """log Dirichlet(π; α) + Σ_i log Dirichlet(A_i·; α), and the magnitude of its terms (of those in ``params``).
+def chain_log_prior(params: Params, alpha0: np.ndarray, alpha: np.ndarray) -> tuple[float, float]:
+    """log Dirichlet(π; α⁰) + Σ_i log Dirichlet(A_i·; α_i·), and the magnitude of its terms (of those in
+    ``params``).
 
     Each density is over its row's support: the entries that are > 0, or whose α is 1
     (those add nothing but Γ(Σα)); a zero with α > 1 is a structural zero, outside the
@@ -343,12 +347,13 @@ def chain_log_prior(params: Params, alpha: np.ndarray) -> tuple[float, float]:
 
     from emdsl.priors import total
 
-    alpha = np.asarray(alpha, dtype=float)
     terms = []
     # a parameter left out of ``params`` (held: fixed in the declaration) has no prior term
-    for value in (np.atleast_2d(np.asarray(params[name], dtype=float)) for name in ("initial", "transition")
-                  if name in params):
-        a = np.broadcast_to(alpha, value.shape)
+    for name, of in (("initial", alpha0), ("transition", alpha)):
+        if name not in params:
+            continue
+        value = np.atleast_2d(np.asarray(params[name], dtype=float))
+        a = np.broadcast_to(np.asarray(of, dtype=float), value.shape)
         support = (value > 0) | (a == 1.0)
         terms += [gammaln(np.where(support, a, 0.0).sum(axis=1)), -np.where(support, gammaln(a), 0.0).sum(axis=1),
                   np.where(support, xlogy(a - 1.0, np.where(support, value, 1.0)), 0.0).sum(axis=1)]

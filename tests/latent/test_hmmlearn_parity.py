@@ -200,6 +200,47 @@ def test_categorical_hmm_with_dirichlet_priors():
     _same_trace(fit, reference)  # hmmlearn's monitor records ℓ, as emdsl's loglik does (logpost adds log p)
 
 
+def test_categorical_hmm_with_a_sticky_transition_prior():
+    """A matrix α (one Dirichlet per row of A: hmmlearn's transmat_prior) and π's own α
+    (``initial=``, hmmlearn's startprob_prior): the same MAP iterates, and the sticky prior
+    holds the diagonal higher than maximum likelihood does."""
+    parts = _categorical_parts()
+    transition_alpha = 1.0 + np.array([[30.0, 1.0, 0.0], [2.0, 25.0, 0.5], [0.0, 3.0, 40.0]])
+    start_alpha = np.array([1.0, 4.0, 2.0])
+    reference = hmm.CategoricalHMM(3, n_iter=N_ITER, tol=-np.inf, init_params="", implementation="scaling",
+                                   startprob_prior=start_alpha, transmat_prior=transition_alpha)
+    reference.startprob_, reference.transmat_, reference.emissionprob_ = PI0, A0, B0
+    reference, _ = _run_hmmlearn(reference, parts)
+
+    x = _padded([p[:, 0].astype(float) for p in parts], ("sequence", "time")).to_dataset(name="x")
+    sticky = em.priors.Dirichlet(transition_alpha, initial=start_alpha)
+    model = em.Model().latent("z", em.Categorical(3, prior=sticky), markov="time").observe("x", em.Categorical)
+    init = {"z": {"initial": PI0, "transition": A0}, "x": {"probs": B0}}
+    fit = model.fit(x, init=init, max_iter=N_ITER, tol=0, accelerate=None)
+    np.testing.assert_allclose(fit.params["z"]["initial"].values, reference.startprob_, atol=1e-12)
+    np.testing.assert_allclose(fit.params["z"]["transition"].values, reference.transmat_, atol=1e-12)
+    np.testing.assert_allclose(fit.params["x"]["probs"].values, reference.emissionprob_, atol=1e-12)
+    _same_trace(fit, reference)
+    # log p(θ): π's Dirichlet and each row's own, by scipy
+    from scipy import stats
+
+    params = fit.params["z"]
+    log_prior = stats.dirichlet(start_alpha).logpdf(params["initial"].values) + sum(
+        stats.dirichlet(a).logpdf(row) for a, row in zip(transition_alpha, params["transition"].values, strict=True))
+    assert fit.trace["logpost"].values[-1] - fit.trace["loglik"].values[-1] == pytest.approx(log_prior, rel=1e-10)
+    plain = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Categorical).fit(
+        x, init=init, max_iter=N_ITER, tol=0, accelerate=None)
+    assert np.all(np.diag(fit.params["z"]["transition"].values) > np.diag(plain.params["z"]["transition"].values))
+    # saved and loaded with the fit; the matrix α is for a chain only
+    assert em.Categorical(3, prior=sticky).prior == sticky
+    mixture = em.Model().latent("z", em.Categorical(3, prior=sticky)).observe("x", em.Categorical)
+    with pytest.raises(em.ModelError, match="initial"):
+        mixture.fit(x.isel(sequence=0), seed=0)
+    matrix_only = em.Model().latent("z", em.Categorical(3, prior=em.priors.Dirichlet(transition_alpha)))
+    with pytest.raises(em.ModelError, match=r"expected shape \(3,\)"):
+        matrix_only.observe("x", em.Categorical).fit(x.isel(sequence=0), seed=0)
+
+
 def test_multinomial_hmm():
     """hmmlearn's MultinomialHMM (counts over categories, n trials per step) is a Multinomial emission;
     ℓ includes the multinomial coefficient in both."""
