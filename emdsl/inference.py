@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from emdsl.results import Fit
 
 Method = Literal["observed", "empirical"]
-Constraint = Literal["real", "reference", "positive", "unit", "simplex", "symmetric"]
+Constraint = Literal["real", "reference", "positive", "unit", "simplex", "symmetric", "structured"]
 
 #: the relative size of the first difference step, in units of a coordinate's per-sample curvature
 _STEP = 2e-3
@@ -97,8 +97,9 @@ def constraint(family: Any, param: str) -> Constraint:
 
     A family may state its own in a ``constraints`` mapping (param → one of
     ``"real"``, ``"positive"``, ``"unit"``, ``"simplex"`` (over the last axis),
-    ``"symmetric"`` (matrices over the last two axes)); otherwise the parameter's
-    name and axes decide.
+    ``"symmetric"`` (matrices over the last two axes), ``"structured"`` (the family maps
+    its own coordinates: ``structure_coordinates``, ``structure_array``,
+    ``structure_indices``)); otherwise the parameter's name and axes decide.
     """
     own = getattr(family, "constraints", None)
     if isinstance(own, dict) and param in own:
@@ -134,6 +135,8 @@ class _Block:
     reference: np.ndarray | None = None
     #: entries on the boundary of their range, held (flat indices)
     boundary: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.intp))
+    #: "structured": the family that maps its coordinates (mclust's constrained covariances)
+    family: Any = None
 
     @property
     def size(self) -> int:
@@ -141,6 +144,8 @@ class _Block:
 
     def coordinates(self) -> np.ndarray:
         flat = self.value.ravel()
+        if self.constraint == "structured":
+            return self.family.structure_coordinates(self.value)
         if self.constraint == "positive":
             return np.log(flat[self.free])
         if self.constraint == "unit":
@@ -153,6 +158,8 @@ class _Block:
 
     def array(self, psi: np.ndarray) -> np.ndarray:
         """The internal array with ψ's coordinates put in."""
+        if self.constraint == "structured":
+            return self.family.structure_array(psi, self.value.shape)
         out = self.value.astype(float).copy()
         flat = out.reshape(-1)
         if self.constraint == "real":
@@ -185,9 +192,11 @@ class _Block:
         return out
 
 
-def _block(name: str, param: str, kind: Constraint, value: np.ndarray) -> _Block:
+def _block(name: str, param: str, kind: Constraint, value: np.ndarray, family: Any = None) -> _Block:
     value = np.asarray(value, dtype=float)
     flat = value.ravel()
+    if kind == "structured":
+        return _Block(name, param, kind, value, family.structure_indices(value.shape), family=family)
     if kind == "real":
         return _Block(name, param, kind, value, np.arange(flat.size))
     if kind == "reference":  # real, with the first row held at 0 (a multinomial logit's reference state)
@@ -237,7 +246,7 @@ class Parameterization:
             for param in theta[name]:
                 if param in held or param in family.fixed:
                     continue
-                self.blocks.append(_block(name, param, constraint(family, param), theta[name][param]))
+                self.blocks.append(_block(name, param, constraint(family, param), theta[name][param], family))
         self.offsets = np.cumsum([0] + [b.size for b in self.blocks])
         self.psi = np.concatenate([b.coordinates() for b in self.blocks]) if self.blocks else np.zeros(0)
 

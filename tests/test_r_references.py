@@ -7,16 +7,16 @@ run to a tight tolerance::
 
     library(mclust)
     X <- read.csv("emdsl/datasets/faithful.csv")[, c("eruptions", "waiting")]
-    f <- Mclust(X, G = G, modelNames = m, verbose = FALSE,  # m in VVV, EEE, VII, VVI, EEI
+    f <- Mclust(X, G = G, modelNames = m, verbose = FALSE,  # m in VVV, EEE, VII, VVI, EEI, EII, VEI, EVI
                 control = emControl(tol = c(1e-13, sqrt(.Machine$double.eps)), itmax = c(1e5, 1e5)))
     c(f$loglik, f$df, icl(f))
 
 mclust starts from one model-based hierarchical clustering, so it may stop at a local
 optimum; emdsl with ten restarts must never end below it, must reach exactly its value
 where mclust found the global optimum, and must count the same free parameters (BIC).
-The models' names map as VVV = "full", EEE = "tied", VII = "spherical", VVI = "diag", and EEI
-(a diagonal covariance shared by the components) is ``em.Normal(tied="variance")`` on the two
-variables. EII, VEI and EVI have no declaration in emdsl yet.
+The models' names map as VVV = "full", EEE = "tied", VII = "spherical", VVI = "diag"; EII, EEI, VEI
+and EVI are ``em.MultivariateNormal(covariance=...)`` under mclust's own names, and EEI (a diagonal
+covariance shared by the components) is also ``em.Normal(tied="variance")`` on the two variables.
 
 mixtools' ``normalmixEM`` (the best of 10 random starts, ``epsilon = 1e-12``) on the waiting
 times, with a variance per component and with one shared (``arbvar = FALSE``)::
@@ -41,7 +41,8 @@ import xarray as xr
 import emdsl as em
 
 DATA = Path(__file__).parent / "data"
-COVARIANCE = {"VVV": "full", "EEE": "tied", "VII": "spherical", "VVI": "diag"}
+COVARIANCE = {"VVV": "full", "EEE": "tied", "VII": "spherical", "VVI": "diag", "EII": "EII", "VEI": "VEI",
+              "EVI": "EVI"}
 #: (model, G): (log-likelihood, df), from mclust 6.0.0
 MCLUST = {
     ("VVV", 2): (-1130.26396018, 11), ("VVV", 3): (-1127.07166740, 17), ("VVV", 4): (-1111.24796917, 23),
@@ -49,6 +50,9 @@ MCLUST = {
     ("VII", 2): (-1709.52928218, 7), ("VII", 3): (-1637.43441800, 11), ("VII", 4): (-1579.34664804, 15),
     ("VVI", 2): (-1147.80635254, 9), ("VVI", 3): (-1131.81853484, 14), ("VVI", 4): (-1112.88083293, 19),
     ("EEI", 2): (-1157.68001234, 7), ("EEI", 3): (-1133.45539992, 10), ("EEI", 4): (-1125.36058741, 13),
+    ("EII", 2): (-1709.68137295, 6), ("EII", 3): (-1663.53959975, 9), ("EII", 4): (-1581.47337875, 12),
+    ("VEI", 2): (-1152.88019637, 8), ("VEI", 3): (-1132.66684339, 12), ("VEI", 4): (-1120.74254183, 16),
+    ("EVI", 2): (-1153.88556822, 8), ("EVI", 3): (-1132.42243932, 12), ("EVI", 4): (-1122.39822289, 16),
 }
 #: mclust's ICL (its sign: higher is better) where it reached the optimum
 MCLUST_ICL = {("VVV", 2): -2322.7046803281, ("EEE", 2): -2326.7093903264, ("EEE", 3): -2358.3892421635,
@@ -68,6 +72,11 @@ def test_faithful_mixtures_reach_mclusts_optimum(name, G):
     selection = em.select({(name, G): model}, ds, n_init=10, seed=0, tol=1e-12, max_iter=10_000)
     fit = selection.fits[name, G]
     assert fit.n_params == df
+    if name == "EEI":  # mclust's name on a MultivariateNormal: the same model and optimum
+        same = em.Model().latent("z", em.Categorical(G)).observe(["eruptions", "waiting"],
+                                                                 em.MultivariateNormal(covariance="EEI"))
+        other = same.fit(ds, n_init=10, seed=0, tol=1e-12, max_iter=10_000)
+        assert other.n_params == df and other.loglik == pytest.approx(fit.loglik, rel=1e-10)
     # mclust's BIC is 2ℓ − df·log n; emdsl's, scikit-learn's sign: −2ℓ + df·log n
     assert fit.bic() == pytest.approx(-2 * fit.loglik + df * np.log(272), rel=1e-12)
     if (name, G) in MCLUST_ICL:

@@ -29,7 +29,9 @@ argument carries over. Every M-step inside is checked exactly as in the plain lo
 
 **Constraints.** Proposals live in the parameterization the families already
 use (weights, probabilities, variances, covariance matrices, rates), as the
-affine combination above. A proposal outside the valid set (``family.check_params``
+affine combination above, moved onto a family's structure where its M-step's outputs
+share one that an affine combination does not keep (``mstep.on_model``: mclust's VEI
+and EVI). A proposal outside the valid set (``family.check_params``
 fails, a covariance has no Cholesky factor, a value is not finite, a row of
 probabilities is off 1 by more than rounding, a value beyond a cap of the M-step:
 ``within_m_step_bounds``) is shrunk towards the EM point (a halfway
@@ -81,6 +83,7 @@ from emdsl.engine.mstep import (
     log_prior,
     maximize,
     natural_matrix,
+    on_model,
 )
 from emdsl.errors import ModelError, MonotonicityError
 
@@ -411,7 +414,7 @@ class Accelerator:
                 self.step_max *= self._STEP_FACTOR
             return None
         while True:
-            theta = layout.theta(x0 + 2.0 * a * r + a * a * v)
+            theta = on_model(self.plan, layout.theta(x0 + 2.0 * a * r + a * a * v))
             if admissible(self.plan, theta):
                 break
             a, at_max = 0.5 * (a + 1.0), False  # halfway towards a = 1, which is θ₂
@@ -463,12 +466,12 @@ class Accelerator:
         em_x = x + f
         proposal_x = em_x - (dX + dF) @ self._damped_coefficients(dF, f)
         t = 1.0
-        theta = layout.theta(proposal_x)
+        theta = on_model(self.plan, layout.theta(proposal_x))
         while not admissible(self.plan, theta):  # shrink towards the EM point until valid
             t *= 0.5
             if t < 1e-3:
                 return self._daarem_fallback(p, iteration, theta_f, floored, restart)
-            theta = layout.theta(em_x + t * (proposal_x - em_x))
+            theta = on_model(self.plan, layout.theta(em_x + t * (proposal_x - em_x)))
         proposal = evaluate(self.plan, self.estep, theta)
         self.e_steps += 1
         if not (np.isfinite(proposal.objective) and proposal.objective >= p.objective):

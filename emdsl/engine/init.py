@@ -17,7 +17,7 @@ from emdsl import labels
 from emdsl.compile import SCAN_ROWS, Plan, blocks
 from emdsl.data import is_chunked
 from emdsl.engine.estep import EStep, Summary
-from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix
+from emdsl.engine.mstep import Theta, expected_complete_loglik, maximize, natural_matrix, on_model
 from emdsl.errors import DegenerateComponentWarning, ModelError
 from emdsl.latent.joint import JointCategorical
 
@@ -32,7 +32,8 @@ def initial_theta(plan: Plan, estep: EStep, init: Any, rng: np.random.Generator)
                 else compile_.responsibilities(plan, init))
         return _from_responsibilities(plan, estep, lambda a, b: resp[a:b].T)
     if isinstance(init, Mapping):
-        given = compile_.start_values(plan, init)
+        # given values lie on the model's structure (mclust's constrained covariances) once projected
+        given = on_model(plan, compile_.start_values(plan, init))
         if _complete(plan, given):
             return {name: {**given.get(name, {}), **_held(plan, name)} for name in _names(plan)}, None
         hard = _nearest_given_mean(plan, given)

@@ -91,3 +91,13 @@ def log_prior(plan: Plan, theta: Mapping[str, Params]) -> tuple[float, float]:
 def expected_complete_loglik(H: np.ndarray, stats: np.ndarray) -> float:
     """E_q[log p(x, z | θ)] without log h: Σ_k H_k · ((R w) Φᵀ)_k, for the q that made ``stats``."""
     return float(np.vdot(H, stats))
+
+
+def on_model(plan: Plan, theta: Theta | None) -> Theta | None:
+    """θ with each node's parameters moved onto its M-step's structure (``family.project``: mclust's
+    constrained diagonal covariances; the identity for most families). An affine combination of
+    structured points need not be one (a shape of determinant 1 is not a linear constraint)."""
+    if theta is None:
+        return None
+    return {**theta, **{node.name: node.family.project(theta[node.name]) for node in plan.nodes
+                        if node.name in theta}}

@@ -307,6 +307,15 @@ class ObservedFamily(Family):
     def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
         """Raise ``ModelError`` naming ``where`` if a parameter value is invalid."""
 
+    def project(self, params: Params) -> Params:
+        """``params`` moved onto the set the M-step's outputs lie in, where that set is narrower than
+        the valid one (a structure shared across states); unchanged for most families.
+
+        Accelerated proposals (affine combinations of M-step outputs) and given starting values
+        pass through here, so that EM's check compares points of the same model.
+        """
+        return params
+
     def within_m_step_bounds(self, params: Mapping[str, np.ndarray]) -> bool:
         """Whether learned parameters lie inside the set the M-step maximizes over, where it is
         narrower than the valid set (a cap the M-step does not report as floored).

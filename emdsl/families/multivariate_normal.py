@@ -25,8 +25,15 @@ from emdsl.families._base import (
     safe_counts,
 )
 
-CovarianceType = Literal["full", "diag", "spherical", "tied"]
-_TYPES = ("full", "diag", "spherical", "tied")
+CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI"]
+_TYPES = ("full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI")
+#: mclust's names of the structures scikit-learn names too (volume, shape, orientation: E qual or V ariable)
+MCLUST_NAMES = {"VVV": "full", "EEE": "tied", "VII": "spherical", "VVI": "diag"}
+#: mclust's diagonal models constrained across states (or elements), stored in the "diag" layout (K, D)
+DIAGONAL_MODELS = ("EII", "EEI", "VEI", "EVI")
+#: VEI's M-step alternates its two exact conditional maximizations until the shape moves less than this
+_VEI_TOL = 1e-13
+_VEI_STEPS = 500
 #: the weak prior's scale is the data's covariance unless its condition number exceeds 1 / this
 _SINGULAR = 1e-10
 
@@ -45,10 +52,28 @@ class MultivariateNormal(ObservedFamily):
         \log h(x) = -\tfrac D2 \log 2\pi
 
     with Λ = Σ⁻¹. The statistics are the upper triangle of x xᵀ (``"full"``,
-    ``"tied"``), the squares x_i² (``"diag"``, the same mathematics as
-    :class:`Normal`) or their sum Σ_i x_i² (``"spherical"``). M-step: μ_k = S_x / N_k
-    and Σ_k = S_xx / N_k − μ_k μ_kᵀ; ``"tied"`` pools the scatter over states,
-    ``"spherical"`` averages the diagonal over the D elements.
+    ``"tied"``), the squares x_i² (``"diag"`` and mclust's other diagonal models, the
+    same mathematics as :class:`Normal`) or their sum Σ_i x_i² (``"spherical"``).
+    M-step: μ_k = S_x / N_k and Σ_k = S_xx / N_k − μ_k μ_kᵀ; ``"tied"`` pools the scatter
+    over states, ``"spherical"`` averages the diagonal over the D elements.
+
+    mclust's diagonal models (Celeux & Govaert 1995; Σ_k = λ_k B_k with λ_k the volume
+    and B_k a diagonal shape of determinant 1; E: equal across states, V: variable) from
+    the within-state scatters W_k = diag Σ_n r_nk (x_n − μ_k)², N = Σ N_k:
+
+    ========  ==========================  =================================================
+    ``EII``   Σ_k = σ² I                  σ² = Σ_k tr W_k / (N D)
+    ``VII``   Σ_k = σ_k² I                ``"spherical"``
+    ``EEI``   Σ_k = Σ (one diagonal)      Σ = Σ_k W_k / N
+    ``VEI``   Σ_k = λ_k B                 alternating λ_k = tr(W_k B⁻¹) / (N_k D) and
+                                          B ∝ Σ_k W_k / λ_k (|B| = 1) to convergence
+    ``EVI``   Σ_k = λ B_k                 B_k = W_k / |W_k|^(1/D), λ = Σ_k |W_k|^(1/D) / N
+    ``VVI``   Σ_k diagonal                ``"diag"``
+    ========  ==========================  =================================================
+
+    All six store the covariance in the ``"diag"`` layout (K, D). mclust's names
+    ``"VVV"``, ``"EEE"``, ``"VII"`` and ``"VVI"`` are accepted for ``"full"``,
+    ``"tied"``, ``"spherical"`` and ``"diag"``.
 
     Parameters
     ----------
@@ -56,10 +81,11 @@ class MultivariateNormal(ObservedFamily):
         The event dimension. Inferred when the variable has exactly one dimension
         besides the sample dimension, or when several 1-D variables are stacked
         (``observe(["a", "b"], ...)``, dimension ``"feature"``).
-    covariance : {"full", "diag", "spherical", "tied"} or array_like, default "full"
+    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI"} or array_like, default "full"
         The covariance structure, with the parameter stored in scikit-learn's
         ``covariances_`` layout: full (K, D, D), diag (K, D), spherical (K,),
-        tied (D, D). An array instead *fixes* the covariance; its shape selects the
+        tied (D, D); mclust's constrained diagonal models (above) as diag (K, D).
+        An array instead *fixes* the covariance; its shape selects the
         structure as in that layout (a square 2-D array is read as tied).
     mean : array_like, optional
         Fixed means, broadcast to (K, D).
@@ -72,13 +98,18 @@ class MultivariateNormal(ObservedFamily):
         A conjugate prior on (mean, covariance) in the data's units; the M-step becomes
         the MAP estimate. ``"full"`` and ``"tied"`` use its inverse-Wishart, ``"diag"`` an
         inverse-gamma per element and ``"spherical"`` one pooled over the elements (see
-        :class:`~emdsl.priors.NormalInverseWishart`).
+        :class:`~emdsl.priors.NormalInverseWishart`). Not for mclust's constrained
+        diagonal models (``fit(prior="weak")`` leaves them without one).
 
     Examples
     --------
     >>> import emdsl as em
     >>> em.MultivariateNormal(covariance="diag")
     MultivariateNormal(covariance='diag')
+    >>> em.MultivariateNormal(covariance="VVI")  # mclust's name
+    MultivariateNormal(covariance='diag')
+    >>> em.MultivariateNormal(covariance="VEI").layout
+    'diag'
     """
 
     param_names = ("mean", "covariance")
@@ -99,15 +130,19 @@ class MultivariateNormal(ObservedFamily):
         if dim is not None and not (isinstance(dim, str) and dim):
             raise ModelError(f"MultivariateNormal(dim=...): expected the name of a dimension (a string), got {dim!r}")
         if isinstance(covariance, str):
+            covariance = MCLUST_NAMES.get(covariance, covariance)
             if covariance not in _TYPES:
-                raise ModelError(f"MultivariateNormal(covariance=...): expected one of {_TYPES}, "
-                                 f"got {covariance!r}")
+                raise ModelError(f"MultivariateNormal(covariance=...): expected one of {_TYPES} (or mclust's "
+                                 f"{tuple(MCLUST_NAMES)}), got {covariance!r}")
             self.covariance_type: CovarianceType = covariance
             self._covariance = None
         else:
             as_float(covariance, "MultivariateNormal(covariance=...)")  # numbers, not a ragged list
             self.covariance_type = _type_of_fixed(covariance)
             self._covariance = covariance
+        #: how the covariance is stored and enters the statistics: mclust's diagonal models as "diag"
+        self.layout: str = "diag" if self.covariance_type in DIAGONAL_MODELS else self.covariance_type
+        if self._covariance is not None:
             self.check_params({"covariance": as_float(covariance, "MultivariateNormal(covariance=...)")},
                               "MultivariateNormal(covariance=<array>)")
         self.floor = check_number(floor, "MultivariateNormal(floor=...)", low=0.0)
@@ -116,7 +151,12 @@ class MultivariateNormal(ObservedFamily):
                               "MultivariateNormal(mean=...)")
         self.dim = dim
         self._mean = mean
-        self.pool_scale = self.covariance_type == "spherical"
+        # one scale for every element keeps a spherical covariance spherical in internal units
+        self.pool_scale = self.covariance_type in ("spherical", "EII")
+        if prior is not None and self.covariance_type in DIAGONAL_MODELS:
+            raise ModelError(f"MultivariateNormal(covariance={self.covariance_type!r}, prior=...): mclust's "
+                             "constrained diagonal models have no conjugate M-step here; use covariance='diag', "
+                             "'spherical', 'full' or 'tied' with a prior")
         self.accept_prior(prior)
 
     def arguments(self) -> dict[str, Any]:
@@ -135,7 +175,7 @@ class MultivariateNormal(ObservedFamily):
             "diag": ("latent", "event"),
             "spherical": ("latent",),
             "tied": ("event", "event_"),
-        }[self.covariance_type]
+        }[self.layout]
         return {"mean": ("latent", "event"), "covariance": covariance}
 
     # -- statistics and natural parameters ---------------------------------------
@@ -144,7 +184,7 @@ class MultivariateNormal(ObservedFamily):
     # through the conditional Gaussian of ``missing.py``.
     def n_stats(self, D: int) -> int:
         """Sufficient statistics of one complete event."""
-        return {"diag": 2 * D, "spherical": D + 1}.get(self.covariance_type, D + D * (D + 1) // 2)
+        return {"diag": 2 * D, "spherical": D + 1}.get(self.layout, D + D * (D + 1) // 2)
 
     def n_rows(self, D: int) -> int:
         return 1 + self.n_stats(D)
@@ -161,9 +201,9 @@ class MultivariateNormal(ObservedFamily):
     def second_moments(self, out: np.ndarray, D: int) -> None:
         """Fill ``out[D:]`` with the second-moment statistics of ``out[:D]`` (x)."""
         x = out[:D]
-        if self.covariance_type == "diag":
+        if self.layout == "diag":
             np.multiply(x, x, out=out[D:])
-        elif self.covariance_type == "spherical":
+        elif self.layout == "spherical":
             np.einsum("ij,ij->j", x, x, out=out[D])
         else:
             # Row i of the upper triangle, x_i * x_{i..D-1}, is one broadcast multiply.
@@ -183,10 +223,10 @@ class MultivariateNormal(ObservedFamily):
         """η (K × n_stats) and A(η) (K,) of the complete event."""
         mean, cov = params["mean"], params["covariance"]
         K, D = mean.shape
-        if self.covariance_type in ("diag", "spherical"):
+        if self.layout in ("diag", "spherical"):
             variance = np.broadcast_to(cov if cov.ndim == 2 else cov[:, None], (K, D))
             eta_x, eta_xx, log_partition = normal.natural_parameters(mean, variance)
-            if self.covariance_type == "spherical":
+            if self.layout == "spherical":
                 eta_xx = eta_xx[:, :1]
             return np.hstack([eta_x, eta_xx]), log_partition.sum(axis=1)
         cov = np.broadcast_to(cov, (K, D, D))
@@ -209,7 +249,7 @@ class MultivariateNormal(ObservedFamily):
             return self._posterior_mode(stats, hold, prior)
         K = stats.shape[0]
         nk, stats = stats[:, 0], stats[:, 1:]
-        D = _event_size(stats.shape[1], self.covariance_type)
+        D = _event_size(stats.shape[1], self.layout)
         s_x, s_xx = stats[:, :D], stats[:, D:]
         empty = empty_components(nk)
         counts = safe_counts(nk)
@@ -221,6 +261,9 @@ class MultivariateNormal(ObservedFamily):
             mean = keep_empty(s_x / counts[:, None], before.get("mean"), fallback["mean"], empty)
         if "covariance" in hold:
             return {"mean": mean, "covariance": np.asarray(hold["covariance"], dtype=float)}, []
+        if self.covariance_type in DIAGONAL_MODELS:
+            return self._diagonal_model_step(normal.scatter(s_x, s_xx, nk, mean), s_xx, nk, mean,
+                                             before.get("covariance"), fallback["covariance"], empty)
 
         if self.covariance_type in ("diag", "spherical"):
             if self.covariance_type == "spherical":
@@ -252,6 +295,115 @@ class MultivariateNormal(ObservedFamily):
                 floored.append((k, smallest))
         return {"mean": mean, "covariance": cov}, floored
 
+    def _diagonal_model_step(self, scatter: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray,
+                             previous: np.ndarray | None, fallback: np.ndarray,
+                             empty: np.ndarray) -> tuple[Params, Floored]:
+        """The covariances of mclust's constrained diagonal models (see the class) from the scatters W_k (K × D).
+
+        Below the floor, EII's and EEI's shared variances are raised to it (Q is concave in
+        each precision, so that is the constrained maximum, as for "diag"). VEI's and EVI's
+        M-step couples states and elements, so a variance under the floor keeps the previous
+        covariance instead: with the new means that still raises Q (a generalized EM step),
+        and the state is named in the warning as any floored one.
+        """
+        K, D = scatter.shape
+        total = max(float(nk.sum()), 1e-300)
+        kind = self.covariance_type
+        if kind == "EII":
+            cov = np.full((K, D), scatter.sum() / (total * D))
+            mean_square = np.full((K, D), s_xx.sum() / (total * D))
+        elif kind == "EEI":
+            cov = np.broadcast_to(scatter.sum(axis=0) / total, (K, D)).copy()
+            mean_square = np.broadcast_to(s_xx.sum(axis=0) / total, (K, D))
+        else:
+            cov = (_evi_covariance if kind == "EVI" else _vei_covariance)(scatter, nk, total, previous, empty)
+            mean_square = s_xx / safe_counts(nk)[:, None]
+        if kind in ("VEI", "EVI") and not np.all(np.isfinite(cov)):
+            cov = np.broadcast_to(fallback, (K, D)).copy()  # no state with a spread: nothing to estimate
+        floored, low = normal.apply_floor(cov, self.floor, mean_square=mean_square, kind=self.kind)
+        if low.any() and kind in ("VEI", "EVI") and previous is not None:
+            floored = np.asarray(previous, dtype=float)
+        rows = low.any(axis=1)
+        return ({"mean": mean, "covariance": floored},
+                [(int(k), float(cov[k].min())) for k in np.flatnonzero(rows)])
+
+    def within_m_step_bounds(self, params: Params) -> bool:
+        """VEI's and EVI's M-step outputs keep their structure (a shape shared by the states, or one
+        volume); an accelerated proposal that breaks it is not a point of the model."""
+        cov = params.get("covariance")
+        if cov is None or self.covariance_type not in ("VEI", "EVI"):
+            return super().within_m_step_bounds(params)
+        return _has_structure(np.asarray(cov, dtype=float), self.covariance_type)
+
+    def project(self, params: Params) -> Params:
+        """The covariance moved onto the model's structure in log coordinates (other structures as they
+        are): EII's variances and EEI's over the states replaced by their geometric means, EVI's
+        volumes |Σ_k|^(1/D) by theirs, VEI's log shapes averaged over the states. Given starting
+        values and accelerated proposals land here before they are used."""
+        cov = params.get("covariance")
+        if cov is None or self.covariance_type not in DIAGONAL_MODELS or np.any(np.asarray(cov) <= 0):
+            return params
+        log_cov = np.log(np.asarray(cov, dtype=float))
+        if self.covariance_type == "EII":
+            return {**params, "covariance": np.full(log_cov.shape, np.exp(log_cov.mean()))}
+        if self.covariance_type == "EEI":
+            return {**params, "covariance": np.broadcast_to(np.exp(log_cov.mean(axis=0)), log_cov.shape).copy()}
+        log_volume = log_cov.mean(axis=1, keepdims=True)
+        log_shape = log_cov - log_volume
+        if self.covariance_type == "EVI":
+            log_volume = np.full_like(log_volume, log_volume.mean())
+        else:
+            log_shape = np.broadcast_to(log_shape.mean(axis=0), log_shape.shape)
+        return {**params, "covariance": np.exp(log_volume + log_shape)}
+
+    # -- coordinates of the constrained models' covariance (standard errors) -----------------------
+    @property
+    def constraints(self) -> dict[str, str]:
+        """mclust's constrained diagonal models map their covariance's free coordinates themselves."""
+        return {"covariance": "structured"} if self.covariance_type in DIAGONAL_MODELS else {}
+
+    def structure_coordinates(self, cov: np.ndarray) -> np.ndarray:
+        """The covariance's free coordinates: log σ² (EII), log σ²_d (EEI), log λ_k and the first D − 1
+        log shapes (VEI), log λ and each state's first D − 1 log shapes (EVI); |B| = 1 fixes the last."""
+        log_cov = np.log(np.asarray(cov, dtype=float))
+        D = log_cov.shape[1]
+        if self.covariance_type == "EII":
+            return log_cov[0, :1].copy()
+        if self.covariance_type == "EEI":
+            return log_cov[0].copy()
+        log_volume = log_cov.mean(axis=1)
+        log_shape = log_cov - log_volume[:, None]
+        if self.covariance_type == "VEI":
+            return np.concatenate([log_volume, log_shape[0, :D - 1]])
+        return np.concatenate([log_volume[:1], log_shape[:, :D - 1].ravel()])
+
+    def structure_array(self, psi: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The covariance (K × D) at the coordinates of :meth:`structure_coordinates`."""
+        K, D = shape
+        psi = np.asarray(psi, dtype=float)
+        if self.covariance_type == "EII":
+            return np.full(shape, np.exp(psi[0]))
+        if self.covariance_type == "EEI":
+            return np.broadcast_to(np.exp(psi), shape).copy()
+        if self.covariance_type == "VEI":
+            first = psi[K:]
+            log_shape = np.append(first, -first.sum())
+            return np.exp(psi[:K, None] + log_shape[None, :])
+        first = psi[1:].reshape(K, D - 1)
+        log_shape = np.hstack([first, -first.sum(axis=1, keepdims=True)])
+        return np.exp(psi[0] + log_shape)
+
+    def structure_indices(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An entry of the covariance per coordinate, to name it in messages."""
+        K, D = shape
+        if self.covariance_type == "EII":
+            return np.zeros(1, dtype=np.intp)
+        if self.covariance_type == "EEI":
+            return np.arange(D)
+        if self.covariance_type == "VEI":
+            return np.concatenate([np.arange(K) * D, np.arange(D - 1)])
+        return np.concatenate([[0], (np.arange(K)[:, None] * D + np.arange(D - 1)).ravel()])
+
     def _posterior_mode(self, stats: np.ndarray, hold: Params, prior: BoundPrior) -> tuple[Params, Floored]:
         """The MAP M-step under a normal-inverse-Wishart prior (formulas on :class:`~emdsl.priors.NormalInverseWishart`).
 
@@ -260,7 +412,7 @@ class MultivariateNormal(ObservedFamily):
         """
         K = stats.shape[0]
         nk, stats = stats[:, 0], stats[:, 1:]
-        D = _event_size(stats.shape[1], self.covariance_type)
+        D = _event_size(stats.shape[1], self.layout)
         s_x, s_xx = stats[:, :D], stats[:, D:]
         m, psi = prior["mean"], prior["scale"]
         kappa, dof = float(prior["kappa"]), float(prior["dof"])
@@ -332,6 +484,11 @@ class MultivariateNormal(ObservedFamily):
         fixed = self.fixed
         return -(K * log_scale * ("mean" not in fixed) + n_covariances * per_covariance * ("covariance" not in fixed))
 
+    def weak_prior(self, stats: np.ndarray, scale: np.ndarray | None, K: int) -> BoundPrior | None:
+        if self.covariance_type in DIAGONAL_MODELS:
+            return None  # no conjugate M-step for mclust's constrained diagonal models
+        return super().weak_prior(stats, scale, K)
+
     def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:
         """m = the data's mean, κ = 0.01, ν = D + 2, Ψ = ν · var(x) / K^(2/D).
 
@@ -348,7 +505,7 @@ class MultivariateNormal(ObservedFamily):
         element's variance for ``"diag"``; their average times I for ``"spherical"``.
         """
         n, rest = float(stats[0]), stats[1:]
-        D = _event_size(len(rest), self.covariance_type)
+        D = _event_size(len(rest), self.layout)
         s_x, s_xx = rest[:D], rest[D:]
         count = n if n > 0 else 1.0
         mean = s_x / count if n > 0 else np.zeros(D)
@@ -394,27 +551,29 @@ class MultivariateNormal(ObservedFamily):
 
     def default_params(self, K: int, D: int) -> Params:
         cov = {"full": np.broadcast_to(np.eye(D), (K, D, D)).copy(), "diag": np.ones((K, D)),
-               "spherical": np.ones(K), "tied": np.eye(D)}[self.covariance_type]
+               "spherical": np.ones(K), "tied": np.eye(D)}[self.layout]
         return {"mean": np.zeros((K, D)), "covariance": cov}
 
     def n_free_params(self, K: int, D: int) -> int:
         n_mean = 0 if self._mean is not None else K * D
         n_cov = 0 if self._covariance is not None else {
             "full": K * D * (D + 1) // 2, "diag": K * D, "spherical": K, "tied": D * (D + 1) // 2,
+            # mclust's counts: volumes and shapes (a shape of determinant 1 has D − 1 free values)
+            "EII": 1, "EEI": D, "VEI": K + D - 1, "EVI": 1 + K * (D - 1),
         }[self.covariance_type]
         return n_mean + n_cov
 
     # -- units ------------------------------------------------------------------
     def to_original(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
         return {"mean": center + scale * params["mean"],
-                "covariance": _scale_covariance(params["covariance"], scale, self.covariance_type)}
+                "covariance": _scale_covariance(params["covariance"], scale, self.layout)}
 
     def to_standard(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
         out = {}
         if "mean" in params:
             out["mean"] = (params["mean"] - center) / scale
         if "covariance" in params:
-            out["covariance"] = _scale_covariance(params["covariance"], 1.0 / scale, self.covariance_type)
+            out["covariance"] = _scale_covariance(params["covariance"], 1.0 / scale, self.layout)
         return out
 
     def check_params(self, params: Mapping[str, np.ndarray], where: str) -> None:
@@ -425,7 +584,7 @@ class MultivariateNormal(ObservedFamily):
             return
         if not np.all(np.isfinite(cov)):
             raise ModelError(f"{where}: covariance must be finite")
-        if self.covariance_type in ("diag", "spherical"):
+        if self.layout in ("diag", "spherical"):
             if np.any(cov <= 0):
                 raise ModelError(f"{where}: {self.covariance_type} covariance must be positive, "
                                  f"got smallest value {cov.min():.6g}")
@@ -460,9 +619,9 @@ class MultivariateNormal(ObservedFamily):
     def second_moment_correction(self, missing: np.ndarray, C: np.ndarray, D: int) -> np.ndarray:
         """What E[x xᵀ] adds to φ(E[x]) when x_m has covariance C: the statistics rows after x."""
         out = np.zeros(self.n_stats(D))
-        if self.covariance_type == "diag":
+        if self.layout == "diag":
             out[D + missing] = np.diagonal(C)
-        elif self.covariance_type == "spherical":
+        elif self.layout == "spherical":
             out[D] = np.trace(C)
         else:
             full = np.zeros((D, D))
@@ -497,12 +656,66 @@ class MultivariateNormal(ObservedFamily):
         mean = params["mean"]
         K, D = mean.shape
         cov = params["covariance"]
-        if self.covariance_type in ("diag", "spherical"):
+        if self.layout in ("diag", "spherical"):
             sd = np.sqrt(np.broadcast_to(cov if cov.ndim == 2 else cov[:, None], (K, D)))
             return mean[labels] + sd[labels] * rng.standard_normal((len(labels), D))
         chol = np.linalg.cholesky(np.broadcast_to(cov, (K, D, D)))
         noise = rng.standard_normal((len(labels), D))
         return mean[labels] + np.einsum("nij,nj->ni", chol[labels], noise)
+
+
+def _evi_covariance(scatter: np.ndarray, nk: np.ndarray, total: float, previous: np.ndarray | None,
+                    empty: np.ndarray) -> np.ndarray:
+    """EVI: B_k = W_k / |W_k|^(1/D), λ = Σ_k |W_k|^(1/D) / N (Celeux & Govaert 1995); an empty state keeps
+    its previous shape (else I)."""
+    K, D = scatter.shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        volume = np.exp(np.log(scatter).mean(axis=1))  # |W_k|^(1/D): 0 for a state without spread
+        shape = scatter / volume[:, None]
+    lam = volume.sum() / total
+    keep = empty | ~np.all(np.isfinite(shape), axis=1)
+    if keep.any():
+        kept = np.ones((K, D)) if previous is None else np.broadcast_to(np.asarray(previous, dtype=float), (K, D))
+        shape[keep] = kept[keep] / np.exp(np.log(kept[keep]).mean(axis=1))[:, None]
+    return lam * shape
+
+
+def _vei_covariance(scatter: np.ndarray, nk: np.ndarray, total: float, previous: np.ndarray | None,
+                    empty: np.ndarray) -> np.ndarray:
+    """VEI: Σ_k = λ_k B, alternating the two exact conditional maxima of Q (λ_k given B, B given λ)
+    from the previous point's shape, so that Q rises at every sweep (mclust iterates the same way).
+    An empty state keeps its previous volume (else 1)."""
+    K, D = scatter.shape
+    start = np.ones((K, D)) if previous is None else np.broadcast_to(np.asarray(previous, dtype=float), (K, D))
+    log_start = np.log(start)
+    shape = np.exp(log_start.mean(axis=0) - log_start.mean())  # the previous shape, |B| = 1
+    volume = np.exp(log_start.mean(axis=1))
+    full = ~empty
+    for _ in range(_VEI_STEPS):
+        volume = np.where(full, (scatter / shape).sum(axis=1) / (D * safe_counts(nk)), volume)
+        pooled = (scatter[full] / volume[full, None]).sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new = pooled / np.exp(np.log(pooled).mean())
+        if not np.all(np.isfinite(new)) or not np.all(new > 0):
+            return np.full((K, D), np.nan)
+        moved = float(np.abs(np.log(new / shape)).max())
+        shape = new
+        if moved < _VEI_TOL:
+            break
+    volume = np.where(full, (scatter / shape).sum(axis=1) / (D * safe_counts(nk)), volume)
+    return volume[:, None] * shape
+
+
+def _has_structure(cov: np.ndarray, kind: str, tol: float = 1e-9) -> bool:
+    """Whether diag covariances (K × D) share one shape (VEI) or one volume (EVI), to ``tol`` in log."""
+    if np.any(cov <= 0) or not np.all(np.isfinite(cov)):
+        return False
+    log_cov = np.log(cov)
+    log_volume = log_cov.mean(axis=1, keepdims=True)
+    if kind == "EVI":
+        return bool(np.ptp(log_volume) <= tol)
+    shapes = log_cov - log_volume
+    return bool(np.ptp(shapes, axis=0).max() <= tol)
 
 
 def _type_of_fixed(covariance: ArrayLike) -> CovarianceType:
@@ -614,7 +827,7 @@ class PatternTerms:
     def __init__(self, family: MultivariateNormal, params: Params, observed: np.ndarray) -> None:
         mean = params["mean"]
         K, D = mean.shape
-        cov = _full_covariance(params["covariance"], family.covariance_type, K, D)
+        cov = _full_covariance(params["covariance"], family.layout, K, D)
         o, m = np.flatnonzero(observed), np.flatnonzero(~observed)
         self.family, self.D, self.o, self.m, self.mean = family, D, o, m, mean
         s_oo = cov[:, o[:, None], o[None, :]]

@@ -1,0 +1,187 @@
+"""mclust's constrained diagonal models (EII, EEI, VEI, EVI) as ``MultivariateNormal(covariance=...)``.
+
+The optima against mclust itself are in ``tests/test_r_references.py``; here the M-step is checked
+against a direct numerical maximization of Q over each model's set, the standard errors against
+the Hessian of an independent log-likelihood, and the models against the rest of the library
+(holes, dask, acceleration, starting values, saving).
+"""
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy import optimize, stats
+from scipy.special import logsumexp
+
+import emdsl as em
+from emdsl.families.multivariate_normal import DIAGONAL_MODELS
+from tests.engine.test_monotone import check_trace
+
+MODELS = list(DIAGONAL_MODELS)
+
+
+def _structured(kind: str, psi: np.ndarray, K: int, D: int) -> np.ndarray:
+    """An independent map from free coordinates to the K × D variances of each model."""
+    if kind == "EII":
+        return np.full((K, D), np.exp(psi[0]))
+    if kind == "EEI":
+        return np.tile(np.exp(psi[:D]), (K, 1))
+    if kind == "VEI":
+        log_shape = np.append(psi[K:K + D - 1], -psi[K:K + D - 1].sum())
+        return np.exp(psi[:K, None] + log_shape)
+    first = psi[1:].reshape(K, D - 1)
+    return np.exp(psi[0] + np.hstack([first, -first.sum(axis=1, keepdims=True)]))
+
+
+N_COORDS = {"EII": lambda K, D: 1, "EEI": lambda K, D: D, "VEI": lambda K, D: K + D - 1,
+            "EVI": lambda K, D: 1 + K * (D - 1)}
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_m_step_is_the_maximum_of_q_over_the_models_set(kind):
+    """From summed statistics with unequal counts and spreads, the M-step's covariance maximizes
+    Q = Σ_k −N_k/2 log|Σ_k| − ½ tr(W_k Σ_k⁻¹) over the model's set (scipy, from many starts)."""
+    rng = np.random.default_rng(5)
+    K, D = 3, 4
+    nk = np.array([40.0, 25.0, 70.0])
+    scatter = nk[:, None] * rng.uniform(0.3, 3.0, (K, D)) * rng.uniform(0.5, 2.0, (K, 1))
+    mean = rng.normal(size=(K, D))
+    s_x = nk[:, None] * mean
+    s_xx = scatter + nk[:, None] * mean**2
+    family = em.MultivariateNormal(covariance=kind, floor=0.0)
+    params, floored = family.m_step(np.hstack([nk[:, None], s_x, s_xx]), {}, None)
+    assert floored == []
+    np.testing.assert_allclose(params["mean"], mean, rtol=1e-12)
+
+    def negative_q(psi):
+        cov = _structured(kind, psi, K, D)
+        return float((0.5 * nk[:, None] * np.log(cov) + 0.5 * scatter / cov).sum())
+
+    best = min((optimize.minimize(negative_q, rng.normal(size=N_COORDS[kind](K, D)), method="BFGS",
+                                  options={"gtol": 1e-12, "maxiter": 10_000}) for _ in range(5)),
+               key=lambda r: r.fun)
+    np.testing.assert_allclose(params["covariance"], _structured(kind, best.x, K, D), rtol=1e-6)
+    assert negative_q(family.structure_coordinates(params["covariance"])) <= best.fun + 1e-9
+    # the coordinates map back to the same covariance, and their number is the free parameters'
+    coords = family.structure_coordinates(params["covariance"])
+    assert len(coords) == N_COORDS[kind](K, D) == family.n_free_params(K, D) - K * D
+    np.testing.assert_allclose(family.structure_array(coords, (K, D)), params["covariance"], rtol=1e-12)
+
+
+def _data(seed=0, n=300):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, n, p=[0.3, 0.3, 0.4])
+    centers = np.array([[0.0, 0.0, 0.0], [3.0, 1.0, -1.0], [-1.0, 3.0, 2.0]])
+    sd = np.array([[1.0, 0.5, 2.0], [1.5, 0.7, 3.0], [0.6, 0.3, 1.2]])
+    x = centers[labels] + sd[labels] * rng.normal(size=(n, 3))
+    return xr.Dataset({"x": (("sample", "feature"), x * [1.0, 10.0, 0.1])})
+
+
+def _model(kind):
+    return em.Model().latent("z", em.Categorical(3)).observe("x", em.MultivariateNormal(covariance=kind))
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_fits_keep_the_structure_everywhere_a_mixture_goes(kind, tmp_path):
+    ds = _data()
+    plain = _model(kind).fit(ds, seed=0, tol=1e-12, accelerate=None)
+    check_trace(plain)
+    cov = plain.params["x"]["covariance"].values
+    log_cov = np.log(cov)
+    volume = log_cov.mean(axis=1, keepdims=True)
+    if kind in ("EII", "EEI"):
+        np.testing.assert_allclose(cov, np.broadcast_to(cov[:1], cov.shape), rtol=1e-12)  # shared by the states
+    if kind == "EII":
+        np.testing.assert_allclose(cov, cov[0, 0], rtol=1e-12)  # in data units too: one pooled scale
+    if kind == "VEI":
+        np.testing.assert_allclose(log_cov - volume, np.broadcast_to((log_cov - volume)[:1], cov.shape), atol=1e-10)  # one shape
+    if kind == "EVI":
+        np.testing.assert_allclose(volume, np.broadcast_to(volume[0], volume.shape), atol=1e-10)  # one volume
+    # acceleration (its proposals projected onto the structure) reaches the same optimum
+    fast = _model(kind).fit(ds, seed=0, tol=1e-12)
+    assert fast.loglik == pytest.approx(plain.loglik, rel=1e-10)
+    assert fast.trace["e_steps"].values[-1] <= plain.trace["e_steps"].values[-1]
+    # (plain EM's tol stops it 1e-10 below in ℓ, along a flat direction: the covariances agree to 1e-5)
+    np.testing.assert_allclose(np.sort(fast.params["x"]["covariance"].values, axis=0), np.sort(cov, axis=0),
+                               rtol=1e-5)
+    # holes, and the same fit on dask-backed data
+    holes = ds.copy(deep=True)
+    holes["x"].values[::5, 1] = np.nan
+    held = _model(kind).fit(holes, seed=0)
+    check_trace(held)
+    lazy = _model(kind).fit(holes.chunk(sample=70), init=held, max_iter=3, accelerate=None)
+    eager = _model(kind).fit(holes, init=held, max_iter=3, accelerate=None)
+    assert lazy.loglik == pytest.approx(eager.loglik, rel=1e-12)
+    # a start given off the structure is projected onto it, so EM's check holds from the first step
+    given = {"x": {"mean": plain.params["x"]["mean"].values, "covariance": np.array([[1.0, 50.0, 0.01],
+                                                                                    [2.0, 80.0, 0.02],
+                                                                                    [0.5, 20.0, 0.05]])},
+             "z": {"probs": [0.3, 0.3, 0.4]}}
+    check_trace(_model(kind).fit(ds, init=given, tol=1e-10))
+    # saved and loaded; drawn; labelled
+    path = tmp_path / "fit.nc"
+    plain.save(path)
+    loaded = em.load(path)
+    assert loaded.model == plain.model and loaded.loglik == plain.loglik
+    assert plain.sample(10, seed=0)["x"].shape == (10, 3)
+    assert kind in plain._repr_html_()
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_standard_errors_equal_the_hessian_of_an_independent_likelihood(kind):
+    """Observed-information standard errors of the covariance entries against central differences of
+    scipy's mixture log-likelihood over (weight logits, means, the model's coordinates), by the delta
+    method: the same errors to 1e-4."""
+    ds = _data(seed=1, n=400)
+    x = ds["x"].values
+    fit = _model(kind).fit(ds, seed=0, n_init=3, tol=1e-13)
+    se = fit.standard_errors()["x"]["covariance"].values
+    probs = fit.params["z"]["probs"].values
+    mean = fit.params["x"]["mean"].values
+    cov = fit.params["x"]["covariance"].values
+    K, D = mean.shape
+    family = em.MultivariateNormal(covariance=kind)
+    psi0 = np.concatenate([np.log(probs[1:] / probs[0]), mean.ravel(), family.structure_coordinates(cov)])
+
+    def unpack(psi):
+        logits = np.concatenate([[0.0], psi[:K - 1]])
+        weights = np.exp(logits - logsumexp(logits))
+        means = psi[K - 1:K - 1 + K * D].reshape(K, D)
+        return weights, means, _structured(kind, psi[K - 1 + K * D:], K, D)
+
+    def loglik(psi):
+        weights, means, variances = unpack(psi)
+        dens = np.stack([stats.norm.logpdf(x, means[k], np.sqrt(variances[k])).sum(axis=1) for k in range(K)])
+        return float(logsumexp(dens + np.log(weights)[:, None], axis=0).sum())
+
+    P = len(psi0)
+    steps = 1e-4 * np.maximum(np.abs(psi0), 1.0)
+    hessian = np.empty((P, P))
+    for i in range(P):
+        for j in range(i, P):
+            ei, ej = np.eye(P)[i] * steps[i], np.eye(P)[j] * steps[j]
+            value = (loglik(psi0 + ei + ej) - loglik(psi0 + ei - ej) - loglik(psi0 - ei + ej)
+                     + loglik(psi0 - ei - ej)) / (4 * steps[i] * steps[j])
+            hessian[i, j] = hessian[j, i] = value
+    covariance = np.linalg.inv(-hessian)
+    jacobian = np.empty((K * D, P))
+    for i in range(P):
+        e = np.eye(P)[i] * 1e-6
+        jacobian[:, i] = (unpack(psi0 + e)[2] - unpack(psi0 - e)[2]).ravel() / 2e-6
+    expected = np.sqrt(np.einsum("ip,pq,iq->i", jacobian, covariance, jacobian)).reshape(K, D)
+    np.testing.assert_allclose(se, expected, rtol=1e-4)
+
+
+def test_names_and_bad_input():
+    assert repr(em.MultivariateNormal(covariance="VVV")) == "MultivariateNormal()"
+    assert em.MultivariateNormal(covariance="EEE").covariance_type == "tied"
+    assert em.MultivariateNormal(covariance="EII").n_free_params(4, 3) == 4 * 3 + 1
+    with pytest.raises(em.ModelError, match=r"mclust's \('VVV', 'EEE', 'VII', 'VVI'\)"):
+        em.MultivariateNormal(covariance="EEV")
+    with pytest.raises(em.ModelError, match="no conjugate M-step"):
+        em.MultivariateNormal(covariance="VEI", prior=em.priors.NormalInverseWishart(
+            mean=0.0, kappa=0.01, dof=4.0, scale=1.0))
+    # the weak prior leaves them without one: log p(θ) is the weights' Dirichlet(1 + 0.01/K) alone
+    ds = _data(seed=2)
+    weak = _model("EVI").fit(ds, seed=0, prior="weak")
+    log_prior = stats.dirichlet(np.full(3, 1 + 0.01 / 3)).logpdf(weak.params["z"]["probs"].values)
+    assert weak.trace["logpost"].values[-1] - weak.loglik == pytest.approx(log_prior, rel=1e-10)
