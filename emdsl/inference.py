@@ -159,7 +159,7 @@ class _Block:
     def array(self, psi: np.ndarray) -> np.ndarray:
         """The internal array with ψ's coordinates put in."""
         if self.constraint == "structured":
-            return self.family.structure_array(psi, self.value.shape)
+            return self.family.structure_array(psi, self.value)
         out = self.value.astype(float).copy()
         flat = out.reshape(-1)
         if self.constraint == "real":

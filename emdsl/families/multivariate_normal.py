@@ -10,7 +10,7 @@ from numpy.typing import ArrayLike
 
 from emdsl import priors
 from emdsl.errors import ModelError
-from emdsl.families import normal
+from emdsl.families import _mclust, normal
 from emdsl.families._base import (
     Axes,
     BoundPrior,
@@ -25,15 +25,12 @@ from emdsl.families._base import (
     safe_counts,
 )
 
-CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI"]
-_TYPES = ("full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI")
-#: mclust's names of the structures scikit-learn names too (volume, shape, orientation: E qual or V ariable)
+CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "EEV", "VEV", "EVV"]
+_TYPES = ("full", "diag", "spherical", "tied", *_mclust.MODELS)
+#: mclust's names of the structures scikit-learn names too (volume, shape, orientation: Equal or Variable)
 MCLUST_NAMES = {"VVV": "full", "EEE": "tied", "VII": "spherical", "VVI": "diag"}
-#: mclust's diagonal models constrained across states (or elements), stored in the "diag" layout (K, D)
-DIAGONAL_MODELS = ("EII", "EEI", "VEI", "EVI")
-#: VEI's M-step alternates its two exact conditional maximizations until the shape moves less than this
-_VEI_TOL = 1e-13
-_VEI_STEPS = 500
+#: mclust's constrained diagonal models, stored in the "diag" layout (K, D)
+DIAGONAL_MODELS = _mclust.DIAGONAL
 #: the weak prior's scale is the data's covariance unless its condition number exceeds 1 / this
 _SINGULAR = 1e-10
 
@@ -57,23 +54,14 @@ class MultivariateNormal(ObservedFamily):
     M-step: μ_k = S_x / N_k and Σ_k = S_xx / N_k − μ_k μ_kᵀ; ``"tied"`` pools the scatter
     over states, ``"spherical"`` averages the diagonal over the D elements.
 
-    mclust's diagonal models (Celeux & Govaert 1995; Σ_k = λ_k B_k with λ_k the volume
-    and B_k a diagonal shape of determinant 1; E: equal across states, V: variable) from
-    the within-state scatters W_k = diag Σ_n r_nk (x_n − μ_k)², N = Σ N_k:
-
-    ========  ==========================  =================================================
-    ``EII``   Σ_k = σ² I                  σ² = Σ_k tr W_k / (N D)
-    ``VII``   Σ_k = σ_k² I                ``"spherical"``
-    ``EEI``   Σ_k = Σ (one diagonal)      Σ = Σ_k W_k / N
-    ``VEI``   Σ_k = λ_k B                 alternating λ_k = tr(W_k B⁻¹) / (N_k D) and
-                                          B ∝ Σ_k W_k / λ_k (|B| = 1) to convergence
-    ``EVI``   Σ_k = λ B_k                 B_k = W_k / |W_k|^(1/D), λ = Σ_k |W_k|^(1/D) / N
-    ``VVI``   Σ_k diagonal                ``"diag"``
-    ========  ==========================  =================================================
-
-    All six store the covariance in the ``"diag"`` layout (K, D). mclust's names
-    ``"VVV"``, ``"EEE"``, ``"VII"`` and ``"VVI"`` are accepted for ``"full"``,
-    ``"tied"``, ``"spherical"`` and ``"diag"``.
+    mclust's constrained models (Celeux & Govaert 1995): Σ_k = λ_k D_k A_k D_kᵀ with a
+    volume λ_k, a shape A_k (diagonal, determinant 1) and an orientation D_k, each Equal
+    across states, Variable, or (orientation) the Identity: ``"EII"`` (σ² I), ``"EEI"``
+    (one diagonal), ``"VEI"`` (λ_k B), ``"EVI"`` (λ B_k), ``"EEV"`` (λ D_k A D_kᵀ),
+    ``"VEV"`` (λ_k D_k A D_kᵀ) and ``"EVV"`` (λ C_k); their M-steps are in
+    :mod:`emdsl.families._mclust`. The diagonal ones are stored in the ``"diag"`` layout
+    (K, D), the others as full matrices. mclust's names ``"VVV"``, ``"EEE"``, ``"VII"``
+    and ``"VVI"`` are accepted for ``"full"``, ``"tied"``, ``"spherical"`` and ``"diag"``.
 
     Parameters
     ----------
@@ -81,10 +69,11 @@ class MultivariateNormal(ObservedFamily):
         The event dimension. Inferred when the variable has exactly one dimension
         besides the sample dimension, or when several 1-D variables are stacked
         (``observe(["a", "b"], ...)``, dimension ``"feature"``).
-    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI"} or array_like, default "full"
+    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "EEV", "VEV", "EVV"} \
+or array_like, default "full"
         The covariance structure, with the parameter stored in scikit-learn's
         ``covariances_`` layout: full (K, D, D), diag (K, D), spherical (K,),
-        tied (D, D); mclust's constrained diagonal models (above) as diag (K, D).
+        tied (D, D); mclust's constrained models (above) as diag or full.
         An array instead *fixes* the covariance; its shape selects the
         structure as in that layout (a square 2-D array is read as tied).
     mean : array_like, optional
@@ -99,7 +88,7 @@ class MultivariateNormal(ObservedFamily):
         the MAP estimate. ``"full"`` and ``"tied"`` use its inverse-Wishart, ``"diag"`` an
         inverse-gamma per element and ``"spherical"`` one pooled over the elements (see
         :class:`~emdsl.priors.NormalInverseWishart`). Not for mclust's constrained
-        diagonal models (``fit(prior="weak")`` leaves them without one).
+        models (``fit(prior="weak")`` leaves them without one).
 
     Examples
     --------
@@ -141,7 +130,8 @@ class MultivariateNormal(ObservedFamily):
             self.covariance_type = _type_of_fixed(covariance)
             self._covariance = covariance
         #: how the covariance is stored and enters the statistics: mclust's diagonal models as "diag"
-        self.layout: str = "diag" if self.covariance_type in DIAGONAL_MODELS else self.covariance_type
+        self.layout: str = ("diag" if self.covariance_type in _mclust.DIAGONAL else
+                            "full" if self.covariance_type in _mclust.ORIENTED else self.covariance_type)
         if self._covariance is not None:
             self.check_params({"covariance": as_float(covariance, "MultivariateNormal(covariance=...)")},
                               "MultivariateNormal(covariance=<array>)")
@@ -151,11 +141,12 @@ class MultivariateNormal(ObservedFamily):
                               "MultivariateNormal(mean=...)")
         self.dim = dim
         self._mean = mean
-        # one scale for every element keeps a spherical covariance spherical in internal units
-        self.pool_scale = self.covariance_type in ("spherical", "EII")
-        if prior is not None and self.covariance_type in DIAGONAL_MODELS:
+        # One scale for every element keeps a spherical covariance spherical in internal units, and
+        # equal eigenvalues equal (EEV, VEV): a scale per element would change them unequally.
+        self.pool_scale = self.covariance_type in ("spherical", "EII", "EEV", "VEV")
+        if prior is not None and self.covariance_type in _mclust.MODELS:
             raise ModelError(f"MultivariateNormal(covariance={self.covariance_type!r}, prior=...): mclust's "
-                             "constrained diagonal models have no conjugate M-step here; use covariance='diag', "
+                             "constrained models have no conjugate M-step here; use covariance='diag', "
                              "'spherical', 'full' or 'tied' with a prior")
         self.accept_prior(prior)
 
@@ -261,9 +252,9 @@ class MultivariateNormal(ObservedFamily):
             mean = keep_empty(s_x / counts[:, None], before.get("mean"), fallback["mean"], empty)
         if "covariance" in hold:
             return {"mean": mean, "covariance": np.asarray(hold["covariance"], dtype=float)}, []
-        if self.covariance_type in DIAGONAL_MODELS:
-            return self._diagonal_model_step(normal.scatter(s_x, s_xx, nk, mean), s_xx, nk, mean,
-                                             before.get("covariance"), fallback["covariance"], empty)
+        if self.covariance_type in _mclust.MODELS:
+            return self._constrained_step(s_x, s_xx, nk, mean, before.get("covariance"), fallback["covariance"],
+                                          empty)
 
         if self.covariance_type in ("diag", "spherical"):
             if self.covariance_type == "spherical":
@@ -295,114 +286,94 @@ class MultivariateNormal(ObservedFamily):
                 floored.append((k, smallest))
         return {"mean": mean, "covariance": cov}, floored
 
-    def _diagonal_model_step(self, scatter: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray,
-                             previous: np.ndarray | None, fallback: np.ndarray,
-                             empty: np.ndarray) -> tuple[Params, Floored]:
-        """The covariances of mclust's constrained diagonal models (see the class) from the scatters W_k (K × D).
+    def _constrained_step(self, s_x: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray,
+                          previous: np.ndarray | None, fallback: np.ndarray,
+                          empty: np.ndarray) -> tuple[Params, Floored]:
+        """The covariance of one of mclust's constrained models (:mod:`._mclust`), under the floor.
 
-        Below the floor, EII's and EEI's shared variances are raised to it (Q is concave in
-        each precision, so that is the constrained maximum, as for "diag"). VEI's and EVI's
-        M-step couples states and elements, so a variance under the floor keeps the previous
-        covariance instead: with the new means that still raises Q (a generalized EM step),
-        and the state is named in the warning as any floored one.
+        The floor bounds every variance (diagonal layout) or eigenvalue (full). EII's and EEI's
+        shared variances are raised to it, the exact constrained maximum as for "diag" (Q is
+        concave in each precision). The other models couple states and elements, and clamping
+        one value would leave the model: a state under the floor makes the covariance keep its
+        previous value instead, which with the new means still raises Q (a generalized-EM
+        step), and the state is named in the warning as any floored one.
         """
-        K, D = scatter.shape
-        total = max(float(nk.sum()), 1e-300)
+        K, D = mean.shape
         kind = self.covariance_type
-        if kind == "EII":
-            cov = np.full((K, D), scatter.sum() / (total * D))
-            mean_square = np.full((K, D), s_xx.sum() / (total * D))
-        elif kind == "EEI":
-            cov = np.broadcast_to(scatter.sum(axis=0) / total, (K, D)).copy()
-            mean_square = np.broadcast_to(s_xx.sum(axis=0) / total, (K, D))
-        else:
-            cov = (_evi_covariance if kind == "EVI" else _vei_covariance)(scatter, nk, total, previous, empty)
+        previous = None if previous is None else np.broadcast_to(np.asarray(previous, dtype=float), fallback.shape)
+        if self.layout == "diag":
+            scatter = normal.scatter(s_x, s_xx, nk, mean)
             mean_square = s_xx / safe_counts(nk)[:, None]
-        if kind in ("VEI", "EVI") and not np.all(np.isfinite(cov)):
-            cov = np.broadcast_to(fallback, (K, D)).copy()  # no state with a spread: nothing to estimate
-        floored, low = normal.apply_floor(cov, self.floor, mean_square=mean_square, kind=self.kind)
-        if low.any() and kind in ("VEI", "EVI") and previous is not None:
-            floored = np.asarray(previous, dtype=float)
-        rows = low.any(axis=1)
-        return ({"mean": mean, "covariance": floored},
-                [(int(k), float(cov[k].min())) for k in np.flatnonzero(rows)])
+        else:
+            second, scatter = _scatter(s_x, s_xx, nk, mean, D)
+            mean_square = np.trace(second, axis1=1, axis2=2) / safe_counts(nk)
+        if kind == "EII":
+            mean_square = np.full(mean_square.shape, mean_square.mean())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cov = _mclust.covariances(kind, scatter, nk, previous, empty)
+        finite = bool(np.all(np.isfinite(cov)))
+        if self.layout == "diag":
+            raw = cov if finite else np.zeros_like(cov)
+            clamped, low = normal.apply_floor(raw, self.floor, mean_square=mean_square, kind=self.kind)
+            low_rows = low.any(axis=1)
+            smallest = raw.min(axis=1)
+        else:
+            clamped = np.empty_like(cov)
+            smallest = np.zeros(K)
+            low_rows = np.zeros(K, dtype=bool)
+            for k in range(K):
+                matrix = cov[k] if finite else fallback[k]
+                clamped[k], lowest = _floor_eigenvalues(matrix, self.floor, float(mean_square[k]), f"component {k}")
+                low_rows[k] = lowest is not None
+                smallest[k] = np.nan if lowest is None else lowest
+        if finite and not low_rows.any():
+            out = cov
+        elif finite and kind in ("EII", "EEI"):
+            out = clamped
+        elif previous is not None:
+            out = previous.copy()
+        else:  # the first M-step: nothing to keep; the clamped values, projected back onto the model
+            out = _mclust.project(kind, clamped if finite else np.broadcast_to(fallback, cov.shape).copy())
+        floored = [(int(k), float(smallest[k])) for k in np.flatnonzero(low_rows | (not finite))]
+        return {"mean": mean, "covariance": out}, floored
 
     def within_m_step_bounds(self, params: Params) -> bool:
-        """VEI's and EVI's M-step outputs keep their structure (a shape shared by the states, or one
-        volume); an accelerated proposal that breaks it is not a point of the model."""
+        """A constrained model's M-step outputs keep its structure (what the states share); an
+        accelerated proposal that breaks it is not a point of the model."""
         cov = params.get("covariance")
-        if cov is None or self.covariance_type not in ("VEI", "EVI"):
+        if cov is None or self.covariance_type not in _mclust.MODELS:
             return super().within_m_step_bounds(params)
-        return _has_structure(np.asarray(cov, dtype=float), self.covariance_type)
+        return _mclust.has_structure(self.covariance_type, np.asarray(cov, dtype=float))
 
     def project(self, params: Params) -> Params:
-        """The covariance moved onto the model's structure in log coordinates (other structures as they
-        are): EII's variances and EEI's over the states replaced by their geometric means, EVI's
-        volumes |Σ_k|^(1/D) by theirs, VEI's log shapes averaged over the states. Given starting
-        values and accelerated proposals land here before they are used."""
+        """The covariance moved onto a constrained model's structure (:func:`._mclust.project`); given
+        starting values and accelerated proposals land here before they are used."""
         cov = params.get("covariance")
-        if cov is None or self.covariance_type not in DIAGONAL_MODELS or np.any(np.asarray(cov) <= 0):
+        if cov is None or self.covariance_type not in _mclust.MODELS:
             return params
-        log_cov = np.log(np.asarray(cov, dtype=float))
-        if self.covariance_type == "EII":
-            return {**params, "covariance": np.full(log_cov.shape, np.exp(log_cov.mean()))}
-        if self.covariance_type == "EEI":
-            return {**params, "covariance": np.broadcast_to(np.exp(log_cov.mean(axis=0)), log_cov.shape).copy()}
-        log_volume = log_cov.mean(axis=1, keepdims=True)
-        log_shape = log_cov - log_volume
-        if self.covariance_type == "EVI":
-            log_volume = np.full_like(log_volume, log_volume.mean())
-        else:
-            log_shape = np.broadcast_to(log_shape.mean(axis=0), log_shape.shape)
-        return {**params, "covariance": np.exp(log_volume + log_shape)}
+        cov = np.asarray(cov, dtype=float)
+        valid = np.all(np.linalg.eigvalsh(cov) > 0) if self.layout == "full" else np.all(cov > 0)
+        if not (np.all(np.isfinite(cov)) and valid):
+            return params  # invalid: the checks that follow refuse it
+        return {**params, "covariance": _mclust.project(self.covariance_type, cov)}
 
     # -- coordinates of the constrained models' covariance (standard errors) -----------------------
     @property
     def constraints(self) -> dict[str, str]:
-        """mclust's constrained diagonal models map their covariance's free coordinates themselves."""
-        return {"covariance": "structured"} if self.covariance_type in DIAGONAL_MODELS else {}
+        """mclust's constrained models map their covariance's free coordinates themselves."""
+        return {"covariance": "structured"} if self.covariance_type in _mclust.MODELS else {}
 
     def structure_coordinates(self, cov: np.ndarray) -> np.ndarray:
-        """The covariance's free coordinates: log σ² (EII), log σ²_d (EEI), log λ_k and the first D − 1
-        log shapes (VEI), log λ and each state's first D − 1 log shapes (EVI); |B| = 1 fixes the last."""
-        log_cov = np.log(np.asarray(cov, dtype=float))
-        D = log_cov.shape[1]
-        if self.covariance_type == "EII":
-            return log_cov[0, :1].copy()
-        if self.covariance_type == "EEI":
-            return log_cov[0].copy()
-        log_volume = log_cov.mean(axis=1)
-        log_shape = log_cov - log_volume[:, None]
-        if self.covariance_type == "VEI":
-            return np.concatenate([log_volume, log_shape[0, :D - 1]])
-        return np.concatenate([log_volume[:1], log_shape[:, :D - 1].ravel()])
+        """The covariance's free coordinates at the fit (:func:`._mclust.coordinates`)."""
+        return _mclust.coordinates(self.covariance_type, np.asarray(cov, dtype=float))
 
-    def structure_array(self, psi: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """The covariance (K × D) at the coordinates of :meth:`structure_coordinates`."""
-        K, D = shape
-        psi = np.asarray(psi, dtype=float)
-        if self.covariance_type == "EII":
-            return np.full(shape, np.exp(psi[0]))
-        if self.covariance_type == "EEI":
-            return np.broadcast_to(np.exp(psi), shape).copy()
-        if self.covariance_type == "VEI":
-            first = psi[K:]
-            log_shape = np.append(first, -first.sum())
-            return np.exp(psi[:K, None] + log_shape[None, :])
-        first = psi[1:].reshape(K, D - 1)
-        log_shape = np.hstack([first, -first.sum(axis=1, keepdims=True)])
-        return np.exp(psi[0] + log_shape)
+    def structure_array(self, psi: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The covariance at coordinates ψ around the fit's covariance ``at``."""
+        return _mclust.from_coordinates(self.covariance_type, psi, np.asarray(at, dtype=float))
 
     def structure_indices(self, shape: tuple[int, ...]) -> np.ndarray:
         """An entry of the covariance per coordinate, to name it in messages."""
-        K, D = shape
-        if self.covariance_type == "EII":
-            return np.zeros(1, dtype=np.intp)
-        if self.covariance_type == "EEI":
-            return np.arange(D)
-        if self.covariance_type == "VEI":
-            return np.concatenate([np.arange(K) * D, np.arange(D - 1)])
-        return np.concatenate([[0], (np.arange(K)[:, None] * D + np.arange(D - 1)).ravel()])
+        return _mclust.indices(self.covariance_type, shape)
 
     def _posterior_mode(self, stats: np.ndarray, hold: Params, prior: BoundPrior) -> tuple[Params, Floored]:
         """The MAP M-step under a normal-inverse-Wishart prior (formulas on :class:`~emdsl.priors.NormalInverseWishart`).
@@ -556,12 +527,12 @@ class MultivariateNormal(ObservedFamily):
 
     def n_free_params(self, K: int, D: int) -> int:
         n_mean = 0 if self._mean is not None else K * D
-        n_cov = 0 if self._covariance is not None else {
-            "full": K * D * (D + 1) // 2, "diag": K * D, "spherical": K, "tied": D * (D + 1) // 2,
-            # mclust's counts: volumes and shapes (a shape of determinant 1 has D − 1 free values)
-            "EII": 1, "EEI": D, "VEI": K + D - 1, "EVI": 1 + K * (D - 1),
-        }[self.covariance_type]
-        return n_mean + n_cov
+        if self._covariance is not None:
+            return n_mean
+        if self.covariance_type in _mclust.MODELS:
+            return n_mean + _mclust.free_params(self.covariance_type, K, D)
+        return n_mean + {"full": K * D * (D + 1) // 2, "diag": K * D, "spherical": K,
+                         "tied": D * (D + 1) // 2}[self.covariance_type]
 
     # -- units ------------------------------------------------------------------
     def to_original(self, params: Params, center: np.ndarray, scale: np.ndarray) -> Params:
@@ -604,7 +575,7 @@ class MultivariateNormal(ObservedFamily):
     def tidy_params(self, params: Mapping[str, np.ndarray]) -> Params:
         out = dict(params)
         cov = out.get("covariance")
-        if cov is not None and self.covariance_type in ("full", "tied"):
+        if cov is not None and self.layout in ("full", "tied"):
             cov = np.asarray(cov, dtype=float)
             out["covariance"] = 0.5 * (cov + np.swapaxes(cov, -1, -2))
         return out
@@ -662,60 +633,6 @@ class MultivariateNormal(ObservedFamily):
         chol = np.linalg.cholesky(np.broadcast_to(cov, (K, D, D)))
         noise = rng.standard_normal((len(labels), D))
         return mean[labels] + np.einsum("nij,nj->ni", chol[labels], noise)
-
-
-def _evi_covariance(scatter: np.ndarray, nk: np.ndarray, total: float, previous: np.ndarray | None,
-                    empty: np.ndarray) -> np.ndarray:
-    """EVI: B_k = W_k / |W_k|^(1/D), λ = Σ_k |W_k|^(1/D) / N (Celeux & Govaert 1995); an empty state keeps
-    its previous shape (else I)."""
-    K, D = scatter.shape
-    with np.errstate(divide="ignore", invalid="ignore"):
-        volume = np.exp(np.log(scatter).mean(axis=1))  # |W_k|^(1/D): 0 for a state without spread
-        shape = scatter / volume[:, None]
-    lam = volume.sum() / total
-    keep = empty | ~np.all(np.isfinite(shape), axis=1)
-    if keep.any():
-        kept = np.ones((K, D)) if previous is None else np.broadcast_to(np.asarray(previous, dtype=float), (K, D))
-        shape[keep] = kept[keep] / np.exp(np.log(kept[keep]).mean(axis=1))[:, None]
-    return lam * shape
-
-
-def _vei_covariance(scatter: np.ndarray, nk: np.ndarray, total: float, previous: np.ndarray | None,
-                    empty: np.ndarray) -> np.ndarray:
-    """VEI: Σ_k = λ_k B, alternating the two exact conditional maxima of Q (λ_k given B, B given λ)
-    from the previous point's shape, so that Q rises at every sweep (mclust iterates the same way).
-    An empty state keeps its previous volume (else 1)."""
-    K, D = scatter.shape
-    start = np.ones((K, D)) if previous is None else np.broadcast_to(np.asarray(previous, dtype=float), (K, D))
-    log_start = np.log(start)
-    shape = np.exp(log_start.mean(axis=0) - log_start.mean())  # the previous shape, |B| = 1
-    volume = np.exp(log_start.mean(axis=1))
-    full = ~empty
-    for _ in range(_VEI_STEPS):
-        volume = np.where(full, (scatter / shape).sum(axis=1) / (D * safe_counts(nk)), volume)
-        pooled = (scatter[full] / volume[full, None]).sum(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            new = pooled / np.exp(np.log(pooled).mean())
-        if not np.all(np.isfinite(new)) or not np.all(new > 0):
-            return np.full((K, D), np.nan)
-        moved = float(np.abs(np.log(new / shape)).max())
-        shape = new
-        if moved < _VEI_TOL:
-            break
-    volume = np.where(full, (scatter / shape).sum(axis=1) / (D * safe_counts(nk)), volume)
-    return volume[:, None] * shape
-
-
-def _has_structure(cov: np.ndarray, kind: str, tol: float = 1e-9) -> bool:
-    """Whether diag covariances (K × D) share one shape (VEI) or one volume (EVI), to ``tol`` in log."""
-    if np.any(cov <= 0) or not np.all(np.isfinite(cov)):
-        return False
-    log_cov = np.log(cov)
-    log_volume = log_cov.mean(axis=1, keepdims=True)
-    if kind == "EVI":
-        return bool(np.ptp(log_volume) <= tol)
-    shapes = log_cov - log_volume
-    return bool(np.ptp(shapes, axis=0).max() <= tol)
 
 
 def _type_of_fixed(covariance: ArrayLike) -> CovarianceType:
