@@ -14,12 +14,13 @@ EII    σ² I                 σ² = Σ_k tr W_k / (N D)
 EEI    Σ (diagonal)         Σ = diag Σ_k W_k / N
 VEI    λ_k B (diagonal)     alternating λ_k = tr(W_k B⁻¹) / (N_k D), B ∝ diag Σ_k W_k / λ_k
 EVI    λ B_k (diagonal)     B_k = diag W_k / |diag W_k|^(1/D), λ = Σ_k |diag W_k|^(1/D) / N
+VEE    λ_k C                alternating λ_k = tr(W_k C⁻¹) / (N_k D), C ∝ Σ_k W_k / λ_k (|C| = 1)
 EEV    λ D_k A D_kᵀ         W_k = L_k Ω_k L_kᵀ: D_k = L_k, A ∝ Σ_k Ω_k, λ = |Σ_k Ω_k|^(1/D) / N
 VEV    λ_k D_k A D_kᵀ       D_k = L_k, alternating λ_k = tr(Ω_k A⁻¹) / (N_k D), A ∝ Σ_k Ω_k / λ_k
 EVV    λ C_k                C_k = W_k / |W_k|^(1/D), λ = Σ_k |W_k|^(1/D) / N
 =====  ===================  ===========================================================
 
-N = Σ_k N_k, eigenvalues in decreasing order. The alternating M-steps (VEI, VEV) start
+N = Σ_k N_k, eigenvalues in decreasing order. The alternating M-steps (VEI, VEE, VEV) start
 from the previous point's shape, and each half-step is an exact conditional maximum of
 Q, so Q rises from the first sweep on (a generalized-EM step even if stopped early);
 they run until the shape moves by less than 1e-13. The diagonal models are stored in
@@ -37,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 DIAGONAL = ("EII", "EEI", "VEI", "EVI")
-ORIENTED = ("EEV", "VEV", "EVV")
+ORIENTED = ("VEE", "EEV", "VEV", "EVV")
 MODELS = DIAGONAL + ORIENTED
 #: VEI's and VEV's alternation stops once the log shape moves less than this (or after _STEPS sweeps)
 _TOL = 1e-13
@@ -49,7 +50,7 @@ def free_params(kind: str, K: int, D: int) -> int:
     an orientation D(D − 1)/2)."""
     rotation = D * (D - 1) // 2
     return {"EII": 1, "EEI": D, "VEI": K + D - 1, "EVI": 1 + K * (D - 1),
-            "EEV": 1 + (D - 1) + K * rotation, "VEV": K + (D - 1) + K * rotation,
+            "VEE": K + D * (D + 1) // 2 - 1, "EEV": 1 + (D - 1) + K * rotation, "VEV": K + (D - 1) + K * rotation,
             "EVV": 1 + K * (D * (D + 1) // 2 - 1)}[kind]
 
 
@@ -68,6 +69,8 @@ def covariances(kind: str, scatter: np.ndarray, nk: np.ndarray, previous: np.nda
         log_previous = None if previous is None else np.log(np.broadcast_to(previous, scatter.shape))
         log_volume, log_shape = _volumes_and_shapes(kind, np.log(scatter), nk, total, log_previous, empty)
         return np.exp(log_volume[:, None] + log_shape)
+    if kind == "VEE":
+        return _vee(scatter, nk, previous, empty)
     values, vectors = eigen(scatter)  # W_k = L_k Ω_k L_kᵀ, Ω_k decreasing
     log_previous = None
     if previous is not None:
@@ -128,6 +131,31 @@ def _volumes_and_shapes(kind: str, log_w: np.ndarray, nk: np.ndarray, total: flo
     return log_volume, np.broadcast_to(log_shape, (K, D)).copy()
 
 
+def _vee(scatter: np.ndarray, nk: np.ndarray, previous: np.ndarray | None, empty: np.ndarray) -> np.ndarray:
+    """VEE: Σ_k = λ_k C, alternating the exact λ_k given C and C given the λ_k from the previous shape."""
+    K, D = scatter.shape[0], scatter.shape[1]
+    start = np.broadcast_to(np.eye(D), scatter.shape) if previous is None else previous
+    log_volume = np.linalg.slogdet(start)[1] / D
+    shape = _unit_volume(start[:1])[0]
+    full = ~empty
+    counts = np.where(full, nk, 1.0)
+    for _ in range(_STEPS):
+        precision = np.linalg.inv(shape)
+        log_volume = np.where(full, np.log(np.einsum("kij,ji->k", scatter, precision) / (D * counts)), log_volume)
+        pooled = (scatter[full] / np.exp(log_volume[full])[:, None, None]).sum(axis=0)
+        sign, log_det = np.linalg.slogdet(pooled)
+        if not (sign > 0 and np.isfinite(log_det)):
+            return np.full(scatter.shape, np.nan)
+        new = pooled / np.exp(log_det / D)
+        moved = float(np.abs(new - shape).max())
+        shape = new
+        if moved < _TOL:
+            break
+    precision = np.linalg.inv(shape)
+    log_volume = np.where(full, np.log(np.einsum("kij,ji->k", scatter, precision) / (D * counts)), log_volume)
+    return np.exp(log_volume)[:, None, None] * shape
+
+
 def eigen(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues in decreasing order (K, D) and the eigenvectors as columns (K, D, D)."""
     values, vectors = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
@@ -158,6 +186,9 @@ def has_structure(kind: str, cov: np.ndarray, tol: float = 1e-9) -> bool:
         return False
     if kind in ORIENTED and np.any(np.linalg.eigvalsh(cov) <= 0) or kind in DIAGONAL and np.any(cov <= 0):
         return False
+    if kind == "VEE":  # one matrix shape C_k = Σ_k / |Σ_k|^(1/D)
+        shapes = _unit_volume(cov)
+        return bool(np.abs(shapes - shapes[:1]).max() <= tol * np.abs(shapes).max())
     log_volume, log_shape, _ = _log_parts(kind, cov)
     equal_volume = np.ptp(log_volume) <= tol
     equal_shape = np.ptp(log_shape, axis=0).max() <= tol
@@ -171,6 +202,9 @@ def project(kind: str, cov: np.ndarray) -> np.ndarray:
     """The covariance moved onto the model: what it shares replaced by the geometric mean over the
     states (log volumes, log shapes: diagonals or decreasing eigenvalues), orientations kept."""
     cov = np.asarray(cov, dtype=float)
+    if kind == "VEE":  # the states' shapes averaged, and scaled back to determinant 1
+        volumes = np.exp(np.linalg.slogdet(cov)[1] / cov.shape[-1])
+        return volumes[:, None, None] * _unit_volume(_unit_volume(cov).mean(axis=0)[None])
     log_volume, log_shape, vectors = _log_parts(kind, cov)
     if kind in ("EII", "EEI", "EVI", "EEV", "EVV"):
         log_volume = np.full_like(log_volume, log_volume.mean())
@@ -195,11 +229,13 @@ def coordinates(kind: str, cov: np.ndarray) -> np.ndarray:
     its last entry, fixed by |C_k| = 1, and the entries below it)."""
     cov = np.asarray(cov, dtype=float)
     K, D = cov.shape[0], cov.shape[1]
-    if kind == "EVV":
-        chol = np.linalg.cholesky(_unit_volume(cov))
+    if kind in ("EVV", "VEE"):  # log volumes, and the Cholesky factors of the unit-volume shapes
+        shapes = _unit_volume(cov)[:1] if kind == "VEE" else _unit_volume(cov)
+        chol = np.linalg.cholesky(shapes)
         below = np.tril_indices(D, -1)
         parts = [np.log(np.diagonal(chol, axis1=1, axis2=2))[:, :D - 1], chol[:, below[0], below[1]]]
-        return np.concatenate([[np.linalg.slogdet(cov)[1].mean() / D], np.hstack(parts).ravel()])
+        log_volume = np.linalg.slogdet(cov)[1] / D
+        return np.concatenate([log_volume if kind == "VEE" else log_volume[:1], np.hstack(parts).ravel()])
     log_volume, log_shape, _ = _log_parts(kind, cov)
     if kind == "EII":
         return log_volume[:1].copy()
@@ -216,14 +252,15 @@ def from_coordinates(kind: str, psi: np.ndarray, at: np.ndarray) -> np.ndarray:
     K, D = at.shape[0], at.shape[1]
     if kind == "EII":
         return np.full(at.shape, np.exp(psi[0]))
-    if kind == "EVV":
+    if kind in ("EVV", "VEE"):
         below = np.tril_indices(D, -1)
-        free = psi[1:].reshape(K, D - 1 + len(below[0]))
+        n_volumes = K if kind == "VEE" else 1
+        free = psi[n_volumes:].reshape(-1, D - 1 + len(below[0]))
         log_diag = np.hstack([free[:, :D - 1], -free[:, :D - 1].sum(axis=1, keepdims=True)])
-        chol = np.zeros((K, D, D))
+        chol = np.zeros((len(free), D, D))
         chol[:, np.arange(D), np.arange(D)] = np.exp(log_diag)
         chol[:, below[0], below[1]] = free[:, D - 1:]
-        return np.exp(psi[0]) * chol @ np.swapaxes(chol, 1, 2)
+        return np.exp(psi[:n_volumes])[:, None, None] * chol @ np.swapaxes(chol, 1, 2)
     n_volumes = 1 if kind in ("EEI", "EVI", "EEV") else K
     log_volume = np.broadcast_to(psi[:n_volumes], (K,))
     n_shapes = K * (D - 1) if kind == "EVI" else D - 1

@@ -25,7 +25,8 @@ from emdsl.families._base import (
     safe_counts,
 )
 
-CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "EEV", "VEV", "EVV"]
+CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "VEE", "EEV", "VEV",
+                         "EVV"]
 _TYPES = ("full", "diag", "spherical", "tied", *_mclust.MODELS)
 #: mclust's names of the structures scikit-learn names too (volume, shape, orientation: Equal or Variable)
 MCLUST_NAMES = {"VVV": "full", "EEE": "tied", "VII": "spherical", "VVI": "diag"}
@@ -57,7 +58,7 @@ class MultivariateNormal(ObservedFamily):
     mclust's constrained models (Celeux & Govaert 1995): Σ_k = λ_k D_k A_k D_kᵀ with a
     volume λ_k, a shape A_k (diagonal, determinant 1) and an orientation D_k, each Equal
     across states, Variable, or (orientation) the Identity: ``"EII"`` (σ² I), ``"EEI"``
-    (one diagonal), ``"VEI"`` (λ_k B), ``"EVI"`` (λ B_k), ``"EEV"`` (λ D_k A D_kᵀ),
+    (one diagonal), ``"VEI"`` (λ_k B), ``"EVI"`` (λ B_k), ``"VEE"`` (λ_k C), ``"EEV"`` (λ D_k A D_kᵀ),
     ``"VEV"`` (λ_k D_k A D_kᵀ) and ``"EVV"`` (λ C_k); their M-steps are in
     :mod:`emdsl.families._mclust`. The diagonal ones are stored in the ``"diag"`` layout
     (K, D), the others as full matrices. mclust's names ``"VVV"``, ``"EEE"``, ``"VII"``
@@ -69,7 +70,7 @@ class MultivariateNormal(ObservedFamily):
         The event dimension. Inferred when the variable has exactly one dimension
         besides the sample dimension, or when several 1-D variables are stacked
         (``observe(["a", "b"], ...)``, dimension ``"feature"``).
-    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "EEV", "VEV", "EVV"} \
+    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "VEE", "EEV", "VEV", "EVV"} \
 or array_like, default "full"
         The covariance structure, with the parameter stored in scikit-learn's
         ``covariances_`` layout: full (K, D, D), diag (K, D), spherical (K,),

@@ -1,4 +1,4 @@
-"""mclust's constrained models (EII, EEI, VEI, EVI, EEV, VEV, EVV) as ``MultivariateNormal(covariance=...)``.
+"""mclust's constrained models (EII, EEI, VEI, EVI, VEE, EEV, VEV, EVV) as ``MultivariateNormal(covariance=...)``.
 
 The optima against mclust itself are in ``tests/test_r_references.py``; here the M-step is checked
 against a direct numerical maximization of Q over each model's set, the standard errors against
@@ -42,6 +42,12 @@ def _structured(kind: str, psi: np.ndarray, K: int, D: int) -> np.ndarray:
             chol[below] = free[D - 1:]
             out[k] = np.exp(psi[0]) * chol @ chol.T
         return out
+    if kind == "VEE":
+        below = np.tril_indices(D, -1)
+        chol = np.zeros((D, D))
+        chol[np.diag_indices(D)] = np.exp(np.append(psi[K:K + D - 1], -psi[K:K + D - 1].sum()))
+        chol[below] = psi[K + D - 1:]
+        return np.exp(psi[:K])[:, None, None] * (chol @ chol.T)
     volumes = psi[:1] if kind == "EEV" else psi[:K]
     rest = psi[len(volumes):]
     shape = np.exp(np.append(rest[:D - 1], -rest[:D - 1].sum()))
@@ -57,7 +63,7 @@ def _structured(kind: str, psi: np.ndarray, K: int, D: int) -> np.ndarray:
 
 N_COORDS = {"EII": lambda K, D: 1, "EEI": lambda K, D: D, "VEI": lambda K, D: K + D - 1,
             "EVI": lambda K, D: 1 + K * (D - 1), "EVV": lambda K, D: 1 + K * (D * (D + 1) // 2 - 1),
-            "EEV": lambda K, D: D + K * D * (D - 1) // 2, "VEV": lambda K, D: K + D - 1 + K * D * (D - 1) // 2}
+            "EEV": lambda K, D: D + K * D * (D - 1) // 2, "VEE": lambda K, D: K + D * (D + 1) // 2 - 1, "VEV": lambda K, D: K + D - 1 + K * D * (D - 1) // 2}
 
 
 def _negative_q(cov: np.ndarray, nk: np.ndarray, scatter: np.ndarray) -> float:
@@ -66,8 +72,11 @@ def _negative_q(cov: np.ndarray, nk: np.ndarray, scatter: np.ndarray) -> float:
         return float((0.5 * nk[:, None] * np.log(cov) + 0.5 * scatter / cov).sum())
     if not np.all(np.isfinite(cov)) or np.any(np.linalg.eigvalsh(cov) <= 0):
         return np.inf  # a search step that overflowed
-    return float(sum(0.5 * n * np.linalg.slogdet(c)[1] + 0.5 * np.trace(np.linalg.solve(c, w))
-                     for n, c, w in zip(nk, cov, scatter, strict=True)))
+    try:
+        return float(sum(0.5 * n * np.linalg.slogdet(c)[1] + 0.5 * np.trace(np.linalg.solve(c, w))
+                         for n, c, w in zip(nk, cov, scatter, strict=True)))
+    except np.linalg.LinAlgError:
+        return np.inf
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # scipy's line searches overflow on the way (−Q = inf)
@@ -139,6 +148,9 @@ def test_fits_keep_the_structure_everywhere_a_mixture_goes(kind, tmp_path):
     volume = log_cov.mean(axis=1, keepdims=True)
     if kind in ("EEV", "EVV"):  # one volume
         np.testing.assert_allclose(volume, np.broadcast_to(volume[0], volume.shape), atol=1e-10)
+    if kind == "VEE":  # one matrix shape
+        unit = cov / np.exp(volume)[:, :, None]
+        np.testing.assert_allclose(unit, np.broadcast_to(unit[:1], unit.shape), rtol=1e-8, atol=1e-10)
     if kind in ("EEV", "VEV"):  # one shape, different orientations
         np.testing.assert_allclose(log_cov - volume, np.broadcast_to((log_cov - volume)[:1], log_cov.shape),
                                    atol=1e-10)
