@@ -135,7 +135,7 @@ def _family_and_values(draw, kind: str, index: int, latent: np.ndarray, K: int, 
         return em.Normal(tied, **extra, **floor_arg), latent
     if kind == "mvn":
         covariance = draw(st.sampled_from(["full", "diag", "spherical", "tied", "fixed", "EII", "EEI", "VEI", "EVI",
-                                           "VEE", "EEV", "VEV", "EVV"]))
+                                           "VEE", "EVE", "VVE", "EEV", "VEV", "EVV"]))
         if covariance == "fixed":
             return em.MultivariateNormal(covariance=np.eye(width), **floor_arg), latent
         mean = {"mean": rng.normal(size=(K, width))} if draw(st.booleans()) and K <= 3 else {}

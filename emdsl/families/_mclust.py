@@ -5,7 +5,7 @@ A_k (diagonal, |A_k| = 1, entries in decreasing order) and an orientation D_k (t
 eigenvectors). A model's three letters say which of the three are Equal across
 components, Variable, or (orientation only) the Identity (axis-aligned). scikit-learn's
 four structures are VVV ("full"), EEE ("tied"), VII ("spherical") and VVI ("diag"); this
-module holds the others that have an M-step in closed form or by coordinate ascent:
+module holds mclust's ten others:
 
 =====  ===================  ===========================================================
 model  Σ_k                  M-step from the scatters W_k = Σ_n r_nk (x_n − μ_k)(x_n − μ_k)ᵀ
@@ -15,6 +15,8 @@ EEI    Σ (diagonal)         Σ = diag Σ_k W_k / N
 VEI    λ_k B (diagonal)     alternating λ_k = tr(W_k B⁻¹) / (N_k D), B ∝ diag Σ_k W_k / λ_k
 EVI    λ B_k (diagonal)     B_k = diag W_k / |diag W_k|^(1/D), λ = Σ_k |diag W_k|^(1/D) / N
 VEE    λ_k C                alternating λ_k = tr(W_k C⁻¹) / (N_k D), C ∝ Σ_k W_k / λ_k (|C| = 1)
+EVE    λ D A_k Dᵀ           given D, EVI's step on diag(Dᵀ W_k D); D by majorization (below)
+VVE    D Λ_k Dᵀ             given D, Λ_k = diag(Dᵀ W_k D) / N_k; D by majorization
 EEV    λ D_k A D_kᵀ         W_k = L_k Ω_k L_kᵀ: D_k = L_k, A ∝ Σ_k Ω_k, λ = |Σ_k Ω_k|^(1/D) / N
 VEV    λ_k D_k A D_kᵀ       D_k = L_k, alternating λ_k = tr(Ω_k A⁻¹) / (N_k D), A ∝ Σ_k Ω_k / λ_k
 EVV    λ C_k                C_k = W_k / |W_k|^(1/D), λ = Σ_k |W_k|^(1/D) / N
@@ -25,6 +27,13 @@ from the previous point's shape, and each half-step is an exact conditional maxi
 Q, so Q rises from the first sweep on (a generalized-EM step even if stopped early);
 they run until the shape moves by less than 1e-13. The diagonal models are stored in
 the "diag" layout (K, D), the oriented ones as full matrices (K, D, D).
+
+EVE's and VVE's common orientation D minimizes Σ_k tr(W_k D Λ_k⁻¹ Dᵀ) over orthogonal D,
+by Kiers' (2002) majorization as mclust does (Browne & McNicholas 2014): with α_k the
+largest eigenvalue of W_k, tr((W_k − α_k I) D Λ_k⁻¹ Dᵀ) is concave in D, so its tangent at
+the current D₀ bounds it from above, and the bound's minimum over orthogonal matrices is
+the Procrustes solution D = U Vᵀ of −Σ_k (W_k − α_k I) D₀ Λ_k⁻¹ = U S Vᵀ. Each sweep (D,
+then Λ_k given D) lowers the objective, from the previous point's D.
 
 Besides the M-steps: each model's free-parameter count (mclust's), the projection of
 any covariance onto the model (geometric means of volumes, shapes or eigenvalues, in
@@ -38,7 +47,9 @@ from __future__ import annotations
 import numpy as np
 
 DIAGONAL = ("EII", "EEI", "VEI", "EVI")
-ORIENTED = ("VEE", "EEV", "VEV", "EVV")
+ORIENTED = ("VEE", "EVE", "VVE", "EEV", "VEV", "EVV")
+#: the models whose states share one orientation, estimated by majorization
+COMMON_ORIENTATION = ("EVE", "VVE")
 MODELS = DIAGONAL + ORIENTED
 #: VEI's and VEV's alternation stops once the log shape moves less than this (or after _STEPS sweeps)
 _TOL = 1e-13
@@ -50,7 +61,8 @@ def free_params(kind: str, K: int, D: int) -> int:
     an orientation D(D − 1)/2)."""
     rotation = D * (D - 1) // 2
     return {"EII": 1, "EEI": D, "VEI": K + D - 1, "EVI": 1 + K * (D - 1),
-            "VEE": K + D * (D + 1) // 2 - 1, "EEV": 1 + (D - 1) + K * rotation, "VEV": K + (D - 1) + K * rotation,
+            "VEE": K + D * (D + 1) // 2 - 1, "EVE": 1 + K * (D - 1) + rotation, "VVE": K * D + rotation,
+            "EEV": 1 + (D - 1) + K * rotation, "VEV": K + (D - 1) + K * rotation,
             "EVV": 1 + K * (D * (D + 1) // 2 - 1)}[kind]
 
 
@@ -71,6 +83,8 @@ def covariances(kind: str, scatter: np.ndarray, nk: np.ndarray, previous: np.nda
         return np.exp(log_volume[:, None] + log_shape)
     if kind == "VEE":
         return _vee(scatter, nk, previous, empty)
+    if kind in COMMON_ORIENTATION:
+        return _common_orientation(kind, scatter, nk, total, previous, empty)
     values, vectors = eigen(scatter)  # W_k = L_k Ω_k L_kᵀ, Ω_k decreasing
     log_previous = None
     if previous is not None:
@@ -156,6 +170,40 @@ def _vee(scatter: np.ndarray, nk: np.ndarray, previous: np.ndarray | None, empty
     return np.exp(log_volume)[:, None, None] * shape
 
 
+def _common_orientation(kind: str, scatter: np.ndarray, nk: np.ndarray, total: float, previous: np.ndarray | None,
+                        empty: np.ndarray) -> np.ndarray:
+    """EVE and VVE: Σ_k = D Λ_k Dᵀ with one orientation D (see the module), from the previous D."""
+    K, D = scatter.shape[0], scatter.shape[1]
+    orientation = eigen((scatter.sum(axis=0) if previous is None else previous.mean(axis=0))[None])[1][0]
+    log_previous = None if previous is None else np.log(np.einsum("ji,kjl,li->ki", orientation, previous, orientation))
+    largest = np.linalg.eigvalsh(scatter)[:, -1]
+    objective = np.inf
+    for _ in range(_STEPS * 4):
+        rotated = np.einsum("ji,kjl,li->ki", orientation, scatter, orientation)  # diag(Dᵀ W_k D)
+        with np.errstate(divide="ignore"):
+            log_rotated = np.log(np.maximum(rotated, 0.0))
+        if kind == "EVE":
+            log_volume, log_shape = _volumes_and_shapes("EVI", log_rotated, nk, total, log_previous, empty)
+            log_diagonal = log_volume[:, None] + log_shape
+        else:
+            log_diagonal = log_rotated - np.log(np.where(empty, 1.0, nk))[:, None]
+            if empty.any():
+                log_diagonal[empty] = (np.zeros((K, D)) if log_previous is None else log_previous)[empty]
+        if not np.all(np.isfinite(log_diagonal)):
+            return np.full(scatter.shape, np.nan)
+        inverse = np.exp(-log_diagonal)
+        # −Q's covariance part at (D, Λ): its fall below 1e-15 relative ends the sweeps
+        new_objective = float((nk[:, None] * log_diagonal).sum() + (rotated * inverse).sum())
+        if objective - new_objective <= 1e-15 * abs(new_objective):
+            break
+        objective = new_objective
+        gradient = np.einsum("kij,jl,kl->il", scatter - largest[:, None, None] * np.eye(D), orientation, inverse)
+        u, _, vt = np.linalg.svd(-gradient)
+        orientation = u @ vt
+    scaled = orientation[None] * np.exp(log_diagonal)[:, None, :]
+    return np.einsum("kij,cj->kic", scaled, orientation)
+
+
 def eigen(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues in decreasing order (K, D) and the eigenvectors as columns (K, D, D)."""
     values, vectors = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
@@ -189,6 +237,13 @@ def has_structure(kind: str, cov: np.ndarray, tol: float = 1e-9) -> bool:
     if kind == "VEE":  # one matrix shape C_k = Σ_k / |Σ_k|^(1/D)
         shapes = _unit_volume(cov)
         return bool(np.abs(shapes - shapes[:1]).max() <= tol * np.abs(shapes).max())
+    if kind in COMMON_ORIENTATION:  # one set of eigenvectors (those of the mean); EVE: one volume
+        orientation = eigen(cov.mean(axis=0)[None])[1][0]
+        rotated = np.einsum("ji,kjl,lm->kim", orientation, cov, orientation)
+        off = rotated - np.einsum("kii->ki", rotated)[:, :, None] * np.eye(cov.shape[-1])
+        if np.abs(off).max() > tol * np.abs(rotated).max():
+            return False
+        return kind == "VVE" or bool(np.ptp(np.linalg.slogdet(cov)[1]) <= tol * cov.shape[-1])
     log_volume, log_shape, _ = _log_parts(kind, cov)
     equal_volume = np.ptp(log_volume) <= tol
     equal_shape = np.ptp(log_shape, axis=0).max() <= tol
@@ -205,6 +260,13 @@ def project(kind: str, cov: np.ndarray) -> np.ndarray:
     if kind == "VEE":  # the states' shapes averaged, and scaled back to determinant 1
         volumes = np.exp(np.linalg.slogdet(cov)[1] / cov.shape[-1])
         return volumes[:, None, None] * _unit_volume(_unit_volume(cov).mean(axis=0)[None])
+    if kind in COMMON_ORIENTATION:  # the mean's eigenvectors, each state's variances along them
+        orientation = eigen(cov.mean(axis=0)[None])[1][0]
+        log_diagonal = np.log(np.einsum("ji,kjl,li->ki", orientation, cov, orientation))
+        if kind == "EVE":
+            log_diagonal = log_diagonal - log_diagonal.mean(axis=1, keepdims=True) + log_diagonal.mean()
+        scaled = orientation[None] * np.exp(log_diagonal)[:, None, :]
+        return np.einsum("kij,cj->kic", scaled, orientation)
     log_volume, log_shape, vectors = _log_parts(kind, cov)
     if kind in ("EII", "EEI", "EVI", "EEV", "EVV"):
         log_volume = np.full_like(log_volume, log_volume.mean())
@@ -236,6 +298,15 @@ def coordinates(kind: str, cov: np.ndarray) -> np.ndarray:
         parts = [np.log(np.diagonal(chol, axis1=1, axis2=2))[:, :D - 1], chol[:, below[0], below[1]]]
         log_volume = np.linalg.slogdet(cov)[1] / D
         return np.concatenate([log_volume if kind == "VEE" else log_volume[:1], np.hstack(parts).ravel()])
+    if kind in COMMON_ORIENTATION:  # the variances along the fit's common axes, and a rotation of them
+        orientation = eigen(cov.mean(axis=0)[None])[1][0]
+        log_diagonal = np.log(np.einsum("ji,kjl,li->ki", orientation, cov, orientation))
+        rotation = np.zeros(D * (D - 1) // 2)
+        if kind == "VVE":
+            return np.concatenate([log_diagonal.ravel(), rotation])
+        log_volume = log_diagonal.mean(axis=1)
+        shapes = (log_diagonal - log_volume[:, None])[:, :D - 1].ravel()
+        return np.concatenate([log_volume[:1], shapes, rotation])
     log_volume, log_shape, _ = _log_parts(kind, cov)
     if kind == "EII":
         return log_volume[:1].copy()
@@ -261,6 +332,20 @@ def from_coordinates(kind: str, psi: np.ndarray, at: np.ndarray) -> np.ndarray:
         chol[:, np.arange(D), np.arange(D)] = np.exp(log_diag)
         chol[:, below[0], below[1]] = free[:, D - 1:]
         return np.exp(psi[:n_volumes])[:, None, None] * chol @ np.swapaxes(chol, 1, 2)
+    if kind in COMMON_ORIENTATION:
+        from scipy.linalg import expm
+
+        n_diagonal = K * D if kind == "VVE" else 1 + K * (D - 1)
+        if kind == "VVE":
+            log_diagonal = psi[:n_diagonal].reshape(K, D)
+        else:
+            first = psi[1:n_diagonal].reshape(K, D - 1)
+            log_diagonal = psi[0] + np.hstack([first, -first.sum(axis=1, keepdims=True)])
+        skew = np.zeros((D, D))
+        skew[np.triu_indices(D, 1)] = psi[n_diagonal:]
+        orientation = eigen(at.mean(axis=0)[None])[1][0] @ expm(skew - skew.T)
+        scaled = orientation[None] * np.exp(log_diagonal)[:, None, :]
+        return np.einsum("kij,cj->kic", scaled, orientation)
     n_volumes = 1 if kind in ("EEI", "EVI", "EEV") else K
     log_volume = np.broadcast_to(psi[:n_volumes], (K,))
     n_shapes = K * (D - 1) if kind == "EVI" else D - 1

@@ -25,8 +25,8 @@ from emdsl.families._base import (
     safe_counts,
 )
 
-CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "VEE", "EEV", "VEV",
-                         "EVV"]
+CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "VEE", "EVE", "VVE",
+                         "EEV", "VEV", "EVV"]
 _TYPES = ("full", "diag", "spherical", "tied", *_mclust.MODELS)
 #: mclust's names of the structures scikit-learn names too (volume, shape, orientation: Equal or Variable)
 MCLUST_NAMES = {"VVV": "full", "EEE": "tied", "VII": "spherical", "VVI": "diag"}
@@ -58,7 +58,8 @@ class MultivariateNormal(ObservedFamily):
     mclust's constrained models (Celeux & Govaert 1995): Σ_k = λ_k D_k A_k D_kᵀ with a
     volume λ_k, a shape A_k (diagonal, determinant 1) and an orientation D_k, each Equal
     across states, Variable, or (orientation) the Identity: ``"EII"`` (σ² I), ``"EEI"``
-    (one diagonal), ``"VEI"`` (λ_k B), ``"EVI"`` (λ B_k), ``"VEE"`` (λ_k C), ``"EEV"`` (λ D_k A D_kᵀ),
+    (one diagonal), ``"VEI"`` (λ_k B), ``"EVI"`` (λ B_k), ``"VEE"`` (λ_k C), ``"EVE"`` (λ D A_k Dᵀ),
+    ``"VVE"`` (D Λ_k Dᵀ), ``"EEV"`` (λ D_k A D_kᵀ),
     ``"VEV"`` (λ_k D_k A D_kᵀ) and ``"EVV"`` (λ C_k); their M-steps are in
     :mod:`emdsl.families._mclust`. The diagonal ones are stored in the ``"diag"`` layout
     (K, D), the others as full matrices. mclust's names ``"VVV"``, ``"EEE"``, ``"VII"``
@@ -70,7 +71,8 @@ class MultivariateNormal(ObservedFamily):
         The event dimension. Inferred when the variable has exactly one dimension
         besides the sample dimension, or when several 1-D variables are stacked
         (``observe(["a", "b"], ...)``, dimension ``"feature"``).
-    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "VEE", "EEV", "VEV", "EVV"} \
+    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "VEE", "EVE", "VVE", "EEV", \
+"VEV", "EVV"} \
 or array_like, default "full"
         The covariance structure, with the parameter stored in scikit-learn's
         ``covariances_`` layout: full (K, D, D), diag (K, D), spherical (K,),
@@ -142,9 +144,10 @@ or array_like, default "full"
                               "MultivariateNormal(mean=...)")
         self.dim = dim
         self._mean = mean
-        # One scale for every element keeps a spherical covariance spherical in internal units, and
-        # equal eigenvalues equal (EEV, VEV): a scale per element would change them unequally.
-        self.pool_scale = self.covariance_type in ("spherical", "EII", "EEV", "VEV")
+        # One scale for every element keeps a spherical covariance spherical in internal units, equal
+        # eigenvalues equal (EEV, VEV) and shared eigenvectors shared (EVE, VVE): a scale per element
+        # would change them unequally.
+        self.pool_scale = self.covariance_type in ("spherical", "EII", "EEV", "VEV", "EVE", "VVE")
         if prior is not None and self.covariance_type in _mclust.MODELS:
             raise ModelError(f"MultivariateNormal(covariance={self.covariance_type!r}, prior=...): mclust's "
                              "constrained models have no conjugate M-step here; use covariance='diag', "

@@ -1,4 +1,4 @@
-"""mclust's constrained models (EII, EEI, VEI, EVI, VEE, EEV, VEV, EVV) as ``MultivariateNormal(covariance=...)``.
+"""mclust's constrained models (EII, EEI, VEI, EVI, VEE, EVE, VVE, EEV, VEV, EVV) as ``MultivariateNormal(covariance=...)``.
 
 The optima against mclust itself are in ``tests/test_r_references.py``; here the M-step is checked
 against a direct numerical maximization of Q over each model's set, the standard errors against
@@ -42,6 +42,17 @@ def _structured(kind: str, psi: np.ndarray, K: int, D: int) -> np.ndarray:
             chol[below] = free[D - 1:]
             out[k] = np.exp(psi[0]) * chol @ chol.T
         return out
+    if kind in ("EVE", "VVE"):
+        n_diagonal = K * D if kind == "VVE" else 1 + K * (D - 1)
+        if kind == "VVE":
+            log_diagonal = psi[:n_diagonal].reshape(K, D)
+        else:
+            first = psi[1:n_diagonal].reshape(K, D - 1)
+            log_diagonal = psi[0] + np.hstack([first, -first.sum(axis=1, keepdims=True)])
+        skew = np.zeros((D, D))
+        skew[np.triu_indices(D, 1)] = psi[n_diagonal:]
+        rotation = linalg.expm(skew - skew.T)
+        return np.stack([(rotation * np.exp(row)) @ rotation.T for row in log_diagonal])
     if kind == "VEE":
         below = np.tril_indices(D, -1)
         chol = np.zeros((D, D))
@@ -63,7 +74,8 @@ def _structured(kind: str, psi: np.ndarray, K: int, D: int) -> np.ndarray:
 
 N_COORDS = {"EII": lambda K, D: 1, "EEI": lambda K, D: D, "VEI": lambda K, D: K + D - 1,
             "EVI": lambda K, D: 1 + K * (D - 1), "EVV": lambda K, D: 1 + K * (D * (D + 1) // 2 - 1),
-            "EEV": lambda K, D: D + K * D * (D - 1) // 2, "VEE": lambda K, D: K + D * (D + 1) // 2 - 1, "VEV": lambda K, D: K + D - 1 + K * D * (D - 1) // 2}
+            "EEV": lambda K, D: D + K * D * (D - 1) // 2, "VEE": lambda K, D: K + D * (D + 1) // 2 - 1,
+            "EVE": lambda K, D: 1 + K * (D - 1) + D * (D - 1) // 2, "VVE": lambda K, D: K * D + D * (D - 1) // 2, "VEV": lambda K, D: K + D - 1 + K * D * (D - 1) // 2}
 
 
 def _negative_q(cov: np.ndarray, nk: np.ndarray, scatter: np.ndarray) -> float:
@@ -118,7 +130,11 @@ def test_m_step_is_the_maximum_of_q_over_the_models_set(kind):
     # and the fit has the model's structure, which any covariance projected onto it has too
     assert family.within_m_step_bounds({"covariance": fitted})
     other = fitted * rng.uniform(0.5, 2.0, (K,) + (1,) * (fitted.ndim - 1))
-    other = other + (0.1 * np.eye(D) if kind in ORIENTED else 0.1)
+    if kind in ORIENTED:  # a different symmetric positive matrix added to each state's
+        noise = rng.normal(size=(K, D, D))
+        other = other + 0.1 * noise @ np.swapaxes(noise, 1, 2)
+    else:
+        other = other + 0.1
     if kind != "EVV":
         assert not family.within_m_step_bounds({"covariance": other})
     assert family.within_m_step_bounds(family.project({"covariance": other}))
@@ -147,6 +163,12 @@ def test_fits_keep_the_structure_everywhere_a_mixture_goes(kind, tmp_path):
     log_cov = np.log(cov if cov.ndim == 2 else np.linalg.eigvalsh(cov)[:, ::-1])
     volume = log_cov.mean(axis=1, keepdims=True)
     if kind in ("EEV", "EVV"):  # one volume
+        np.testing.assert_allclose(volume, np.broadcast_to(volume[0], volume.shape), atol=1e-10)
+    if kind in ("EVE", "VVE"):  # one orientation: the mean's eigenvectors diagonalize every state's matrix
+        axes = np.linalg.eigh(cov.mean(axis=0))[1]
+        rotated = np.einsum("ji,kjl,lm->kim", axes, cov, axes)
+        assert np.abs(rotated - np.einsum("kii->ki", rotated)[:, :, None] * np.eye(3)).max() < 1e-8 * np.abs(cov).max()
+    if kind == "EVE":  # and one volume
         np.testing.assert_allclose(volume, np.broadcast_to(volume[0], volume.shape), atol=1e-10)
     if kind == "VEE":  # one matrix shape
         unit = cov / np.exp(volume)[:, :, None]
@@ -245,7 +267,7 @@ def test_names_and_bad_input():
     assert em.MultivariateNormal(covariance="EEE").covariance_type == "tied"
     assert em.MultivariateNormal(covariance="EII").n_free_params(4, 3) == 4 * 3 + 1
     with pytest.raises(em.ModelError, match=r"mclust's \('VVV', 'EEE', 'VII', 'VVI'\)"):
-        em.MultivariateNormal(covariance="EVE")
+        em.MultivariateNormal(covariance="EEX")
     with pytest.raises(em.ModelError, match="no conjugate M-step"):
         em.MultivariateNormal(covariance="VEI", prior=em.priors.NormalInverseWishart(
             mean=0.0, kappa=0.01, dof=4.0, scale=1.0))
