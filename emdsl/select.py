@@ -158,8 +158,12 @@ def select(models: Mapping[Hashable, Model], data: Any, criterion: Criterion = "
     return Selection(fits, criterion)
 
 
+#: mclust's 14 covariance models, in its order (``grid(covariances="mclust")``)
+MCLUST_MODELS = ("EII", "VII", "EEI", "VEI", "EVI", "VVI", "EEE", "VEE", "EVE", "VVE", "EEV", "VEV", "EVV", "VVV")
+
+
 def grid(variables: str | Sequence[str], *, ks: Iterable[int] = range(1, 7),
-         covariances: Sequence[str] = ("full", "diag", "spherical", "tied"), latent: str = "z",
+         covariances: str | Sequence[str] = ("full", "diag", "spherical", "tied"), latent: str = "z",
          name: str = "x") -> dict[str, Model]:
     """The usual grid of Gaussian mixtures: numbers of components × covariance types.
 
@@ -169,8 +173,9 @@ def grid(variables: str | Sequence[str], *, ks: Iterable[int] = range(1, 7),
         One variable with an event dimension, or several 1-D variables to stack.
     ks : iterable of int, default 1..6
         Numbers of components.
-    covariances : sequence of str
-        ``MultivariateNormal`` covariance types.
+    covariances : sequence of str, or "mclust"
+        ``MultivariateNormal`` covariance types; ``"mclust"`` is mclust's 14 models under
+        its names (``Mclust()``'s default grid).
     latent, name : str
         Names of the latent and of the observed node.
 
@@ -184,9 +189,16 @@ def grid(variables: str | Sequence[str], *, ks: Iterable[int] = range(1, 7),
     >>> import emdsl as em
     >>> sorted(em.grid(["eruptions", "waiting"], ks=[1, 2], covariances=["full"]))
     ['K=1 full', 'K=2 full']
+    >>> len(em.grid(["eruptions", "waiting"], ks=[2, 3], covariances="mclust"))
+    28
     """
     from emdsl.families import Categorical, MultivariateNormal
 
+    if isinstance(covariances, str):
+        if covariances != "mclust":
+            raise ModelError(f"grid(covariances=...): expected a list of covariance types or 'mclust', "
+                             f"got {covariances!r}")
+        covariances = MCLUST_MODELS
     ks = list(ks)
     bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1]
     if bad:

@@ -191,3 +191,20 @@ def test_grid_refuses_numbers_of_components_that_are_not_positive_integers(ks):
     """K=0 and K=-1 became one-component models, and 2.7 a two-state one labelled "K=2.7"."""
     with pytest.raises(em.ModelError, match=r"grid\(ks=...\): numbers of components must be positive integers"):
         em.grid("x", ks=ks)
+
+
+def test_mclust_grid_ranks_old_faithful_as_mclust_bic_does():
+    """``grid(covariances="mclust")``: the 14 models under mclust's names. mclustBIC on Old Faithful with
+    G = 1..3 (mclust 6.0.0, run by hand) ranks EEE,3 first, VVE,2 second and VEE,3 third, with BIC
+    2314.316, 2320.433 and 2322.103 (in scikit-learn's sign); so does this selection, each value at
+    most 0.2 lower (mclust's single start, and its VVE M-step, stop below these optima)."""
+    models = em.grid(["eruptions", "waiting"], ks=[1, 2, 3], covariances="mclust")
+    assert len(models) == 42 and "K=3 VEE" in models and "K=2 VII" in models
+    selection = em.select(models, em.datasets.load("faithful"), seed=0, n_init=3)
+    ranked = selection.table.sortby("bic")
+    assert list(ranked["model"].values[:3]) == ["K=3 EEE", "K=2 VVE", "K=3 VEE"]
+    mclust = np.array([2314.316, 2320.433, 2322.103])
+    assert np.all(ranked["bic"].values[:3] <= mclust + 0.001)
+    assert np.all(ranked["bic"].values[:3] >= mclust - 0.2)
+    with pytest.raises(em.ModelError, match="'mclust'"):
+        em.grid("x", covariances="all")
