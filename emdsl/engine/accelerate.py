@@ -30,8 +30,8 @@ argument carries over. Every M-step inside is checked exactly as in the plain lo
 **Constraints.** Proposals live in the parameterization the families already
 use (weights, probabilities, variances, covariance matrices, rates), as the
 affine combination above, moved onto a family's structure where its M-step's outputs
-share one that an affine combination does not keep (``mstep.on_model``: mclust's VEI
-and EVI). A proposal outside the valid set (``family.check_params``
+share one that an affine combination does not keep (``mstep.on_model``: mclust's
+constrained covariances). A proposal outside the valid set (``family.check_params``
 fails, a covariance has no Cholesky factor, a value is not finite, a row of
 probabilities is off 1 by more than rounding, a value beyond a cap of the M-step:
 ``within_m_step_bounds``) is shrunk towards the EM point (a halfway

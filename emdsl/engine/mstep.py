@@ -95,7 +95,7 @@ def expected_complete_loglik(H: np.ndarray, stats: np.ndarray) -> float:
 
 def on_model(plan: Plan, theta: Theta | None) -> Theta | None:
     """θ with each node's parameters moved onto its M-step's structure (``family.project``: mclust's
-    constrained diagonal covariances; the identity for most families). An affine combination of
+    constrained covariances; the identity for most families). An affine combination of
     structured points need not be one (a shape of determinant 1 is not a linear constraint)."""
     if theta is None:
         return None

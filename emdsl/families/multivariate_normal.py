@@ -30,8 +30,6 @@ CovarianceType = Literal["full", "diag", "spherical", "tied", "EII", "EEI", "VEI
 _TYPES = ("full", "diag", "spherical", "tied", *_mclust.MODELS)
 #: mclust's names of the structures scikit-learn names too (volume, shape, orientation: Equal or Variable)
 MCLUST_NAMES = {"VVV": "full", "EEE": "tied", "VII": "spherical", "VVI": "diag"}
-#: mclust's constrained diagonal models, stored in the "diag" layout (K, D)
-DIAGONAL_MODELS = _mclust.DIAGONAL
 #: the weak prior's scale is the data's covariance unless its condition number exceeds 1 / this
 _SINGULAR = 1e-10
 
@@ -460,8 +458,8 @@ or array_like, default "full"
         return -(K * log_scale * ("mean" not in fixed) + n_covariances * per_covariance * ("covariance" not in fixed))
 
     def weak_prior(self, stats: np.ndarray, scale: np.ndarray | None, K: int) -> BoundPrior | None:
-        if self.covariance_type in DIAGONAL_MODELS:
-            return None  # no conjugate M-step for mclust's constrained diagonal models
+        if self.covariance_type in _mclust.MODELS:
+            return None  # no conjugate M-step for mclust's constrained models
         return super().weak_prior(stats, scale, K)
 
     def weak_prior_values(self, stats: np.ndarray, K: int) -> Params:

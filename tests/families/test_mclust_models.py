@@ -273,6 +273,9 @@ def test_names_and_bad_input():
             mean=0.0, kappa=0.01, dof=4.0, scale=1.0))
     # the weak prior leaves them without one: log p(θ) is the weights' Dirichlet(1 + 0.01/K) alone
     ds = _data(seed=2)
-    weak = _model("EVI").fit(ds, seed=0, prior="weak")
-    log_prior = stats.dirichlet(np.full(3, 1 + 0.01 / 3)).logpdf(weak.params["z"]["probs"].values)
-    assert weak.trace["logpost"].values[-1] - weak.loglik == pytest.approx(log_prior, rel=1e-10)
+    for kind in ("EVI", "EEV"):
+        weak = _model(kind).fit(ds, seed=0, prior="weak")
+        log_prior = stats.dirichlet(np.full(3, 1 + 0.01 / 3)).logpdf(weak.params["z"]["probs"].values)
+        assert weak.trace["logpost"].values[-1] - weak.loglik == pytest.approx(log_prior, rel=1e-10)
+        assert em.MultivariateNormal(covariance=kind).within_m_step_bounds(
+            {"covariance": weak.params["x"]["covariance"].values})
