@@ -42,17 +42,11 @@ def _structured(kind: str, psi: np.ndarray, K: int, D: int) -> np.ndarray:
             chol[below] = free[D - 1:]
             out[k] = np.exp(psi[0]) * chol @ chol.T
         return out
-    if kind in ("EVE", "VVE"):
-        n_diagonal = K * D if kind == "VVE" else 1 + K * (D - 1)
-        if kind == "VVE":
-            log_diagonal = psi[:n_diagonal].reshape(K, D)
-        else:
-            first = psi[1:n_diagonal].reshape(K, D - 1)
-            log_diagonal = psi[0] + np.hstack([first, -first.sum(axis=1, keepdims=True)])
-        skew = np.zeros((D, D))
-        skew[np.triu_indices(D, 1)] = psi[n_diagonal:]
-        rotation = linalg.expm(skew - skew.T)
-        return np.stack([(rotation * np.exp(row)) @ rotation.T for row in log_diagonal])
+    if kind in ("EVE", "VVE"):  # variances on the axes of Q from the QR factorization of a free D × D matrix
+        variances = (np.exp(psi[:K * D]).reshape(K, D) if kind == "VVE" else
+                     _structured("EVI", psi[:1 + K * (D - 1)], K, D))
+        axes = np.linalg.qr(psi[-D * D:].reshape(D, D) + 3.0 * np.eye(D))[0]
+        return np.stack([(axes * row) @ axes.T for row in variances])
     if kind == "VEE":
         below = np.tril_indices(D, -1)
         chol = np.zeros((D, D))
@@ -118,7 +112,9 @@ def test_m_step_is_the_maximum_of_q_over_the_models_set(kind):
     def negative_q(psi):
         return _negative_q(_structured(kind, psi, K, D), nk, scatter)
 
-    best = min((optimize.minimize(negative_q, rng.normal(size=N_COORDS[kind](K, D)), method="BFGS",
+    # the test's own maps: EVE's and VVE's orientation from a free D × D matrix, one more coordinate per entry
+    n_search = N_COORDS[kind](K, D) + (D * D - D * (D - 1) // 2 if kind in ("EVE", "VVE") else 0)
+    best = min((optimize.minimize(negative_q, rng.normal(size=n_search), method="BFGS",
                                   options={"gtol": 1e-10, "maxiter": 20_000}) for _ in range(8)),
                key=lambda r: r.fun)
     assert _negative_q(fitted, nk, scatter) <= best.fun + 1e-9 * abs(best.fun)
