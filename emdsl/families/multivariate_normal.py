@@ -69,12 +69,11 @@ class MultivariateNormal(ObservedFamily):
         The event dimension. Inferred when the variable has exactly one dimension
         besides the sample dimension, or when several 1-D variables are stacked
         (``observe(["a", "b"], ...)``, dimension ``"feature"``).
-    covariance : {"full", "diag", "spherical", "tied", "EII", "EEI", "VEI", "EVI", "VEE", "EVE", "VVE", "EEV", \
-"VEV", "EVV"} \
-or array_like, default "full"
-        The covariance structure, with the parameter stored in scikit-learn's
+    covariance : str or array_like, default "full"
+        The covariance structure: ``"full"``, ``"diag"``, ``"spherical"``, ``"tied"`` or one
+        of mclust's constrained models (above), with the parameter stored in scikit-learn's
         ``covariances_`` layout: full (K, D, D), diag (K, D), spherical (K,),
-        tied (D, D); mclust's constrained models (above) as diag or full.
+        tied (D, D); mclust's constrained models as diag or full.
         An array instead *fixes* the covariance; its shape selects the
         structure as in that layout (a square 2-D array is read as tied).
     mean : array_like, optional
