@@ -128,7 +128,7 @@ def bootstrap(
     job = _Job(fit.model, ds, fit.sample_dim, start, kind,
                None if weights is None else np.asarray(weights.values, dtype=float).ravel(),
                weights_are_counts, max_iter, tol, _parametric_source(fit, ds) if kind == "parametric" else None,
-               sequence_dims)
+               sequence_dims, fit.prior)
     if weights_are_counts:
         job.check_counts()
     workers = min(int(n_jobs or os.cpu_count() or 1), int(n))
@@ -156,8 +156,10 @@ class _Job:
 
     def __init__(self, model: Model, data: xr.Dataset, sample_dim: Hashable, start: dict[str, dict[str, Any]],
                  kind: str, weights: np.ndarray | None, weights_are_counts: bool, max_iter: int, tol: float,
-                 source: Any, sequence_dims: tuple[Hashable, ...] | None = None) -> None:
+                 source: Any, sequence_dims: tuple[Hashable, ...] | None = None, prior: str | None = None) -> None:
         self.model, self.data, self.sample_dim, self.start = model, data, sample_dim, start
+        #: the fit-wide prior the original fit used (a replicate is fitted as it was)
+        self.prior = prior
         self.kind, self.weights, self.weights_are_counts = kind, weights, weights_are_counts
         self.max_iter, self.tol, self.source = max_iter, tol, source
         latent = model.latent_var
@@ -196,7 +198,8 @@ class _Job:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             refit = self.model.fit(data, init=self.start, max_iter=self.max_iter, tol=self.tol,
-                                   seed=int(rng.integers(2**32)), sample_dim=self.refit_dim, weights=weights)
+                                   seed=int(rng.integers(2**32)), sample_dim=self.refit_dim, weights=weights,
+                                   prior=self.prior)
         degenerate = refit.degenerate or any(issubclass(w.category, DegenerateComponentWarning) for w in caught)
         return {"params": labels.tree_values(refit.params), "loglik": refit.loglik, "n_iter": refit.n_iter,
                 "converged": refit.converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught),

@@ -380,7 +380,7 @@ def compile_plan(
         # first there and failed with "cannot convert float NaN to integer" (found by fuzzing dask
         # against memory).
         plan.phi_magnitude  # noqa: B018
-        _bind_priors(plan, weak=prior == "weak")
+        bind_priors(plan, weak=prior == "weak")
     if latent is not None and isinstance(latent.family, JointCategorical):
         # several latents, any of them partly labelled: one column of known states per latent
         named = [name for name in latent.family.names if name in ds.data_vars]
@@ -920,7 +920,7 @@ def _bind_fixed(plan: Plan) -> None:
             node.held = start_values(plan, {node.name: node.family.fixed}, "fixed value")[node.name]
 
 
-def _bind_priors(plan: Plan, weak: bool) -> None:
+def bind_priors(plan: Plan, weak: bool) -> None:
     """Declared priors, their hyperparameters checked and in internal units; with ``weak``, the others.
 
     A weak prior is scaled from the data's own sufficient statistics Σ_n w_n Φ_n (one

@@ -45,6 +45,11 @@ carried to the parameters the user sees, in the data's units, by the delta metho
 Cov(θ̂) = G Cov(ψ̂) Gᵀ with G = ∂θ/∂ψ. A simplex's errors thus respect the sum-to-one
 constraint (they come from a rank-(K − 1) covariance whose rows sum to zero).
 
+With priors (declared on families, or ``fit(prior="weak")``, which the fit records as
+:attr:`Fit.prior`) the fit maximizes ℓ + log p(θ), and both informations add −∇² log p
+(second differences over ψ, no E-step; a prior is a sum over nodes): the errors of the
+Laplace approximation, and the stationarity check reads the log-posterior's score.
+
 Fixed parameters (given to the family in the declaration) have no standard error: they
 are left out of the result, whose node attrs list them under ``fixed``. An entry on the
 boundary of its range (a probability within 1e-6 of 0 or 1, a rate of 0) has no finite
@@ -66,7 +71,7 @@ from emdsl import labels
 from emdsl.compile import Plan
 from emdsl.data import is_chunked
 from emdsl.engine.estep import engine
-from emdsl.engine.mstep import Theta, natural_matrix
+from emdsl.engine.mstep import Theta, has_prior, log_prior, natural_matrix
 from emdsl.errors import ModelError
 
 if TYPE_CHECKING:
@@ -375,8 +380,45 @@ class _Problem:
         return self.J.reshape(self.P, self.H0.size) @ dstats
 
     def score(self) -> np.ndarray:
-        """∇ℓ(ψ̂) = J · T (P,), zero at an exact maximum."""
-        return self.J.reshape(self.P, self.H0.size) @ self.stats.ravel()
+        """∇ℓ(ψ̂) = J · T (P,), plus ∇ log p(ψ̂) with priors: zero at an exact maximum of what EM climbed."""
+        score = self.J.reshape(self.P, self.H0.size) @ self.stats.ravel()
+        if has_prior(self.plan):
+            score = score + np.array([_richardson(lambda f, p=p: (self._log_prior(self.shifted({p: f * self.steps[p]}))
+                                                                  - self._log_prior(self.shifted({p: -f * self.steps[p]})))
+                                                  / (2 * f * self.steps[p])) for p in range(self.P)])
+        return score
+
+    def _log_prior(self, psi: np.ndarray) -> float:
+        return log_prior(self.plan, self.space.at(psi))[0]
+
+    def prior_hessian(self) -> np.ndarray:
+        """∇²_ψ log p(θ(ψ)) (P × P) by second differences; a prior is a sum over nodes, so coordinates of
+        different nodes do not meet. Zero without priors."""
+        P = self.P
+        out = np.zeros((P, P))
+        if not has_prior(self.plan):
+            return out
+        owner = [self.space.blocks[int(np.searchsorted(self.space.offsets, p, side="right") - 1)].name
+                 for p in range(P)]
+        p0 = self._log_prior(self.psi)
+        for p in range(P):
+            hp = self.steps[p]
+            out[p, p] = _richardson(lambda f, p=p, hp=hp: (self._log_prior(self.shifted({p: f * hp})) - 2 * p0
+                                                            + self._log_prior(self.shifted({p: -f * hp})))
+                                    / (f * hp) ** 2)
+            for q in range(p):
+                if owner[p] != owner[q]:
+                    continue
+                hq = self.steps[q]
+
+                def cross(f: float, p: int = p, q: int = q, hp: float = hp, hq: float = hq) -> float:
+                    a, b = f * hp, f * hq
+                    return (self._log_prior(self.shifted({p: a, q: b})) - self._log_prior(self.shifted({p: a, q: -b}))
+                            - self._log_prior(self.shifted({p: -a, q: b}))
+                            + self._log_prior(self.shifted({p: -a, q: -b}))) / (4 * a * b)
+
+                out[p, q] = out[q, p] = _richardson(cross)
+        return out
 
     def sample_scores(self, theta: Theta) -> np.ndarray:
         """s_n = Σ_k r_nk J_k Φ_n for every sample (N × P), unweighted; for a Markov latent, every
@@ -415,7 +457,7 @@ def information(plan: Plan, theta: Theta, method: Method = "observed") -> tuple[
     with engine(plan) as estep:
         problem = _Problem(plan, theta, estep)
         if method == "observed":
-            hessian = problem.complete_hessian() + problem.missing_hessian()
+            hessian = problem.complete_hessian() + problem.missing_hessian() + problem.prior_hessian()
             info = -0.5 * (hessian + hessian.T)
         else:
             scores = problem.sample_scores(theta)
@@ -428,7 +470,8 @@ def information(plan: Plan, theta: Theta, method: Method = "observed") -> tuple[
                 raise ModelError(f"standard_errors(method='empirical'): {counted} {what} (of nonzero weight) for "
                                  f"{problem.P} free parameters; a sum of that many outer products of scores is a "
                                  "singular information matrix; use 'observed'")
-            info = weighted.T @ scores
+            # with priors the prior's curvature adds its information (a penalized likelihood's)
+            info = weighted.T @ scores - problem.prior_hessian()
     return info, problem
 
 
@@ -477,11 +520,11 @@ def standard_errors(fit: Fit, method: Method = "observed", data: Any = None) -> 
             raise ModelError("standard_errors: this fit was loaded from a file and holds no training data; "
                              "pass the data it was fitted to: fit.standard_errors(data=ds)")
     weights = fit.weights if fit.weights is not None else None
-    plan, theta, _ = fit._compiled(data, weights=weights)
+    plan, theta, _ = fit._compiled(data, weights=weights, priors=True)
     if method == "empirical" and is_chunked(plan):
         # the per-sample scores are an N × P array in memory: so may the data they come from be
         plan, theta, _ = fit._compiled(labels.as_dataset(data, like=fit.model).compute(),
-                                       weights=None if weights is None else weights.compute())
+                                       weights=None if weights is None else weights.compute(), priors=True)
     if method == "empirical" and plan.sequences is not None and plan.sequences.n_sequences < 2:
         raise ModelError("standard_errors(method='empirical'): the data are one sequence of a Markov latent; "
                          "the steps of a chain are not independent, and the sum of outer products of scores "
@@ -510,7 +553,8 @@ def _check_stationary(problem: _Problem, cov: np.ndarray) -> None:
     score = problem.score()
     decrement = float(score @ cov @ score)
     if decrement > 1e-4:
-        warnings.warn(f"standard_errors: the fit is not at a maximum of the likelihood (a Newton step would "
+        what = "log-posterior" if has_prior(problem.plan) else "likelihood"
+        warnings.warn(f"standard_errors: the fit is not at a maximum of the {what} (a Newton step would "
                       f"move it by {np.sqrt(decrement):.2g} standard errors); fit with a smaller tol "
                       "before trusting the standard errors", RuntimeWarning, stacklevel=4)
 

@@ -526,7 +526,15 @@ class Fit:
         """The model's observed variables that ``ds`` holds."""
         return [v for decl in self.model.observed for v in decl.variables if v in ds.data_vars]
 
-    def _compiled(self, data: Any, weights: Any = None) -> tuple[Plan, Theta, np.ndarray]:
+    @property
+    def prior(self) -> str | None:
+        """The fit-wide prior it was fitted with (``fit(prior="weak")``), else None; priors declared on
+        families are in :attr:`model`."""
+        return str(self.traces.attrs["prior"]) if self.traces.attrs.get("prior") else None
+
+    def _compiled(self, data: Any, weights: Any = None, priors: bool = False) -> tuple[Plan, Theta, np.ndarray]:
+        """The plan of ``data`` in the fit's units and levels, θ̂ and H; with ``priors``, the fit's priors
+        bound (declared ones, and the weak one, scaled from ``data``, if the fit used it)."""
         ds = labels.as_dataset(data, like=self.model)
         variables = self._observed_in(ds)
         use_dim = self.sample_dim if variables and all(self.sample_dim in ds[v].dims for v in variables) else None
@@ -542,6 +550,10 @@ class Fit:
                             standardization={name: (units["center"], units["scale"])
                                              for name, units in self.standardization.items()},
                             levels=levels)
+        if priors:
+            from emdsl.compile import bind_priors
+
+            bind_priors(plan, weak=self.prior == "weak")
         theta = start_values(plan, labels.tree_values(self.params), "fit parameters")
         return plan, theta, natural_matrix(plan, theta)
 
@@ -603,7 +615,9 @@ class Fit:
             statistics times ∂H/∂θ) by Richardson-refined central differences, which
             splits into Louis' complete- minus missing-information terms.
             ``"empirical"``: from the outer product of the per-sample scores (for a Markov
-            latent, the per-sequence scores; it needs several sequences).
+            latent, the per-sequence scores; it needs several sequences). With priors
+            (declared, or ``fit(prior="weak")``) both add the prior's curvature −∇² log p(θ̂):
+            the errors of the log-posterior's Laplace approximation at the MAP estimate.
         data : Dataset or what :meth:`Model.fit` accepts, optional
             The training data (default: the fit's own; needed for a loaded fit).
 

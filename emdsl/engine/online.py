@@ -354,7 +354,7 @@ def _stream_from_batch_fit(fit: Any) -> StreamState:
         raise ModelError("partial_fit: this fit was loaded from a file and keeps no running statistics of the "
                          "data it was fitted to, so a new chunk cannot be weighed against them; refit on the "
                          "data seen so far (fit(..., method='stepwise')) and continue that fit")
-    plan, theta, H = fit._compiled(fit.data, weights=fit.weights)
+    plan, theta, H = fit._compiled(fit.data, weights=fit.weights, priors=True)
     summary = _summarize(plan, (0, plan.n_samples), H, theta)
     epoch = batches(plan, None)
     state = OnlineState(summary.stats / plan.total_weight, len(epoch), STEP_DECAY, len(range(*epoch[0])))
@@ -368,7 +368,8 @@ def continue_fit(fit: Any, data: Any, weights: Any = None) -> Any:
     from emdsl.engine.orchestrate import labeller
 
     stream = getattr(fit, "_online", None) or _stream_from_batch_fit(fit)
-    plan, theta, _ = fit._compiled(data, weights=weights)
+    # the fit's priors shape its M-steps here too (a weak one scaled from the new chunk)
+    plan, theta, _ = fit._compiled(data, weights=weights, priors=True)
     weight = plan.total_weight
     start = time.perf_counter()
     theta, state, running, weight = partial_fit(plan, theta, stream.state, stream.batch_size, stream.step_decay,

@@ -121,6 +121,8 @@ def fit_model(
               weights=_weights_as_given(plan), weight_total=plan.total_weight, degenerate=degenerate,
               sequence_dims=None if plan.sequences is None else plan.sequences.sequence_dims,
               data_dtypes=numpy_dtypes(ds, [v for decl in model.observed for v in decl.variables]))
+    if prior is not None:  # what standard errors, the bootstrap and partial_fit fit or differentiate
+        fit.traces.attrs["prior"] = prior
     if method != "em":  # what Fit.partial_fit continues from
         fit.traces.attrs["method"] = method
         fit._online = online.StreamState(getattr(chosen, "online", None), batch_size, float(step_decay))
