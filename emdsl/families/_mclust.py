@@ -326,7 +326,8 @@ def from_coordinates(kind: str, psi: np.ndarray, at: np.ndarray) -> np.ndarray:
     if kind in ("EVV", "VEE"):
         below = np.tril_indices(D, -1)
         n_volumes = K if kind == "VEE" else 1
-        free = psi[n_volumes:].reshape(-1, D - 1 + len(below[0]))
+        # explicit rows: with D = 1 a row has no free entry, and reshape(-1, 0) is ambiguous
+        free = psi[n_volumes:].reshape(1 if kind == "VEE" else K, D - 1 + len(below[0]))
         log_diag = np.hstack([free[:, :D - 1], -free[:, :D - 1].sum(axis=1, keepdims=True)])
         chol = np.zeros((len(free), D, D))
         chol[:, np.arange(D), np.arange(D)] = np.exp(log_diag)
@@ -349,7 +350,7 @@ def from_coordinates(kind: str, psi: np.ndarray, at: np.ndarray) -> np.ndarray:
     n_volumes = 1 if kind in ("EEI", "EVI", "EEV") else K
     log_volume = np.broadcast_to(psi[:n_volumes], (K,))
     n_shapes = K * (D - 1) if kind == "EVI" else D - 1
-    first = psi[n_volumes:n_volumes + n_shapes].reshape(-1, D - 1)
+    first = psi[n_volumes:n_volumes + n_shapes].reshape(K if kind == "EVI" else 1, D - 1)
     log_shape = np.broadcast_to(np.hstack([first, -first.sum(axis=1, keepdims=True)]), (K, D))
     if kind in DIAGONAL:
         return np.exp(log_volume[:, None] + log_shape)

@@ -275,3 +275,22 @@ def test_names_and_bad_input():
         assert weak.trace["logpost"].values[-1] - weak.loglik == pytest.approx(log_prior, rel=1e-10)
         assert em.MultivariateNormal(covariance=kind).within_m_step_bounds(
             {"covariance": weak.params["x"]["covariance"].values})
+
+
+def test_one_element_reduces_every_model_to_a_normal_with_equal_or_own_variances(faithful):
+    """With D = 1 there is no shape or orientation: the models whose volume is Equal are one Normal with a
+    tied variance, the others a Normal per state. The same optimum and the same standard errors of the
+    variance (the shape coordinates are empty)."""
+    tied = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal(tied="variance")).fit(
+        faithful, seed=0, tol=1e-13)
+    free = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal).fit(faithful, seed=0, tol=1e-13)
+    for kind in MODELS:
+        fit = em.Model().latent("z", em.Categorical(2)).observe(
+            ["waiting"], em.MultivariateNormal(covariance=kind), name="x").fit(faithful, seed=0, tol=1e-13)
+        same = tied if kind.startswith("E") else free
+        assert fit.n_params == same.n_params
+        assert fit.loglik == pytest.approx(same.loglik, rel=1e-10)
+        order = np.argsort(fit.params["x"]["mean"].values.ravel())
+        reference = np.broadcast_to(same.standard_errors()["waiting"]["variance"].values.ravel(), (2,))
+        np.testing.assert_allclose(fit.standard_errors()["x"]["covariance"].values.ravel()[order],
+                                   reference[np.argsort(same.params["waiting"]["mean"].values.ravel())], rtol=1e-5)
