@@ -344,22 +344,28 @@ class _Problem:
 
     def complete_hessian(self) -> np.ndarray:
         """∇²_ψ Q(ψ | θ̂) (P × P): second differences of vdot(H(ψ), T), only where H entries are shared."""
-        P, q0 = self.P, self.Q(self.psi)
-        support = [np.abs(self.J[p]) > 0 for p in range(P)]
+        support = [np.abs(self.J[p]) > 0 for p in range(self.P)]
+        # ψ_p and ψ_q that move disjoint entries of H meet in no term of Q: their cross term is 0
+        return self._hessian(self.Q, lambda p, q: bool((support[p] & support[q]).any()))
+
+    def _hessian(self, f: Callable[[np.ndarray], float], meet: Callable[[int, int], bool]) -> np.ndarray:
+        """∇²_ψ f at ψ̂ (P × P) by Richardson-refined second differences with the coordinates' steps;
+        a cross term only where ``meet(p, q)`` (else f is a sum of terms that each see one of them)."""
+        P, f0 = self.P, f(self.psi)
         out = np.zeros((P, P))
         for p in range(P):
             hp = self.steps[p]
-            out[p, p] = _richardson(lambda f, p=p, hp=hp: (self.Q(self.shifted({p: f * hp})) - 2 * q0
-                                                            + self.Q(self.shifted({p: -f * hp}))) / (f * hp) ** 2)
+            out[p, p] = _richardson(lambda e, p=p, hp=hp: (f(self.shifted({p: e * hp})) - 2 * f0
+                                                            + f(self.shifted({p: -e * hp}))) / (e * hp) ** 2)
             for q in range(p):
-                if not (support[p] & support[q]).any():
-                    continue  # ψ_p and ψ_q move disjoint entries of H: Q is a sum of separate terms
+                if not meet(p, q):
+                    continue
                 hq = self.steps[q]
 
-                def cross(f: float, p: int = p, q: int = q, hp: float = hp, hq: float = hq) -> float:
-                    a, b = f * hp, f * hq
-                    return (self.Q(self.shifted({p: a, q: b})) - self.Q(self.shifted({p: a, q: -b}))
-                            - self.Q(self.shifted({p: -a, q: b})) + self.Q(self.shifted({p: -a, q: -b}))) / (4 * a * b)
+                def cross(e: float, p: int = p, q: int = q, hp: float = hp, hq: float = hq) -> float:
+                    a, b = e * hp, e * hq
+                    return (f(self.shifted({p: a, q: b})) - f(self.shifted({p: a, q: -b}))
+                            - f(self.shifted({p: -a, q: b})) + f(self.shifted({p: -a, q: -b}))) / (4 * a * b)
 
                 out[p, q] = out[q, p] = _richardson(cross)
         return out
@@ -394,31 +400,11 @@ class _Problem:
     def prior_hessian(self) -> np.ndarray:
         """∇²_ψ log p(θ(ψ)) (P × P) by second differences; a prior is a sum over nodes, so coordinates of
         different nodes do not meet. Zero without priors."""
-        P = self.P
-        out = np.zeros((P, P))
         if not has_prior(self.plan):
-            return out
+            return np.zeros((self.P, self.P))
         owner = [self.space.blocks[int(np.searchsorted(self.space.offsets, p, side="right") - 1)].name
-                 for p in range(P)]
-        p0 = self._log_prior(self.psi)
-        for p in range(P):
-            hp = self.steps[p]
-            out[p, p] = _richardson(lambda f, p=p, hp=hp: (self._log_prior(self.shifted({p: f * hp})) - 2 * p0
-                                                            + self._log_prior(self.shifted({p: -f * hp})))
-                                    / (f * hp) ** 2)
-            for q in range(p):
-                if owner[p] != owner[q]:
-                    continue
-                hq = self.steps[q]
-
-                def cross(f: float, p: int = p, q: int = q, hp: float = hp, hq: float = hq) -> float:
-                    a, b = f * hp, f * hq
-                    return (self._log_prior(self.shifted({p: a, q: b})) - self._log_prior(self.shifted({p: a, q: -b}))
-                            - self._log_prior(self.shifted({p: -a, q: b}))
-                            + self._log_prior(self.shifted({p: -a, q: -b}))) / (4 * a * b)
-
-                out[p, q] = out[q, p] = _richardson(cross)
-        return out
+                 for p in range(self.P)]
+        return self._hessian(self._log_prior, lambda p, q: owner[p] == owner[q])
 
     def sample_scores(self, theta: Theta) -> np.ndarray:
         """s_n = Σ_k r_nk J_k Φ_n for every sample (N × P), unweighted; for a Markov latent, every
