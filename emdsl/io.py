@@ -686,6 +686,9 @@ class _Reader:
                 or len(states.split(",")) != starts.size:
             raise self.fail("traces/converged", f"expected one 0 or 1 per restart ({starts.size}), "
                             f"comma-separated, got {_describe(states)}")
+        prior = ds.attrs.get("prior")  # fit(prior=...): what the bootstrap and standard errors refit with
+        if prior is not None and prior != "weak":
+            raise self.fail("traces/prior", f"expected 'weak' (the only fit-wide prior), got {_describe(prior)}")
         return ds
 
     # -- shared checks ------------------------------------------------------------------

@@ -267,6 +267,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str | None, bool]] = {
     "trace elbo missing": (rewrite(_drop_variable("/traces", "elbo")), "traces/elbo", False),
     "traces restart renumbered": (rewrite(_renumbered_restarts), "traces/restart", False),
     "traces converged flags": (set_attrs("traces", converged="yes"), "traces/converged", False),
+    "traces prior unknown": (set_attrs("traces", prior="strong"), "traces/prior", False),
     "weight_total zero": (set_attrs(weight_total=0.0), "weight_total", False),
     "sequence_dims not a list": (set_attrs(sequence_dims='"seq"'), "sequence_dims", False),
     "sequence_dims on a mixture": (set_attrs(sequence_dims='["seq"]'), "sequence_dims", False),
