@@ -89,11 +89,12 @@ def covariances(kind: str, scatter: np.ndarray, nk: np.ndarray, previous: np.nda
     log_previous = None
     if previous is not None:
         log_previous = np.log(np.maximum(eigen(np.broadcast_to(previous, scatter.shape))[0], 1e-300))
+    log_values = np.log(np.maximum(values, 0.0))
     log_volume, log_shape = _volumes_and_shapes({"EEV": "EEI", "VEV": "VEI", "EVV": "EVI"}[kind],
-                                                np.log(np.maximum(values, 0.0)), nk, total, log_previous, empty)
+                                                log_values, nk, total, log_previous, empty)
     if kind == "EVV":  # the whole C_k: W_k over its volume, orientation and shape together
         with np.errstate(invalid="ignore"):
-            out = scatter / np.exp(np.log(np.maximum(values, 0.0)).mean(axis=1))[:, None, None]
+            out = scatter / np.exp(log_values.mean(axis=1))[:, None, None]
         out = out * np.exp(log_volume)[:, None, None]
         if empty.any():
             kept = np.broadcast_to(np.eye(scatter.shape[1]) if previous is None else previous, scatter.shape)
