@@ -192,7 +192,7 @@ def _seed_space(chosen: list, z: np.ndarray, rescale: bool = True, scaling: np.n
     1, 0, 1 where it was not). With ``scaling`` given (from a sample of the rows: the
     dask path), the rows are rescaled by it instead of by their own; with ``weights`` (per
     sample) the centre and spread count a sample that many times, as the standardized
-    families' units do (``compile._units``).
+    families' units do (``compile.units._units``).
     """
     used = np.tile([1.0, 0.0, 1.0], (len(z), 1))
     row = 0
