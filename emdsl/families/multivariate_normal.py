@@ -310,6 +310,8 @@ class MultivariateNormal(ObservedFamily):
             mean_square = np.trace(second, axis1=1, axis2=2) / safe_counts(nk)
         if kind == "EII":
             mean_square = np.full(mean_square.shape, mean_square.mean())
+        state_counts = nk[:, None] if self.layout == "diag" else nk
+        scatter = _resolved_scatter(scatter, state_counts * mean_square, self.layout)
         with np.errstate(divide="ignore", invalid="ignore"):
             cov = _mclust.covariances(kind, scatter, nk, previous, empty)
         finite = bool(np.all(np.isfinite(cov)))
@@ -667,6 +669,33 @@ def _scatter(s_x: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray
     second = _unpack_upper(s_xx, D)
     cross = np.einsum("ki,kj->kij", s_x, mean)
     return second, second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
+
+
+def _resolved_scatter(scatter: np.ndarray, total_square: np.ndarray, layout: str) -> np.ndarray:
+    """Each state's scatter with its eigenvalues (its variances, diagonal layout) raised to the
+    rounding resolution of Σ r x xᵀ, :data:`~emdsl.families.normal.RESOLUTION` times its trace
+    (``total_square``: (K,), or (K, D) per element in the diagonal layout).
+
+    Below that level an eigenvalue is zero to within rounding, and it may come out exactly 0 or
+    below it (a state of one sample, or fewer than D + 1), depending on the order of the sums
+    (chunks of dask data against memory). The models that share a shape or an orientation
+    normalize by determinants, so a zero there turned *every* state's covariance into NaN, the
+    step fell back to the data's covariance for all of them, and dask and memory diverged.
+    Such a state is under any floor either way, and the floor's rule handles it; scatters above
+    the resolution are returned untouched (bit for bit).
+    """
+    level = normal.RESOLUTION * np.maximum(total_square, 0.0)
+    if layout == "diag":  # per element: (K, D) like the scatter
+        return np.maximum(scatter, level) if (scatter < level).any() else scatter
+    out = scatter
+    for k in range(scatter.shape[0]):
+        values, vectors = np.linalg.eigh(scatter[k])
+        if values[0] < level[k]:
+            if out is scatter:
+                out = scatter.copy()
+            raised = (vectors * np.maximum(values, level[k])) @ vectors.T
+            out[k] = 0.5 * (raised + raised.T)
+    return out
 
 
 def _unpack_upper(packed: np.ndarray, D: int) -> np.ndarray:
