@@ -23,6 +23,7 @@ from emdsl.families import (
     Poisson,
     VonMises,
 )
+from emdsl.lrt import bootstrap_lrt
 from emdsl.model import Model
 from emdsl.options import set_options
 from emdsl.results import Fit, load
@@ -54,6 +55,7 @@ __all__ = [
     "Selection",
     "VonMises",
     "bootstrap",
+    "bootstrap_lrt",
     "datasets",
     "grid",
     "load",

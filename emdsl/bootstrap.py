@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Hashable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import xarray as xr
@@ -118,22 +118,33 @@ def bootstrap(
                              "(new paths drawn from the fit)")
     seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed)
     children = np.random.SeedSequence(seed).spawn(int(n))
-    fixed = _fixed(fit)
-    # plain arrays in the labelled layout: the refits skip aligning coordinates they already share
-    start = {name: {key: np.asarray(da.values) for key, da in values.items() if key not in fixed[name]}
-             for name, values in labels.tree_values(fit.params).items()}
+    start = learned_start(fit)
     weights = fit.weights
     if weights is not None and sequence_dims:  # a chain's weights, per sequence, in the order resampled
         weights = weights.transpose(*sequence_dims)
     job = _Job(fit.model, ds, fit.sample_dim, start, kind,
                None if weights is None else np.asarray(weights.values, dtype=float).ravel(),
-               weights_are_counts, max_iter, tol, _parametric_source(fit, ds) if kind == "parametric" else None,
+               weights_are_counts, max_iter, tol, parametric_source(fit, ds) if kind == "parametric" else None,
                sequence_dims, fit.prior)
     if weights_are_counts:
         job.check_counts()
-    workers = min(int(n_jobs or os.cpu_count() or 1), int(n))
-    results: list[dict[str, Any] | None] = [None] * int(n)
-    meter = _Progress(int(n), sys.stderr) if progress else None
+    return _collect(fit, run_replicates(job, children, n_jobs, progress, "bootstrap"), kind, seed)
+
+
+class Replicating(Protocol):
+    """A job that computes one replicate from its seed; picklable, sent once to each worker process."""
+
+    def run(self, seed: np.random.SeedSequence) -> dict[str, Any]: ...
+
+
+def run_replicates(job: Replicating, children: list[np.random.SeedSequence], n_jobs: int | None, progress: bool,
+                   what: str) -> list[dict[str, Any]]:
+    """``job.run`` on every seed, in this process (``n_jobs=1``) or in worker processes, in the seeds'
+    order whatever the workers' (so that the same seed gives the same replicates for any ``n_jobs``)."""
+    n = len(children)
+    workers = min(int(n_jobs or os.cpu_count() or 1), n)
+    results: list[dict[str, Any] | None] = [None] * n
+    meter = _Progress(n, sys.stderr, what) if progress else None
     if workers == 1:
         for r, child in enumerate(children):
             results[r] = job.run(child)
@@ -148,7 +159,7 @@ def bootstrap(
                     meter.update()
     if meter is not None:
         meter.close()
-    return _collect(fit, [r for r in results if r is not None], kind, seed)
+    return [r for r in results if r is not None]
 
 
 class _Job:
@@ -206,10 +217,10 @@ class _Job:
                 "degenerate": degenerate}
 
 
-_JOB: _Job | None = None
+_JOB: Replicating | None = None
 
 
-def _start_worker(job: _Job) -> None:
+def _start_worker(job: Replicating) -> None:
     """A worker's setup: the job once, and one thread per fit (the workers already fill the cores)."""
     global _JOB
     from emdsl.options import OPTIONS
@@ -237,7 +248,8 @@ class _Simulator:
         return self.fit.sample(self.size, seed=int(rng.integers(2**32)))
 
 
-def _parametric_source(fit: Fit, data: xr.Dataset) -> _Simulator:
+def parametric_source(fit: Fit, data: xr.Dataset, where: str = "bootstrap(kind='parametric')") -> _Simulator:
+    """Draws of the data's size from ``fit`` (``where``: what an error message names)."""
     from emdsl.results import Fit
 
     size = round(fit.weight_total)
@@ -251,8 +263,8 @@ def _parametric_source(fit: Fit, data: xr.Dataset) -> _Simulator:
     chain = latent is not None and latent.markov is not None
     if (regression or chain) and fit.weights is not None:
         what = "with covariates" if regression else "of a Markov latent (weighted sequences)"
-        raise ModelError(f"bootstrap(kind='parametric'): a weighted fit {what} has no simulation of the same size"
-                         + ("" if chain else "; use kind='nonparametric'"))
+        raise ModelError(f"{where}: a weighted fit {what} has no simulation of the same size"
+                         + ("" if chain or not where.startswith("bootstrap") else "; use kind='nonparametric'"))
     # covariates: responses drawn at the data's own; a chain: a path along each of the data's sequences
     return _Simulator(light, size, data if regression or chain else None)
 
@@ -305,6 +317,14 @@ def _collect(fit: Fit, results: list[dict[str, Any]], kind: str, seed: int) -> x
         warnings.warn(f"bootstrap: {failed} of {len(results)} replicates did not converge (see the 'converged' "
                       "variable); drop them or raise max_iter", ConvergenceWarning, stacklevel=3)
     return out
+
+
+def learned_start(fit: Fit) -> dict[str, dict[str, np.ndarray]]:
+    """The fit's learned parameters as starting values of a refit (``init=``); fixed ones are declared."""
+    fixed = _fixed(fit)
+    # plain arrays in the labelled layout: the refits skip aligning coordinates they already share
+    return {name: {key: np.asarray(da.values) for key, da in values.items() if key not in fixed[name]}
+            for name, values in labels.tree_values(fit.params).items()}
 
 
 def _fixed(fit: Fit) -> dict[str, set[str]]:
@@ -372,8 +392,8 @@ def _alignment(original: Mapping[str, Mapping[str, xr.DataArray]], replicate: Ma
 class _Progress:
     """``bootstrap: 37/200 replicates, 12.3 s, about 54 s left`` on one line, rewritten in place."""
 
-    def __init__(self, total: int, file: IO[str]) -> None:
-        self.total, self.done, self.file = total, 0, file
+    def __init__(self, total: int, file: IO[str], what: str = "bootstrap") -> None:
+        self.total, self.done, self.file, self.what = total, 0, file, what
         self.start = time.perf_counter()
         self.shown = -1.0
         self.update(0)
@@ -385,7 +405,7 @@ class _Progress:
             return  # at most four rewrites a second
         self.shown = elapsed
         left = f", about {elapsed / self.done * (self.total - self.done):.0f} s left" if self.done else ""
-        self.file.write(f"\rbootstrap: {self.done}/{self.total} replicates, {elapsed:.1f} s{left}")
+        self.file.write(f"\r{self.what}: {self.done}/{self.total} replicates, {elapsed:.1f} s{left}")
         self.file.flush()
 
     def close(self) -> None:
