@@ -335,10 +335,41 @@ class MultivariateNormal(ObservedFamily):
             out = clamped
         elif previous is not None:
             out = previous.copy()
-        else:  # the first M-step: nothing to keep; the clamped values, projected back onto the model
-            out = _mclust.project(kind, clamped if finite else np.broadcast_to(fallback, cov.shape).copy())
+        elif finite:  # the first M-step: nothing to keep; the model's step on scatters raised to the floor
+            out = self._first_floored_step(scatter, nk, mean_square, empty)
+        else:
+            out = _mclust.project(kind, np.broadcast_to(fallback, cov.shape).copy())
         floored = [(int(k), float(smallest[k])) for k in np.flatnonzero(low_rows | (not finite))]
         return {"mean": mean, "covariance": out}, floored
+
+    def _first_floored_step(self, scatter: np.ndarray, nk: np.ndarray, mean_square: np.ndarray,
+                            empty: np.ndarray) -> np.ndarray:
+        """The first M-step of a constrained model with a state under the floor (there is no previous
+        covariance to keep): the model's step on each state's scatter with its eigenvalues (variances,
+        diagonal layout) raised to N_k times the floor, then floored and projected onto the model.
+
+        Clamping the model's estimate from the raw scatters instead started from a matrix with an
+        eigenvalue at the rounding level whenever the data are singular (a duplicated column), whose
+        shared orientation or shape the iterative steps resolve only to ~1e-8; divided by that
+        eigenvalue, a change of the sums' order by 1e-15 (dask's chunks) moved the start by 1e-2.
+        """
+        kind = self.covariance_type
+        state_counts = nk[:, None] if self.layout == "diag" else nk
+        level = state_counts * np.maximum(self.floor, normal.RESOLUTION * mean_square)
+        if self.layout == "diag":
+            raised = np.maximum(scatter, level)
+        else:
+            values, vectors = np.linalg.eigh(scatter)
+            raised = np.einsum("kij,kj,klj->kil", vectors, np.maximum(values, level[:, None]), vectors)
+            raised = 0.5 * (raised + np.swapaxes(raised, 1, 2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cov = _mclust.covariances(kind, raised, nk, None, empty)
+        if self.layout == "diag":
+            clamped, _ = normal.apply_floor(cov, self.floor, mean_square=mean_square, kind=self.kind)
+        else:
+            clamped = np.array([_floor_eigenvalues(cov[k], self.floor, float(mean_square[k]))[0]
+                                for k in range(len(cov))])
+        return _mclust.project(kind, clamped)
 
     def within_m_step_bounds(self, params: Params) -> bool:
         """A constrained model's M-step outputs keep its structure (what the states share); an

@@ -352,3 +352,31 @@ def test_a_one_sample_state_starts_alike_on_dask_and_in_memory():
         np.testing.assert_allclose(chunked.trace["loglik"].values, memory.trace["loglik"].values, rtol=1e-10)
         np.testing.assert_allclose(chunked.params["v"]["covariance"].values, memory.params["v"]["covariance"].values,
                                    rtol=1e-8)
+
+
+def test_the_first_step_on_singular_data_does_not_amplify_rounding():
+    """A duplicated column makes every state's scatter singular, so every state is under the floor and
+    the first M-step has no previous covariance to keep. It used to clamp the model's estimate from the
+    raw scatters, whose shared orientation or shape the iterative steps resolve only to ~1e-8 next to a
+    rounding-level eigenvalue: sums perturbed by 1e-15 (another summation order, as dask's chunks give)
+    moved the start by up to 8e-3. Now the step runs on scatters raised to the floor first."""
+    rng = np.random.default_rng(0)
+    K, D = 4, 3
+    nk = np.array([12.0, 9.0, 11.0, 8.0])
+    mean = rng.normal(size=(K, D))
+    mean[:, 1] = mean[:, 0]
+    P = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    scatter = np.array([P @ (f @ f.T + 0.2 * np.eye(2)) @ P.T * n for f, n in zip(rng.normal(size=(K, 2, 2)), nk)])
+    for kind in ("EVE", "VVE", "VEE", "VEV", "EEV", "EVV"):
+        family = em.MultivariateNormal(covariance=kind)
+        steps = []
+        for t in range(6):
+            noise = rng.normal(size=(K, D, D)) * 1e-15 * (t > 0)
+            second = scatter + noise + np.swapaxes(noise, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
+            params, floored = family.m_step(np.hstack([nk[:, None], nk[:, None] * mean, second[:, *np.triu_indices(D)]]),
+                                            {}, None)
+            assert sorted(k for k, _ in floored) == [0, 1, 2, 3], kind
+            steps.append(np.asarray(params["covariance"]))
+        assert np.all(np.linalg.eigvalsh(steps[0]) > 0), kind
+        for other in steps[1:]:
+            np.testing.assert_allclose(other, steps[0], rtol=0, atol=1e-4 * np.abs(steps[0]).max(), err_msg=kind)
