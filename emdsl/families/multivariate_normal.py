@@ -311,7 +311,9 @@ class MultivariateNormal(ObservedFamily):
         if kind == "EII":
             mean_square = np.full(mean_square.shape, mean_square.mean())
         state_counts = nk[:, None] if self.layout == "diag" else nk
-        scatter = _resolved_scatter(scatter, state_counts * mean_square, self.layout)
+        # eigenvalues below the rounding resolution of Σ r x xᵀ are zero to within rounding: see _raised_scatter
+        scatter = _raised_scatter(scatter, normal.RESOLUTION * np.maximum(state_counts * mean_square, 0.0),
+                                  self.layout)
         with np.errstate(divide="ignore", invalid="ignore"):
             cov = _mclust.covariances(kind, scatter, nk, previous, empty)
         finite = bool(np.all(np.isfinite(cov)))
@@ -355,13 +357,8 @@ class MultivariateNormal(ObservedFamily):
         """
         kind = self.covariance_type
         state_counts = nk[:, None] if self.layout == "diag" else nk
-        level = state_counts * np.maximum(self.floor, normal.RESOLUTION * mean_square)
-        if self.layout == "diag":
-            raised = np.maximum(scatter, level)
-        else:
-            values, vectors = np.linalg.eigh(scatter)
-            raised = np.einsum("kij,kj,klj->kil", vectors, np.maximum(values, level[:, None]), vectors)
-            raised = 0.5 * (raised + np.swapaxes(raised, 1, 2))
+        raised = _raised_scatter(scatter, state_counts * np.maximum(self.floor, normal.RESOLUTION * mean_square),
+                                 self.layout)
         with np.errstate(divide="ignore", invalid="ignore"):
             cov = _mclust.covariances(kind, raised, nk, None, empty)
         if self.layout == "diag":
@@ -702,21 +699,22 @@ def _scatter(s_x: np.ndarray, s_xx: np.ndarray, nk: np.ndarray, mean: np.ndarray
     return second, second - cross - np.swapaxes(cross, 1, 2) + nk[:, None, None] * np.einsum("ki,kj->kij", mean, mean)
 
 
-def _resolved_scatter(scatter: np.ndarray, total_square: np.ndarray, layout: str) -> np.ndarray:
-    """Each state's scatter with its eigenvalues (its variances, diagonal layout) raised to the
-    rounding resolution of Σ r x xᵀ, :data:`~emdsl.families.normal.RESOLUTION` times its trace
-    (``total_square``: (K,), or (K, D) per element in the diagonal layout).
+def _raised_scatter(scatter: np.ndarray, level: np.ndarray, layout: str) -> np.ndarray:
+    """Each state's scatter with its eigenvalues (its variances, diagonal layout) raised to ``level``
+    ((K,), or (K, D) per element in the diagonal layout); scatters above it are returned untouched
+    (bit for bit).
 
-    Below that level an eigenvalue is zero to within rounding, and it may come out exactly 0 or
-    below it (a state of one sample, or fewer than D + 1), depending on the order of the sums
-    (chunks of dask data against memory). The models that share a shape or an orientation
-    normalize by determinants, so a zero there turned *every* state's covariance into NaN, the
-    step fell back to the data's covariance for all of them, and dask and memory diverged.
-    Such a state is under any floor either way, and the floor's rule handles it; scatters above
-    the resolution are returned untouched (bit for bit).
+    At the rounding resolution of Σ r x xᵀ (:data:`~emdsl.families.normal.RESOLUTION` times its
+    trace) it removes what rounding decides: an eigenvalue that is zero to within rounding (a
+    state of one sample, or fewer than D + 1) may come out exactly 0 or a hair below or above,
+    depending on the order of the sums (chunks of dask data against memory). The models that
+    share a shape or an orientation normalize by determinants, so a zero there turned *every*
+    state's covariance into NaN, the step fell back to the data's covariance for all of them,
+    and dask and memory diverged. Such a state is under any floor either way, and the floor's
+    rule handles it. At N_k times the floor it gives the first step's well-conditioned scatters
+    (``_first_floored_step``).
     """
-    level = normal.RESOLUTION * np.maximum(total_square, 0.0)
-    if layout == "diag":  # per element: (K, D) like the scatter
+    if layout == "diag":
         return np.maximum(scatter, level) if (scatter < level).any() else scatter
     out = scatter
     for k in range(scatter.shape[0]):
