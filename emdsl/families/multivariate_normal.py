@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Hashable, Mapping
 from typing import Any, Literal
 
@@ -228,8 +230,8 @@ class MultivariateNormal(ObservedFamily):
         precision = 0.5 * (precision + np.swapaxes(precision, 1, 2))
         eta_x = np.einsum("kij,kj->ki", precision, mean)
         # −½ xᵀΛx = Σ_i −½Λ_ii x_i² + Σ_{i<j} −Λ_ij x_i x_j
-        upper = np.triu_indices(D)
-        eta_xx = np.where(upper[0] == upper[1], -0.5, -1.0) * precision[:, upper[0], upper[1]]
+        rows, cols, factors = _upper_triangle(D)
+        eta_xx = factors * precision[:, rows, cols]
         log_det = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
         log_partition = 0.5 * np.einsum("ki,ki->k", eta_x, mean) + 0.5 * log_det
         return np.hstack([eta_x, eta_xx]), log_partition
@@ -859,3 +861,11 @@ def _full_covariance(cov: np.ndarray, covariance_type: str, K: int, D: int) -> n
     if covariance_type == "spherical":
         return cov[:, None, None] * np.eye(D)
     return np.broadcast_to(cov, (K, D, D))
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_triangle(D: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The upper triangle's (rows, cols) of a D × D matrix and the factors (−½ on the diagonal, −1 off
+    it) of −½ xᵀΛx in its entries; cached: the quasi-Newton differences call η thousands of times."""
+    rows, cols = np.triu_indices(D)
+    return rows, cols, np.where(rows == cols, -0.5, -1.0)
