@@ -38,7 +38,7 @@ import xarray as xr
 
 import emdsl as em
 
-METHODS: tuple[str | None, ...] = (None, "auto", "squarem", "daarem")  # "auto" is the default
+METHODS: tuple[str | None, ...] = (None, "auto", "squarem", "daarem", "qn")  # "auto" is the default
 
 
 def hasselblad(quick: bool) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:

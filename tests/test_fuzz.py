@@ -348,7 +348,7 @@ def cases(draw) -> Case:
     if draw(st.integers(0, 3)) == 0:
         kwargs["prior"] = "weak"
         faults.append("prior=weak")
-    accelerate = draw(st.sampled_from(["default"] * 3 + [None] * 2 + ["squarem", "daarem"]))
+    accelerate = draw(st.sampled_from(["default"] * 3 + [None] * 2 + ["squarem", "daarem", "qn"]))
     if accelerate != "default":
         kwargs["accelerate"] = accelerate
     faults.append(f"accelerate={accelerate}")

@@ -1,9 +1,16 @@
-"""Accelerated EM that keeps the guarantee: SQUAREM and DAAREM over the plain EM map.
+"""Accelerated EM that keeps the guarantee: quasi-Newton, SQUAREM and DAAREM over the plain EM map.
 
 EM is a fixed-point iteration θ ↦ M(θ) (one E-step, one M-step) that converges
-linearly, slowly when components overlap or data are missing. Both schemes here
-propose points from a few EM steps and keep a proposal only when the objective
-does not fall:
+linearly, slowly when components overlap or data are missing. The schemes here
+propose points and keep a proposal only when the objective does not fall:
+
+* **Quasi-Newton** (``"qn"``, :mod:`emdsl.engine.quasi_newton`): L-BFGS on the objective
+  from H₀ = γ·I_c⁻¹, the complete-data information that is EM's own metric, with the score
+  by Fisher's identity, both differenced from the E-step's statistics (no extra pass).
+  A proposal is kept when its objective is at least ELBO(q, M(θ)) (+ log p): what EM's
+  step from θ is sure to gain. Otherwise its secant pair (its gradient is free once its
+  E-step is done) corrects the model and the step is solved once more; if that fails too,
+  the plain EM step is taken and the model restarts. One E-step per accepted proposal.
 
 * **SQUAREM** (Varadhan & Roland 2008, scheme S3, as R's SQUAREM runs it): from the
   accepted θ₀, the EM step θ₁ = M(θ₀) (recorded as an iteration of its own) and
@@ -23,8 +30,9 @@ generalized-EM step (in Neal & Hinton's view of EM as coordinate ascent on the E
 any move that does not lower it). It is not a partial M-step with q fixed, so the
 proof is the acceptance test itself, checked at run time: a proposal that would
 lower ℓ is discarded for the plain EM step. A SQUAREM point must beat the EM step θ₁
-from the same point, so it gains at least what EM would, and EM's convergence
-argument carries over. Every M-step inside is checked exactly as in the plain loop
+from the same point, and a quasi-Newton point the ELBO that EM's step from the same
+point reaches (ℓ(M(θ)) ≥ ELBO(q, M(θ))), so either gains at least what EM is sure to,
+and EM's convergence argument carries over. Every M-step inside is checked exactly as in the plain loop
 (ELBO ≥ previous ℓ, ℓ ≥ ELBO), and the accepted sequence once more.
 
 **Constraints.** Proposals live in the parameterization the families already
@@ -37,7 +45,10 @@ probabilities is off 1 by more than rounding, a value beyond a cap of the M-step
 ``within_m_step_bounds``) is shrunk towards the EM point (a halfway
 towards 1) until it is valid; nothing is clipped. Rows that sum to 1 are divided by
 their sums only to undo rounding (see ``_Layout``). Held (fixed) parameters are equal
-in every EM point, so r = v = 0 there and they stay exactly. A proposal is also refused
+in every EM point, so r = v = 0 there and they stay exactly (quasi-Newton has no direction
+along them). Quasi-Newton halves its step until valid, and meets rows of probabilities
+first: a row at a vertex of its simplex follows EM, another moves at most 90% of the way
+to its boundary (``_qn_proposal``). A proposal is also refused
 when the M-step from it has to floor a variance or cap a shape (``_unfloored_m_step``):
 the floors bound the set EM maximizes over, and beyond them ℓ can exceed anything EM
 reaches (a collapsing component), so that the next EM step would lose ground. The fit never *ends* on
@@ -49,7 +60,7 @@ final parameters are an M-step's output, inside its constraint set (floors inclu
 previous one, with the ELBO of its M-step (the staircase), or a point that came
 through a proposal, flagged ``extrapolated``: for SQUAREM the output of the
 stabilizing M-step, whose ELBO is a genuine bound but from the proposal's posterior,
-not q⁽ᵗ⁻¹⁾; for DAAREM the proposal itself, which no M-step produced, so it records
+not q⁽ᵗ⁻¹⁾; for DAAREM and quasi-Newton the proposal itself, which no M-step produced, so it records
 elbo = loglik and kl = 0. Plots leave extrapolated points out of the staircase. No
 NaN reaches the results. ``e_steps`` counts the E-steps (passes over the data) spent.
 
@@ -68,12 +79,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 
 from emdsl.compile import Plan
+from emdsl.engine import quasi_newton
 from emdsl.engine.estep import EStep, Summary
 from emdsl.engine.loop import _check_guarantee, prior_slack, rounding_slack, within_tol
 from emdsl.engine.mstep import (
@@ -87,15 +100,27 @@ from emdsl.engine.mstep import (
 )
 from emdsl.errors import ModelError, MonotonicityError
 
-Method = Literal["squarem", "daarem"]
+Method = Literal["squarem", "daarem", "qn"]
 #: the values ``fit(accelerate=...)`` takes besides None (plain EM) and "auto"
-METHODS: tuple[str, ...] = ("squarem", "daarem")
-#: what ``accelerate="auto"`` runs once EM is slow (see :data:`AUTO_RATE`). Measured with
-#: benchmarks/bench_accelerate.py: SQUAREM needs 3.7–17× fewer E-steps than plain EM on the slow
-#: cases (Hasselblad, overlapping Gaussians, six mixtures with holes in total, two HMMs);
-#: DAAREM ranges from 2.8× (overlapping Gaussians; 1.4× on a smaller draw of
-#: them, which SQUAREM cuts 9×) to 56× (Hasselblad), and is 29% slower on Old Faithful.
-DEFAULT: Method = "squarem"
+METHODS: tuple[str, ...] = ("squarem", "daarem", "qn")
+#: what ``accelerate="auto"`` runs once EM is slow (see :data:`AUTO_RATE`): quasi-Newton where its
+#: differences cost less than an E-step (:data:`QN_EVALUATION_COST`), else SQUAREM. Measured with
+#: benchmarks/bench_accelerate.py (docs/design.md, "Accelerated EM", has the tables): quasi-Newton needs
+#: 2–7× fewer E-steps than SQUAREM on the Hasselblad mixture, the overlapping Gaussians and the
+#: mixtures with holes, and fewer on both HMMs; DAAREM ranges from 2.8× fewer E-steps than plain EM
+#: (overlapping Gaussians) to 56× (Hasselblad), and is 29% slower on Old Faithful.
+DEFAULT: Method = "qn"
+#: "auto" runs quasi-Newton only where one iteration's differences cost less than an E-step, both
+#: counted, not timed (so that a fit takes the same path on every machine): an evaluation of H
+#: (``natural_matrix``: 30–200 µs, Python's overhead mostly) counts as this many entries of an
+#: E-step's N × K × S table (0.7–20 ns each here: 0.7 for a mixture of Gaussians without holes, 3 in
+#: an HMM's forward–backward pass, 20 with missing values). Measured: a 3-state HMM with Normal
+#: emissions on 1e5 steps spends about 15 evaluations per iteration (quasi-Newton), six 3-D Gaussians
+#: on 6e5 rows about 70 (quasi-Newton), three 4-D ones with holes on 2e4 rows about 110 (SQUAREM:
+#: its time was within 10% of quasi-Newton's there, fewer E-steps but each dearer), and small data
+#: SQUAREM. It also needs at most :data:`QN_DIRECTIONS` free directions (its model is dense in them).
+QN_EVALUATION_COST = 50_000
+QN_DIRECTIONS = 300
 #: "auto" takes plain EM steps while EM converges fast: until the objective's gain over one step
 #: exceeds this fraction of the previous step's (EM's linear rate, the largest fraction of missing
 #: information). At rate r plain EM divides the error by 1/r per E-step, and a SQUAREM cycle costs
@@ -259,12 +284,17 @@ class Accelerator:
     #: Hasselblad mixture 73 / 103 / 148 (plain EM: 1724).
     _STEP_MAX0 = 1.0
     _STEP_FACTOR = 3.0
+    #: quasi-Newton: I_c's second differences are taken again after this many iterations (and when
+    #: the model restarts); in between, each E-step's statistics are contracted with the last ones.
+    #: Measured (E-steps, HMM / closer HMM / six mixtures with holes): every 5 iterations 29 / 46 / 192,
+    #: every 10 31 / 52 / 193, every 20 37 / 62 / 204.
+    _CURVATURE_EVERY = 5
     #: below this step length a proposal is too close to θ₂ to be worth an E-step
     _STEP_MIN = 1.01
 
     def __init__(self, method: Method, plan: Plan, estep: EStep, start: Point, *, tol: float,
                  warn_collapsed: Callable[[list[tuple[str, int, float]], int], None],
-                 order: int = 5, kappa: float = 25.0, alpha: float = 1.2) -> None:
+                 order: int = 5, kappa: float = 25.0, alpha: float = 1.2, memory: int = 10) -> None:
         self.method, self.plan, self.estep, self.tol = method, plan, estep, tol
         #: what the checks' messages call the objective
         self.objective = "log-posterior" if has_prior(plan) else "log-likelihood"
@@ -284,6 +314,13 @@ class Accelerator:
         self.next_m_step: tuple[Point, Theta, list[tuple[str, int, float]]] | None = None
         #: the number of the iteration being computed (for messages)
         self.iteration = 1
+        # quasi-Newton state: the free directions and their differences, the secant pairs, the
+        # last point observed with its (x, ∇ℓ), iterations since the curvature was differenced
+        self.coords: quasi_newton.Coordinates | None = None
+        self.differences: quasi_newton.Differences | None = None
+        self.memory = quasi_newton.Memory(memory)
+        self.observed: tuple[Point, np.ndarray, np.ndarray] | None = None
+        self.since_curvature = 0
 
     # one EM step, with the plain loop's checks ------------------------------------------------
     def em_step(self, p: Point, iteration: int, theta: Theta | None = None,
@@ -321,23 +358,37 @@ class Accelerator:
         """
         if rate is not None:
             yield from self._plain_while_fast(rate)
-        cycle = self._squarem if self.method == "squarem" else self._daarem
-        while True:
-            yield from cycle()
+        cycles = {"squarem": self._squarem, "daarem": self._daarem, "qn": self._quasi_newton}
+        while True:  # (read each time: quasi-Newton may hand over to SQUAREM, see _quasi_newton_step)
+            yield from cycles[self.method]()
 
     def _plain_while_fast(self, rate: float) -> Iterator[Accepted]:
         """Plain EM steps until EM's observed linear rate exceeds ``rate`` (or the fit converges)."""
         previous_gain = None
+        recent = [self.current]  # quasi-Newton learns its first secant pairs from these steps
         while True:
             before = self.current.objective
             accepted = self._accept(self._plain(self.current, self.iteration))
             yield accepted
             if accepted.converged:
                 return
+            recent = [*recent[-self.memory.size:], accepted.point]
             gain = accepted.point.objective - before
             if previous_gain is not None and previous_gain > 0 and gain > rate * previous_gain:
+                if self.method == "qn":
+                    self._choose_quasi_newton(recent)
                 return
             previous_gain = gain
+
+    def _choose_quasi_newton(self, recent: list[Point]) -> None:
+        """At the end of "auto"'s plain steps: quasi-Newton with their secant pairs, or SQUAREM where
+        quasi-Newton's differences would cost too much (:meth:`_quasi_newton_affordable`)."""
+        # each point is the M-step's output from the one before: the last step's moves are its own
+        if not (self._start_quasi_newton(recent[:-1], recent[-1].theta) and self._quasi_newton_affordable()):
+            self.method = "squarem"
+            self.coords = self.differences = None
+            return
+        self._observe_all(recent)
 
     def _accept(self, accepted: Accepted) -> Accepted:
         """Check the accepted sequence at run time, like the plain loop, and move to the new point."""
@@ -432,6 +483,168 @@ class Accelerator:
             self.step_max *= self._STEP_FACTOR
         return proposal
 
+    # quasi-Newton -------------------------------------------------------------------------------
+    def _quasi_newton(self) -> Iterator[Accepted]:
+        """One quasi-Newton iteration: an accepted proposal (the second try after a first that fell
+        short), or the plain EM step."""
+        yield self._accept(self._quasi_newton_step(self.iteration))
+
+    def _quasi_newton_step(self, iteration: int) -> Accepted:
+        p = self.current
+        computed, self.next_m_step = self.next_m_step, None
+        if computed is not None and computed[0] is p:  # computed when p, a proposal, was accepted
+            theta_f, floored = computed[1], computed[2]
+        else:
+            theta_f, floored = maximize(self.plan, p.summary.stats, p.theta)  # M(θ): free, the E-step is done
+            self.warn_collapsed(floored, iteration)
+        # ELBO(q, M(θ)) (+ log p): what EM's step from here gains at least
+        em_bound = self._check_m_step(p, theta_f, iteration)
+        if self.coords is None:
+            if not self._start_quasi_newton([p], theta_f):
+                return self._plain(p, iteration, theta_f, floored)
+            if not self._quasi_newton_feasible():
+                pairs = "" if self.differences is None else f" and {len(self.differences.pairs)} coupled pairs of them"
+                warnings.warn(
+                    f"accelerate='qn': {self.coords.size} free parameters{pairs} make quasi-Newton's "
+                    f"differences too dear (at most {QN_DIRECTIONS} parameters and {quasi_newton.MAX_PAIRS} "
+                    "pairs); running SQUAREM instead", UserWarning, stacklevel=2)
+                self.method, self.coords, self.differences = "squarem", None, None
+                return self._plain(p, iteration, theta_f, floored)
+        coords, differences = self.coords, self.differences
+        assert coords is not None and differences is not None
+        x, gradient = self._observe(p)
+        if self.confirm or not self.memory.pairs or not coords.size:
+            # the first step, one after the model failed, and one after a small accepted change:
+            # a plain EM step (its secant pair comes with the next point; EM's test decides)
+            self.confirm = False
+            return self._plain(p, iteration, theta_f, floored)
+        if self.since_curvature >= self._CURVATURE_EVERY or len(self.memory.pairs) <= 1:
+            differences.curvature(x)
+            self.since_curvature = 0
+        self.since_curvature += 1
+        solve = quasi_newton.solver(differences.information(p.summary.stats))
+        x_em = coords.layout.flat(theta_f)
+        for attempt in range(2):
+            d = self.memory.direction(gradient, solve)
+            if not (np.isfinite(d).all() and float(gradient @ d) > 0):
+                break
+            proposal = self._qn_proposal(coords, x, d, x_em)
+            if proposal is None:
+                break
+            # Kept only if it gains at least what EM's step is sure to gain (ℓ(M(θ)) ≥ ELBO(q, M(θ))):
+            # then EM's convergence argument carries over, as for SQUAREM's proposals.
+            if np.isfinite(proposal.objective) and proposal.objective >= max(em_bound, p.objective):
+                following = self._unfloored_m_step(proposal)
+                if following is None:
+                    break
+                self.next_m_step = (proposal, *following)
+                # a small accepted change is not EM's convergence test: confirm it with a plain step
+                self.confirm = within_tol(p.objective, proposal.objective, self.tol)
+                # no M-step produced the proposal: its recorded ELBO is ℓ itself (KL = 0)
+                return Accepted(proposal, proposal.loglik, max(proposal.slack, p.slack), True, floored)
+            if attempt or self.coords is not coords or not np.isfinite(proposal.objective):
+                break
+            # The proposal's gradient is free (its E-step is done): its secant pair teaches the model
+            # the curvature it overshot, and the step is solved again (measured: fewer E-steps than a
+            # backtrack along the same direction on every benchmark case but one data set with holes).
+            x_trial = coords.layout.flat(proposal.theta)
+            trial = differences.score(x_trial, proposal.summary.stats)
+            if not self.memory.add(coords.coordinates(x_trial - x), gradient - trial):
+                break
+        # the model failed here: it starts afresh from EM's metric
+        self.memory.clear()
+        return self._plain(p, iteration, theta_f, floored)
+
+    def _start_quasi_newton(self, points: list[Point], theta_f: Theta) -> bool:
+        """The free directions from the EM step from ``points[-1]`` to ``theta_f``, and their
+        differences. False if a starting value does not flatten (one given in a broadcastable shape)."""
+        try:
+            layout = _Layout(points[-1].theta, theta_f)
+            moved = layout.flat(points[-1].theta) != layout.flat(theta_f)
+        except ValueError:
+            return False
+        self.coords = quasi_newton.Coordinates(self.plan, layout, moved)
+        if self.coords.size > QN_DIRECTIONS:  # not feasible: no differences to set up
+            return True
+        self.differences = quasi_newton.Differences(self.plan, self.coords, points[-1].theta)
+        return True
+
+    def _observe_all(self, points: list[Point]) -> None:
+        """The secant pairs of the plain EM steps through ``points`` (their statistics are kept: no E-step)."""
+        for point in points[-self.memory.size - 1:]:
+            try:
+                self._observe(point)
+            except ValueError:  # θ⁽⁰⁾ given in a broadcastable shape: the pairs begin after it
+                self.observed = None
+
+    def _quasi_newton_affordable(self) -> bool:
+        """Whether quasi-Newton's differences per iteration cost less than an E-step (counted, see
+        :data:`QN_EVALUATION_COST`) and its directions are at most :data:`QN_DIRECTIONS`."""
+        if not self._quasi_newton_feasible():
+            return False
+        assert self.differences is not None
+        score, curvature = self.differences.evaluations()
+        n = self.differences.coords.size
+        if self.differences.prior:  # log p is differenced one direction at a time
+            score, curvature = score + 2 * n, curvature + 2 * n + 2 * n * (n - 1)
+        per_iteration = score + curvature / self._CURVATURE_EVERY
+        e_step = self.plan.n_samples * self.plan.K * self.plan.n_stats
+        return per_iteration * QN_EVALUATION_COST <= e_step
+
+    def _quasi_newton_feasible(self) -> bool:
+        """At most :data:`QN_DIRECTIONS` directions and ``quasi_newton.MAX_PAIRS`` coupled pairs."""
+        assert self.coords is not None
+        return (self.coords.size <= QN_DIRECTIONS and self.differences is not None
+                and not self.differences.too_many)
+
+    def _observe(self, p: Point) -> tuple[np.ndarray, np.ndarray]:
+        """(x, ∇ℓ) at the accepted point p, and the secant pair from the point observed before."""
+        assert self.coords is not None and self.differences is not None
+        if self.observed is not None and self.observed[0] is p:
+            return self.observed[1], self.observed[2]
+        x = self.coords.layout.flat(p.theta)
+        gradient = self.differences.score(x, p.summary.stats)
+        if self.observed is not None:
+            _, x_before, gradient_before = self.observed
+            self.memory.add(self.coords.coordinates(x - x_before), gradient_before - gradient)
+        self.observed = (p, x, gradient)
+        return x, gradient
+
+    def _qn_proposal(self, coords: quasi_newton.Coordinates, x: np.ndarray, d: np.ndarray,
+                     x_em: np.ndarray) -> Point | None:
+        """The point x + t·B d from t = 1, halved until valid (None below t = 1e-3), evaluated.
+
+        Rows of probabilities: a row at a vertex of its simplex (an entry below
+        ``quasi_newton.VERTEX`` in the EM point: with one sequence, a chain's initial
+        distribution converges to a vertex) follows EM from now on, and the model drops its
+        directions; another row that the step would take out of its simplex moves only part of
+        the way to its boundary (``Coordinates.to_boundary``). Nothing is clipped: every
+        proposal is a combination of valid points' moves, and valid.
+        """
+        step = coords.B @ d
+        outside = coords.outside_simplex(np.where(coords.pinned, x_em, x + step))
+        at_vertex = outside & coords.near_vertex(x_em)
+        if at_vertex.any() and self.coords is coords:
+            assert self.observed is not None
+            self.coords, keep = coords.without(at_vertex)
+            self.memory.restrict(keep)
+            self.differences = quasi_newton.Differences(self.plan, self.coords, self.current.theta)
+            self.since_curvature = self._CURVATURE_EVERY
+            self.observed = (*self.observed[:2], self.observed[2][keep])
+        step = coords.to_boundary(x, step, outside & ~at_vertex)
+        pinned = coords.pinned | at_vertex
+        t = 1.0
+        while True:
+            theta = on_model(self.plan, coords.layout.theta(np.where(pinned, x_em, x + t * step)))
+            if admissible(self.plan, theta):
+                break
+            t *= 0.5
+            if t < 1e-3:
+                return None
+        proposal = evaluate(self.plan, self.estep, theta)
+        self.e_steps += 1
+        return proposal
+
     # DAAREM -------------------------------------------------------------------------------------
     def _daarem(self) -> Iterator[Accepted]:
         """One DAAREM iteration: the accepted proposal, or the plain EM step."""
@@ -487,7 +700,7 @@ class Accelerator:
         # no M-step produced the proposal: its recorded ELBO is ℓ itself (KL = 0)
         return Accepted(proposal, proposal.loglik, max(proposal.slack, p.slack), True, floored)
 
-    def _check_m_step(self, p: Point, theta_f: Theta, iteration: int) -> None:
+    def _check_m_step(self, p: Point, theta_f: Theta, iteration: int) -> float:
         """The M-step half of EM's guarantee at an accepted point: ELBO(q, M(θ)) ≥ ℓ(θ)
         (with priors: ELBO(q, M(θ)) + log p(M(θ)) ≥ ℓ(θ) + log p(θ)).
 
@@ -505,6 +718,7 @@ class Accelerator:
             raise MonotonicityError(f"iteration {iteration} ({self.method}): the M-step lowered the {name} from "
                                     f"{p.objective!r} to {elbo!r} (beyond the rounding bound {slack:.3g}); "
                                     "this is a bug in an M-step or in the objective of an accepted point")
+        return elbo
 
     def _daarem_fallback(self, p: Point, iteration: int, theta_f: Theta,
                          floored: list[tuple[str, int, float]], restart: bool) -> Accepted:

@@ -25,7 +25,7 @@ import emdsl as em
 from emdsl.engine import accelerate
 from tests.engine.test_monotone_families import FAMILIES, MIXED, _case
 
-METHODS = ["squarem", "daarem"]
+METHODS = ["squarem", "daarem", "qn"]
 
 
 # -- cases: (model, data, fit keywords) ---------------------------------------------------------------
@@ -301,7 +301,7 @@ def test_proposals_stay_within_the_m_steps_cap(seed, method):
 def test_unknown_value_is_a_model_error_listing_the_choices(faithful):
     model = em.Model().latent("z", em.Categorical(2)).observe("waiting", em.Normal)
     for bad in ("bogus", "SQUAREM", True, 1):
-        with pytest.raises(em.ModelError, match=r"accelerate=.*'squarem', 'daarem', 'auto', None"):
+        with pytest.raises(em.ModelError, match=r"accelerate=.*'squarem', 'daarem', 'qn', 'auto', None"):
             model.fit(faithful, accelerate=bad)
 
 

@@ -119,7 +119,7 @@ def test_the_check_refuses_values_that_would_pass_it_vacuously():
             _check_guarantee(3, previous, elbo, loglik, slack)
 
 
-@pytest.mark.parametrize("accelerate", [None, "squarem", "daarem"])
+@pytest.mark.parametrize("accelerate", [None, "squarem", "daarem", "qn"])
 def test_a_log_likelihood_that_becomes_nan_stops_the_fit(monkeypatch, accelerate):
     """A bug that made ℓ NaN mid-fit ran on to max_iter with NaN in the trace; now the fit stops with it."""
     from emdsl.engine.estep import EStep
