@@ -491,12 +491,7 @@ class Accelerator:
 
     def _quasi_newton_step(self, iteration: int) -> Accepted:
         p = self.current
-        computed, self.next_m_step = self.next_m_step, None
-        if computed is not None and computed[0] is p:  # computed when p, a proposal, was accepted
-            theta_f, floored = computed[1], computed[2]
-        else:
-            theta_f, floored = maximize(self.plan, p.summary.stats, p.theta)  # M(θ): free, the E-step is done
-            self.warn_collapsed(floored, iteration)
+        theta_f, floored = self._m_step_of_current(iteration)
         # ELBO(q, M(θ)) (+ log p): what EM's step from here gains at least
         em_bound = self._check_m_step(p, theta_f, iteration)
         if self.coords is None:
@@ -652,12 +647,7 @@ class Accelerator:
 
     def _daarem_step(self, iteration: int) -> Accepted:
         p = self.current
-        computed, self.next_m_step = self.next_m_step, None
-        if computed is not None and computed[0] is p:  # computed when p, a proposal, was accepted
-            theta_f, floored = computed[1], computed[2]
-        else:
-            theta_f, floored = maximize(self.plan, p.summary.stats, p.theta)  # F(x): free, the E-step is done
-            self.warn_collapsed(floored, iteration)
+        theta_f, floored = self._m_step_of_current(iteration)  # F(x)
         self._check_m_step(p, theta_f, iteration)
         layout = _Layout(theta_f, p.theta)
         try:
@@ -700,9 +690,19 @@ class Accelerator:
         # no M-step produced the proposal: its recorded ELBO is ℓ itself (KL = 0)
         return Accepted(proposal, proposal.loglik, max(proposal.slack, p.slack), True, floored)
 
+    def _m_step_of_current(self, iteration: int) -> tuple[Theta, list[tuple[str, int, float]]]:
+        """M(θ) of the current point and its floored variances: free, its E-step is done (and
+        computed already when the point, a proposal, was accepted: ``next_m_step``)."""
+        computed, self.next_m_step = self.next_m_step, None
+        if computed is not None and computed[0] is self.current:
+            return computed[1], computed[2]
+        theta_f, floored = maximize(self.plan, self.current.summary.stats, self.current.theta)
+        self.warn_collapsed(floored, iteration)
+        return theta_f, floored
+
     def _check_m_step(self, p: Point, theta_f: Theta, iteration: int) -> float:
         """The M-step half of EM's guarantee at an accepted point: ELBO(q, M(θ)) ≥ ℓ(θ)
-        (with priors: ELBO(q, M(θ)) + log p(M(θ)) ≥ ℓ(θ) + log p(θ)).
+        (with priors: ELBO(q, M(θ)) + log p(M(θ)) ≥ ℓ(θ) + log p(θ)); returns that ELBO (+ log p).
 
         A run of accepted proposals compares proposals only with each other; this check,
         which costs no E-step, is what would catch an overstated objective of the current point.
