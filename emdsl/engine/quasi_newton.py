@@ -262,21 +262,28 @@ class Differences:
         h = coords.steps(x, GRADIENT_STEP)
         flat = stats.ravel()
         out = np.zeros(coords.size)
-        for group in self.gradient_groups:
-            step = self._along(group, h)
-            plus, minus = self._flat_natural(x + step), self._flat_natural(x - step)
-            for j in group:
-                e = self.touched[j]
-                out[j] = float(np.dot(plus[e] - minus[e], flat[e])) / (2.0 * h[j])
-        if self.prior:
-            for j in range(coords.size):
-                b = self._along([j], h)
-                out[j] += (self._log_prior(x + b) - self._log_prior(x - b)) / (2.0 * h[j])
-        return out
+        # a direction along a simplex whose smaller entry is 0 has step 0 (it sits on the boundary):
+        # its derivative is not taken (0), and neither is one that met an invalid point (not finite)
+        with np.errstate(all="ignore"):
+            for group in self.gradient_groups:
+                step = self._along(group, h)
+                plus, minus = self._flat_natural(x + step), self._flat_natural(x - step)
+                for j in group:
+                    e = self.touched[j]
+                    out[j] = float(np.dot(plus[e] - minus[e], flat[e])) / (2.0 * h[j])
+            if self.prior:
+                for j in range(coords.size):
+                    b = self._along([j], h)
+                    out[j] += (self._log_prior(x + b) - self._log_prior(x - b)) / (2.0 * h[j])
+        return np.where(np.isfinite(out), out, 0.0)
 
     def curvature(self, x: np.ndarray) -> None:
         """Second differences of H (and of log p) at x, kept for :meth:`information`: they depend
         on θ only, and each new E-step's statistics are contracted with them."""
+        with np.errstate(all="ignore"):  # a step of 0 or an invalid point: not finite, read as 0
+            self._curvature(x)
+
+    def _curvature(self, x: np.ndarray) -> None:
         coords = self.coords
         n = coords.size
         h = coords.steps(x, HESSIAN_STEP, local=True)
