@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
@@ -206,15 +206,22 @@ class _Job:
     def run(self, seed: np.random.SeedSequence) -> dict[str, Any]:
         rng = np.random.default_rng(seed)
         data, weights = self.replicate_data(rng)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            refit = self.model.fit(data, init=self.start, max_iter=self.max_iter, tol=self.tol,
-                                   seed=int(rng.integers(2**32)), sample_dim=self.refit_dim, weights=weights,
-                                   prior=self.prior)
-        degenerate = refit.degenerate or any(issubclass(w.category, DegenerateComponentWarning) for w in caught)
+        refit, converged, degenerate = quiet_refit(lambda: self.model.fit(
+            data, init=self.start, max_iter=self.max_iter, tol=self.tol, seed=int(rng.integers(2**32)),
+            sample_dim=self.refit_dim, weights=weights, prior=self.prior))
         return {"params": labels.tree_values(refit.params), "loglik": refit.loglik, "n_iter": refit.n_iter,
-                "converged": refit.converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught),
-                "degenerate": degenerate}
+                "converged": converged, "degenerate": degenerate}
+
+
+def quiet_refit(refit: Callable[[], Fit]) -> tuple[Fit, bool, bool]:
+    """A replicate's refit with its warnings caught (a replicate warns through its result, once for
+    all): the fit, whether it converged and whether it collapsed, by its flags or its warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = refit()
+    converged = fit.converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    degenerate = fit.degenerate or any(issubclass(w.category, DegenerateComponentWarning) for w in caught)
+    return fit, converged, degenerate
 
 
 _JOB: Replicating | None = None

@@ -17,8 +17,8 @@ import numpy as np
 import xarray as xr
 
 from emdsl import labels
-from emdsl.bootstrap import learned_start, parametric_source, run_replicates
-from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError
+from emdsl.bootstrap import learned_start, parametric_source, quiet_refit, run_replicates
+from emdsl.errors import ConvergenceWarning, ModelError
 
 if TYPE_CHECKING:
     from emdsl.model import Model
@@ -144,12 +144,9 @@ class _Refit:
         return cls(fit.model, learned_start(fit), refit_dim, fit.prior)
 
     def run(self, data: xr.Dataset, seed: int, max_iter: int, tol: float) -> tuple[float, bool, bool]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fit = self.model.fit(data, init=self.start, max_iter=max_iter, tol=tol, seed=seed,
-                                 sample_dim=self.refit_dim, prior=self.prior)
-        converged = fit.converged and not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        degenerate = fit.degenerate or any(issubclass(w.category, DegenerateComponentWarning) for w in caught)
+        fit, converged, degenerate = quiet_refit(lambda: self.model.fit(
+            data, init=self.start, max_iter=max_iter, tol=tol, seed=seed, sample_dim=self.refit_dim,
+            prior=self.prior))
         return fit.loglik, converged, degenerate
 
 
