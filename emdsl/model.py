@@ -364,6 +364,8 @@ class Model:
             models, the Hasselblad Poisson mixture) and the same steps as plain EM on fast
             ones; it quietly runs plain EM where acceleration does not apply
             (``method="stepwise"``/``"incremental"``, ``max_iter=0``).
+            ``fit.traces.attrs["accelerated_with"]`` says which scheme each restart ran
+            (``"none"`` where it only took plain EM steps).
             ``None`` is plain EM, one M-step per iteration, as the ELBO staircase of the
             tutorials shows it (and iterate by iterate as scikit-learn's or hmmlearn's
             EM). With acceleration an iteration is an accepted point (``max_iter``

@@ -321,6 +321,8 @@ class Accelerator:
         self.memory = quasi_newton.Memory(memory)
         self.observed: tuple[Point, np.ndarray, np.ndarray] | None = None
         self.since_curvature = 0
+        #: past "auto"'s plain steps (from the start for an explicit method)
+        self.accelerating = False
 
     # one EM step, with the plain loop's checks ------------------------------------------------
     def em_step(self, p: Point, iteration: int, theta: Theta | None = None,
@@ -358,6 +360,7 @@ class Accelerator:
         """
         if rate is not None:
             yield from self._plain_while_fast(rate)
+        self.accelerating = True
         cycles = {"squarem": self._squarem, "daarem": self._daarem, "qn": self._quasi_newton}
         while True:  # (read each time: quasi-Newton may hand over to SQUAREM, see _quasi_newton_step)
             yield from cycles[self.method]()
@@ -818,6 +821,7 @@ def run(method: Method | Literal["auto"], plan: Plan, estep: EStep, start: Point
         result.extrapolated.append(accepted.extrapolated)
         result.e_steps.append(accelerator.e_steps)
         result.converged = accepted.converged
+        result.accelerated_with = accelerator.method if accelerator.accelerating else "none"
         report(point.loglik - before)  # the log-likelihood's change, as the plain loop reports it
         if result.converged:
             break

@@ -68,6 +68,9 @@ class RestartResult:
 
     #: the last entry is a full pass at θ̂ for its exact ℓ, not an iteration (online EM)
     final_pass: bool = False
+    #: the accelerated scheme the restart ran ("qn", "squarem", "daarem"; "none": plain EM steps only,
+    #: also when "auto" never left them)
+    accelerated_with: str = "none"
 
     @property
     def n_iter(self) -> int:

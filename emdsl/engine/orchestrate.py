@@ -115,6 +115,8 @@ def fit_model(
         _warn_degenerate(plan, collapsed[best], len(runs))
     all_traces = traces(runs)
     all_traces.attrs["degenerate"] = ",".join(str(int(bool(reasons))) for reasons in collapsed)
+    # which scheme each restart ran ("auto" chooses one per fit, see engine/accelerate.py)
+    all_traces.attrs["accelerated_with"] = ",".join(run.accelerated_with for run in runs)
     fit = Fit(model, label_params(chosen.theta), units_tree(plan), all_traces, restart=best,
               converged=chosen.converged and not stopped, loglik=chosen.final, n_params=plan.n_free_params(),
               n_samples=plan.n_samples, sample_dim=plan.sample_dim, seed=seed, stopped=stopped, data=ds,

@@ -179,29 +179,27 @@ def test_solver_keeps_the_scale_of_indefinite_directions():
     assert np.isfinite(solve(np.ones(3))).all()
 
 
-def test_auto_runs_quasi_newton_where_its_differences_cost_less_than_an_e_step():
+def test_auto_runs_quasi_newton_where_its_differences_cost_less_than_an_e_step(tmp_path):
     """The choice is a count (machine-independent): on a long sequence an HMM's differences cost
-    less than its E-step, on a short one more; 6-D Gaussians with full covariances have many."""
+    less than its E-step, on a short one more; 6-D Gaussians with full covariances have many.
+    The traces record the choice per restart, and a saved fit keeps it."""
     for case, expected in ((lambda: _hmm(40_000), "qn"), (_hmm, "squarem"), (_six_dimensions, "squarem")):
         model, ds, kwargs = case()
-        chosen = []
-        original = accelerate.Accelerator.iterations
-
-        def spy(self, rate=None, _original=original, _chosen=chosen):
-            iterator = _original(self, rate)
-            for accepted in iterator:
-                _chosen.append(self.method)
-                yield accepted
-
-        accelerate.Accelerator.iterations = spy
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fit = model.fit(ds, tol=1e-10, max_iter=10_000, **kwargs)
-        finally:
-            accelerate.Accelerator.iterations = original
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = model.fit(ds, tol=1e-10, max_iter=10_000, **kwargs)
         assert fit.trace["extrapolated"].values.any()
-        assert chosen[-1] == expected
+        assert fit.traces.attrs["accelerated_with"] == expected
+    fit.save(tmp_path / "fit.emdsl")
+    assert em.load(tmp_path / "fit.emdsl").traces.attrs["accelerated_with"] == "squarem"
+
+
+def test_the_traces_say_when_no_scheme_ran(faithful):
+    """Old Faithful converges while "auto" still takes plain steps; accelerate=None never leaves them."""
+    model = em.Model().latent("z", em.Categorical(2)).observe(["eruptions", "waiting"], em.MultivariateNormal)
+    assert model.fit(faithful, seed=0, n_init=2).traces.attrs["accelerated_with"] == "none,none"
+    assert model.fit(faithful, seed=0, accelerate=None).traces.attrs["accelerated_with"] == "none"
+    assert model.fit(faithful, seed=0, accelerate="qn").traces.attrs["accelerated_with"] == "qn"
 
 
 def _six_dimensions():
