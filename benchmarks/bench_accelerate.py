@@ -1,4 +1,5 @@
-"""Accelerated EM (SQUAREM, DAAREM) against plain EM: E-steps and wall time to converge.
+"""Accelerated EM (quasi-Newton, SQUAREM, DAAREM, and "auto", which picks one) against plain EM:
+E-steps and wall time to converge.
 
 Every method runs the same model from the same θ⁽⁰⁾ with the same stopping rule
 (ℓ changes by at most tol·|ℓ| over one plain EM step), in one run. Printed per case:
