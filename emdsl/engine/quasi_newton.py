@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse
 
 from emdsl.compile import Plan
-from emdsl.engine.mstep import Theta, log_prior, natural_matrix
+from emdsl.engine.mstep import Theta, has_prior, log_prior, natural_matrix
 
 #: relative steps of the central differences: ≈ ε^(1/3) for the gradient, ε^(1/4) for the second
 #: differences (the rounding of Q, ≈ ε·|Q|, against each formula's truncation error)
@@ -203,8 +203,7 @@ class Differences:
 
     def __init__(self, plan: Plan, coords: Coordinates, theta: Theta) -> None:
         self.plan, self.coords = plan, coords
-        self.prior = any(node.prior is not None for node in plan.nodes) or (
-            plan.latent is not None and plan.latent.prior is not None)
+        self.prior = has_prior(plan)
         x = coords.layout.flat(theta)
         H0 = self._natural(x)  # through the layout, as every difference goes (it normalizes rows)
         if H0 is None:
@@ -322,11 +321,14 @@ class Differences:
         (a difference that met an invalid point counts as 0)."""
         items, prior = self.second
         flat = stats.ravel()
-        out = -prior
+        out = -prior  # (a new array) plus −Σ_e S_e ∇²H_e over the differenced pairs
         for i, j, e, values in items:
             with np.errstate(invalid="ignore"):
                 value = -float(np.dot(values, flat[e]))
-            out[i, j] = out[j, i] = value if np.isfinite(value) else 0.0
+            if np.isfinite(value):
+                out[i, j] += value
+                if i != j:
+                    out[j, i] += value
         return np.where(np.isfinite(out), out, 0.0)
 
 

@@ -120,6 +120,23 @@ def test_information_of_a_poisson_mixture_is_the_closed_form():
     np.testing.assert_allclose(information, expected, rtol=1e-6, atol=1e-8 * np.max(expected))
 
 
+def test_with_a_prior_the_information_adds_its_curvature():
+    """I_c = −Σ_e S_e ∇²H_e − ∇² log p: the prior's second differences add to the data's on every
+    entry, the diagonal and the coupled pairs included (they replaced them there)."""
+    model, ds, kwargs = _hasselblad()
+    plan, _, point = _state(model, ds, prior="weak", **kwargs)
+    coords, differences = _differences(plan, point)
+    assert differences.prior
+    x = coords.layout.flat(point.theta)
+    differences.curvature(x)
+    with_prior, prior_hessian = differences.information(point.summary.stats), differences.second[1]
+    differences.prior = False
+    differences.curvature(x)
+    without = differences.information(point.summary.stats)
+    assert np.all(np.diag(prior_hessian) < 0)  # the weak prior curves every direction
+    np.testing.assert_allclose(with_prior, without - prior_hessian, rtol=1e-12, atol=0)
+
+
 def test_directions_keep_rows_on_the_simplex_and_covariances_symmetric():
     model, ds, kwargs = _gaussians_with_holes()
     plan, _, point = _state(model, ds, **kwargs)
