@@ -115,8 +115,8 @@ DEFAULT: Method = "qn"
 #: (``natural_matrix``: 30–200 µs, Python's overhead mostly) counts as this many entries of an
 #: E-step's N × K × S table (0.7–20 ns each here: 0.7 for a mixture of Gaussians without holes, 3 in
 #: an HMM's forward–backward pass, 20 with missing values). Measured: a 3-state HMM with Normal
-#: emissions on 1e5 steps spends about 15 evaluations per iteration (quasi-Newton), six 3-D Gaussians
-#: on 6e5 rows about 70 (quasi-Newton), three 4-D ones with holes on 2e4 rows about 110 (SQUAREM:
+#: emissions on 1e5 steps spends about 6 evaluations per iteration (quasi-Newton), six 3-D Gaussians
+#: on 6e5 rows about 50 (quasi-Newton), three 4-D ones with holes on 2e4 rows about 110 (SQUAREM:
 #: its time was within 10% of quasi-Newton's there, fewer E-steps but each dearer), and small data
 #: SQUAREM. It also needs at most :data:`QN_DIRECTIONS` free directions (its model is dense in them).
 QN_EVALUATION_COST = 50_000
@@ -568,8 +568,9 @@ class Accelerator:
         return True
 
     def _observe_all(self, points: list[Point]) -> None:
-        """The secant pairs of the plain EM steps through ``points`` (their statistics are kept: no E-step)."""
-        for point in points[-self.memory.size - 1:]:
+        """The secant pairs of the plain EM steps through ``points`` (their statistics are kept: no E-step;
+        ``_plain_while_fast`` keeps as many as the memory holds)."""
+        for point in points:
             try:
                 self._observe(point)
             except ValueError:  # θ⁽⁰⁾ given in a broadcastable shape: the pairs begin after it
@@ -620,8 +621,8 @@ class Accelerator:
         proposal is a combination of valid points' moves, and valid.
         """
         step = coords.B @ d
-        outside = coords.outside_simplex(np.where(coords.pinned, x_em, x + step))
-        at_vertex = outside & coords.near_vertex(x_em)
+        outside = coords.rows_below(np.where(coords.pinned, x_em, x + step), 0.0)
+        at_vertex = outside & coords.rows_below(x_em, quasi_newton.VERTEX)
         if at_vertex.any() and self.coords is coords:
             assert self.observed is not None
             self.coords, keep = coords.without(at_vertex)

@@ -40,7 +40,7 @@ GRADIENT_STEP = 6e-6
 HESSIAN_STEP = 1e-4
 #: quasi-Newton differences at most this many coupled pairs of directions (the curvature's cost)
 MAX_PAIRS = 3000
-#: an entry of a row of probabilities below this in the EM point is at its bound (see ``near_vertex``)
+#: an entry of a row of probabilities below this in the EM point is at its bound (see ``rows_below``)
 VERTEX = 1e-8
 #: a row of probabilities that a step would take out of its simplex moves at most this share of the
 #: way to 0 (the "fraction to the boundary" of interior-point methods)
@@ -100,8 +100,7 @@ class Coordinates:
             start = stop
         self.layout = layout
         self.columns = columns
-        #: the directions along a simplex (two entries, +1 and −1)
-        self.simplex = [j for j, (_, values) in enumerate(columns) if len(values) == 2 and values[1] < 0]
+        self.simplex = _simplex_directions(columns)
         self.B = _sparse(columns, size)
         self.lead = np.array([entries[0] for entries, _ in columns], dtype=int)
         #: entries that follow the EM step instead (rows of probabilities at a vertex, see ``without``)
@@ -141,18 +140,12 @@ class Coordinates:
                 for (a, b), unit, shape in zip(self.block_bounds, self.layout.unit_rows, self.layout.shapes,
                                                strict=True) if unit]
 
-    def outside_simplex(self, x: np.ndarray) -> np.ndarray:
-        """The flat entries of every row of ``x`` that must sum to 1 and has a negative entry."""
+    def rows_below(self, x: np.ndarray, level: float) -> np.ndarray:
+        """The flat entries of every row of ``x`` that must sum to 1 and has an entry below ``level``
+        (0: the step left the simplex; :data:`VERTEX`: the row is at a vertex)."""
         out = np.zeros(x.shape, bool)
         for a, b, rows in self._unit_rows(x):
-            out[a:b] = np.repeat(np.any(rows < 0, axis=1), rows.shape[1])
-        return out
-
-    def near_vertex(self, x: np.ndarray) -> np.ndarray:
-        """The flat entries of every row of ``x`` that must sum to 1 and has an entry below :data:`VERTEX`."""
-        out = np.zeros(x.shape, bool)
-        for a, b, rows in self._unit_rows(x):
-            out[a:b] = np.repeat(np.any(rows < VERTEX, axis=1), rows.shape[1])
+            out[a:b] = np.repeat(np.any(rows < level, axis=1), rows.shape[1])
         return out
 
     def to_boundary(self, x: np.ndarray, step: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -178,9 +171,14 @@ class Coordinates:
         out.lead = self.lead[keep]
         out.block = [block for block, kept in zip(self.block, keep, strict=True) if kept]
         out.local = [local for local, kept in zip(self.local, keep, strict=True) if kept]
-        out.simplex = [j for j, (_, values) in enumerate(out.columns) if len(values) == 2 and values[1] < 0]
+        out.simplex = _simplex_directions(out.columns)
         out.pinned = self.pinned | entries
         return out, keep
+
+
+def _simplex_directions(columns: list[tuple[list[int], list[float]]]) -> list[int]:
+    """The directions along a simplex: two entries, +1 and −1."""
+    return [j for j, (_, values) in enumerate(columns) if len(values) == 2 and values[1] < 0]
 
 
 def _sparse(columns: list[tuple[list[int], list[float]]], size: int) -> scipy.sparse.csc_array:

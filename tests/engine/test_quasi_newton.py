@@ -163,7 +163,7 @@ def test_rows_at_a_vertex_are_pinned_and_others_stop_short_of_their_boundary():
     a, b = coords.block_bounds[coords.layout.keys.index(("z", "transition"))]
     step = np.zeros_like(x)
     step[a:a + 3] = [-2.0 * x[a], x[a], x[a]]  # row 0 would fall below 0 in its first entry
-    outside = coords.outside_simplex(x + step)
+    outside = coords.rows_below(x + step, 0.0)
     assert outside[a:a + 3].all() and not outside[a + 3:b].any()
     scaled = coords.to_boundary(x, step, outside)
     row = (x + scaled)[a:a + 3]
