@@ -8,7 +8,13 @@
 from emdsl import datasets, priors, regression, widgets
 from emdsl.bootstrap import bootstrap
 from emdsl.engine.events import Callback, FitInfo, IterationEvent
-from emdsl.errors import ConvergenceWarning, DegenerateComponentWarning, ModelError, MonotonicityError
+from emdsl.errors import (
+    ConvergenceWarning,
+    DegenerateComponentWarning,
+    ImpossibleDataError,
+    ModelError,
+    MonotonicityError,
+)
 from emdsl.families import (
     Bernoulli,
     Beta,
@@ -43,6 +49,7 @@ __all__ = [
     "Fit",
     "FitInfo",
     "Gamma",
+    "ImpossibleDataError",
     "IterationEvent",
     "LogNormal",
     "Model",

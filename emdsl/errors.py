@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ConvergenceWarning",
     "DegenerateComponentWarning",
+    "ImpossibleDataError",
     "ModelError",
     "MonotonicityError",
 ]
@@ -16,6 +17,12 @@ class ModelError(ValueError):
     The message names the variable (and where useful the dimension and position),
     says what was expected, what arrived, and what to do.
     """
+
+
+class ImpossibleDataError(ModelError):
+    """The data have probability 0 under the parameters: at some step of a sequence, no state that
+    the initial distribution and the transitions allow can emit the observation (in floating point:
+    every such state's emission probability underflows)."""
 
 
 class MonotonicityError(RuntimeError):

@@ -10,7 +10,8 @@ propose points and keep a proposal only when the objective does not fall:
   A proposal is kept when its objective is at least ELBO(q, M(θ)) (+ log p): what EM's
   step from θ is sure to gain. Otherwise its secant pair (its gradient is free once its
   E-step is done) corrects the model and the step is solved once more; if that fails too,
-  the plain EM step is taken and the model restarts. One E-step per accepted proposal.
+  the plain EM step is taken and the model restarts, after a pause of plain steps that
+  doubles with each failure in a row (``_PAUSE_MAX``). One E-step per accepted proposal.
 
 * **SQUAREM** (Varadhan & Roland 2008, scheme S3, as R's SQUAREM runs it): from the
   accepted θ₀, the EM step θ₁ = M(θ₀) (recorded as an iteration of its own) and
@@ -98,7 +99,7 @@ from emdsl.engine.mstep import (
     natural_matrix,
     on_model,
 )
-from emdsl.errors import ModelError, MonotonicityError
+from emdsl.errors import ImpossibleDataError, ModelError, MonotonicityError
 
 Method = Literal["squarem", "daarem", "qn"]
 #: the values ``fit(accelerate=...)`` takes besides None (plain EM) and "auto"
@@ -291,6 +292,13 @@ class Accelerator:
     _CURVATURE_EVERY = 5
     #: below this step length a proposal is too close to θ₂ to be worth an E-step
     _STEP_MIN = 1.01
+    #: quasi-Newton: after the n-th failed iteration in a row (both proposals short of EM's bound),
+    #: 2ⁿ⁻¹ − 1 plain EM steps (at most this many) come before the next try, so that where ℓ has no
+    #: useful quadratic model (a ridge towards a boundary of the simplex) the proposals cost a vanishing
+    #: share of E-steps instead of two more per EM step. Measured on eight 3-state HMMs with random
+    #: emission means (plain EM: 206–11,170 E-steps): 1,677 E-steps in total without the pause, 1,235
+    #: with it (one draw 818 → 446, plain EM 1,922); the benchmark's cases are unchanged or within 3.
+    _PAUSE_MAX = 63
 
     def __init__(self, method: Method, plan: Plan, estep: EStep, start: Point, *, tol: float,
                  warn_collapsed: Callable[[list[tuple[str, int, float]], int], None],
@@ -321,6 +329,9 @@ class Accelerator:
         self.memory = quasi_newton.Memory(memory)
         self.observed: tuple[Point, np.ndarray, np.ndarray] | None = None
         self.since_curvature = 0
+        #: quasi-Newton: failed iterations in a row, and plain EM steps left before the next try
+        self.failures = 0
+        self.pause = 0
         #: past "auto"'s plain steps (from the start for an explicit method)
         self.accelerating = False
 
@@ -434,6 +445,17 @@ class Accelerator:
         yield self._accept(Accepted(q, elbo, max(proposal.slack, p1.slack) + more, True, floored,
                                     self._em_test(proposal, q)))
 
+    def _evaluate_proposal(self, theta: Theta) -> Point | None:
+        """A proposal's point from its E-step, or None (refused) where the data have probability 0
+        under it: a chain's forward pass that no state survives at some step (far out, one state's
+        emissions underflow where the chain must be in it). Such a point is not a fit's starting
+        value, where the error would be the user's to see, but an extrapolation to be refused."""
+        self.e_steps += 1
+        try:
+            return evaluate(self.plan, self.estep, theta)
+        except ImpossibleDataError:
+            return None
+
     def _unfloored_m_step(self, proposal: Point) -> tuple[Theta, list[tuple[str, int, float]]] | None:
         """M(θ') from a proposal that passed the objective's test, or None (the proposal is refused)
         when that M-step had to floor a variance or cap a shape.
@@ -474,11 +496,10 @@ class Accelerator:
             a, at_max = 0.5 * (a + 1.0), False  # halfway towards a = 1, which is θ₂
             if a < self._STEP_MIN:
                 return None
-        proposal = evaluate(self.plan, self.estep, theta)
-        self.e_steps += 1
+        proposal = self._evaluate_proposal(theta)
         # Kept only if at least as good as the EM step θ₁ from the same point: then every accepted
         # point gains at least what EM would, and EM's convergence argument carries over.
-        if not (np.isfinite(proposal.objective) and proposal.objective >= p1.objective):
+        if proposal is None or not (np.isfinite(proposal.objective) and proposal.objective >= p1.objective):
             if at_max:
                 self.step_max = max(self._STEP_MAX0, self.step_max / self._STEP_FACTOR)
             return None
@@ -511,10 +532,11 @@ class Accelerator:
         coords, differences = self.coords, self.differences
         assert coords is not None and differences is not None
         x, gradient = self._observe(p)
-        if self.confirm or not self.memory.pairs or not coords.size:
-            # the first step, one after the model failed, and one after a small accepted change:
-            # a plain EM step (its secant pair comes with the next point; EM's test decides)
+        if self.confirm or self.pause or not self.memory.pairs or not coords.size:
+            # the first step, a pause after failures, and one after a small accepted change: a plain EM
+            # step (its secant pair comes with the next point; EM's test decides)
             self.confirm = False
+            self.pause = max(self.pause - 1, 0)
             return self._plain(p, iteration, theta_f, floored)
         if self.since_curvature >= self._CURVATURE_EVERY or len(self.memory.pairs) <= 1:
             differences.curvature(x)
@@ -536,6 +558,7 @@ class Accelerator:
                 if following is None:
                     break
                 self.next_m_step = (proposal, *following)
+                self.failures = 0
                 # a small accepted change is not EM's convergence test: confirm it with a plain step
                 self.confirm = within_tol(p.objective, proposal.objective, self.tol)
                 # no M-step produced the proposal: its recorded ELBO is ℓ itself (KL = 0)
@@ -549,8 +572,10 @@ class Accelerator:
             trial = differences.score(x_trial, proposal.summary.stats)
             if not self.memory.add(coords.coordinates(x_trial - x), gradient - trial):
                 break
-        # the model failed here: it starts afresh from EM's metric
+        # the model failed here: it starts afresh from EM's metric, after a pause if it keeps failing
         self.memory.clear()
+        self.failures += 1
+        self.pause = min(2 ** (self.failures - 1), self._PAUSE_MAX + 1) - 1
         return self._plain(p, iteration, theta_f, floored)
 
     def _start_quasi_newton(self, points: list[Point], theta_f: Theta) -> bool:
@@ -640,9 +665,7 @@ class Accelerator:
             t *= 0.5
             if t < 1e-3:
                 return None
-        proposal = evaluate(self.plan, self.estep, theta)
-        self.e_steps += 1
-        return proposal
+        return self._evaluate_proposal(theta)
 
     # DAAREM -------------------------------------------------------------------------------------
     def _daarem(self) -> Iterator[Accepted]:
@@ -679,9 +702,8 @@ class Accelerator:
             if t < 1e-3:
                 return self._daarem_fallback(p, iteration, theta_f, floored, restart)
             theta = on_model(self.plan, layout.theta(em_x + t * (proposal_x - em_x)))
-        proposal = evaluate(self.plan, self.estep, theta)
-        self.e_steps += 1
-        if not (np.isfinite(proposal.objective) and proposal.objective >= p.objective):
+        proposal = self._evaluate_proposal(theta)
+        if proposal is None or not (np.isfinite(proposal.objective) and proposal.objective >= p.objective):
             return self._daarem_fallback(p, iteration, theta_f, floored, restart)
         following = self._unfloored_m_step(proposal)  # the next iteration's F(x), needed now: see there
         if following is None:

@@ -31,7 +31,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from emdsl.compile import Plan, blocks
-from emdsl.errors import ModelError
+from emdsl.errors import ImpossibleDataError, ModelError
 from emdsl.options import OPTIONS
 
 
@@ -320,11 +320,11 @@ class EStep:
             self.plan.read(start + a, start + b, piece, buf.scratch)
             stats += resp[a:b].T @ piece.T
 
-    def _chain_failure(self, error: Any, start: int, L: np.ndarray) -> ModelError:
+    def _chain_failure(self, error: Any, start: int, L: np.ndarray) -> ImpossibleDataError:
         from emdsl.latent.markov import emits_nothing, impossible_message
 
         assert self.sequences is not None and self.plan.latent is not None
-        return ModelError(impossible_message(self.sequences, start + error.row, self.plan.latent.name,
+        return ImpossibleDataError(impossible_message(self.sequences, start + error.row, self.plan.latent.name,
                                              bool(emits_nothing(L[error.row]))))
 
     def _summarize_chain(self, H: np.ndarray, theta: Mapping[str, Any] | None) -> Summary:

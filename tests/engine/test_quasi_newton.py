@@ -9,6 +9,7 @@ test_accelerate.py, which runs every case with "qn" too.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -238,3 +239,52 @@ def test_an_explicit_qn_too_dear_to_difference_warns_and_runs_squarem():
     plain = model.fit(ds, seed=0, accelerate=None, tol=1e-10, max_iter=5000)
     assert fit.trace["extrapolated"].values.any()
     assert fit.loglik == pytest.approx(plain.loglik, rel=1e-8)
+
+
+def test_after_failures_in_a_row_quasi_newton_pauses_for_doubling_runs_of_plain_em(monkeypatch):
+    """Every proposal made to fail (its objective read as −∞): the fit is plain EM's, step for step,
+    and the proposals' E-steps grow like log₂ of the iterations (pauses of 0, 1, 3, 7, … plain
+    steps, at most _PAUSE_MAX), not one or two per iteration."""
+    model, ds, kwargs = _hmm()
+    original = accelerate.Accelerator._qn_proposal
+
+    def failing(self, *args):
+        proposal = original(self, *args)
+        return None if proposal is None else dataclasses.replace(proposal, objective=-np.inf)
+
+    monkeypatch.setattr(accelerate.Accelerator, "_qn_proposal", failing)
+    monkeypatch.setattr(accelerate.Accelerator, "_PAUSE_MAX", 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = model.fit(ds, accelerate="qn", tol=0.0, max_iter=120, **kwargs)
+        plain = model.fit(ds, accelerate=None, tol=0.0, max_iter=120, **kwargs)
+    assert not fit.trace["extrapolated"].values.any()
+    assert fit.n_iter == plain.n_iter == 120
+    np.testing.assert_allclose(fit.trace["loglik"].values, plain.trace["loglik"].values, rtol=1e-12)
+    tries = int(fit.trace["e_steps"].values[-1]) - (fit.n_iter + 1)  # one E-step each failed proposal
+    # a failure costs one E-step here (no retry: its objective is not finite) and its iteration takes
+    # the plain step; failure k then pauses for min(2^(k-1), 8) - 1 plain steps. The first step has no
+    # secant pair yet, so the tries come at iterations 2, 3, 5, 9 and then every 8th: 17 of them in 120
+    assert 4 <= tries <= 4 + -(-(fit.n_iter - 9) // 8)
+
+
+def test_a_proposal_where_the_sequence_has_probability_0_is_refused_not_raised():
+    """A proposal far out (found on a 3-state HMM): the chain starts in state 1 (the others' initial
+    probabilities subnormal, as EM leaves them on its way to a vertex) and state 1's emission of the
+    first observation underflows, so the forward pass has nothing left at the first steps. The
+    E-step raises ImpossibleDataError (a ModelError naming the step), as it must for a user's own
+    parameters; an accelerator refuses such a proposal, counting its E-step, instead of ending the fit."""
+    model, ds, kwargs = _hmm()
+    plan, estep, point = _state(model, ds, **kwargs)
+    far = {name: {key: np.array(value, dtype=float) for key, value in params.items()}
+           for name, params in point.theta.items()}
+    far["z"]["initial"] = np.array([5e-324, 1.0, 0.0])
+    far["x"]["mean"][1] = 500.0
+    far["x"]["variance"][1] = 0.5
+    with pytest.raises(em.ImpossibleDataError, match="has probability 0 under the parameters"):
+        accelerate.evaluate(plan, estep, far)
+    accelerator = accelerate.Accelerator("qn", plan, estep, point, tol=1e-10, warn_collapsed=lambda *a: None)
+    before = accelerator.e_steps
+    assert accelerator._evaluate_proposal(far) is None
+    assert accelerator.e_steps == before + 1
+    assert accelerator._evaluate_proposal(point.theta).objective == pytest.approx(point.objective, rel=1e-12)
