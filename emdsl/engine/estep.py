@@ -325,7 +325,7 @@ class EStep:
 
         assert self.sequences is not None and self.plan.latent is not None
         return ImpossibleDataError(impossible_message(self.sequences, start + error.row, self.plan.latent.name,
-                                             bool(emits_nothing(L[error.row]))))
+                                                      bool(emits_nothing(L[error.row]))))
 
     def _summarize_chain(self, H: np.ndarray, theta: Mapping[str, Any] | None) -> Summary:
         from emdsl.latent.markov import ImpossibleSequence
