@@ -657,15 +657,20 @@ class Accelerator:
             self.observed = (*self.observed[:2], self.observed[2][keep])
         step = coords.to_boundary(x, step, outside & ~at_vertex)
         pinned = coords.pinned | at_vertex
+        theta = self._halved_until_admissible(coords.layout, lambda t: np.where(pinned, x_em, x + t * step))
+        return None if theta is None else self._evaluate_proposal(theta)
+
+    def _halved_until_admissible(self, layout: _Layout, point_at: Callable[[float], np.ndarray]) -> Theta | None:
+        """The parameters of ``point_at(t)`` (on the model's structure, ``on_model``) for the first of
+        t = 1, ½, ¼, … that is admissible; None once t falls below 1e-3."""
         t = 1.0
         while True:
-            theta = on_model(self.plan, coords.layout.theta(np.where(pinned, x_em, x + t * step)))
+            theta = on_model(self.plan, layout.theta(point_at(t)))
             if admissible(self.plan, theta):
-                break
+                return theta
             t *= 0.5
             if t < 1e-3:
                 return None
-        return self._evaluate_proposal(theta)
 
     # DAAREM -------------------------------------------------------------------------------------
     def _daarem(self) -> Iterator[Accepted]:
@@ -695,13 +700,11 @@ class Accelerator:
         dF = np.column_stack([h[1] for h in self.history])
         em_x = x + f
         proposal_x = em_x - (dX + dF) @ self._damped_coefficients(dF, f)
-        t = 1.0
-        theta = on_model(self.plan, layout.theta(proposal_x))
-        while not admissible(self.plan, theta):  # shrink towards the EM point until valid
-            t *= 0.5
-            if t < 1e-3:
-                return self._daarem_fallback(p, iteration, theta_f, floored, restart)
-            theta = on_model(self.plan, layout.theta(em_x + t * (proposal_x - em_x)))
+        # shrunk towards the EM point until valid
+        theta = self._halved_until_admissible(
+            layout, lambda t: proposal_x if t == 1.0 else em_x + t * (proposal_x - em_x))
+        if theta is None:
+            return self._daarem_fallback(p, iteration, theta_f, floored, restart)
         proposal = self._evaluate_proposal(theta)
         if proposal is None or not (np.isfinite(proposal.objective) and proposal.objective >= p.objective):
             return self._daarem_fallback(p, iteration, theta_f, floored, restart)
