@@ -221,8 +221,10 @@ class Differences:
         #: more coupled pairs than :data:`MAX_PAIRS`: too dear to difference (no groups are formed)
         self.too_many = len(self.pairs) > MAX_PAIRS
         self.gradient_groups = _colour([self.touched[j] for j in range(coords.size)], self.size_H)
-        self.pair_groups = [] if self.too_many else _colour(
-            [np.union1d(self.touched[i], self.touched[j]) for i, j in self.pairs], self.size_H)
+        #: per coupled pair: the flat entries of H that either direction moves
+        self.pair_entries = [] if self.too_many else [np.union1d(self.touched[i], self.touched[j])
+                                                      for i, j in self.pairs]
+        self.pair_groups = _colour(self.pair_entries, self.size_H)
         self.second: tuple[list[tuple[int, int, np.ndarray, np.ndarray]], np.ndarray] = (
             [], np.zeros((coords.size, coords.size)))
 
@@ -299,16 +301,16 @@ class Differences:
             mp, mm = self._flat_natural(x - bi + bj), self._flat_natural(x - bi - bj)
             for k in group:
                 i, j = self.pairs[k]
-                e = np.union1d(self.touched[i], self.touched[j])
+                e = self.pair_entries[k]
                 items.append((i, j, e, (pp[e] - pm[e] - mp[e] + mm[e]) / (4.0 * h[i] * h[j])))
         prior = np.zeros((n, n))
         if self.prior:
             p0 = self._log_prior(x)
-            for i in range(n):
-                bi = self._along([i], h)
+            moves = [self._along([i], h) for i in range(n)]
+            for i, bi in enumerate(moves):
                 prior[i, i] = (self._log_prior(x + bi) - 2.0 * p0 + self._log_prior(x - bi)) / (h[i] * h[i])
                 for j in range(i + 1, n):
-                    bj = self._along([j], h)
+                    bj = moves[j]
                     prior[i, j] = prior[j, i] = (
                         self._log_prior(x + bi + bj) - self._log_prior(x + bi - bj)
                         - self._log_prior(x - bi + bj) + self._log_prior(x - bi - bj)) / (4.0 * h[i] * h[j])
