@@ -86,16 +86,21 @@ def holes_sets(quick: bool) -> list[tuple[str, em.Model, xr.Dataset, dict[str, A
     return [(f"data set {seed}", *holes(quick, seed)) for seed in HOLES_SEEDS]
 
 
-def hmm(quick: bool, means: tuple[float, ...] = (-0.6, 0.0, 0.7)) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
-    """A 3-state hidden Markov model with overlapping Gaussian emissions (σ = 0.6) along one long sequence."""
-    rng = np.random.default_rng(0)
-    T = 10_000 if quick else 100_000
+def _states(rng: np.random.Generator, T: int) -> np.ndarray:
+    """A path of T steps of the benchmark HMMs' 3-state chain, from state 0."""
     A = np.array([[0.90, 0.07, 0.03], [0.05, 0.90, 0.05], [0.03, 0.07, 0.90]])
     z = np.zeros(T, dtype=int)
     u = rng.random(T)
     for t in range(1, T):
         z[t] = np.searchsorted(A[z[t - 1]].cumsum(), u[t])
-    ds = xr.Dataset({"x": ("time", np.array(means)[z] + rng.normal(0, 0.6, T))})
+    return z
+
+
+def hmm(quick: bool, means: tuple[float, ...] = (-0.6, 0.0, 0.7)) -> tuple[em.Model, xr.Dataset, dict[str, Any]]:
+    """A 3-state hidden Markov model with overlapping Gaussian emissions (σ = 0.6) along one long sequence."""
+    rng = np.random.default_rng(0)
+    z = _states(rng, 10_000 if quick else 100_000)
+    ds = xr.Dataset({"x": ("time", np.array(means)[z] + rng.normal(0, 0.6, z.size))})
     model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Normal)
     model.fit(ds.isel(time=slice(0, 200)), seed=0, max_iter=2, tol=0)  # warm-up: forward–backward's first call
     return model, ds, {"seed": 0, "tol": 1e-10, "max_iter": 100_000}
@@ -105,11 +110,7 @@ def hmm_draw(draw: int, T: int = 100_000) -> tuple[em.Model, xr.Dataset, dict[st
     """The benchmark HMM's chain with emission means drawn at random (N(0, 0.6²), sorted): often
     close together, where EM creeps along a ridge (plain EM needs 200 to 11,000 E-steps)."""
     rng = np.random.default_rng(100 + draw)
-    A = np.array([[0.90, 0.07, 0.03], [0.05, 0.90, 0.05], [0.03, 0.07, 0.90]])
-    z = np.zeros(T, dtype=int)
-    u = rng.random(T)
-    for t in range(1, T):
-        z[t] = np.searchsorted(A[z[t - 1]].cumsum(), u[t])
+    z = _states(rng, T)
     means = np.sort(rng.normal(0, 0.6, 3))
     ds = xr.Dataset({"x": ("time", means[z] + rng.normal(0, 0.6, T))})
     model = em.Model().latent("z", em.Categorical(3), markov="time").observe("x", em.Normal)
