@@ -359,8 +359,8 @@ class Model:
             step gains more than a quarter of the previous step's gain (EM is slow),
             quasi-Newton where its differences are cheap (few free parameters per
             component: a univariate HMM, a Poisson mixture, Gaussians in up to 3-D with
-            full covariances) and SQUAREM elsewhere. Measured: 4–123× fewer E-steps than
-            plain EM on slow fits (overlapping components, missing values, hidden Markov
+            full covariances) and SQUAREM elsewhere. Measured (benchmarks/bench_accelerate.py):
+            4.9–15× fewer E-steps than plain EM on slow fits (overlapping components, missing values, hidden Markov
             models, the Hasselblad Poisson mixture) and the same steps as plain EM on fast
             ones; it quietly runs plain EM where acceleration does not apply
             (``method="stepwise"``/``"incremental"``, ``max_iter=0``).
