@@ -202,7 +202,8 @@ def within_tol(before: float, after: float, tol: float) -> bool:
     tol·|after| (never with tol = 0, which runs to ``max_iter``).
 
     The one stopping rule of every loop: plain EM's, the online methods' over an epoch, and
-    the accelerated one's on an EM step or a small accepted proposal.
+    the accelerated one's on an EM step (and on a small accepted or predicted change, to
+    decide when to take that step).
     """
     return bool(tol > 0 and after - before <= tol * abs(after))
 

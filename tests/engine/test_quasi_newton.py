@@ -288,3 +288,32 @@ def test_a_proposal_where_the_sequence_has_probability_0_is_refused_not_raised()
     assert accelerator._evaluate_proposal(far) is None
     assert accelerator.e_steps == before + 1
     assert accelerator._evaluate_proposal(point.theta).objective == pytest.approx(point.objective, rel=1e-12)
+
+
+def test_where_little_is_predicted_to_be_left_the_e_step_goes_to_ems_step_and_its_test(monkeypatch):
+    """Quasi-Newton's model predicts what is left to gain (½ ∇ℓᵀd, at least EM's sure gain). Where
+    that is within tol·|ℓ| the fit takes EM's step instead of a proposal, and EM's test decides: the
+    prediction must be true to the maximum (checked against ℓ* of a fit run to tol = 1e-15), and the
+    fit must end on a plain EM step that passes EM's test."""
+    model, ds, kwargs = _hmm()
+    tol = 1e-10
+    predictions = []
+    original = accelerate.Accelerator._predicted_within_tol
+
+    def spy(self, p, gradient, d, em_bound):
+        result = original(self, p, gradient, d, em_bound)
+        predictions.append((p.objective, max(0.5 * float(gradient @ d), em_bound - p.objective), result))
+        return result
+
+    best = model.fit(ds, accelerate="qn", tol=1e-15, **kwargs).loglik
+    monkeypatch.setattr(accelerate.Accelerator, "_predicted_within_tol", spy)
+    fit = model.fit(ds, accelerate="qn", tol=tol, **kwargs)
+    assert fit.converged
+    fired = [(objective, left) for objective, left, result in predictions if result]
+    assert fired, "the prediction never fired: every iteration ended on a proposal"
+    for objective, left in fired:
+        assert left <= tol * abs(objective)
+        assert best - objective <= 3 * tol * abs(objective)  # the model's "little is left" is true
+    assert not fit.trace["extrapolated"].values[-1]
+    gains = np.diff(fit.trace["loglik"].values)
+    assert 0 <= gains[-1] <= tol * abs(fit.loglik)
