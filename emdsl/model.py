@@ -360,7 +360,7 @@ class Model:
             quasi-Newton where its differences are cheap (few free parameters per
             component: a univariate HMM, a Poisson mixture, Gaussians in up to 3-D with
             full covariances) and SQUAREM elsewhere. Measured (benchmarks/bench_accelerate.py):
-            4.9–15× fewer E-steps than plain EM on slow fits (overlapping components, missing values, hidden Markov
+            5.1–15× fewer E-steps than plain EM on slow fits (overlapping components, missing values, hidden Markov
             models, the Hasselblad Poisson mixture) and the same steps as plain EM on fast
             ones; it quietly runs plain EM where acceleration does not apply
             (``method="stepwise"``/``"incremental"``, ``max_iter=0``).
