@@ -221,7 +221,10 @@ class _Layout:
     def __init__(self, theta: Theta, *others: Theta) -> None:
         self.keys = [(name, key) for name in theta for key in sorted(theta[name])]
         self.shapes = [np.shape(theta[name][key]) for name, key in self.keys]
-        self.stops = np.cumsum([int(np.prod(shape, dtype=int)) for shape in self.shapes])
+        stops = np.cumsum([int(np.prod(shape, dtype=int)) for shape in self.shapes], dtype=int)
+        #: per parameter: its (start, stop) in the flat vector
+        self.bounds = [(int(start), int(stop)) for start, stop in zip([0, *stops[:-1]], stops, strict=True)]
+        self.size = int(stops[-1]) if len(stops) else 0
         self.unit_rows = [bool(shape) and all(_unit_rows(point[name][key]) for point in (theta, *others))
                           for (name, key), shape in zip(self.keys, self.shapes, strict=True)]
 
@@ -233,8 +236,8 @@ class _Layout:
     def theta(self, x: np.ndarray) -> Theta | None:
         """The parameters of a flat vector (None if a row that must sum to 1 does not)."""
         out: Theta = {}
-        start = 0
-        for (name, key), shape, stop, unit in zip(self.keys, self.shapes, self.stops, self.unit_rows, strict=True):
+        for (name, key), shape, (start, stop), unit in zip(self.keys, self.shapes, self.bounds, self.unit_rows,
+                                                           strict=True):
             value = x[start:stop].reshape(shape)
             if unit:
                 sums = value.sum(axis=-1, keepdims=True)
@@ -242,7 +245,6 @@ class _Layout:
                     return None
                 value = value / sums
             out.setdefault(name, {})[key] = value
-            start = stop
         return out
 
 

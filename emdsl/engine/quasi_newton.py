@@ -62,15 +62,13 @@ class Coordinates:
         families = {node.name: node.family for node in plan.nodes}
         if plan.latent is not None:
             families[plan.latent.name] = plan.latent.family
-        size = int(layout.stops[-1]) if len(layout.stops) else 0
         columns: list[tuple[list[int], list[float]]] = []
         #: per direction: its parameter array (index into layout.keys), and the entries whose size is
         #: its own scale (one component's slice; a covariance entry's two variances, geometric mean)
         self.block: list[int] = []
         self.local: list[tuple[np.ndarray, bool]] = []
-        start = 0
-        for index, ((name, key), shape, stop, unit) in enumerate(
-                zip(layout.keys, layout.shapes, layout.stops, layout.unit_rows, strict=True)):
+        for index, ((name, key), shape, (start, stop), unit) in enumerate(
+                zip(layout.keys, layout.shapes, layout.bounds, layout.unit_rows, strict=True)):
             entries = np.arange(start, stop).reshape(shape)
             axes = tuple(families[name].param_axes().get(key, ()))
             if unit:
@@ -97,16 +95,13 @@ class Coordinates:
                         self.block.append(index)
                         first = np.unravel_index(position, shape)[0] if shape else ()
                         self.local.append((entries[first].ravel() if shape else np.array([i]), False))
-            start = stop
         self.layout = layout
         self.columns = columns
         self.simplex = _simplex_directions(columns)
-        self.B = _sparse(columns, size)
+        self.B = _sparse(columns, layout.size)
         self.lead = np.array([entries[0] for entries, _ in columns], dtype=int)
         #: entries that follow the EM step instead (rows of probabilities at a vertex, see ``without``)
-        self.pinned = np.zeros(size, bool)
-        self.block_bounds = [(0 if i == 0 else int(layout.stops[i - 1]), int(layout.stops[i]))
-                             for i in range(len(layout.keys))]
+        self.pinned = np.zeros(layout.size, bool)
 
     @property
     def size(self) -> int:
@@ -121,7 +116,7 @@ class Coordinates:
         (``local``: of its own component's slice, or √(σ_ii σ_jj) for a covariance entry, but at
         least a hundredth of the parameter's largest value; second differences of a collapsing
         component, whose variances are far below the others', need steps on its own scale)."""
-        scales = np.array([max(float(np.max(np.abs(x[a:b]))), 1e-8) for a, b in self.block_bounds])
+        scales = np.array([max(float(np.max(np.abs(x[a:b]))), 1e-8) for a, b in self.layout.bounds])
         out = scales[self.block] if self.block else np.zeros(0)
         if local:
             for j, (entries, symmetric) in enumerate(self.local):
@@ -137,7 +132,7 @@ class Coordinates:
     def _unit_rows(self, x: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
         """(start, stop, rows view) of every parameter whose rows sum to 1."""
         return [(a, b, x[a:b].reshape(-1, shape[-1]))
-                for (a, b), unit, shape in zip(self.block_bounds, self.layout.unit_rows, self.layout.shapes,
+                for (a, b), unit, shape in zip(self.layout.bounds, self.layout.unit_rows, self.layout.shapes,
                                                strict=True) if unit]
 
     def rows_below(self, x: np.ndarray, level: float) -> np.ndarray:

@@ -161,7 +161,7 @@ def test_rows_at_a_vertex_are_pinned_and_others_stop_short_of_their_boundary():
     plan, _, point = _state(model, ds, **kwargs)
     coords, _ = _differences(plan, point)
     x = coords.layout.flat(point.theta)
-    a, b = coords.block_bounds[coords.layout.keys.index(("z", "transition"))]
+    a, b = coords.layout.bounds[coords.layout.keys.index(("z", "transition"))]
     step = np.zeros_like(x)
     step[a:a + 3] = [-2.0 * x[a], x[a], x[a]]  # row 0 would fall below 0 in its first entry
     outside = coords.rows_below(x + step, 0.0)
