@@ -177,16 +177,22 @@ def test_reaches_the_optimum_of_plain_em(case, method):
     check_accepted_trace(fast, tol=1e-14)
 
 
-def test_hasselblad_mixture_matches_the_published_estimate():
-    """Deaths of women per day (Hasselblad 1969): the MLE p = 0.3599, λ = (1.256, 2.663), as in R's SQUAREM
-    vignette, from its start p = 0.3, λ = (1, 2.5); SQUAREM needs far fewer E-steps than plain EM."""
+def _hasselblad():
+    """Deaths of women per day (Hasselblad 1969), weighted by the days, from R's SQUAREM vignette's
+    start p = 0.3, λ = (1, 2.5)."""
     freq = np.array([162, 267, 271, 185, 111, 61, 27, 8, 3, 1], dtype=float)
     ds = xr.Dataset({"deaths": ("kind", np.arange(10.0)), "days": ("kind", freq)})
     model = em.Model().latent("z", em.Categorical(2)).observe("deaths", em.Poisson)
-    init = {"z": {"probs": [0.3, 0.7]}, "deaths": {"rate": [1.0, 2.5]}}
-    plain = model.fit(ds, weights="days", init=init, tol=1e-12, max_iter=20_000, accelerate=None)
+    return model, ds, {"weights": "days", "init": {"z": {"probs": [0.3, 0.7]}, "deaths": {"rate": [1.0, 2.5]}}}
+
+
+def test_hasselblad_mixture_matches_the_published_estimate():
+    """The MLE p = 0.3599, λ = (1.256, 2.663), as in R's SQUAREM vignette; SQUAREM needs far fewer
+    E-steps than plain EM."""
+    model, ds, kwargs = _hasselblad()
+    plain = model.fit(ds, tol=1e-12, max_iter=20_000, accelerate=None, **kwargs)
     for method in METHODS:
-        fit = model.fit(ds, weights="days", init=init, tol=1e-12, max_iter=20_000, accelerate=method)
+        fit = model.fit(ds, tol=1e-12, max_iter=20_000, accelerate=method, **kwargs)
         np.testing.assert_allclose(fit.params["z"]["probs"].values, [0.3599, 0.6401], atol=1e-4)
         np.testing.assert_allclose(fit.params["deaths"]["rate"].values.ravel(), [1.256, 2.663], atol=1e-3)
         assert fit.loglik >= plain.loglik - 1e-9

@@ -19,6 +19,7 @@ import xarray as xr
 import emdsl as em
 from emdsl.engine import accelerate, quasi_newton
 from emdsl.engine.mstep import maximize
+from tests.engine.test_accelerate import _hasselblad
 
 
 def _state(model: em.Model, ds: xr.Dataset, **kwargs):
@@ -50,13 +51,6 @@ def _differences(plan, point):
     layout = accelerate._Layout(point.theta, theta_f)
     coords = quasi_newton.Coordinates(plan, layout, layout.flat(point.theta) != layout.flat(theta_f))
     return coords, quasi_newton.Differences(plan, coords, point.theta)
-
-
-def _hasselblad():
-    freq = np.array([162, 267, 271, 185, 111, 61, 27, 8, 3, 1], dtype=float)
-    ds = xr.Dataset({"deaths": ("day_kind", np.arange(10.0)), "days": ("day_kind", freq)})
-    model = em.Model().latent("z", em.Categorical(2)).observe("deaths", em.Poisson)
-    return model, ds, {"weights": "days", "init": {"z": {"probs": [0.3, 0.7]}, "deaths": {"rate": [1.0, 2.5]}}}
 
 
 def _hmm(T: int = 600):
